@@ -1,0 +1,158 @@
+"""The ``edgetts`` command line: a thin adapter over the library.
+
+Every command turns user mistakes (a missing file, a malformed dataset, a bad value) into
+one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+import typer
+
+from edgetts.engines.base import EngineError
+from edgetts.models import ModelNotFound
+from edgetts.tasks.datasets import DatasetError
+
+app = typer.Typer(
+    help="Deploy reasoning LLMs on edge devices with test-time scaling.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERRORS = (DatasetError, ModelNotFound, EngineError)
+
+
+@contextmanager
+def user_errors():
+    try:
+        yield
+    except USER_ERRORS as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show what this machine offers: engines, accelerators, energy sources, built-in model and benchmark."""
+    from edgetts.doctor import report
+
+    rep = report()
+    if as_json:
+        typer.echo(json.dumps(rep))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    c = Console(highlight=False)
+    p = rep["platform"]
+    c.print(f"[bold]platform[/]  {p['system']} {p['machine']}, Python {p['python']}, {p['cpu_count']} CPUs")
+    c.print("[bold]engines[/]")
+    for e in rep["engines"]:
+        mark = "[green]yes[/]" if e["available"] else "[yellow]no[/]"
+        c.print(f"  {e['name']:<18} {mark}  {escape(e.get('version', e.get('detail', '')))}")
+    acc = rep["accelerators"]
+    c.print("[bold]accelerators[/]")
+    c.print(f"  cuda (nvml)        {escape(acc['cuda_nvml']['detail'])}")
+    c.print(f"  jetson             {escape(acc['jetson'])}")
+    c.print("[bold]energy sources[/]")
+    for s in rep["energy_sources"]:
+        mark = "[green]yes[/]" if s["available"] else "[yellow]no[/]"
+        c.print(f"  {s['name']:<18} {mark}  {escape(s['detail'])}")
+    c.print("[bold]built-in[/]")
+    for group in ("models", "hf_models", "benchmarks"):
+        for name, f in rep["builtin"][group].items():
+            state = f"{f['bytes']:,} bytes" if f["exists"] else "[red]MISSING[/]"
+            c.print(f"  {group[:-1]:<10} {name:<7} {state}  {f['path']}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option("tiny", help="Built-in model name or path to a GGUF file."),
+    dataset: str = typer.Option("arith", help="Built-in benchmark name or path to a JSONL file."),
+    n: int = typer.Option(8, min=1, help="Rows per majority vote."),
+    pool: int = typer.Option(32, min=1, help="Samples drawn per problem; votes are averaged over subsets of it."),
+    limit: int = typer.Option(None, min=1, help="Use at most this many problems, spread over levels."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
+    max_tokens: int = typer.Option(160, min=1, help="Token budget per sample."),
+    family: str = typer.Option("tiny", help="Reasoning format: tiny, deepseek-r1, qwen3, plain."),
+    cut_probe: bool = typer.Option(True, help="On the hardest level, also cut reasoning at half its median."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Accuracy per level: one sample, majority of N, and the cost of cutting reasoning short."""
+    from edgetts.engines.base import SamplingParams
+    from edgetts.engines.llamacpp import LlamaCppEngine
+    from edgetts.evaluate import evaluate as run_eval
+    from edgetts.models import resolve_model
+    from edgetts.models.families import FAMILIES
+    from edgetts.tasks.datasets import load_dataset
+
+    if family not in FAMILIES:
+        fail(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    with user_errors():
+        path = resolve_model(model)
+        examples = load_dataset(dataset, limit=limit, seed=seed if limit else None)
+        params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
+        if pool < n:
+            fail(f"--pool ({pool}) must be at least --n ({n})")
+        engine = LlamaCppEngine(path, n_ctx=pool * max_tokens + 512, n_threads=threads, max_rows=pool)
+    fam = FAMILIES[family]
+    levels = {ex.level for ex in examples}
+    hardest = [ex for ex in examples if ex.level == max(levels, key=lambda lv: (lv is not None, str(lv)))]
+    total = len(examples) + (len(hardest) if cut_probe else 0)
+    with _progress(total, quiet=as_json) as advance:
+        res = run_eval(
+            engine, examples, fam, n=n, pool=pool, params=params, cut_probe=cut_probe,
+            progress=advance, model_name=str(path), dataset_name=dataset,
+        )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(res.to_dict()))
+        return
+    _print_eval(res)
+
+
+@contextmanager
+def _progress(total: int, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        yield lambda k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (TextColumn("problems"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*cols, transient=True) as prog:
+        task = prog.add_task("eval", total=total)
+        yield lambda k: prog.advance(task, k)
+
+
+def _print_eval(res) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{res.dataset}: {res.model}\n(pool {res.pool} samples per problem, T={res.temperature}, seed={res.seed})"
+    t = Table(title=title)
+    for col in ("level", "problems", "single", f"maj@{res.n}", "gain", "tokens", "cut at half", "cut cost"):
+        t.add_column(col, justify="right")
+    for lv in res.levels:
+        cut = cost = ""
+        if lv.cut_single is not None:
+            cut = f"{100 * lv.cut_single:.1f}% @{lv.cut_budget}"
+            cost = f"{100 * (lv.single - lv.cut_single):+.1f}"
+        t.add_row(
+            str(lv.level), str(lv.problems), f"{100 * lv.single:.1f}%", f"{100 * lv.majority:.1f}%",
+            f"{100 * (lv.majority - lv.single):+.1f}", f"{lv.mean_tokens:.0f}", cut, cost,
+        )  # fmt: skip
+    Console().print(t)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

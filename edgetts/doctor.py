@@ -1,0 +1,71 @@
+"""``edgetts doctor``: what this machine offers edgetts.
+
+Engines are reported as importable or not, with versions; accelerators through NVML and the
+Jetson release file; energy sources through :mod:`edgetts.telemetry.energy`; and the
+built-in model and benchmark with their sizes, so a broken install shows at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from importlib import metadata
+
+from edgetts.models import BUILTIN, BUILTIN_HF
+from edgetts.tasks.datasets import BUILTIN as BUILTIN_DATA
+from edgetts.telemetry.energy import probe_all, probe_nvml
+
+ENGINE_MODULES = {
+    "llama.cpp": ("llama_cpp", "llama-cpp-python"),
+    "onnxruntime-genai": ("onnxruntime_genai", "onnxruntime-genai"),
+    "openai-http": ("httpx", "httpx"),
+    "tensorrt": ("tensorrt", "tensorrt"),
+}
+
+
+def _engine(name: str, module: str, dist: str) -> dict:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken native library can raise anything on import
+        return {"name": name, "available": False, "detail": f"not installed ({type(e).__name__}: {e})"}
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"name": name, "available": True, "version": version}
+
+
+def jetson_release() -> str | None:
+    try:
+        with open("/etc/nv_tegra_release") as f:
+            return f.readline().strip()
+    except OSError:
+        return None
+
+
+def _file(path) -> dict:
+    return {"path": str(path), "exists": path.exists(), "bytes": path.stat().st_size if path.exists() else None}
+
+
+def report() -> dict:
+    nvml = probe_nvml()
+    return {
+        "platform": {
+            "system": platform.system(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+        },
+        "engines": [_engine(n, m, d) for n, (m, d) in ENGINE_MODULES.items()],
+        "accelerators": {
+            "cuda_nvml": nvml.to_dict(),
+            "jetson": jetson_release() or "not a Jetson (/etc/nv_tegra_release absent)",
+        },
+        "energy_sources": [p.to_dict() for p in probe_all()],
+        "builtin": {
+            "models": {k: _file(v) for k, v in BUILTIN.items()},
+            "hf_models": {k: _file(v / "model.safetensors") for k, v in BUILTIN_HF.items()},
+            "benchmarks": {k: _file(v) for k, v in BUILTIN_DATA.items()},
+        },
+    }

@@ -1,0 +1,176 @@
+"""The one engine primitive: N continuations of one prompt, decoded together, with per-row control.
+
+An engine implements :meth:`Engine.sample`.  It tokenizes the prompt, evaluates it once,
+shares that state with ``n`` rows and then decodes all live rows step by step.  After each
+step it calls the controller (a strategy) with a :class:`Control` handle, through which the
+controller may
+
+* ``stop(row)`` a row (its tokens so far are kept),
+* ``stop_all()``,
+* ``force(row, text)``: append ``text`` to a row as if the model had written it (for example
+  the end-of-thinking delimiter and an answer prefix); decoding continues after it.
+
+Engines declare what they can do as class attributes (``parallel_rows``, ``forced_tokens``,
+``logprobs``, ``steppable``); strategies read those, never engine names.  Engines register
+by name in :data:`REGISTRY` (see :mod:`edgetts.engines`).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+class EngineError(ValueError):
+    """A user-facing engine problem (bad model file, context too small, bad option)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each row samples; the defaults are plain sampling at temperature 1.
+
+    ``temperature == 0`` means greedy decoding.  ``top_k == 0``, ``top_p == 1`` and
+    ``min_p == 0`` disable those filters.  Row ``i`` uses seed ``seed + i`` unless
+    explicit per-row seeds are passed to :meth:`Engine.sample`.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    max_tokens: int = 256
+    logprobs: int | None = None  # None: none; 0: sampled token only; k: also the top k
+    ignore_eos: bool = False  # never end a row on end-of-generation (benchmarks of fixed length)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1:
+            raise EngineError("top_k must be >= 0, top_p in (0, 1], min_p in [0, 1)")
+        if self.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class Row:
+    """One continuation.  ``tokens`` holds generated and forced tokens in order."""
+
+    index: int
+    seed: int
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds since the call started
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (end of sequence), "length", "stopped" (by controller), "deadline"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def n_generated(self) -> int:
+        """Tokens the model sampled (forced tokens excluded)."""
+        return len(self.forced) - sum(self.forced)
+
+
+@dataclass
+class SampleResult:
+    rows: list[Row]
+    prompt_tokens: int
+    ttft: float  # seconds from the call to the first sampled token
+    wall: float
+    steps: int  # decode calls after the prompt
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.text for r in self.rows]
+
+
+class Control:
+    """What a controller may do to the rows of a running :meth:`Engine.sample` call."""
+
+    def __init__(self, rows: list[Row], started: float):
+        self.rows = rows
+        self.started = started
+        self.pending: dict[int, str] = {}
+        self.extra: dict[int, int] = {}
+        self.all_stopped = False
+
+    def live(self) -> list[Row]:
+        return [r for r in self.rows if not r.finished]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def stop(self, row: int, reason: str = "stopped") -> None:
+        r = self.rows[row]
+        if not r.finished:
+            r.finished, r.finish_reason = True, reason
+        self.pending.pop(row, None)
+        self.extra.pop(row, None)
+
+    def stop_all(self, reason: str = "stopped") -> None:
+        for r in self.rows:
+            self.stop(r.index, reason)
+        self.all_stopped = True
+
+    def force(self, row: int, text: str, extra_tokens: int = 0) -> None:
+        """Queue ``text`` for ``row`` before its next sampled token, and grant it ``extra_tokens``.
+
+        A row that reached its token budget in this very step may still be forced: that is
+        how a budget is enforced (cut, force the answer prefix, allow a few answer tokens).
+        """
+        r = self.rows[row]
+        if r.finished:
+            raise EngineError(f"row {row} is finished; nothing can be forced into it")
+        self.pending[row] = self.pending.get(row, "") + text
+        self.extra[row] = self.extra.get(row, 0) + extra_tokens
+
+
+Controller = Callable[[Control, list[int]], None]
+"""Called after each step with the indices of rows that received a token in that step."""
+
+
+class Engine(ABC):
+    """Base class: subclasses set the capability flags and implement :meth:`sample`."""
+
+    name: ClassVar[str] = ""
+    parallel_rows: ClassVar[bool] = False  # N rows decode in one batch sharing one prefill
+    forced_tokens: ClassVar[bool] = False  # Control.force is honoured mid-generation
+    logprobs: ClassVar[bool] = False  # per-token log-probabilities are reported
+    steppable: ClassVar[bool] = False  # the controller is called after every step
+
+    @abstractmethod
+    def sample(
+        self,
+        prompt: str,
+        n: int,
+        params: SamplingParams,
+        controller: Controller | None = None,
+        seeds: list[int] | None = None,
+    ) -> SampleResult:
+        """``n`` continuations of ``prompt`` (a raw prompt: apply a chat template first)."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no begin-of-sequence token (special tokens parsed)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` (for budgets)."""
+        return len(self.tokenize(text))
+
+    def close(self) -> None:  # noqa: B027 - engines without native resources need nothing here
+        """Release native resources; the engine is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

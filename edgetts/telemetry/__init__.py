@@ -1,0 +1,1 @@
+"""Measurements of the device: energy sources, accelerators and the device fingerprint."""

@@ -1,0 +1,1 @@
+"""Training code for the shipped tiny model (needs the ``train`` extra: torch, transformers)."""

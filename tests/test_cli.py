@@ -1,0 +1,67 @@
+import json
+
+from typer.testing import CliRunner
+
+from edgetts.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    assert "doctor" in r.output and "evaluate" in r.output
+
+
+def test_doctor_json_reports_builtin_model_and_engines():
+    r = runner.invoke(app, ["doctor", "--json"])
+    assert r.exit_code == 0
+    rep = json.loads(r.stdout)
+    assert rep["builtin"]["models"]["tiny"]["exists"]
+    assert rep["builtin"]["benchmarks"]["arith"]["exists"]
+    llama = next(e for e in rep["engines"] if e["name"] == "llama.cpp")
+    assert llama["available"] and llama["version"]
+    assert {s["name"] for s in rep["energy_sources"]} == {"nvml", "jetson", "rapl"}
+    assert all(s["detail"] for s in rep["energy_sources"])
+
+
+def test_doctor_table():
+    r = runner.invoke(app, ["doctor"])
+    assert r.exit_code == 0 and "energy sources" in r.output
+
+
+def test_evaluate_json_on_tiny_model():
+    r = runner.invoke(app, ["evaluate", "--limit", "5", "--n", "2", "--json", "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [lv["level"] for lv in res["levels"]] == [1, 2, 3, 4, 5]
+    assert all(lv["problems"] == 1 for lv in res["levels"])
+    assert res["levels"][0]["single"] > 0  # the easiest problems are solved
+    assert res["levels"][-1]["cut_budget"] >= 1
+
+
+def _one_line_error(r):
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def test_bad_dataset_is_exit_2_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n{oops\n')
+    r = runner.invoke(app, ["evaluate", "--dataset", str(bad)])
+    assert "bad.jsonl:2" in _one_line_error(r)
+
+
+def test_bad_models_are_exit_2(tmp_path):
+    assert "no such file" in _one_line_error(runner.invoke(app, ["evaluate", "--model", str(tmp_path / "x.gguf")]))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    assert "not a GGUF file" in _one_line_error(runner.invoke(app, ["evaluate", "--model", str(junk)]))
+    assert "is a directory" in _one_line_error(runner.invoke(app, ["evaluate", "--model", str(tmp_path)]))
+
+
+def test_bad_options_are_exit_2():
+    assert runner.invoke(app, ["evaluate", "--n", "0"]).exit_code == 2
+    assert "unknown family" in _one_line_error(runner.invoke(app, ["evaluate", "--family", "gpt5"]))

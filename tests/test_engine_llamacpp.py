@@ -1,0 +1,117 @@
+"""The batched llama.cpp primitive on the real tiny model."""
+
+import pytest
+
+from edgetts.engines import EngineError, SamplingParams, create
+from edgetts.engines.llamacpp import LlamaCppEngine
+from edgetts.models.families import FAMILIES
+from edgetts.tasks import arith
+
+FAM = FAMILIES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    e = LlamaCppEngine(tiny_gguf, n_ctx=4096, n_threads=2, max_rows=8)
+    yield e
+    e.close()
+
+
+def prompts(k):
+    return [FAM.prompt_template.format(question=p.question) for p in arith.eval_split()[::100][:k]]
+
+
+def test_registry_builds_engine_by_name(tiny_gguf):
+    with create("llama.cpp", tiny_gguf, n_ctx=512, max_rows=2) as e:
+        assert e.parallel_rows and e.forced_tokens and e.logprobs and e.steppable
+    with pytest.raises(EngineError, match="unknown engine"):
+        create("vllm-magic")
+
+
+def test_greedy_rows_match_single_row_runs(engine, record_property):
+    diverged = 0
+    for prompt in prompts(5):
+        single = engine.sample(prompt, 1, SamplingParams(temperature=0, max_tokens=96, logprobs=2)).rows[0]
+        batch = engine.sample(prompt, 8, SamplingParams(temperature=0, max_tokens=96))
+        for row in batch.rows:
+            if row.tokens == single.tokens:
+                continue
+            # Batched arithmetic may only flip a near-tie between the two best tokens.
+            k = next(i for i, (a, b) in enumerate(zip(row.tokens, single.tokens)) if a != b)
+            top2 = sorted(single.top_logprobs[k].values(), reverse=True)[:2]
+            assert top2[0] - top2[1] < 1e-3, f"row {row.index} diverged at token {k} without a near-tie"
+            diverged += 1
+    record_property("diverged_rows_of_40", diverged)
+    assert diverged <= 4, f"{diverged} of 40 rows diverged"
+
+
+def test_same_seeds_same_outputs_and_rows_differ(engine):
+    p = prompts(5)[4]  # a level-5 problem: rows disagree
+    a = engine.sample(p, 6, SamplingParams(seed=11, max_tokens=64)).texts
+    b = engine.sample(p, 6, SamplingParams(seed=11, max_tokens=64)).texts
+    assert a == b
+    assert len(set(a)) > 1
+    c = engine.sample(p, 2, SamplingParams(max_tokens=64), seeds=[11 + 3, 11 + 4]).texts
+    assert c == a[3:5]  # per-row seeds make a row independent of its batch
+
+
+def test_forcing_one_row_leaves_the_others_unchanged(engine):
+    p = prompts(3)[2]
+    params = SamplingParams(seed=3, max_tokens=80)
+    plain = engine.sample(p, 4, params)
+
+    def force_row_1(ctl, stepped):
+        r = ctl.rows[1]
+        if not r.finished and r.n_generated == 4 and not any(r.forced):
+            ctl.force(1, FAM.think_end + FAM.answer_prefix)
+
+    forced = engine.sample(p, 4, params, controller=force_row_1)
+    assert [forced.texts[i] for i in (0, 2, 3)] == [plain.texts[i] for i in (0, 2, 3)]
+    row = forced.rows[1]
+    assert (FAM.think_end + FAM.answer_prefix) in row.text
+    assert row.text.startswith(plain.rows[1].pieces[0])
+    assert sum(row.forced) == len(engine.tokenize(FAM.think_end + FAM.answer_prefix))
+    assert row.finish_reason == "stop"  # it went on decoding after the forced text and ended
+
+
+def test_stopping_a_row_stops_its_token_count(engine):
+    p = prompts(4)[3]
+
+    def stop_row_2(ctl, stepped):
+        if len(ctl.rows[2].tokens) >= 5:
+            ctl.stop(2)
+
+    res = engine.sample(p, 3, SamplingParams(seed=1, max_tokens=100), controller=stop_row_2)
+    assert len(res.rows[2].tokens) == 5 and res.rows[2].finish_reason == "stopped"
+    assert len(res.rows[0].tokens) > 5
+
+
+def test_stop_all_ends_the_call(engine):
+    res = engine.sample(prompts(1)[0], 4, SamplingParams(max_tokens=100), controller=lambda c, s: c.stop_all())
+    assert all(len(r.tokens) == 1 and r.finish_reason == "stopped" for r in res.rows)
+
+
+def test_budget_logprobs_and_timing(engine):
+    res = engine.sample(prompts(5)[4], 3, SamplingParams(seed=2, max_tokens=7, logprobs=3))
+    for r in res.rows:
+        assert r.n_generated == 7 and r.finish_reason == "length"
+        assert len(r.logprobs) == 7 and all(lp <= 0 for lp in r.logprobs)
+        assert all(len(t) == 3 for t in r.top_logprobs)
+        assert r.times == sorted(r.times)
+    assert 0 < res.ttft <= res.wall
+    assert res.prompt_tokens == len(engine.tokenize(prompts(5)[4])) + 1  # plus BOS
+
+
+def test_bad_models_and_shapes(tmp_path, engine):
+    with pytest.raises(EngineError, match="no such file"):
+        LlamaCppEngine(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF but not really a model")
+    with pytest.raises(EngineError, match="could not load"):
+        LlamaCppEngine(junk)
+    with pytest.raises(EngineError, match="exceeds the context"):
+        engine.sample(prompts(1)[0], 8, SamplingParams(max_tokens=1000))
+    with pytest.raises(EngineError, match="n must be between"):
+        engine.sample(prompts(1)[0], 9, SamplingParams())
+    with pytest.raises(EngineError, match="temperature"):
+        SamplingParams(temperature=-1)
