@@ -14,6 +14,7 @@ import typer
 
 from edgetts.engines.base import EngineError
 from edgetts.models import ModelNotFound
+from edgetts.strategies.base import StrategyError
 from edgetts.tasks.datasets import DatasetError
 
 app = typer.Typer(
@@ -23,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (DatasetError, ModelNotFound, EngineError)
+USER_ERRORS = (DatasetError, ModelNotFound, EngineError, StrategyError)
 
 
 @contextmanager
@@ -119,6 +120,57 @@ def evaluate(
         typer.echo(json.dumps(res.to_dict()))
         return
     _print_eval(res)
+
+
+@app.command()
+def run(
+    question: str = typer.Argument(..., help="The question to answer."),
+    model: str = typer.Option("tiny", help="Built-in model name or path to a GGUF file."),
+    strategy: str = typer.Option(
+        "majority",
+        help="single, budget-forcing, length-hint, majority, weighted, best-of-n, first-finish, adaptive, esc.",
+    ),
+    n: int = typer.Option(8, min=1, max=64, help="Rows (parallel samples)."),
+    budget: int = typer.Option(256, min=1, help="Thinking tokens per row."),
+    deadline_ms: float = typer.Option(None, min=0.001, help="Wall-clock deadline for the whole answer."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
+    seed: int = typer.Option(0, help="Sampling seed (row i uses seed + i)."),
+    family: str = typer.Option("auto", help="Reasoning format: auto, tiny, deepseek-r1, qwen3, plain."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    gpu_layers: int = typer.Option(0, min=0, help="Layers to offload to the GPU (llama.cpp built with CUDA)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
+    from edgetts.engines.base import SamplingParams
+    from edgetts.engines.llamacpp import LlamaCppEngine
+    from edgetts.models import resolve_model
+    from edgetts.models.families import FAMILIES, guess_family
+    from edgetts.strategies import STRATEGIES, RunConfig, create
+
+    if strategy not in STRATEGIES:
+        fail(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if family != "auto" and family not in FAMILIES:
+        fail(f"unknown family {family!r}; choose one of: auto, {', '.join(FAMILIES)}")
+    with user_errors():
+        path = resolve_model(model)
+        cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms,
+                        sampling=SamplingParams(temperature=temperature, seed=seed))  # fmt: skip
+        rows = n if strategy not in ("single", "budget-forcing", "length-hint") else 1
+        engine = LlamaCppEngine(path, n_ctx=rows * (budget * 4 + 64) + 1024, n_threads=threads,
+                                n_gpu_layers=gpu_layers, max_rows=rows)  # fmt: skip
+        fam = FAMILIES[family] if family != "auto" else guess_family(model, engine.chat_template())
+        trace = create(strategy, engine, fam, cfg).run(question)
+    if as_json:
+        typer.echo(json.dumps(trace.to_dict()))
+        return
+    typer.echo(trace.answer if trace.answer is not None else "(no answer)")
+    votes = ", ".join(f"{a}: {v:g}" for a, v in trace.votes.items()) or "none"
+    deadline = "" if trace.deadline_met is None else f", deadline {'met' if trace.deadline_met else 'MISSED'}"
+    typer.echo(
+        f"{trace.strategy}: {trace.rows_used} row(s), {trace.generated_tokens} tokens, "
+        f"{trace.wall_s * 1000:.0f} ms (first token {1000 * (trace.ttft_s or 0):.0f} ms){deadline}; "
+        f"votes {votes}" + (f"; stopped early: {trace.early_stop}" if trace.early_stop else "")
+    )
 
 
 @contextmanager

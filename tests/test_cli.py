@@ -65,3 +65,27 @@ def test_bad_models_are_exit_2(tmp_path):
 def test_bad_options_are_exit_2():
     assert runner.invoke(app, ["evaluate", "--n", "0"]).exit_code == 2
     assert "unknown family" in _one_line_error(runner.invoke(app, ["evaluate", "--family", "gpt5"]))
+
+
+def test_run_prints_answer_and_trace():
+    r = runner.invoke(app, ["run", "Evaluate left to right: 12+7*3", "--strategy", "majority", "--n", "4"])
+    assert r.exit_code == 0, r.output
+    answer, summary = r.stdout.strip().splitlines()[:2]
+    assert answer == "57"
+    assert summary.startswith("majority: 4 row(s)") and "votes 57:" in summary
+
+
+def test_run_json_with_deadline():
+    r = runner.invoke(app, ["run", "Evaluate left to right: 8*4-3", "--strategy", "esc", "--deadline-ms", "2000",
+                            "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)
+    assert t["answer"] == "29" and t["deadline_met"] is True and t["strategy"] == "esc"
+
+
+def test_run_rejects_bad_choices():
+    msg = _one_line_error(runner.invoke(app, ["run", "q", "--strategy", "beam"]))
+    assert "choose one of: single, budget-forcing, length-hint, majority" in msg
+    assert runner.invoke(app, ["run", "q", "--n", "0"]).exit_code == 2
+    assert runner.invoke(app, ["run", "q", "--budget", "-3"]).exit_code == 2
+    assert "unknown family" in _one_line_error(runner.invoke(app, ["run", "q", "--family", "gpt5"]))

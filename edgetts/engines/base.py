@@ -70,6 +70,15 @@ class Row:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (end of sequence), "length", "stopped" (by controller), "deadline"
 
+    def pop_last(self) -> None:
+        """Remove the most recent token (used by :meth:`Control.replace_last`)."""
+        if self.forced and not self.forced[-1] and len(self.logprobs) == self.n_generated:
+            self.logprobs.pop()
+            if self.top_logprobs:
+                self.top_logprobs.pop()
+        for seq in (self.tokens, self.pieces, self.forced, self.times):
+            seq.pop()
+
     @property
     def text(self) -> str:
         return "".join(self.pieces)
@@ -101,6 +110,7 @@ class Control:
         self.started = started
         self.pending: dict[int, str] = {}
         self.extra: dict[int, int] = {}
+        self.retract: set[int] = set()
         self.all_stopped = False
 
     def live(self) -> list[Row]:
@@ -115,6 +125,17 @@ class Control:
             r.finished, r.finish_reason = True, reason
         self.pending.pop(row, None)
         self.extra.pop(row, None)
+        self.retract.discard(row)
+
+    def replace_last(self, row: int, text: str) -> None:
+        """Drop the token ``row`` sampled in this step and force ``text`` in its place.
+
+        This is how budget forcing extends thinking: an early end-of-thinking token is
+        replaced by "Wait".  Only the token of the current step can be replaced (it has not
+        been decoded yet), so this costs nothing.
+        """
+        self.retract.add(row)
+        self.force(row, text)
 
     def stop_all(self, reason: str = "stopped") -> None:
         for r in self.rows:

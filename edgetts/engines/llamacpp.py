@@ -128,6 +128,12 @@ class LlamaCppEngine(Engine):
         self._batch_cap = batch_cap
         self._pieces: dict[int, bytes] = {}
         self._eog: list[int] | None = None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode one token once, so the first request does not pay for buffer allocation."""
+        self._decode([(self.lc.llama_vocab_bos(self.vocab), 0, 0, True)])
+        self.lc.llama_memory_clear(self.mem, True)
 
     # -- text <-> tokens -------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
@@ -268,6 +274,10 @@ class LlamaCppEngine(Engine):
                     stepped.append(r.index)
                 if controller is not None:
                     controller(ctl, stepped)
+                    for i in ctl.retract:
+                        rows[i].pop_last()
+                        pending[i].pop()
+                    ctl.retract.clear()
                     for i, text in ctl.pending.items():
                         now = time.perf_counter() - t0
                         for tok in self.tokenize(text):

@@ -31,3 +31,12 @@ FAMILIES: dict[str, Family] = {
         Family("plain", "{question}", "", "", "\nThe answer is "),
     )
 }
+
+
+def guess_family(model: str, chat_template: str | None) -> Family:
+    """The built-in tiny model's format, a ``<think>`` family when the template mentions it, else plain."""
+    if model == "tiny":
+        return FAMILIES["tiny"]
+    if chat_template and "<think>" in chat_template:
+        return FAMILIES["qwen3"] if "im_start" in chat_template else FAMILIES["deepseek-r1"]
+    return FAMILIES["plain"]

@@ -1,0 +1,233 @@
+"""What every strategy shares: the run configuration, the trace record, and the budget controller.
+
+A strategy is a controller over :meth:`Engine.sample` plus a pure aggregation
+(:mod:`edgetts.strategies.aggregate`).  :class:`BudgetController` implements the parts they
+all need, step by step over the live rows:
+
+* **thinking budget**: a row that has sampled ``budget`` thinking tokens gets the family's
+  end-of-thinking delimiter and answer prefix forced, plus ``answer_tokens`` of room;
+* **answer budget**: a row stops ``answer_tokens`` after its reasoning ended;
+* **deadline**: the controller keeps running estimates of one decode step and of the cost
+  of one prompt token (from the time to the first token).  Forcing the answer costs one
+  decode of the forced text for every thinking row plus a few answer steps
+  (``ANSWER_STEPS``); when the time left could no longer fit that, every thinking row is
+  forced to answer now, and when not even one more step fits, all rows stop.  So a call
+  returns no later than the deadline plus one decode step, unless the prompt alone takes
+  longer than the deadline.
+
+Hooks let a strategy add its own rule (replace an early end of thinking with "Wait", stop
+rows of low confidence, stop everything when the first row finishes).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from edgetts.engines.base import Control, Engine, Row, SampleResult, SamplingParams
+from edgetts.models.families import Family
+from edgetts.tasks.grading import extract_answer
+
+ANSWER_STEPS = 8  # decode steps reserved for a forced answer ("\boxed{42}", "The answer is 383")
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot run as asked (bad option, missing engine capability)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How much compute one request may use."""
+
+    n: int = 1
+    budget: int = 256  # thinking tokens per row
+    answer_tokens: int = 32  # room for the answer after the reasoning ends
+    deadline_ms: float | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise StrategyError(f"n must be at least 1, got {self.n}")
+        if self.budget < 1 or self.answer_tokens < 1:
+            raise StrategyError("budget and answer_tokens must be at least 1")
+        if self.deadline_ms is not None and self.deadline_ms <= 0:
+            raise StrategyError(f"deadline_ms must be positive, got {self.deadline_ms}")
+
+
+@dataclass
+class RowTrace:
+    thinking_tokens: int
+    answer_tokens: int
+    answer: str | None
+    finish_reason: str | None
+    forced_answer: bool  # the answer was forced by the budget or the deadline
+    waits: int = 0
+    confidence: float | None = None
+    score: float | None = None
+    text: str = ""
+
+
+@dataclass
+class Trace:
+    """What a strategy did for one request."""
+
+    strategy: str
+    answer: str | None
+    rows: list[RowTrace]
+    rows_used: int
+    early_stop: str | None  # why sampling stopped before its full budget of rows, if it did
+    votes: dict[str, float]
+    wall_s: float
+    ttft_s: float | None
+    generated_tokens: int
+    deadline_ms: float | None = None
+    deadline_met: bool | None = None
+
+    def to_dict(self, with_text: bool = False) -> dict:
+        d = asdict(self)
+        if not with_text:
+            for r in d["rows"]:
+                r.pop("text")
+        return d
+
+
+class BudgetController:
+    """Engine controller enforcing the thinking budget, the answer budget and the deadline."""
+
+    def __init__(self, engine: Engine, family: Family, cfg: RunConfig, started: float, deadline_s: float | None,
+                 prompt_tokens: int = 1):  # fmt: skip
+        self.family = family
+        self.cfg = cfg
+        self.end_ids = engine.tokenize(family.think_end) if family.think_end else []
+        self.forced_len = len(engine.tokenize(family.think_end + family.answer_prefix))
+        self.prompt_tokens = max(1, prompt_tokens)
+        self.token_s: float | None = None  # prefill cost of one token
+        self.answer_start: dict[int, int] = {}  # row -> index in row.tokens where the answer begins
+        self.forced_answer: set[int] = set()
+        self.waits: dict[int, int] = {}
+        self.started = started
+        self.deadline_s = deadline_s  # seconds after ``started``
+        self.last_step: float | None = None
+        self.step_s = 0.0  # running estimate of one decode step
+
+    # hooks ------------------------------------------------------------------------------
+    def on_think_end(self, ctl: Control, row: Row) -> bool:
+        """Called when a row ends its reasoning on its own; return True if the hook replaced it."""
+        return False
+
+    def on_step(self, ctl: Control, stepped: list[int]) -> None:
+        """Called after the budget rules each step."""
+
+    # -------------------------------------------------------------------------------------
+    def thinking_tokens(self, row: Row) -> int:
+        end = self.answer_start.get(row.index, len(row.tokens))
+        return sum(1 for f in row.forced[:end] if not f)
+
+    def _force_answer(self, ctl: Control, row: Row) -> None:
+        ctl.force(row.index, self.family.think_end + self.family.answer_prefix, extra_tokens=self.cfg.answer_tokens)
+        self.forced_answer.add(row.index)
+        self.answer_start[row.index] = len(row.tokens) + len(self.end_ids)
+
+    def __call__(self, ctl: Control, stepped: list[int]) -> None:
+        now = time.perf_counter() - self.started
+        if self.last_step is not None:
+            dt = now - self.last_step
+            self.step_s = dt if self.step_s == 0 else 0.7 * self.step_s + 0.3 * dt
+        else:
+            self.token_s = now / self.prompt_tokens  # the first call follows the prefill
+        self.last_step = now
+        for i in stepped:
+            r = ctl.rows[i]
+            if r.finished:
+                continue
+            if i in self.answer_start:
+                if sum(1 for f in r.forced[self.answer_start[i] :] if not f) >= self.cfg.answer_tokens:
+                    ctl.stop(i, "length")
+            elif self.end_ids and r.tokens[-len(self.end_ids) :] == self.end_ids and not r.forced[-1]:
+                if not self.on_think_end(ctl, r):
+                    self.answer_start[i] = len(r.tokens) - len(self.end_ids)  # the delimiter is not thinking
+            elif self.thinking_tokens(r) >= self.cfg.budget:
+                self._force_answer(ctl, r)
+        if self.deadline_s is not None:
+            left = self.deadline_s - now
+            if left < self.step_s:
+                ctl.stop_all("deadline")
+                return
+            thinking = [r for r in ctl.live() if r.index not in self.answer_start and r.index not in ctl.pending]
+            answer_steps = min(self.cfg.answer_tokens, ANSWER_STEPS)
+            forced_decode = len(thinking) * self.forced_len * (self.token_s or 0)
+            if thinking and left < forced_decode + (answer_steps + 1) * self.step_s:
+                if left < forced_decode + self.step_s:  # not even the forced text fits: stop on time
+                    ctl.stop_all("deadline")
+                    return
+                for r in thinking:
+                    self._force_answer(ctl, r)
+        self.on_step(ctl, stepped)
+
+
+class Strategy(ABC):
+    """Base class: set ``name`` and ``requires``, implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ("steppable", "forced_tokens")
+    controller_class: ClassVar[type[BudgetController]] = BudgetController
+
+    def __init__(self, engine: Engine, family: Family, cfg: RunConfig, **options):
+        missing = [cap for cap in self.requires if not getattr(engine, cap, False)]
+        if missing:
+            raise StrategyError(f"strategy {self.name!r} needs an engine with {', '.join(missing)}; "
+                                f"{engine.name!r} lacks it")  # fmt: skip
+        self.engine, self.family, self.cfg = engine, family, cfg
+        self.configure(**options)
+
+    def configure(self, **options) -> None:
+        if options:
+            raise StrategyError(f"strategy {self.name!r} takes no options, got {', '.join(options)}")
+
+    @abstractmethod
+    def run(self, question: str) -> Trace: ...
+
+    # helpers -----------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        return self.family.prompt_template.format(question=question)
+
+    def sample(self, prompt: str, n: int, started: float, seeds: list[int], logprobs: int | None = None,
+               controller: BudgetController | None = None,
+               max_tokens: int | None = None) -> tuple[SampleResult, BudgetController]:  # fmt: skip
+        """Run ``n`` rows under the budget controller (deadline measured from ``started``)."""
+        deadline = self.cfg.deadline_ms / 1000 if self.cfg.deadline_ms is not None else None
+        ctl = controller or self.controller_class(self.engine, self.family, self.cfg, started, deadline)
+        ctl.started, ctl.deadline_s = started, deadline
+        ctl.prompt_tokens = self.engine.count_tokens(prompt) + 1
+        params = SamplingParams(
+            temperature=self.cfg.sampling.temperature, top_k=self.cfg.sampling.top_k,
+            top_p=self.cfg.sampling.top_p, min_p=self.cfg.sampling.min_p, seed=self.cfg.sampling.seed,
+            max_tokens=max_tokens or self.cfg.budget + self.cfg.answer_tokens, logprobs=logprobs,
+        )  # fmt: skip
+        return self.engine.sample(prompt, n, params, controller=ctl, seeds=seeds), ctl
+
+    def seeds(self, start: int, count: int) -> list[int]:
+        return [self.cfg.sampling.seed + i for i in range(start, start + count)]
+
+    def row_trace(self, row: Row, ctl: BudgetController) -> RowTrace:
+        ans_at = ctl.answer_start.get(row.index, len(row.tokens))
+        return RowTrace(
+            thinking_tokens=sum(1 for f in row.forced[:ans_at] if not f),
+            answer_tokens=sum(1 for f in row.forced[ans_at:] if not f),
+            answer=self.answer(row),
+            finish_reason=row.finish_reason,
+            forced_answer=row.index in ctl.forced_answer,
+            waits=ctl.waits.get(row.index, 0),
+            text=row.text,
+        )
+
+    def answer(self, row: Row) -> str | None:
+        return extract_answer(row.text, self.family.think_start, self.family.think_end)
+
+    def trace(self, rows: list[RowTrace], answer, votes, started: float, ttft, early_stop=None) -> Trace:
+        wall = time.perf_counter() - started
+        met = None if self.cfg.deadline_ms is None else wall * 1000 <= self.cfg.deadline_ms
+        return Trace(self.name, answer, rows, len(rows), early_stop, votes, wall, ttft,
+                     sum(r.thinking_tokens + r.answer_tokens for r in rows), self.cfg.deadline_ms, met)  # fmt: skip

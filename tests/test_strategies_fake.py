@@ -1,0 +1,127 @@
+"""Strategy logic on the scripted fake engine: exact control, no model."""
+
+import pytest
+
+from edgetts.engines import SamplingParams, create
+from edgetts.models.families import FAMILIES
+from edgetts.strategies import STRATEGIES, RunConfig, StrategyError
+from edgetts.strategies import create as strategy
+
+FAM = FAMILIES["tiny"]
+
+
+def answer_script(answer, think=3):
+    return ["x"] * think + ["\n", FAM.think_end, f"{FAM.answer_prefix}{answer}"]
+
+
+def fake(*answers, think=3, **kw):
+    return create("fake", scripts=[answer_script(a, think) for a in answers], **kw)
+
+
+def test_names_are_the_documented_ones():
+    assert list(STRATEGIES) == ["single", "budget-forcing", "length-hint", "majority", "weighted",
+                                "best-of-n", "first-finish", "adaptive", "esc"]  # fmt: skip
+    with pytest.raises(StrategyError, match="choose one of: single"):
+        strategy("beam", fake("1"), FAM, RunConfig())
+
+
+def test_budget_forcing_stops_exactly_at_its_budget():
+    e = fake("9", think=50, after_force=["4"])
+    t = strategy("single", e, FAM, RunConfig(budget=7)).run("q")
+    row = t.rows[0]
+    assert row.thinking_tokens == 7 and row.forced_answer and t.answer == "4"
+
+
+def test_budget_forcing_extends_with_wait():
+    e = create("fake", scripts=[["a", FAM.think_end, "b", "c", FAM.think_end, FAM.answer_prefix + "5"]])
+    t = strategy("budget-forcing", e, FAM, RunConfig(budget=50), max_waits=1).run("q")
+    row = t.rows[0]
+    assert row.waits == 1 and t.answer == "5"
+    assert row.text.startswith("aWaitbc" + FAM.think_end)
+    assert row.thinking_tokens == 3  # a, b, c: the replaced delimiter does not count
+
+
+def test_length_hint_changes_the_prompt():
+    seen = []
+    e = create("fake", scripts=lambda prompt, i, seed: seen.append(prompt) or answer_script("1"))
+    strategy("length-hint", e, FAM, RunConfig(budget=64)).run("What is 1?")
+    assert "Limit your reasoning to 64 tokens." in seen[0]
+
+
+def test_majority_votes_and_drops_invalid():
+    e = create("fake", scripts=[answer_script("3"), answer_script("4"), ["no answer"], answer_script("4")])
+    t = strategy("majority", e, FAM, RunConfig(n=4)).run("q")
+    assert t.answer == "4" and t.votes == {"3": 1.0, "4": 2.0} and t.rows_used == 4
+
+
+def test_weighted_vote_follows_confidence():
+    conf = {0: -0.01, 1: -3.0, 2: -3.0}  # row 0 is sure, rows 1-2 are not
+    e = fake("8", "9", "9", logprob=lambda row, step: conf[row.seed])
+    t = strategy("weighted", e, FAM, RunConfig(n=3), confidence="mean").run("q")
+    assert t.answer == "8"
+    assert t.rows[0].confidence == pytest.approx(-0.01)
+
+
+def test_weighted_online_stops_low_confidence_rows():
+    conf = {0: -0.1, 1: -0.1, 2: -5.0, 3: -0.1}
+    e = fake("8", "8", "9", "8", think=40, logprob=lambda row, step: conf[row.seed])
+    t = strategy("weighted", e, FAM, RunConfig(n=4), online=True, warmup=2, window=4, keep=0.5).run("q")
+    assert t.rows[2].finish_reason == "low-confidence" and t.rows[2].answer is None
+    assert t.early_stop == "low-confidence" and t.answer == "8"
+
+
+def test_best_of_n_picks_the_most_likely_answer():
+    lp = {0: -2.0, 1: -0.1, 2: -2.0}
+    e = fake("5", "6", "5", logprob=lambda row, step: lp[row.seed])
+    assert strategy("best-of-n", e, FAM, RunConfig(n=3)).run("q").answer == "6"
+    # Weighted best-of-n sums exp(score): two rows at exp(-2) = 0.27 do not beat exp(-0.1) = 0.9.
+    assert strategy("best-of-n", e, FAM, RunConfig(n=3), weighted=True).run("q").answer == "6"
+
+
+def test_first_finish_returns_the_first_finished_row():
+    e = create("fake", scripts=[answer_script("1", think=9), answer_script("2", think=2), answer_script("3", think=5)])
+    t = strategy("first-finish", e, FAM, RunConfig(n=3)).run("q")
+    assert t.answer == "2" and t.early_stop == "first-finish"
+    assert t.rows[0].finish_reason == "first-finish" and t.rows[1].finish_reason == "stop"
+    assert t.generated_tokens < 3 * (9 + 3)
+
+
+def test_adaptive_stops_early_when_rows_agree_and_not_when_they_disagree():
+    agree = strategy("adaptive", fake("7"), FAM, RunConfig(n=8)).run("q")
+    assert agree.rows_used == 4 and agree.early_stop == "adaptive" and agree.answer == "7"
+    split = strategy("adaptive", fake("7", "8"), FAM, RunConfig(n=8)).run("q")
+    assert split.rows_used == 8 and split.early_stop is None
+
+
+def test_esc_stops_after_a_unanimous_window():
+    agree = strategy("esc", fake("7"), FAM, RunConfig(n=8), window=4).run("q")
+    assert agree.rows_used == 4 and agree.early_stop == "esc"
+    split = strategy("esc", fake("7", "8"), FAM, RunConfig(n=8), window=4).run("q")
+    assert split.rows_used == 8 and split.early_stop is None
+
+
+def test_deadline_forces_answers_then_stops():
+    e = fake("1", think=10_000, after_force=["3"], step_seconds=0.002)
+    t = strategy("majority", e, FAM, RunConfig(n=2, budget=10_000, deadline_ms=60)).run("q")
+    assert t.deadline_met and t.answer == "3"
+    assert all(r.forced_answer for r in t.rows)
+
+
+def test_capabilities_are_checked():
+    class NoLogprobs(type(fake("1"))):
+        logprobs = False
+
+    with pytest.raises(StrategyError, match="logprobs"):
+        strategy("weighted", NoLogprobs(scripts=[["x"]]), FAM, RunConfig(n=2))
+
+
+def test_bad_options_and_values():
+    with pytest.raises(StrategyError):
+        RunConfig(n=0)
+    with pytest.raises(StrategyError):
+        RunConfig(deadline_ms=-5)
+    with pytest.raises(StrategyError, match="takes no options"):
+        strategy("majority", fake("1"), FAM, RunConfig(), window=3)
+    with pytest.raises(StrategyError):
+        strategy("adaptive", fake("1"), FAM, RunConfig(), threshold=1.5)
+    assert SamplingParams().temperature == 1.0
