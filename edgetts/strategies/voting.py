@@ -14,7 +14,8 @@
   ``start``, then ``step`` more) until the Beta posterior that the leading answer beats the
   runner-up exceeds ``threshold``, or ``n`` rows were used.
 * ``esc`` (Early-Stopping Self-Consistency, Li et al. 2024): rows are drawn in windows of
-  ``window``; sampling stops after a window whose answers are all the same.
+  ``window`` (default a quarter of ``n``, at least 2); sampling stops after a window whose
+  answers are all the same.
 
 Rows are seeded ``seed + i`` by their overall index, so the first rows of ``adaptive`` and
 ``esc`` are exactly the rows ``majority`` would draw: their comparisons are paired.
@@ -210,7 +211,8 @@ class Adaptive(_Rounds):
 class ESC(_Rounds):
     name = "esc"
 
-    def configure(self, window: int = 4) -> None:
+    def configure(self, window: int | None = None) -> None:
+        window = window if window is not None else max(2, self.cfg.n // 4)  # ESC's small windows: n/8 to n/4
         if window < 1:
             raise StrategyError("window must be >= 1")
         self.window = window
