@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgetts.engines.llamacpp import LlamaCppEngine  # noqa: E402
-from edgetts.models import BUILTIN  # noqa: E402
-from edgetts.models.families import FAMILIES  # noqa: E402
-from edgetts.strategies import STRATEGIES, RunConfig, create  # noqa: E402
-from edgetts.tasks.datasets import load_dataset  # noqa: E402
-from edgetts.tasks.grading import is_equivalent  # noqa: E402
+from edgetts.engines.llamacpp import LlamaCppEngine
+from edgetts.models import BUILTIN
+from edgetts.models.families import FAMILIES
+from edgetts.strategies import STRATEGIES, RunConfig, create
+from edgetts.tasks.datasets import load_dataset
+from edgetts.tasks.grading import is_equivalent
 
 
 def _value(text: str):
@@ -47,8 +47,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--strategies", default=";".join(STRATEGIES),
-                    help="';'-separated names, each optionally with options: 'esc:window=2;adaptive:start=2,step=1'")
+    ap.add_argument(
+        "--strategies",
+        default=";".join(STRATEGIES),
+        help="';'-separated names, each optionally with options: 'esc:window=2;adaptive:start=2,step=1'",
+    )
     args = ap.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     names = args.strategies.split(";")
@@ -77,8 +80,9 @@ def main() -> None:
                 "mean_ms": 1000 * (time.perf_counter() - t0) / len(examples),
             }
             results[(name, budget)] = res
-            print(f"budget {budget:4d}  {name:15s} acc {100 * res['accuracy']:5.1f}%  tokens {res['mean_tokens']:7.1f}  "
-                  f"rows {res['mean_rows']:4.2f}  {res['mean_ms']:7.1f} ms/problem", file=sys.stderr, flush=True)  # fmt: skip
+            line = f"budget {budget:4d}  {name:15s} acc {100 * res['accuracy']:5.1f}%  "
+            line += f"tokens {res['mean_tokens']:7.1f}  rows {res['mean_rows']:4.2f}  {res['mean_ms']:7.1f} ms/problem"
+            print(line, file=sys.stderr, flush=True)
     top = max(budgets)
     maj = results.get(("majority", top))
     summary = {

@@ -138,6 +138,7 @@ def run(
     family: str = typer.Option("auto", help="Reasoning format: auto, tiny, deepseek-r1, qwen3, plain."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
     gpu_layers: int = typer.Option(0, min=0, help="Layers to offload to the GPU (llama.cpp built with CUDA)."),
+    raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Ignore the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
@@ -153,7 +154,7 @@ def run(
         fail(f"unknown family {family!r}; choose one of: auto, {', '.join(FAMILIES)}")
     with user_errors():
         path = resolve_model(model)
-        cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms,
+        cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms, raw_prompt=raw_prompt,
                         sampling=SamplingParams(temperature=temperature, seed=seed))  # fmt: skip
         rows = n if strategy not in ("single", "budget-forcing", "length-hint") else 1
         engine = LlamaCppEngine(path, n_ctx=rows * (budget * 4 + 64) + 1024, n_threads=threads,

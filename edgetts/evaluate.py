@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from edgetts.engines.base import Control, Engine, SamplingParams
-from edgetts.models.families import Family
+from edgetts.models.families import Family, build_prompt
 from edgetts.tasks.datasets import Example
 from edgetts.tasks.grading import extract_answer, is_equivalent
 
@@ -137,7 +137,7 @@ def evaluate(
         correct_single = correct_major = tokens = 0.0
         thinking: list[int] = []
         for ex in exs:
-            prompt = family.prompt_template.format(question=ex.question)
+            prompt = build_prompt(family, ex.question, engine.chat_template())
             res = engine.sample(prompt, pool, params)
             answers = [extract_answer(t, family.think_start, family.think_end) for t in res.texts]
             correct_single += sum(is_equivalent(a, ex.answer) for a in answers)
@@ -162,7 +162,7 @@ def cut_accuracy(engine: Engine, exs, family: Family, budget: int, n: int, param
     params = replace(params, max_tokens=budget + ANSWER_TOKENS)
     correct = 0
     for ex in exs:
-        prompt = family.prompt_template.format(question=ex.question)
+        prompt = build_prompt(family, ex.question, engine.chat_template())
         res = engine.sample(prompt, n, params, controller=ThinkingCut(engine, family, budget))
         correct += sum(is_equivalent(extract_answer(t, family.think_start, family.think_end), ex.answer)
                        for t in res.texts)  # fmt: skip

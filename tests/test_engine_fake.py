@@ -39,3 +39,17 @@ def test_majority_ties_and_invalid():
     assert majority(["3", None, "4", "4", "3"]) == "3"  # tie: first seen wins
     assert majority([None, None]) is None
     assert majority(["7"]) == "7"
+
+
+def test_prompts_use_the_models_chat_template_unless_raw():
+    from edgetts.models.families import build_prompt
+
+    template = (
+        "{% for m in messages %}<|user|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|bot|><think>\n{% endif %}"
+    )
+    r1 = FAMILIES["deepseek-r1"]
+    assert build_prompt(r1, "2+2?", template) == "<|user|>2+2?<|bot|><think>\n"
+    assert build_prompt(r1, "2+2?", template, raw=True) == "2+2?"
+    assert build_prompt(r1, "2+2?", None) == "2+2?"
+    assert build_prompt(FAM, "2+2?", template) == "2+2?\n<think>"  # the tiny model has no chat format

@@ -187,6 +187,10 @@ class Engine(ABC):
         """Tokens in ``text`` (for budgets)."""
         return len(self.tokenize(text))
 
+    def chat_template(self) -> str | None:
+        """The model's chat template (Jinja2), if it ships one."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - engines without native resources need nothing here
         """Release native resources; the engine is unusable afterwards."""
 

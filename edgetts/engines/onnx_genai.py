@@ -60,6 +60,12 @@ class OnnxGenAIEngine(Engine):
         probe = list(self.tokenizer.encode("a"))
         self.add_bos = self.bos is not None and (not probe or probe[0] != self.bos)
 
+    def chat_template(self) -> str | None:
+        cfg = self.path / "tokenizer_config.json"
+        if cfg.is_file():
+            return json.loads(cfg.read_text()).get("chat_template")
+        return None
+
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 

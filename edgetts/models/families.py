@@ -1,8 +1,13 @@
-"""Reasoning formats per model family, as data.
+"""Reasoning formats per model family, as data, and how a question becomes a prompt.
 
-A family says how a question becomes a prompt, which text opens and closes the reasoning,
-and which text to force after a cut so the model states its answer.  Strategies read these
-fields; they never branch on a family's name.
+A family says which text opens and closes the reasoning, which text to force after a cut so
+the model states its answer, and its raw prompt template.  Strategies read these fields;
+they never branch on a family's name.
+
+:func:`build_prompt` uses the model's own chat template (from GGUF metadata or
+``tokenizer_config.json``, rendered with Jinja2 as Hugging Face does, with the generation
+prompt appended) when the model has one and the family uses chat, and the family's raw
+template otherwise or when ``raw=True``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ class Family:
     think_start: str
     think_end: str
     answer_prefix: str
+    chat: bool = True  # use the model's chat template when it has one
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         # The shipped tiny model: the prompt opens the reasoning itself.
-        Family("tiny", "{question}\n<think>", "<think>", "</think>", "\nThe answer is "),
+        Family("tiny", "{question}\n<think>", "<think>", "</think>", "\nThe answer is ", chat=False),
         # DeepSeek-R1 and its distills: the chat template opens <think>.
         Family("deepseek-r1", "{question}", "<think>", "</think>", "\n\n**Final Answer**\n\\boxed{"),
         Family("qwen3", "{question}", "<think>", "</think>", "\n\nThe answer is \\boxed{"),
@@ -40,3 +46,25 @@ def guess_family(model: str, chat_template: str | None) -> Family:
     if chat_template and "<think>" in chat_template:
         return FAMILIES["qwen3"] if "im_start" in chat_template else FAMILIES["deepseek-r1"]
     return FAMILIES["plain"]
+
+
+def render_chat(template: str, question: str, bos: str = "", eos: str = "") -> str:
+    """A chat template rendered for one user turn, ready for the assistant's reply."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=[{"role": "user", "content": question}], add_generation_prompt=True, bos_token=bos, eos_token=eos
+    )
+
+
+def build_prompt(family: Family, question: str, chat_template: str | None = None, raw: bool = False) -> str:
+    """The prompt for ``question``: the model's chat template when it applies, else the raw template."""
+    if chat_template and family.chat and not raw:
+        return render_chat(chat_template, question)
+    return family.prompt_template.format(question=question)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from edgetts.engines.base import Control, Engine, Row, SampleResult, SamplingParams
-from edgetts.models.families import Family
+from edgetts.models.families import Family, build_prompt
 from edgetts.tasks.grading import extract_answer
 
 ANSWER_STEPS = 8  # decode steps reserved for a forced answer ("\boxed{42}", "The answer is 383")
@@ -46,6 +46,7 @@ class RunConfig:
     answer_tokens: int = 32  # room for the answer after the reasoning ends
     deadline_ms: float | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    raw_prompt: bool = False  # ignore the model's chat template
 
     def __post_init__(self):
         if self.n < 1:
@@ -191,7 +192,7 @@ class Strategy(ABC):
 
     # helpers -----------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        return self.family.prompt_template.format(question=question)
+        return build_prompt(self.family, question, self.engine.chat_template(), raw=self.cfg.raw_prompt)
 
     def sample(self, prompt: str, n: int, started: float, seeds: list[int], logprobs: int | None = None,
                controller: BudgetController | None = None,
