@@ -174,6 +174,110 @@ def run(
     )
 
 
+@app.command()
+def profile(
+    config: str = typer.Option(None, help="Sweep YAML file (see configs/); flags below override its fields."),
+    model: list[str] = typer.Option(None, help="Model variant: built-in name or GGUF path (repeatable)."),
+    dataset: str = typer.Option(None, help="Built-in benchmark name or JSONL path."),
+    limit: int = typer.Option(None, min=1, help="Problems, spread evenly over levels."),
+    seed: int = typer.Option(None, help="Problem sampling and row seeds."),
+    strategies: str = typer.Option(None, help="Comma list of strategies."),
+    budgets: str = typer.Option(None, help="Comma list of thinking budgets (tokens)."),
+    n: str = typer.Option(None, "--n", help="Comma list of parallelism levels."),
+    repeats: int = typer.Option(None, min=1, help="Times each query is measured."),
+    mode: str = typer.Option(None, help="Sweep mode: direct (every cell run as in production)."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),
+    force: bool = typer.Option(False, help="Reuse a directory of another sweep (its files move to replaced-*/)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Measure accuracy, latency, energy and memory per strategy x budget x parallelism; resumable."""
+    from edgetts.profiling.config import ConfigError, SweepConfig
+    from edgetts.profiling.records import RecordsError
+    from edgetts.profiling.runner import ProfileError, run_profile, write_summary
+
+    def ints(flag, text):
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            fail(f"{flag}: expected a comma list of integers, got {text!r}")
+
+    try:
+        cfg = SweepConfig.from_yaml(config) if config else SweepConfig()
+        overrides = {
+            "models": list(model) if model else None, "dataset": dataset, "limit": limit, "seed": seed,
+            "strategies": [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None,
+            "budgets": ints("--budgets", budgets) if budgets else None, "n": ints("--n", n) if n else None,
+            "repeats": repeats, "mode": mode,
+        }  # fmt: skip
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        if threads:
+            cfg.engine.threads = threads
+        cfg.validate()
+    except ConfigError as e:
+        fail(str(e))
+    with _progress_bar(quiet) as progress:
+        try:
+            with user_errors():
+                summary = run_profile(cfg, out, force=force, progress=progress)
+        except (ConfigError, ProfileError, RecordsError) as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            write_summary(out)
+            typer.echo(f"interrupted: {out} is valid; run the same command to continue", err=True)
+            raise typer.Exit(130) from None
+    if not quiet:
+        _print_summary(summary, out)
+
+
+@contextmanager
+def _progress_bar(quiet: bool):
+    """A rich bar with ETA on a terminal, a log line per 5% otherwise, nothing when quiet."""
+    if quiet:
+        yield None
+        return
+    if not sys.stderr.isatty():
+        last = [-1]
+
+        def log(done, total, what):
+            pct = int(100 * done / max(1, total))
+            if pct // 5 != last[0] // 5 or done == total:
+                last[0] = pct
+                typer.echo(f"profile: {done}/{total} queries ({pct}%) {what}", err=True)
+
+        yield log
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as prog:  # fmt: skip
+        task = prog.add_task("profile", total=None)
+
+        def update(done, total, what):
+            prog.update(task, completed=done, total=total, description=what[:40])
+
+        yield update
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"profile {out}")
+    for col in ("model", "strategy", "n", "budget", "acc % (95% CI)", "p50 ms", "p95 ms", "tokens", "J"):
+        t.add_column(col, justify="right")
+    for c in summary["cells"]:
+        lo, hi = c["accuracy_ci95"]
+        energy = f"{c['energy_j']:.3f}" if c["energy_j"] is not None else c["energy_source"]
+        t.add_row(c["model"][-12:], c["strategy"], str(c["n"]), str(c["budget"]),
+                  f"{100 * c['accuracy']:.0f} ({100 * lo:.0f}-{100 * hi:.0f})",
+                  f"{1000 * c['latency_s']['p50']:.1f}", f"{1000 * c['latency_s']['p95']:.1f}",
+                  f"{c['tokens']['generated']:.0f}", energy)  # fmt: skip
+    Console().print(t)
+
+
 @contextmanager
 def _progress(total: int, quiet: bool):
     if quiet or not sys.stderr.isatty():

@@ -85,6 +85,7 @@ class Trace:
     generated_tokens: int
     deadline_ms: float | None = None
     deadline_met: bool | None = None
+    prompt_tokens: int = 0  # of one prefill (every round of rows prefills it again)
 
     def to_dict(self, with_text: bool = False) -> dict:
         d = asdict(self)
@@ -207,7 +208,9 @@ class Strategy(ABC):
             top_p=self.cfg.sampling.top_p, min_p=self.cfg.sampling.min_p, seed=self.cfg.sampling.seed,
             max_tokens=max_tokens or self.cfg.budget + self.cfg.answer_tokens, logprobs=logprobs,
         )  # fmt: skip
-        return self.engine.sample(prompt, n, params, controller=ctl, seeds=seeds), ctl
+        res = self.engine.sample(prompt, n, params, controller=ctl, seeds=seeds)
+        self.prompt_tokens = res.prompt_tokens
+        return res, ctl
 
     def seeds(self, start: int, count: int) -> list[int]:
         return [self.cfg.sampling.seed + i for i in range(start, start + count)]
@@ -231,4 +234,5 @@ class Strategy(ABC):
         wall = time.perf_counter() - started
         met = None if self.cfg.deadline_ms is None else wall * 1000 <= self.cfg.deadline_ms
         return Trace(self.name, answer, rows, len(rows), early_stop, votes, wall, ttft,
-                     sum(r.thinking_tokens + r.answer_tokens for r in rows), self.cfg.deadline_ms, met)  # fmt: skip
+                     sum(r.thinking_tokens + r.answer_tokens for r in rows), self.cfg.deadline_ms, met,
+                     getattr(self, "prompt_tokens", 0))  # fmt: skip

@@ -1,0 +1,144 @@
+"""Run a sweep into a profile directory, resumably.
+
+Layout of the directory::
+
+    device.json     the device fingerprint (edgetts.telemetry.device)
+    sweep.json      the resolved sweep configuration and its digest
+    records.jsonl   one record per measured query (edgetts.profiling.records)
+    summary.json    one entry per cell (edgetts.profiling.summary)
+
+Every query has a stable key ``model|strategy|n<N>|b<budget>|r<repeat>|<problem id>``.  A
+rerun loads the records, skips every key already there and measures the rest, so a profile
+killed at any point (SIGKILL included) continues without losing or repeating a record.
+Seeds depend only on the key (rows of repeat ``r`` use ``seed + 1000 r + i``), so the
+resumed records equal those of an uninterrupted run, timings aside.  A directory made by a
+different sweep is refused unless ``force``; then its files move to ``replaced-<digest>/``
+rather than being deleted.
+
+Direct mode runs every cell as production would: the strategy with its budget on the real
+engine, one query at a time, each wrapped in a :class:`~edgetts.telemetry.meters.QueryMeter`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from edgetts.profiling.config import SweepConfig
+from edgetts.profiling.records import RecordLog, write_json_atomic
+from edgetts.profiling.summary import summarize
+
+
+class ProfileError(ValueError):
+    """A profile directory that cannot be used for this sweep."""
+
+
+def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = out / "sweep.json"
+    if sweep.exists():
+        try:
+            old = json.loads(sweep.read_text())
+        except json.JSONDecodeError:
+            old = {"digest": "unreadable"}
+        if old.get("digest") != cfg.digest():
+            if not force:
+                raise ProfileError(
+                    f"{out} holds a profile of a different sweep (digest {old.get('digest')}, this one "
+                    f"{cfg.digest()}); use another --out, or --force to move its files aside"
+                )
+            keep = out / f"replaced-{old.get('digest')}"
+            keep.mkdir(exist_ok=True)
+            for name in ("sweep.json", "records.jsonl", "summary.json", "device.json"):
+                if (out / name).exists():
+                    (out / name).rename(keep / name)
+    write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved()})
+
+
+def record_key(model: str, strategy: str, n: int, budget: int, repeat: int, problem: str) -> str:
+    return f"{model}|{strategy}|n{n}|b{budget}|r{repeat}|{problem}"
+
+
+def run_profile(
+    cfg: SweepConfig,
+    out: str | Path,
+    force: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Measure every missing query of ``cfg`` into ``out``; returns the summary."""
+    from edgetts.engines.base import SamplingParams
+    from edgetts.engines.llamacpp import LlamaCppEngine
+    from edgetts.models import resolve_model
+    from edgetts.models.families import FAMILIES, guess_family
+    from edgetts.strategies import RunConfig, create
+    from edgetts.tasks.datasets import load_dataset
+    from edgetts.tasks.grading import is_equivalent
+    from edgetts.telemetry.device import fingerprint
+    from edgetts.telemetry.meters import QueryMeter
+
+    out = Path(out)
+    examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
+    paths = {m: resolve_model(m) for m in cfg.models}  # fail on a bad model before touching the directory
+    prepare_dir(out, cfg, force)
+    if not (out / "device.json").exists():
+        write_json_atomic(out / "device.json", fingerprint())
+    log = RecordLog(out / "records.jsonl")
+    done = log.load()
+    cells = cfg.cells()
+    total = len(cfg.models) * len(cells) * cfg.repeats * len(examples)
+    count = len(done)
+    if progress:
+        progress(count, total, "resuming" if count else "starting")
+    meter = QueryMeter()
+    max_n, max_b = max(n for _, n, _ in cells), max(cfg.budgets)
+    for model in cfg.models:
+        todo = [
+            (s, n, b, r, ex) for s, n, b in cells for r in range(cfg.repeats) for ex in examples
+            if record_key(model, s, n, b, r, ex.id) not in done
+        ]  # fmt: skip
+        if not todo:
+            continue
+        n_ctx = cfg.engine.n_ctx or max_n * (4 * max_b + 160) + 1024
+        engine = LlamaCppEngine(paths[model], n_ctx=n_ctx, n_threads=cfg.engine.threads,
+                                n_gpu_layers=cfg.engine.gpu_layers, max_rows=max_n)  # fmt: skip
+        family = FAMILIES["tiny"] if model == "tiny" else guess_family(model, engine.chat_template())
+        try:
+            for ex in examples[: cfg.warmup]:  # untimed: caches, allocations, clocks ramping up
+                s, n, b = cells[0]
+                create(s, engine, family, RunConfig(n=n, budget=b)).run(ex.question)
+            for s, n, b, r, ex in todo:
+                sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed + 1000 * r)
+                strat = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling))
+                with meter.measure() as measured:
+                    trace = strat.run(ex.question)
+                m = measured()
+                steps = max((rt.thinking_tokens + rt.answer_tokens for rt in trace.rows), default=1)
+                log.append({
+                    "key": record_key(model, s, n, b, r, ex.id), "model": model, "strategy": s, "n": n,
+                    "budget": b, "repeat": r, "problem": ex.id, "level": ex.level,
+                    "answer": trace.answer, "gold": ex.answer, "correct": bool(is_equivalent(trace.answer, ex.answer)),
+                    "latency_s": trace.wall_s, "ttft_s": trace.ttft_s or trace.wall_s,
+                    "tpot_s": (trace.wall_s - (trace.ttft_s or 0)) / max(1, steps - 1),
+                    "prompt_tokens": trace.prompt_tokens, "generated_tokens": trace.generated_tokens,
+                    "thinking_tokens": sum(rt.thinking_tokens for rt in trace.rows),
+                    "answer_tokens": sum(rt.answer_tokens for rt in trace.rows),
+                    "rows_used": trace.rows_used, "early_stop": trace.early_stop,
+                    "energy_j": m.energy_j, "avg_power_w": m.avg_power_w, "energy_source": m.energy_source,
+                    "energy_reason": m.energy_reason, "peak_rss_mb": round(m.peak_rss_mb, 2),
+                    "peak_gpu_mb": m.peak_gpu_mb,
+                })  # fmt: skip
+                count += 1
+                if progress:
+                    progress(count, total, f"{model} {s} n={n} b={b}")
+        finally:
+            engine.close()
+    return write_summary(out)
+
+
+def write_summary(out: str | Path) -> dict:
+    """Summarize whatever records the directory holds (also after an interruption)."""
+    out = Path(out)
+    summary = summarize(RecordLog(out / "records.jsonl").load())
+    write_json_atomic(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,64 @@
+"""``summary.json``: one entry per configuration cell, computed from the records alone.
+
+Fields per cell: ``model``, ``strategy``, ``n``, ``budget``, ``queries``; ``accuracy`` with its
+95% Wilson interval (``accuracy_ci95``: [low, high]); latency ``latency_s`` p50/p90/p95/p99
+(nearest-rank over queries) and mean; ``ttft_s`` and ``tpot_s`` means; ``tokens``: mean
+generated, thinking and answer tokens per query and mean rows used; ``energy_j`` (mean per
+query, null without a source), ``avg_power_w``, ``energy_source`` (and ``energy_reason`` when it is
+``none``); ``peak_rss_mb`` and ``peak_gpu_mb`` (max over queries).  Because it depends only on
+the records, a resumed profile summarizes exactly like an uninterrupted one (timings aside).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import mean
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile (no interpolation: a reported p99 is a latency that happened)."""
+    s = sorted(values)
+    return s[max(0, math.ceil(q * len(s)) - 1)]
+
+
+def summarize(records: dict[str, dict]) -> dict:
+    cells: dict[tuple, list[dict]] = {}
+    for rec in records.values():
+        cells.setdefault((rec["model"], rec["strategy"], rec["n"], rec["budget"]), []).append(rec)
+    out = []
+    for (model, strategy, n, budget), recs in sorted(cells.items()):
+        ok = sum(r["correct"] for r in recs)
+        lat = [r["latency_s"] for r in recs]
+        energies = [r["energy_j"] for r in recs if r["energy_j"] is not None]
+        sources = sorted({r["energy_source"] for r in recs})
+        gpu = [r["peak_gpu_mb"] for r in recs if r.get("peak_gpu_mb") is not None]
+        entry = {
+            "model": model, "strategy": strategy, "n": n, "budget": budget, "queries": len(recs),
+            "accuracy": ok / len(recs), "accuracy_ci95": list(wilson(ok, len(recs))),
+            "latency_s": {"p50": quantile(lat, 0.5), "p90": quantile(lat, 0.9), "p95": quantile(lat, 0.95),
+                          "p99": quantile(lat, 0.99), "mean": mean(lat)},
+            "ttft_s": mean(r["ttft_s"] for r in recs), "tpot_s": mean(r["tpot_s"] for r in recs),
+            "tokens": {"generated": mean(r["generated_tokens"] for r in recs),
+                       "thinking": mean(r["thinking_tokens"] for r in recs),
+                       "answer": mean(r["answer_tokens"] for r in recs),
+                       "rows": mean(r["rows_used"] for r in recs)},
+            "energy_j": mean(energies) if energies else None,
+            "avg_power_w": mean(r["avg_power_w"] for r in recs if r["avg_power_w"] is not None) if energies else None,
+            "energy_source": sources[0] if len(sources) == 1 else "mixed:" + ",".join(sources),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in recs),
+            "peak_gpu_mb": max(gpu) if gpu else None,
+        }  # fmt: skip
+        if entry["energy_source"] == "none":
+            entry["energy_reason"] = recs[0].get("energy_reason")
+        out.append(entry)
+    return {"schema": "edgetts.summary/v1", "cells": out}

@@ -1,0 +1,98 @@
+"""The device fingerprint written into every profile (``device.json``).
+
+CPU model, cores and memory from ``/proc``; GPU model, memory and driver through NVML when
+present; Jetson release, power mode (``nvpmodel -q``) and clocks where readable; versions of
+Python, edgetts and the engines.  Everything unreadable is recorded as ``null``, not guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_model() -> str | None:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.lower().startswith(("model name", "hardware", "cpu model")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def memory_mb() -> int | None:
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return None
+
+
+def gpus() -> list[dict]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVML library or no driver: no NVIDIA GPU to report
+        return []
+    out = []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append({
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "memory_mb": pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20,
+                "driver": driver.decode() if isinstance(driver, bytes) else driver,
+            })  # fmt: skip
+    finally:
+        pynvml.nvmlShutdown()
+    return out
+
+
+def jetson() -> dict | None:
+    release = _read("/etc/nv_tegra_release")
+    if release is None:
+        return None
+    try:
+        mode = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        mode = None
+    clocks = {}
+    for name, path in (("cpu0_khz", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq"),
+                       ("gpu_hz", "/sys/devices/gpu.0/devfreq/17000000.ga10b/cur_freq")):  # fmt: skip
+        v = _read(path)
+        clocks[name] = int(v) if v and v.strip().isdigit() else None
+    return {"release": release.splitlines()[0].strip(), "power_mode": mode, "clocks": clocks}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def fingerprint() -> dict:
+    return {
+        "hostname": platform.node(),
+        "system": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_mb": memory_mb(),
+        "gpus": gpus(),
+        "jetson": jetson(),
+        "versions": {
+            "python": platform.python_version(),
+            **{d: _version(d) for d in ("edgetts", "llama-cpp-python", "onnxruntime-genai", "nvidia-ml-py")},
+        },
+    }

@@ -1,0 +1,203 @@
+"""Energy, power and memory of one query, from the best source this machine has.
+
+:class:`QueryMeter` wraps a query: ``with meter.measure() as m: ...`` then ``m.result()``.
+Sources, first that works wins:
+
+* ``nvml``: the GPU's total-energy counter (millijoules since driver load, Volta and newer);
+  without it, power sampled by a background thread and integrated over time;
+* ``jetson``: the INA3221 rails in sysfs (milliwatts), sampled and integrated;
+* ``rapl``: the CPU package counter ``energy_uj`` (microjoules, wraps at
+  ``max_energy_range_uj``).
+
+When none works the result says ``energy_source: "none"`` and why, never a silent zero.
+The same background thread samples the process's resident memory (``/proc/self/statm``)
+and, with NVML, the GPU's used memory, so each query reports its own peak.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from edgetts.telemetry import energy
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Measurement:
+    energy_j: float | None
+    avg_power_w: float | None
+    energy_source: str
+    energy_reason: str | None
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    seconds: float
+
+
+class _Source:
+    name = "none"
+
+    def start(self) -> None: ...
+    def sample(self) -> None: ...
+    def stop(self) -> float: ...  # joules
+
+
+class _Rapl(_Source):
+    name = "rapl"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.wrap = None
+        try:
+            with open(os.path.join(os.path.dirname(path), "max_energy_range_uj")) as f:
+                self.wrap = int(f.read())
+        except (OSError, ValueError):
+            pass
+
+    def _read(self) -> int:
+        with open(self.path) as f:
+            return int(f.read())
+
+    def start(self) -> None:
+        self.e0 = self._read()
+
+    def stop(self) -> float:
+        d = self._read() - self.e0
+        if d < 0 and self.wrap:
+            d += self.wrap
+        return d / 1e6
+
+
+class _Sampled(_Source):
+    """Integrates power readings (watts) taken by the meter's thread."""
+
+    def __init__(self, name: str, read_watts):
+        self.name, self.read_watts = name, read_watts
+        self.samples: list[tuple[float, float]] = []
+
+    def start(self) -> None:
+        self.samples = [(time.perf_counter(), self.read_watts())]
+
+    def sample(self) -> None:
+        self.samples.append((time.perf_counter(), self.read_watts()))
+
+    def stop(self) -> float:
+        self.sample()
+        return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
+
+
+class _NvmlCounter(_Source):
+    name = "nvml"
+
+    def __init__(self, pynvml, handle):
+        self.nv, self.h = pynvml, handle
+
+    def start(self) -> None:
+        self.e0 = self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h)
+
+    def stop(self) -> float:
+        return (self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h) - self.e0) / 1000
+
+
+def _pick_source() -> tuple[_Source | None, str, object]:
+    """(source, reasons for the ones skipped, nvml handle or None)."""
+    reasons = []
+    nv_handle = None
+    p = energy.probe_nvml()
+    if p.available:
+        import pynvml
+
+        pynvml.nvmlInit()
+        nv_handle = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
+        if "energy counter" in p.detail:
+            return _NvmlCounter(*nv_handle), "", nv_handle
+        return _Sampled("nvml", lambda: pynvml.nvmlDeviceGetPowerUsage(nv_handle[1]) / 1000), "", nv_handle
+    reasons.append(f"nvml: {p.detail}")
+    p = energy.probe_jetson()
+    if p.available:
+        rails = [r for r in energy.jetson_rails() if os.access(r, os.R_OK)]
+
+        def watts():
+            total = 0.0
+            for r in rails:
+                with open(r) as f:
+                    total += int(f.read())
+            return total / 1000
+
+        return _Sampled("jetson", watts), "", None
+    reasons.append(f"jetson: {p.detail}")
+    p = energy.probe_rapl()
+    if p.available:
+        return _Rapl(energy.rapl_domains()[0]), "", None
+    reasons.append(f"rapl: {p.detail}")
+    return None, "; ".join(reasons), None
+
+
+class QueryMeter:
+    """Measures energy, power and peak memory around each query, sampling every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.source, self.reason, self.nvml = _pick_source()
+
+    @property
+    def source_name(self) -> str:
+        return self.source.name if self.source else "none"
+
+    @contextmanager
+    def measure(self):
+        box: dict = {}
+        stop = threading.Event()
+        peak = {"rss": rss_bytes(), "gpu": self._gpu_bytes()}
+
+        def loop():
+            while not stop.wait(self.interval):
+                peak["rss"] = max(peak["rss"], rss_bytes())
+                g = self._gpu_bytes()
+                if g is not None:
+                    peak["gpu"] = max(peak["gpu"] or 0, g)
+                if self.source:
+                    self.source.sample()
+
+        if self.source:
+            self.source.start()
+        t0 = time.perf_counter()
+        th = threading.Thread(target=loop, daemon=True)
+        th.start()
+        try:
+            yield lambda: box["m"]
+        finally:
+            stop.set()
+            th.join()
+            secs = time.perf_counter() - t0
+            peak["rss"] = max(peak["rss"], rss_bytes())
+            joules = self.source.stop() if self.source else None
+            box["m"] = Measurement(
+                energy_j=joules,
+                avg_power_w=(joules / secs) if joules is not None and secs > 0 else None,
+                energy_source=self.source_name,
+                energy_reason=None if self.source else self.reason,
+                peak_rss_mb=peak["rss"] / 2**20,
+                peak_gpu_mb=peak["gpu"] / 2**20 if peak["gpu"] is not None else None,
+                seconds=secs,
+            )
+
+    def _gpu_bytes(self) -> int | None:
+        if not self.nvml:
+            return None
+        nv, h = self.nvml
+        return nv.nvmlDeviceGetMemoryInfo(h).used
