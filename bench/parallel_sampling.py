@@ -113,7 +113,7 @@ def batched_bench(binary: str, model: str, prompt_tokens: int, threads: int) -> 
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     # Table row: |  PP |  TG |  B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
-    for line in out.stdout.splitlines():
+    for line in (out.stdout + out.stderr).splitlines():  # the table goes to either stream by version
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 10 and re.fullmatch(r"\d+", cells[0]) and int(cells[2]) == N:
             return float(cells[8])

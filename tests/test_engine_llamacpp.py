@@ -115,3 +115,25 @@ def test_bad_models_and_shapes(tmp_path, engine):
         engine.sample(prompts(1)[0], 9, SamplingParams())
     with pytest.raises(EngineError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_probes_branch_a_row_without_disturbing_it(engine):
+    p = prompts(5)[4]
+    params = SamplingParams(seed=3, max_tokens=90)
+    plain = engine.sample(p, 4, params)
+
+    def probe_at_10_and_30(ctl, stepped):
+        for i in stepped:
+            r = ctl.rows[i]
+            if not r.finished and r.n_generated in (10, 30):
+                ctl.probe(i, FAM.think_end + FAM.answer_prefix, 12, label=r.n_generated, seed=r.n_generated)
+
+    probed = engine.sample(p, 4, params, controller=probe_at_10_and_30)
+    assert probed.texts == plain.texts  # the rows went on exactly as without probes
+    for r in probed.rows:
+        assert set(r.probes) == {10, 30}
+        text, k = r.probes[10]
+        assert text.startswith(FAM.think_end + FAM.answer_prefix) and 0 < k <= 12
+    # A probe answers like a direct cut at the same point, up to the sampler's draw.
+    cut = engine.sample(p, 1, SamplingParams(seed=3, max_tokens=10))
+    assert cut.rows[0].text == plain.rows[0].text[: len(cut.rows[0].text)]

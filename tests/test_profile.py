@@ -67,16 +67,18 @@ def test_profile_writes_the_documented_directory(tmp_path):
     assert by[("single", 48)] > by[("single", 16)]  # thinking longer helps the tiny model
 
 
-def test_sigkill_mid_cell_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("mode", ["pooled", "direct"])
+def test_sigkill_mid_cell_then_resume_equals_uninterrupted(tmp_path, mode):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run_cli("--out", str(full), *ARGS).wait() == 0
-    proc = run_cli("--out", str(killed), *ARGS)
+    args = [*ARGS, "--mode", mode]
+    assert run_cli("--out", str(full), *args).wait() == 0
+    proc = run_cli("--out", str(killed), *args)
     assert wait_for_records(killed / "records.jsonl", 30, proc), "the profile finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = RecordLog(killed / "records.jsonl").load()
     assert 30 <= len(partial) < 80
-    assert run_cli("--out", str(killed), *ARGS).wait() == 0
+    assert run_cli("--out", str(killed), *args).wait() == 0
     resumed = RecordLog(killed / "records.jsonl").load()
     lines = (killed / "records.jsonl").read_text().splitlines()
     assert len(lines) == len(resumed) == 80  # nothing lost, nothing written twice
@@ -135,3 +137,24 @@ def test_statistics_helpers():
     assert lo == pytest.approx(0.490, abs=1e-3) and hi == pytest.approx(0.943, abs=1e-3)
     assert wilson(0, 0) == (0.0, 1.0)
     assert quantile([5, 1, 3, 2, 4], 0.5) == 3 and quantile([5, 1, 3, 2, 4], 0.99) == 5
+
+
+def test_pooled_mode_records_and_identities(tmp_path):
+    r = runner.invoke(app, ["profile", "--out", str(tmp_path), *ARGS])
+    assert r.exit_code == 0, r.output
+    records = RecordLog(tmp_path / "records.jsonl").load()
+    assert {rec["mode"] for rec in records.values()} == {"pooled"}
+    assert all(0.0 <= rec["correct"] <= 1.0 for rec in records.values())
+    model = json.loads((tmp_path / "latency-model-tiny.json").read_text())
+    assert model["a"] > 0 and model["token_s"] > 0
+    for key, rec in records.items():
+        if rec["strategy"] == "majority":  # n rows of the same pool: n times one row's tokens
+            single = records[key.replace("|majority|n4|", "|single|n1|")]
+            assert rec["generated_tokens"] == pytest.approx(4 * single["generated_tokens"])
+
+
+def test_pooled_mode_measures_unpoolable_strategies_directly(tmp_path):
+    args = ["--limit", "5", "--budgets", "16,32", "--n", "2", "--strategies", "single,weighted", "--quiet"]
+    assert runner.invoke(app, ["profile", "--out", str(tmp_path), *args]).exit_code == 0
+    modes = {(r["strategy"], r["mode"]) for r in RecordLog(tmp_path / "records.jsonl").load().values()}
+    assert modes == {("single", "pooled"), ("weighted", "direct")}

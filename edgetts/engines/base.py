@@ -69,6 +69,7 @@ class Row:
     times: list[float] = field(default_factory=list)  # seconds since the call started
     finished: bool = False
     finish_reason: str | None = None  # "stop" (end of sequence), "length", "stopped" (by controller), "deadline"
+    probes: dict = field(default_factory=dict)  # label -> (text, sampled tokens) of side branches
 
     def pop_last(self) -> None:
         """Remove the most recent token (used by :meth:`Control.replace_last`)."""
@@ -111,6 +112,7 @@ class Control:
         self.pending: dict[int, str] = {}
         self.extra: dict[int, int] = {}
         self.retract: set[int] = set()
+        self.probes: list[tuple[int, str, int, object, int]] = []
         self.all_stopped = False
 
     def live(self) -> list[Row]:
@@ -136,6 +138,17 @@ class Control:
         """
         self.retract.add(row)
         self.force(row, text)
+
+    def probe(self, row: int, text: str, max_tokens: int, label: object, seed: int = 0) -> None:
+        """Branch ``row`` here, force ``text`` in the branch and decode up to ``max_tokens`` there.
+
+        The row itself is not disturbed: it keeps its cache, its sampler and its tokens.  The
+        branch's text and token count land in ``row.probes[label]`` before the next step.
+        This is how one long row tells what it would have answered if cut at a smaller budget.
+        """
+        if self.rows[row].finished:
+            raise EngineError(f"row {row} is finished; it cannot be branched")
+        self.probes.append((row, text, max_tokens, label, seed))
 
     def stop_all(self, reason: str = "stopped") -> None:
         for r in self.rows:
@@ -165,6 +178,7 @@ class Engine(ABC):
     name: ClassVar[str] = ""
     parallel_rows: ClassVar[bool] = False  # N rows decode in one batch sharing one prefill
     forced_tokens: ClassVar[bool] = False  # Control.force is honoured mid-generation
+    probes: ClassVar[bool] = False  # Control.probe branches a row without disturbing it
     logprobs: ClassVar[bool] = False  # per-token log-probabilities are reported
     steppable: ClassVar[bool] = False  # the controller is called after every step
 

@@ -74,6 +74,7 @@ class LlamaCppEngine(Engine):
     forced_tokens = True
     logprobs = True
     steppable = True
+    probes = True
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class LlamaCppEngine(Engine):
         cp.n_ctx = n_ctx
         cp.n_batch = batch_cap
         cp.n_ubatch = n_batch
-        cp.n_seq_max = max_rows
+        cp.n_seq_max = 2 * max_rows  # rows, then one scratch sequence per row for probes
         cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
         cp.kv_unified = True  # rows share the prompt's cells and one pool of free cells
         cp.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
@@ -286,6 +287,9 @@ class LlamaCppEngine(Engine):
                         limit[i] += ctl.extra.get(i, 0)
                     ctl.pending.clear()
                     ctl.extra.clear()
+                    if ctl.probes:
+                        self._run_probes(ctl.probes, rows, in_kv, pending, params)
+                        ctl.probes.clear()
                 for i in stepped:
                     if not rows[i].finished and rows[i].n_generated >= limit[i]:
                         rows[i].finished, rows[i].finish_reason = True, "length"
@@ -324,6 +328,48 @@ class LlamaCppEngine(Engine):
                 r.pieces[-1] = r.pieces[-1] + tail if r.pieces else tail
         wall = time.perf_counter() - t0
         return SampleResult(rows, len(ptoks), ttft if ttft is not None else wall, wall, steps)
+
+    def _run_probes(self, probes, rows, in_kv, pending, params: SamplingParams) -> None:
+        """Decode each probe in a scratch copy of its row's sequence, all probes batched together."""
+        lc = self.lc
+        live = []
+        entries = []
+        for j, (i, text, max_tokens, label, seed) in enumerate(probes):
+            seq = self.max_rows + j
+            lc.llama_memory_seq_cp(self.mem, i, seq, -1, -1)
+            toks = pending[i] + self.tokenize(text)
+            entries += [(t, in_kv[i] + k, seq, k == len(toks) - 1) for k, t in enumerate(toks)]
+            live.append({"row": i, "label": label, "seq": seq, "pos": in_kv[i] + len(toks), "out": len(entries) - 1,
+                         "max": max_tokens, "toks": [], "text": text, "smp": self._sampler(params, seed)})  # fmt: skip
+        try:
+            while live:
+                if self._decode(entries) != 0:
+                    break
+                entries, still = [], []
+                for p in live:
+                    tok = lc.llama_sampler_sample(p["smp"], self.ctx, p["out"])
+                    if lc.llama_vocab_is_eog(self.vocab, tok):
+                        continue
+                    p["toks"].append(tok)
+                    if len(p["toks"]) >= p["max"]:
+                        continue
+                    entries.append((tok, p["pos"], p["seq"], True))
+                    p["pos"] += 1
+                    p["out"] = len(entries) - 1
+                    still.append(p)
+                done = [p for p in live if p not in still]
+                for p in done:
+                    self._finish_probe(p, rows)
+                live = still
+        finally:
+            for p in live:
+                self._finish_probe(p, rows)
+
+    def _finish_probe(self, p: dict, rows) -> None:
+        text = b"".join(self.piece(t) for t in p["toks"]).decode("utf-8", "replace")
+        rows[p["row"]].probes[p["label"]] = (p["text"] + text, len(p["toks"]))
+        self.lc.llama_memory_seq_rm(self.mem, p["seq"], -1, -1)
+        self.lc.llama_sampler_free(p["smp"])
 
     def _append(self, r: Row, tok: int, dec, forced: bool, t: float) -> None:
         r.tokens.append(tok)

@@ -17,7 +17,7 @@ YAML shape (every key optional)::
     n: [1, 4, 8]                   # parallelism levels (single-row strategies use 1)
     repeats: 1
     warmup: 2                      # untimed queries before the first cell of each model
-    mode: direct
+    mode: pooled                   # or direct: every cell run as in production
     temperature: 1.0
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from edgetts.strategies import STRATEGIES
 
 SINGLE_ROW = ("single", "budget-forcing", "length-hint")
-MODES = ("direct",)
+MODES = ("pooled", "direct")
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ class SweepConfig:
     n: list[int] = field(default_factory=lambda: [1, 4, 8])
     repeats: int = 1
     warmup: int = 2
-    mode: str = "direct"
+    mode: str = "pooled"
     temperature: float = 1.0
 
     def __post_init__(self):

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgetts.profiling.config import SweepConfig
+from edgetts.profiling.pooled import POOLED
 from edgetts.profiling.records import RecordLog, write_json_atomic
 from edgetts.profiling.summary import summarize
 
@@ -67,13 +68,11 @@ def run_profile(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """Measure every missing query of ``cfg`` into ``out``; returns the summary."""
-    from edgetts.engines.base import SamplingParams
     from edgetts.engines.llamacpp import LlamaCppEngine
     from edgetts.models import resolve_model
     from edgetts.models.families import FAMILIES, guess_family
     from edgetts.strategies import RunConfig, create
     from edgetts.tasks.datasets import load_dataset
-    from edgetts.tasks.grading import is_equivalent
     from edgetts.telemetry.device import fingerprint
     from edgetts.telemetry.meters import QueryMeter
 
@@ -91,14 +90,22 @@ def run_profile(
     if progress:
         progress(count, total, "resuming" if count else "starting")
     meter = QueryMeter()
-    max_n, max_b = max(n for _, n, _ in cells), max(cfg.budgets)
+    ctx = Context(cfg, log, done, meter, progress, total)
+    ctx.count = count
     for model in cfg.models:
+        pooled = [c for c in cells if cfg.mode == "pooled" and c[0] in POOLED]
+        direct = [c for c in cells if c not in pooled]
         todo = [
-            (s, n, b, r, ex) for s, n, b in cells for r in range(cfg.repeats) for ex in examples
+            (s, n, b, r, ex) for s, n, b in direct for r in range(cfg.repeats) for ex in examples
             if record_key(model, s, n, b, r, ex.id) not in done
         ]  # fmt: skip
-        if not todo:
+        todo_pool = [
+            (r, ex) for r in range(cfg.repeats) for ex in examples
+            if any(record_key(model, s, n, b, r, ex.id) not in done for s, n, b in pooled)
+        ]  # fmt: skip
+        if not todo and not todo_pool:
             continue
+        max_n, max_b = max(n for _, n, _ in cells), max(cfg.budgets)
         n_ctx = cfg.engine.n_ctx or max_n * (4 * max_b + 160) + 1024
         engine = LlamaCppEngine(paths[model], n_ctx=n_ctx, n_threads=cfg.engine.threads,
                                 n_gpu_layers=cfg.engine.gpu_layers, max_rows=max_n)  # fmt: skip
@@ -107,33 +114,110 @@ def run_profile(
             for ex in examples[: cfg.warmup]:  # untimed: caches, allocations, clocks ramping up
                 s, n, b = cells[0]
                 create(s, engine, family, RunConfig(n=n, budget=b)).run(ex.question)
+            if todo_pool:
+                run_pooled(ctx, model, engine, family, pooled, todo_pool, out)
             for s, n, b, r, ex in todo:
-                sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed + 1000 * r)
-                strat = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling))
-                with meter.measure() as measured:
-                    trace = strat.run(ex.question)
-                m = measured()
-                steps = max((rt.thinking_tokens + rt.answer_tokens for rt in trace.rows), default=1)
-                log.append({
-                    "key": record_key(model, s, n, b, r, ex.id), "model": model, "strategy": s, "n": n,
-                    "budget": b, "repeat": r, "problem": ex.id, "level": ex.level,
-                    "answer": trace.answer, "gold": ex.answer, "correct": bool(is_equivalent(trace.answer, ex.answer)),
-                    "latency_s": trace.wall_s, "ttft_s": trace.ttft_s or trace.wall_s,
-                    "tpot_s": (trace.wall_s - (trace.ttft_s or 0)) / max(1, steps - 1),
-                    "prompt_tokens": trace.prompt_tokens, "generated_tokens": trace.generated_tokens,
-                    "thinking_tokens": sum(rt.thinking_tokens for rt in trace.rows),
-                    "answer_tokens": sum(rt.answer_tokens for rt in trace.rows),
-                    "rows_used": trace.rows_used, "early_stop": trace.early_stop,
-                    "energy_j": m.energy_j, "avg_power_w": m.avg_power_w, "energy_source": m.energy_source,
-                    "energy_reason": m.energy_reason, "peak_rss_mb": round(m.peak_rss_mb, 2),
-                    "peak_gpu_mb": m.peak_gpu_mb,
-                })  # fmt: skip
-                count += 1
-                if progress:
-                    progress(count, total, f"{model} {s} n={n} b={b}")
+                run_direct(ctx, model, engine, family, (s, n, b), r, ex)
         finally:
             engine.close()
     return write_summary(out)
+
+
+class Context:
+    """What the measuring loops share: the sweep, the log, the meter and progress reporting."""
+
+    def __init__(self, cfg, log, done, meter, progress, total):
+        self.cfg, self.log, self.done, self.meter, self.progress, self.total = cfg, log, done, meter, progress, total
+        self.count = 0
+
+    def write(self, record: dict, what: str) -> None:
+        self.log.append(record)
+        self.count += 1
+        if self.progress:
+            self.progress(self.count, self.total, what)
+
+
+def _energy(m, seconds: float) -> dict:
+    """Energy fields of a record; pooled cells scale the pool's average power to their own latency."""
+    joules = m.avg_power_w * seconds if m.avg_power_w is not None else None
+    return {
+        "energy_j": joules,
+        "avg_power_w": m.avg_power_w,
+        "energy_source": m.energy_source,
+        "energy_reason": m.energy_reason,
+        "peak_rss_mb": round(m.peak_rss_mb, 2),
+        "peak_gpu_mb": m.peak_gpu_mb,
+    }
+
+
+def run_direct(ctx: Context, model, engine, family, cell, r: int, ex) -> None:
+    from edgetts.engines.base import SamplingParams
+    from edgetts.strategies import RunConfig, create
+    from edgetts.tasks.grading import is_equivalent
+
+    s, n, b = cell
+    sampling = SamplingParams(temperature=ctx.cfg.temperature, seed=ctx.cfg.seed + 1000 * r)
+    strat = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling))
+    with ctx.meter.measure() as measured:
+        trace = strat.run(ex.question)
+    m = measured()
+    steps = max((rt.thinking_tokens + rt.answer_tokens for rt in trace.rows), default=1)
+    rec = {
+        "key": record_key(model, s, n, b, r, ex.id), "model": model, "strategy": s, "n": n, "budget": b,
+        "repeat": r, "problem": ex.id, "level": ex.level, "mode": "direct",
+        "answer": trace.answer, "gold": ex.answer, "correct": float(is_equivalent(trace.answer, ex.answer)),
+        "latency_s": trace.wall_s, "ttft_s": trace.ttft_s or trace.wall_s,
+        "tpot_s": (trace.wall_s - (trace.ttft_s or 0)) / max(1, steps - 1),
+        "prompt_tokens": trace.prompt_tokens, "generated_tokens": trace.generated_tokens,
+        "thinking_tokens": sum(rt.thinking_tokens for rt in trace.rows),
+        "answer_tokens": sum(rt.answer_tokens for rt in trace.rows),
+        "rows_used": trace.rows_used, "early_stop": trace.early_stop,
+        **_energy(m, trace.wall_s),
+    }  # fmt: skip
+    rec["energy_j"] = m.energy_j  # measured, not scaled
+    ctx.write(rec, f"{model} {s} n={n} b={b}")
+
+
+def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> None:
+    import random
+
+    from edgetts.engines.base import SamplingParams
+    from edgetts.models.families import build_prompt
+    from edgetts.profiling.latency import calibrate
+    from edgetts.profiling.pooled import cell_estimate, direct_rows, sample_pool
+
+    n_max = max(n for _, n, _ in cells)
+    budgets = sorted({b for *_, b in cells})
+    steps = calibrate(engine, family, todo[0][1].question, n_max, tokens=min(max(budgets) + 32, 256))
+    write_json_atomic(out / f"latency-model-{_safe(model)}.json", steps.to_dict())
+    forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
+    for r, ex in todo:
+        sampling = SamplingParams(temperature=ctx.cfg.temperature, seed=ctx.cfg.seed + 1000 * r)
+        prompt = build_prompt(family, ex.question, engine.chat_template())
+        with ctx.meter.measure() as measured:
+            pool, ttft, prompt_tokens = sample_pool(engine, family, prompt, n_max, budgets, sampling)
+        m = measured()
+        for s, n, b in cells:
+            key = record_key(model, s, n, b, r, ex.id)
+            if key in ctx.done:
+                continue
+            est = cell_estimate(s, n, b, pool, ex.answer, random.Random(f"{ctx.cfg.seed}|{key}"))
+            rounds = direct_rows(s, n, b, pool)
+            latency = steps.latency(ttft, prompt_tokens, rounds, forced_len)
+            longest = max(st for rows in rounds for st, _ in rows)
+            rec = {
+                "key": key, "model": model, "strategy": s, "n": n, "budget": b, "repeat": r, "problem": ex.id,
+                "level": ex.level, "mode": "pooled", "answer": None, "gold": ex.answer, "correct": est["correct"],
+                "latency_s": latency, "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1),
+                "prompt_tokens": prompt_tokens, "generated_tokens": est["tokens"], "thinking_tokens": est["thinking"],
+                "answer_tokens": est["tokens"] - est["thinking"], "rows_used": est["rows_used"], "early_stop": None,
+                **_energy(m, latency),
+            }  # fmt: skip
+            ctx.write(rec, f"{model} pooled {s} n={n} b={b}")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
 
 
 def write_summary(out: str | Path) -> dict:

@@ -1,0 +1,84 @@
+"""A step-time model of the engine, for latencies of cells that pooled mode did not run.
+
+One decode step with ``L`` live rows at context length ``ctx`` takes
+``a + b L + c L ctx`` seconds: a fixed cost per step (graph launch, sampling overhead), a cost
+per row (weights are reused across rows, so on memory-bound devices ``b`` is small), and
+attention, which grows with every row's context.  Forcing text costs ``token_s`` per forced
+token (a small prefill).  :func:`calibrate` fits ``a, b, c`` by least squares on fixed-length
+runs of 1..``max_rows`` rows through the same controller path strategies use, and measures
+``token_s`` from the prefill; then a few whole strategy calls fit what a call adds around
+the decode loop (``round_s`` + ``row_s`` per row).  :meth:`StepModel.latency` replays the rows
+of a cell: each round pays its time to first token and that overhead, then one step per token
+of its longest row, with the live-row count falling as rows finish.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edgetts.engines.base import SamplingParams
+from edgetts.strategies.base import BudgetController, RunConfig
+
+
+@dataclass
+class StepModel:
+    a: float
+    b: float
+    c: float
+    token_s: float
+    round_s: float = 0.0  # per round of rows outside the decode loop (samplers, extraction, traces)
+    row_s: float = 0.0  # the same, per row
+
+    def step(self, rows: int, ctx: int) -> float:
+        return self.a + self.b * rows + self.c * rows * ctx
+
+    def latency(self, ttft: float, prompt_tokens: int, rounds: list[list[tuple[int, bool]]], forced_len: int) -> float:
+        total = 0.0
+        for rows in rounds:
+            total += ttft + self.round_s + self.row_s * len(rows)
+            longest = max(s for s, _ in rows)
+            for s in range(1, longest):
+                live = sum(1 for steps, _ in rows if steps > s)
+                total += self.step(live, prompt_tokens + s)
+            total += sum(f for _, f in rows) * forced_len * self.token_s
+        return total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -> StepModel:
+    from edgetts.models.families import build_prompt
+    from edgetts.strategies import create
+
+    prompt = build_prompt(family, question, engine.chat_template())
+    xs, ys, prefill = [], [], []
+    n_prompt = engine.count_tokens(prompt) + 1
+    levels = sorted({1, max(1, max_rows // 4), max(1, max_rows // 2), max_rows})
+    for rows in levels + levels:  # twice: the first pass also warms caches up
+        cfg = RunConfig(n=rows, budget=10**6)
+        t0 = time.perf_counter()
+        ctl = BudgetController(engine, family, cfg, t0, None, prompt_tokens=n_prompt)
+        res = engine.sample(prompt, rows, SamplingParams(max_tokens=tokens, ignore_eos=True), controller=ctl)
+        times = res.rows[0].times
+        for s in range(1, len(times)):
+            xs.append([1.0, rows, rows * (n_prompt + s)])
+            ys.append(times[s] - times[s - 1])
+        prefill.append(res.ttft / n_prompt)
+    coef, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
+    a, b, c = (float(v) for v in coef)
+    model = StepModel(a, b, c, float(np.median(prefill)))
+    # What a whole strategy call adds around the decode loop, fitted on real calls.
+    forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
+    fx, fy = [], []
+    for rows in [1, max_rows] * 3:
+        trace = create("majority", engine, family, RunConfig(n=rows, budget=tokens)).run(question)
+        rounds = [[(r.thinking_tokens + r.answer_tokens, r.forced_answer) for r in trace.rows]]
+        fx.append([1.0, rows])
+        fy.append(trace.wall_s - model.latency(trace.ttft_s, trace.prompt_tokens, rounds, forced_len))
+    (model.round_s, model.row_s), *_ = np.linalg.lstsq(np.asarray(fx), np.asarray(fy), rcond=None)
+    model.round_s, model.row_s = float(model.round_s), float(model.row_s)
+    return model
