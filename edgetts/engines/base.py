@@ -70,24 +70,30 @@ class Row:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (end of sequence), "length", "stopped" (by controller), "deadline"
     probes: dict = field(default_factory=dict)  # label -> (text, sampled tokens) of side branches
+    n_generated: int = 0  # tokens the model sampled (forced tokens excluded), kept by add/pop_last
+
+    def add(self, token: int, piece: str, forced: bool, t: float) -> None:
+        """Append one token; engines call this so counts stay O(1) in the decode loop."""
+        self.tokens.append(token)
+        self.pieces.append(piece)
+        self.forced.append(forced)
+        self.times.append(t)
+        self.n_generated += not forced
 
     def pop_last(self) -> None:
         """Remove the most recent token (used by :meth:`Control.replace_last`)."""
-        if self.forced and not self.forced[-1] and len(self.logprobs) == self.n_generated:
+        sampled = bool(self.forced) and not self.forced[-1]
+        if sampled and len(self.logprobs) == self.n_generated:
             self.logprobs.pop()
             if self.top_logprobs:
                 self.top_logprobs.pop()
         for seq in (self.tokens, self.pieces, self.forced, self.times):
             seq.pop()
+        self.n_generated -= sampled
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
-
-    @property
-    def n_generated(self) -> int:
-        """Tokens the model sampled (forced tokens excluded)."""
-        return len(self.forced) - sum(self.forced)
 
 
 @dataclass

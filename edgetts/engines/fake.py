@@ -103,7 +103,4 @@ class FakeEngine(Engine):
 
     @staticmethod
     def _add(r: Row, piece: str, forced: bool, t0: float) -> None:
-        r.tokens.append(zlib.crc32(piece.encode()) & 0xFFFF)
-        r.pieces.append(piece)
-        r.forced.append(forced)
-        r.times.append(time.perf_counter() - t0)
+        r.add(zlib.crc32(piece.encode()) & 0xFFFF, piece, forced, time.perf_counter() - t0)

@@ -372,10 +372,7 @@ class LlamaCppEngine(Engine):
         self.lc.llama_sampler_free(p["smp"])
 
     def _append(self, r: Row, tok: int, dec, forced: bool, t: float) -> None:
-        r.tokens.append(tok)
-        r.pieces.append(dec.decode(self.piece(tok)))
-        r.forced.append(forced)
-        r.times.append(t)
+        r.add(tok, dec.decode(self.piece(tok)), forced, t)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -113,10 +113,7 @@ class OnnxGenAIEngine(Engine):
                 if tok in self.eos:
                     r.finished, r.finish_reason = True, "stop"
                     continue
-                r.tokens.append(tok)
-                r.pieces.append(streams[r.index].decode(tok))
-                r.forced.append(False)
-                r.times.append(now)
+                r.add(tok, streams[r.index].decode(tok), False, now)
                 if r.n_generated >= params.max_tokens:
                     r.finished, r.finish_reason = True, "length"
             if controller is not None:

@@ -115,6 +115,7 @@ class OpenAIHTTPEngine(Engine):
         r.tokens.extend([-1] * n_tokens)
         r.forced.extend([False] * n_tokens)
         r.times.extend([now] * n_tokens)
+        r.n_generated += n_tokens
         r.finish_reason = "stop" if choice.get("finish_reason") == "stop" else "length"
 
     def sample(

@@ -107,6 +107,7 @@ class BudgetController:
         self.prompt_tokens = max(1, prompt_tokens)
         self.token_s: float | None = None  # prefill cost of one token
         self.answer_start: dict[int, int] = {}  # row -> index in row.tokens where the answer begins
+        self.think_count: dict[int, int] = {}  # row -> sampled thinking tokens when its reasoning ended
         self.forced_answer: set[int] = set()
         self.waits: dict[int, int] = {}
         self.started = started
@@ -124,13 +125,13 @@ class BudgetController:
 
     # -------------------------------------------------------------------------------------
     def thinking_tokens(self, row: Row) -> int:
-        end = self.answer_start.get(row.index, len(row.tokens))
-        return sum(1 for f in row.forced[:end] if not f)
+        return self.think_count.get(row.index, row.n_generated)
 
     def _force_answer(self, ctl: Control, row: Row) -> None:
         ctl.force(row.index, self.family.think_end + self.family.answer_prefix, extra_tokens=self.cfg.answer_tokens)
         self.forced_answer.add(row.index)
         self.answer_start[row.index] = len(row.tokens) + len(self.end_ids)
+        self.think_count[row.index] = row.n_generated
 
     def __call__(self, ctl: Control, stepped: list[int]) -> None:
         now = time.perf_counter() - self.started
@@ -145,11 +146,12 @@ class BudgetController:
             if r.finished:
                 continue
             if i in self.answer_start:
-                if sum(1 for f in r.forced[self.answer_start[i] :] if not f) >= self.cfg.answer_tokens:
+                if r.n_generated - self.think_count[i] >= self.cfg.answer_tokens:
                     ctl.stop(i, "length")
             elif self.end_ids and r.tokens[-len(self.end_ids) :] == self.end_ids and not r.forced[-1]:
                 if not self.on_think_end(ctl, r):
                     self.answer_start[i] = len(r.tokens) - len(self.end_ids)  # the delimiter is not thinking
+                    self.think_count[i] = r.n_generated - len(self.end_ids)
             elif self.thinking_tokens(r) >= self.cfg.budget:
                 self._force_answer(ctl, r)
         if self.deadline_s is not None:
