@@ -139,9 +139,26 @@ def run(
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
     gpu_layers: int = typer.Option(0, min=0, help="Layers to offload to the GPU (llama.cpp built with CUDA)."),
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Ignore the model's chat template."),
+    config: str = typer.Option(
+        None, help="Pareto config: the policy picks model, strategy, n and budget for --deadline-ms (and --energy-j)."
+    ),
+    energy_j: float = typer.Option(None, help="Energy limit per query, with --config."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
+    chosen = None
+    if config:
+        from edgetts.pareto.config import ParetoError
+        from edgetts.runtime import Policy
+
+        if deadline_ms is None:
+            fail("--config needs --deadline-ms: the policy picks the point that fits it")
+        try:
+            chosen = Policy.load(config).select(deadline_ms, energy_j=energy_j)
+        except ParetoError as e:
+            fail(str(e))
+        p = chosen.point
+        model, strategy, n, budget = p["artifact"], p["strategy"], p["n"], p["budget"]
     from edgetts.engines.base import SamplingParams
     from edgetts.engines.llamacpp import LlamaCppEngine
     from edgetts.models import resolve_model
@@ -159,11 +176,22 @@ def run(
         rows = n if strategy not in ("single", "budget-forcing", "length-hint") else 1
         engine = LlamaCppEngine(path, n_ctx=rows * (budget * 4 + 64) + 1024, n_threads=threads,
                                 n_gpu_layers=gpu_layers, max_rows=rows)  # fmt: skip
-        fam = FAMILIES[family] if family != "auto" else guess_family(model, engine.chat_template())
+        fam = (
+            FAMILIES[family]
+            if family != "auto"
+            else guess_family("tiny" if chosen and chosen.point["model"] == "tiny" else model, engine.chat_template())
+        )
         trace = create(strategy, engine, fam, cfg).run(question)
     if as_json:
-        typer.echo(json.dumps(trace.to_dict()))
+        d = trace.to_dict()
+        if chosen:
+            d["point"] = {"index": chosen.index, "id": chosen.point["id"], "miss": chosen.miss}
+        typer.echo(json.dumps(d))
         return
+    if chosen:
+        typer.echo(
+            f"point {chosen.index} {chosen.point['id']}" + (" (nothing fits: fastest point)" if chosen.miss else "")
+        )
     typer.echo(trace.answer if trace.answer is not None else "(no answer)")
     votes = ", ".join(f"{a}: {v:g}" for a, v in trace.votes.items()) or "none"
     deadline = "" if trace.deadline_met is None else f", deadline {'met' if trace.deadline_met else 'MISSED'}"
@@ -230,6 +258,72 @@ def profile(
             raise typer.Exit(130) from None
     if not quiet:
         _print_summary(summary, out)
+    from pathlib import Path
+
+    from edgetts.pareto.config import build_config, write_config
+
+    config, candidates = build_config([out])
+    path = write_config(config, Path(out) / "pareto.json")
+    if not quiet:
+        typer.echo(f"wrote {path} ({len(config['frontier'])} frontier points)")
+        _pictures(config, candidates, Path(out) / "pareto.png", Path(out) / "report.html")
+
+
+@app.command()
+def pareto(
+    profiles: list[str] = typer.Argument(..., help="Profile directories (model variants merge into one frontier)."),
+    out: str = typer.Option("configs/pareto.json", help="Where to write the edgetts.pareto/v1 config."),
+    quantile: str = typer.Option("p95", help="Latency quantile of the frontier: p50, p90, p95, p99."),
+    constraints: str = typer.Option(
+        None, help='JSON constraints, e.g. \'{"energy_j": {"max": 2}, "accuracy": {"min": 0.5}}\'.'
+    ),
+    strict: bool = typer.Option(False, help="Drop points whose accuracy interval overlaps a faster point's."),
+    plot: bool = typer.Option(True, help="Also write <out>.png and <out>-report.html (needs matplotlib)."),
+) -> None:
+    """Build the Pareto config (accuracy against a latency quantile) from profile directories."""
+    from edgetts.pareto.config import ParetoError, build_config, write_config
+
+    try:
+        spec = json.loads(constraints) if constraints else None
+    except json.JSONDecodeError as e:
+        fail(f"--constraints is not valid JSON ({e.msg})")
+    try:
+        config, candidates = build_config(profiles, quantile, spec, strict)
+        path = write_config(config, out)
+    except ParetoError as e:
+        fail(str(e))
+    typer.echo(f"wrote {path}: {len(config['frontier'])} frontier points of {len(candidates)} cells")
+    if plot:
+        _pictures(config, candidates, path.with_suffix(".png"), path.with_name(path.stem + "-report.html"))
+
+
+def _pictures(config, candidates, png, html) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        typer.echo("no plot: matplotlib is not installed (pip install 'edgetts[report]')", err=True)
+        return
+    from edgetts.pareto.report import plot, report
+
+    plot(config, candidates, png)
+    report(config, png, html)
+    typer.echo(f"wrote {png} and {html}")
+
+
+@app.command("export-c")
+def export_c(
+    config: str = typer.Argument(..., help="An edgetts.pareto/v1 config."),
+    out: str = typer.Option("edgetts_policy.h", help="Header to write."),
+) -> None:
+    """Write a self-contained C99 header: the frontier, edgetts_select() and a majority-vote helper."""
+    from edgetts.export.c_header import export_c as write_header
+    from edgetts.pareto.config import ParetoError, load_config
+
+    try:
+        path = write_header(load_config(config), out)
+    except ParetoError as e:
+        fail(str(e))
+    typer.echo(f"wrote {path}")
 
 
 @contextmanager

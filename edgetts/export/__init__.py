@@ -1,0 +1,1 @@
+"""Exports of a Pareto config for programs that are not Python."""

@@ -1,0 +1,175 @@
+"""Build, write and validate ``edgetts.pareto/v1`` configs from profile directories.
+
+Every cell of every profile (``summary.json``) becomes a candidate point: model artifact,
+engine, strategy, n, budget, latency quantiles, accuracy with its 95% interval, energy and
+memory.  Constraints filter candidates first, in the spirit of Triton Model Analyzer:
+``{"energy_j": {"max": 2.0}, "memory_mb": {"max": 4096}, "accuracy": {"min": 0.5}}``.
+The frontier keeps, in order of the chosen latency quantile, every point more accurate than
+all faster points.  A frontier point whose accuracy interval overlaps the interval of a faster
+frontier point is marked ``dominated_within_ci``: the measurements cannot tell it is better;
+``strict`` drops such points.  Several profiles (model variants) merge into one frontier.
+
+The file is written through a temporary file and a rename.  :func:`load_config` checks the
+schema version, every required field, and that the frontier is non-empty and sorted, raising
+:class:`ParetoError` with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from edgetts.profiling.records import write_json_atomic
+
+SCHEMA = "edgetts.pareto/v1"
+QUANTILES = ("p50", "p90", "p95", "p99")
+METRICS = {"energy_j", "memory_mb", "accuracy", "latency_ms"}
+POINT_FIELDS = {"id": str, "model": str, "artifact": str, "engine": str, "strategy": str, "n": int, "budget": int,
+                "latency_ms": (int, float), "latency_quantiles_ms": dict, "accuracy": (int, float),
+                "accuracy_ci95": list}  # fmt: skip
+
+
+class ParetoError(ValueError):
+    """A profile or config that cannot be used; the message names the field or file."""
+
+
+def _load_profile(d: Path) -> tuple[dict, dict, dict]:
+    for name in ("summary.json", "sweep.json", "device.json"):
+        if not (d / name).is_file():
+            raise ParetoError(f"{d}: not a profile directory (no {name})")
+    try:
+        return tuple(json.loads((d / n).read_text()) for n in ("summary.json", "sweep.json", "device.json"))
+    except json.JSONDecodeError as e:
+        raise ParetoError(f"{d}: unreadable profile file ({e.msg})") from None
+
+
+def parse_constraints(spec: dict | None) -> dict:
+    spec = spec or {}
+    if not isinstance(spec, dict):
+        raise ParetoError("constraints: expected {metric: {max: v} or {min: v}}")
+    for metric, bound in spec.items():
+        if metric not in METRICS:
+            raise ParetoError(f"constraints: unknown metric {metric!r}; choose from {', '.join(sorted(METRICS))}")
+        if not isinstance(bound, dict) or not bound or set(bound) - {"max", "min"}:
+            raise ParetoError(f"constraints.{metric}: expected {{max: v}} and/or {{min: v}}")
+        if not all(isinstance(v, (int, float)) for v in bound.values()):
+            raise ParetoError(f"constraints.{metric}: bounds must be numbers")
+    return spec
+
+
+def _point(cell: dict, artifact: str, quantile: str) -> dict:
+    q = {k: 1000 * cell["latency_s"][k] for k in QUANTILES}
+    memory = cell.get("peak_gpu_mb") or cell.get("peak_rss_mb")
+    return {
+        "id": f"{Path(cell['model']).stem}/{cell['strategy']}/n{cell['n']}/b{cell['budget']}",
+        "model": cell["model"], "artifact": artifact, "engine": "llama.cpp", "strategy": cell["strategy"],
+        "n": cell["n"], "budget": cell["budget"], "latency_ms": q[quantile], "latency_quantiles_ms": q,
+        "accuracy": cell["accuracy"], "accuracy_ci95": cell["accuracy_ci95"], "queries": cell["queries"],
+        "energy_j": cell.get("energy_j"), "energy_source": cell.get("energy_source"), "memory_mb": memory,
+        "tokens": cell["tokens"]["generated"],
+    }  # fmt: skip
+
+
+def _fits(p: dict, constraints: dict) -> bool:
+    for metric, bound in constraints.items():
+        v = p.get(metric)
+        if v is None:
+            return False  # an unmeasured metric cannot satisfy a constraint on it
+        if ("max" in bound and v > bound["max"]) or ("min" in bound and v < bound["min"]):
+            return False
+    return True
+
+
+def frontier(points: list[dict], strict: bool = False) -> list[dict]:
+    front: list[dict] = []
+    for p in sorted(points, key=lambda p: (p["latency_ms"], -p["accuracy"], p["id"])):
+        if front and p["accuracy"] <= front[-1]["accuracy"]:
+            continue
+        p = dict(p, dominated_within_ci=any(p["accuracy_ci95"][0] <= f["accuracy_ci95"][1] for f in front))
+        front.append(p)
+    if strict:
+        front = [p for p in front if not p["dominated_within_ci"]] or front[:1]
+    return front
+
+
+def build_config(profiles: list[str | Path], quantile: str = "p95", constraints: dict | None = None,
+                 strict: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
+    """(config, every candidate point) from profile directories."""
+    if quantile not in QUANTILES:
+        raise ParetoError(f"quantile must be one of {', '.join(QUANTILES)}, got {quantile!r}")
+    constraints = parse_constraints(constraints)
+    from edgetts.models import resolve_model
+
+    candidates, device, task = [], None, None
+    for d in map(Path, profiles):
+        summary, sweep, dev = _load_profile(d)
+        device = device or dev
+        s = sweep["sweep"]
+        task = task or {"dataset": s["dataset"], "limit": s["limit"], "seed": s["seed"]}
+        for cell in summary["cells"]:
+            try:
+                artifact = str(resolve_model(cell["model"]))
+            except ValueError:
+                artifact = cell["model"]
+            candidates.append(_point(cell, artifact, quantile))
+    if not candidates:
+        raise ParetoError("the profiles hold no measured cells")
+    for metric in constraints:
+        if all(p.get(metric) is None for p in candidates):
+            why = f" (energy source: {candidates[0].get('energy_source')})" if metric == "energy_j" else ""
+            raise ParetoError(f"constraints.{metric}: no profiled point measured it{why}")
+    allowed = [p for p in candidates if _fits(p, constraints)]
+    if not allowed:
+        raise ParetoError("no measured point satisfies the constraints")
+    config = {
+        "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": device, "task": task,
+        "objective": {"maximize": "accuracy", "latency_quantile": quantile},
+        "constraints": constraints, "strict": strict, "profiles": [str(p) for p in profiles],
+        "frontier": frontier(allowed, strict),
+    }  # fmt: skip
+    return config, candidates
+
+
+def write_config(config: dict, path: str | Path) -> Path:
+    validate(config, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, config)
+    return path
+
+
+def validate(config: object, where: str = "config") -> dict:
+    if not isinstance(config, dict):
+        raise ParetoError(f"{where}: expected a JSON object")
+    if config.get("schema") != SCHEMA:
+        raise ParetoError(f"{where}: schema is {config.get('schema')!r}, expected {SCHEMA!r}")
+    for key in ("device", "task", "objective", "frontier"):
+        if key not in config:
+            raise ParetoError(f"{where}: missing field {key!r}")
+    front = config["frontier"]
+    if not isinstance(front, list) or not front:
+        raise ParetoError(f"{where}: frontier is empty")
+    for i, p in enumerate(front):
+        for name, kind in POINT_FIELDS.items():
+            if not isinstance(p, dict) or not isinstance(p.get(name), kind) or isinstance(p.get(name), bool):
+                what = getattr(kind, "__name__", "number")
+                raise ParetoError(f"{where}: frontier[{i}].{name} is missing or not a {what}")
+    lat = [p["latency_ms"] for p in front]
+    if lat != sorted(lat):
+        raise ParetoError(f"{where}: frontier is not sorted by latency_ms")
+    if len({p["id"] for p in front}) != len(front):
+        raise ParetoError(f"{where}: frontier ids are not unique")
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParetoError(f"{path}: no such file")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ParetoError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return validate(config, str(path))

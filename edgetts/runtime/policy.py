@@ -1,0 +1,74 @@
+"""The selection policy over a Pareto config, with online recalibration.
+
+    policy = Policy.load("configs/tiny.json")
+    choice = policy.select(deadline_ms=40, energy_j=None, memory_mb=None)
+    ...run choice.point...
+    policy.observe(choice.point["id"], measured_ms)
+
+:meth:`Policy.select` returns the most accurate point whose predicted latency fits the
+deadline (and whose energy and memory fit, when limits are given); ties go to the faster
+point.  When nothing fits it returns the fastest point that satisfies the other limits (or
+the fastest point at all), flagged ``miss=True``.
+
+Predicted latency is the profiled quantile times a device-wide slowdown factor: every
+:meth:`observe` moves an exponentially weighted average of observed/profiled latency
+(``alpha`` per observation), so a throttled device drifts to cheaper points and drifts back
+once observations return to their profiled values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetts.pareto.config import load_config, validate
+
+
+@dataclass(frozen=True)
+class Selection:
+    index: int  # position in the config's frontier
+    point: dict
+    predicted_ms: float
+    miss: bool  # nothing fitted the deadline (and limits): this is the fastest fallback
+
+
+class Policy:
+    def __init__(self, config: dict, alpha: float = 0.2):
+        self.config = validate(config)
+        self.frontier = config["frontier"]
+        self.by_id = {p["id"]: i for i, p in enumerate(self.frontier)}
+        self.alpha = alpha
+        self.slowdown = 1.0
+
+    @classmethod
+    def load(cls, path: str | Path, alpha: float = 0.2) -> Policy:
+        return cls(load_config(path), alpha)
+
+    def predicted_ms(self, point: dict) -> float:
+        return point["latency_ms"] * self.slowdown
+
+    def select(self, deadline_ms: float, energy_j: float | None = None, memory_mb: float | None = None) -> Selection:
+        def within_limits(p):
+            if energy_j is not None and energy_j > 0 and (p.get("energy_j") is None or p["energy_j"] > energy_j):
+                return False
+            return not (memory_mb is not None and (p.get("memory_mb") is None or p["memory_mb"] > memory_mb))
+
+        best = None
+        for i, p in enumerate(self.frontier):
+            fits = within_limits(p) and self.predicted_ms(p) <= deadline_ms
+            if fits and (best is None or p["accuracy"] > self.frontier[best]["accuracy"]):
+                best = i
+        if best is not None:
+            p = self.frontier[best]
+            return Selection(best, p, self.predicted_ms(p), False)
+        fallback = next((i for i, p in enumerate(self.frontier) if within_limits(p)), 0)
+        p = self.frontier[fallback]
+        return Selection(fallback, p, self.predicted_ms(p), True)
+
+    def observe(self, point_id: str, latency_ms: float) -> None:
+        """Report a measured latency of a point; updates the slowdown factor."""
+        i = self.by_id.get(point_id)
+        if i is None or latency_ms <= 0:
+            return
+        ratio = latency_ms / max(self.frontier[i]["latency_ms"], 1e-9)
+        self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * ratio
