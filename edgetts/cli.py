@@ -14,6 +14,7 @@ import typer
 
 from edgetts.engines.base import EngineError
 from edgetts.models import ModelNotFound
+from edgetts.quantization import QuantizeError
 from edgetts.strategies.base import StrategyError
 from edgetts.tasks.datasets import DatasetError
 
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (DatasetError, ModelNotFound, EngineError, StrategyError)
+USER_ERRORS = (DatasetError, ModelNotFound, EngineError, StrategyError, QuantizeError)
 
 
 @contextmanager
@@ -176,11 +177,8 @@ def run(
         rows = n if strategy not in ("single", "budget-forcing", "length-hint") else 1
         engine = LlamaCppEngine(path, n_ctx=rows * (budget * 4 + 64) + 1024, n_threads=threads,
                                 n_gpu_layers=gpu_layers, max_rows=rows)  # fmt: skip
-        fam = (
-            FAMILIES[family]
-            if family != "auto"
-            else guess_family("tiny" if chosen and chosen.point["model"] == "tiny" else model, engine.chat_template())
-        )
+        name = engine.meta("general.name")
+        fam = FAMILIES[family] if family != "auto" else guess_family(model, engine.chat_template(), name)
         trace = create(strategy, engine, fam, cfg).run(question)
     if as_json:
         d = trace.to_dict()
@@ -324,6 +322,66 @@ def export_c(
     except ParetoError as e:
         fail(str(e))
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="GGUF (f32/f16/bf16), Hugging Face directory, or 'tiny'."),
+    to: str = typer.Option(None, "--to", help="Comma list of GGUF types, e.g. q8_0,q6_k,q5_k_m,q4_k_m,q4_0."),
+    onnx: str = typer.Option(None, help="Comma list of ONNX exports PRECISION[:EXECUTION], e.g. int4:cpu,fp16:cuda."),
+    recipe: str = typer.Option(None, help="A recipe file, e.g. quantize/jetson-agx-orin-64gb.yaml."),
+    out: str = typer.Option(..., help="Output directory (gets manifest.json)."),
+    threads: int = typer.Option(0, min=0, help="Quantization threads (0: all cores)."),
+    imatrix: str = typer.Option(None, help="Importance matrix (llama.cpp GGUF imatrix file)."),
+    converter: str = typer.Option(
+        None, help="llama.cpp's convert_hf_to_gguf.py for Hugging Face directories (or set EDGETTS_CONVERTER)."
+    ),
+) -> None:
+    """Make model variants: GGUF k-quants in process through llama.cpp, ONNX through onnxruntime-genai."""
+    from pathlib import Path
+
+    from edgetts.models import BUILTIN, BUILTIN_HF
+    from edgetts.quantization import QuantizeError
+    from edgetts.quantization.gguf_quant import quantize as quantize_gguf
+    from edgetts.quantization.onnx_export import export_onnx
+    from edgetts.quantization.recipes import load_recipe
+
+    try:
+        plan = load_recipe(recipe) if recipe else {"gguf": [], "onnx": []}
+        if to:
+            plan["gguf"] = [t.strip().lower() for t in to.split(",") if t.strip()]
+        if onnx:
+            plan["onnx"] = [dict(zip(("precision", "execution"), ([*s.strip().split(":"), "cpu"])[:2]))
+                            for s in onnx.split(",") if s.strip()]  # fmt: skip
+        if not plan["gguf"] and not plan["onnx"]:
+            fail("nothing to make: give --to, --onnx or --recipe")
+        gguf_src = BUILTIN["tiny"] if model == "tiny" else Path(model)
+        hf_src = BUILTIN_HF["tiny"] if model == "tiny" else Path(model)
+        if plan["gguf"]:
+            quantize_gguf(gguf_src, out, plan["gguf"], threads, imatrix, converter, log=typer.echo)
+        for o in plan["onnx"]:
+            if not (hf_src / "config.json").is_file():
+                fail(f"{model}: ONNX exports need a Hugging Face directory, not a GGUF file")
+            export_onnx(hf_src, out, o["precision"], o.get("execution", "cpu"), log=typer.echo)
+    except QuantizeError as e:
+        fail(str(e))
+    typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
+
+
+@app.command("compile")
+def compile_cmd(
+    onnx_dir: str = typer.Argument(..., help="ONNX model directory (from edgetts quantize --onnx)."),
+    precision: str = typer.Option("fp16", help="fp16 or int8."),
+    out: str = typer.Option(None, help="Output directory (default: <onnx_dir>/trt-<precision>)."),
+) -> None:
+    """Build a TensorRT engine from an ONNX model, on the target GPU (with a timing cache)."""
+    from edgetts.quantization import QuantizeError
+    from edgetts.quantization.tensorrt import compile_engine
+
+    try:
+        compile_engine(onnx_dir, precision, out, log=typer.echo)
+    except QuantizeError as e:
+        fail(str(e))
 
 
 @contextmanager

@@ -159,6 +159,12 @@ class LlamaCppEngine(Engine):
             p = self._pieces[token] = buf.raw[:n]
         return p
 
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (for example ``general.name``), or None."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.lc.llama_model_meta_val_str(self.model, key.encode(), buf, 256)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
     def chat_template(self) -> str | None:
         """The chat template stored in the GGUF metadata, if any."""
         t = self.lc.llama_model_chat_template(self.model, None)

@@ -39,9 +39,13 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def guess_family(model: str, chat_template: str | None) -> Family:
-    """The built-in tiny model's format, a ``<think>`` family when the template mentions it, else plain."""
-    if model == "tiny":
+TINY_NAME = "edgetts-tiny"  # general.name of the shipped GGUF, kept by quantization
+
+
+def guess_family(model: str, chat_template: str | None, model_name: str | None = None) -> Family:
+    """The tiny model's format (by name or GGUF ``general.name``), a ``<think>`` family when the chat
+    template mentions it, else plain."""
+    if model == "tiny" or model_name == TINY_NAME:
         return FAMILIES["tiny"]
     if chat_template and "<think>" in chat_template:
         return FAMILIES["qwen3"] if "im_start" in chat_template else FAMILIES["deepseek-r1"]

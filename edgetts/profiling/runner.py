@@ -57,6 +57,18 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
     write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved()})
 
 
+def expand_models(models: list[str]) -> list[str]:
+    """Model entries with every quantize manifest replaced by its GGUF artifacts (hash-checked)."""
+    from edgetts.quantization.manifest import artifacts
+
+    out = []
+    for m in models:
+        p = Path(m)
+        manifest = p if p.name == "manifest.json" else p / "manifest.json"
+        out += [str(a) for a in artifacts(manifest)] if manifest.is_file() else [m]
+    return out
+
+
 def record_key(model: str, strategy: str, n: int, budget: int, repeat: int, problem: str) -> str:
     return f"{model}|{strategy}|n{n}|b{budget}|r{repeat}|{problem}"
 
@@ -70,7 +82,7 @@ def run_profile(
     """Measure every missing query of ``cfg`` into ``out``; returns the summary."""
     from edgetts.engines.llamacpp import LlamaCppEngine
     from edgetts.models import resolve_model
-    from edgetts.models.families import FAMILIES, guess_family
+    from edgetts.models.families import guess_family
     from edgetts.strategies import RunConfig, create
     from edgetts.tasks.datasets import load_dataset
     from edgetts.telemetry.device import fingerprint
@@ -78,21 +90,22 @@ def run_profile(
 
     out = Path(out)
     examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
-    paths = {m: resolve_model(m) for m in cfg.models}  # fail on a bad model before touching the directory
+    models = expand_models(cfg.models)
+    paths = {m: resolve_model(m) for m in models}  # fail on a bad model before touching the directory
     prepare_dir(out, cfg, force)
     if not (out / "device.json").exists():
         write_json_atomic(out / "device.json", fingerprint())
     log = RecordLog(out / "records.jsonl")
     done = log.load()
     cells = cfg.cells()
-    total = len(cfg.models) * len(cells) * cfg.repeats * len(examples)
+    total = len(models) * len(cells) * cfg.repeats * len(examples)
     count = len(done)
     if progress:
         progress(count, total, "resuming" if count else "starting")
     meter = QueryMeter()
     ctx = Context(cfg, log, done, meter, progress, total)
     ctx.count = count
-    for model in cfg.models:
+    for model in models:
         pooled = [c for c in cells if cfg.mode == "pooled" and c[0] in POOLED]
         direct = [c for c in cells if c not in pooled]
         todo = [
@@ -109,7 +122,7 @@ def run_profile(
         n_ctx = cfg.engine.n_ctx or max_n * (4 * max_b + 160) + 1024
         engine = LlamaCppEngine(paths[model], n_ctx=n_ctx, n_threads=cfg.engine.threads,
                                 n_gpu_layers=cfg.engine.gpu_layers, max_rows=max_n)  # fmt: skip
-        family = FAMILIES["tiny"] if model == "tiny" else guess_family(model, engine.chat_template())
+        family = guess_family(model, engine.chat_template(), engine.meta("general.name"))
         try:
             for ex in examples[: cfg.warmup]:  # untimed: caches, allocations, clocks ramping up
                 s, n, b = cells[0]

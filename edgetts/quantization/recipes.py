@@ -1,0 +1,44 @@
+"""Quantization recipes: which variants to make for a target device (``quantize/<target>.yaml``).
+
+A recipe lists GGUF types (``gguf: [q8_0, q4_k_m]``) and ONNX exports
+(``onnx: [{precision: int4, execution: cuda}]``); the comments in each shipped recipe say why
+those fit the device's memory and bandwidth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetts.quantization import QuantizeError
+from edgetts.quantization.gguf_quant import TYPES
+from edgetts.quantization.onnx_export import EXECUTION, PRECISIONS
+
+
+def load_recipe(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise QuantizeError(f"{path}: no such recipe")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QuantizeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    unknown = set(data) - {"target", "gguf", "onnx"}
+    if unknown:
+        raise QuantizeError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    gguf = data.get("gguf") or []
+    bad = [t for t in gguf if t not in TYPES]
+    if bad:
+        raise QuantizeError(f"{path}: gguf: unknown type(s) {', '.join(map(str, bad))}")
+    onnx = data.get("onnx") or []
+    for i, o in enumerate(onnx):
+        if (
+            not isinstance(o, dict)
+            or o.get("precision") not in PRECISIONS
+            or o.get("execution", "cpu") not in EXECUTION
+        ):
+            raise QuantizeError(
+                f"{path}: onnx[{i}]: expected {{precision: {'|'.join(PRECISIONS)}, execution: cpu|cuda}}"
+            )
+    return {"target": data.get("target", path.stem), "gguf": gguf, "onnx": onnx}
