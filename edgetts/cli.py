@@ -325,6 +325,33 @@ def export_c(
 
 
 @app.command()
+def serve(
+    config: str = typer.Option(..., help="Pareto config (edgetts.pareto/v1) the server answers from."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    api_key: str = typer.Option(None, envvar="EDGETTS_API_KEY", help="Require this bearer key (except /healthz)."),
+    deadline_ms: float = typer.Option(2000.0, min=1, help="Deadline for requests that give none."),
+    max_queue: int = typer.Option(32, min=1, help="Requests admitted at once (running and waiting)."),
+    overload: str = typer.Option("downgrade", help="When the queue makes a deadline unmeetable: downgrade or refuse."),
+    max_body_kb: int = typer.Option(256, min=1, help="Largest request body accepted."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
+) -> None:
+    """Serve the Pareto config over an OpenAI-compatible HTTP API, one strategy per request under its deadline."""
+    import uvicorn
+
+    from edgetts.pareto.config import ParetoError
+    from edgetts.runtime.server import create_app
+
+    if overload not in ("downgrade", "refuse"):
+        fail(f"--overload must be downgrade or refuse, got {overload!r}")
+    try:
+        app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads)
+    except ParetoError as e:
+        fail(str(e))
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def quantize(
     model: str = typer.Argument(..., help="GGUF (f32/f16/bf16), Hugging Face directory, or 'tiny'."),
     to: str = typer.Option(None, "--to", help="Comma list of GGUF types, e.g. q8_0,q6_k,q5_k_m,q4_k_m,q4_0."),

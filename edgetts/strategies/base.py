@@ -47,6 +47,7 @@ class RunConfig:
     deadline_ms: float | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False  # ignore the model's chat template
+    cancel: object = None  # a threading.Event: when set, every row stops at the next step
 
     def __post_init__(self):
         if self.n < 1:
@@ -134,6 +135,9 @@ class BudgetController:
         self.think_count[row.index] = row.n_generated
 
     def __call__(self, ctl: Control, stepped: list[int]) -> None:
+        if self.cfg.cancel is not None and self.cfg.cancel.is_set():
+            ctl.stop_all("cancelled")
+            return
         now = time.perf_counter() - self.started
         if self.last_step is not None:
             dt = now - self.last_step

@@ -1,0 +1,241 @@
+"""edgetts serve on the tiny model: the official openai client, errors, admission, load and fuzzing."""
+
+import json
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgetts.pareto.config import build_config, write_config
+from edgetts.profiling.config import SweepConfig
+from edgetts.profiling.runner import run_profile
+
+KEY = "test-key"
+Q = "Evaluate left to right: 8*4-3"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(config, *args):
+    """A real `edgetts serve` process (its own interpreter: clients here do not share its GIL)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", str(config), "--port", str(port),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("edgetts serve did not start: " + proc.stderr.read().decode()[-500:])
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    cfg = SweepConfig(limit=15, strategies=["single", "majority", "esc"], budgets=[16, 48, 128], n=[4, 8], warmup=1)
+    run_profile(cfg, d / "profile")
+    return write_config(build_config([d / "profile"])[0], d / "pareto.json")
+
+
+@pytest.fixture(scope="module")
+def server(config):
+    proc, url = _start(config, "--api-key", KEY, "--max-queue", "64")
+    yield proc, url
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def live(server):
+    return server[1]
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_chat_completion_and_the_edgetts_object(client):
+    r = client.chat.completions.create(model="edgetts", messages=[{"role": "user", "content": Q}],
+                                       extra_body={"deadline_ms": 1000})  # fmt: skip
+    assert r.choices[0].message.content == "29" and r.choices[0].finish_reason == "stop"
+    info = r.model_extra["edgetts"]
+    assert {"point_id", "strategy", "n", "budget", "votes", "latency_ms", "deadline_met"} <= set(info)
+    assert info["deadline_met"] and info["latency_ms"] <= 1000 and r.usage.completion_tokens > 0
+
+
+def test_completion_deadline_picks_cheaper_points_and_experts_override(client):
+    fast = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": 100})
+    slow = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": 5000})
+    assert fast.model_extra["edgetts"]["point_index"] <= slow.model_extra["edgetts"]["point_index"]
+    forced = client.completions.create(model="edgetts", prompt=Q, max_tokens=20,
+                                       extra_body={"edgetts": {"strategy": "majority", "n": 3,
+                                                               "budget": 64}})  # fmt: skip
+    info = forced.model_extra["edgetts"]
+    assert (info["strategy"], info["n"], info["budget"]) == ("majority", 3, 20)  # max_tokens caps the budget
+
+
+def test_streaming(client):
+    chunks = list(client.chat.completions.create(model="edgetts", messages=[{"role": "user", "content": Q}],
+                                                 stream=True))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "29"
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["edgetts"]["point_id"]
+    text = list(client.completions.create(model="edgetts", prompt=Q, stream=True))
+    assert "".join(c.choices[0].text for c in text) == "29"
+
+
+def test_stop_temperature_and_seed(client):
+    r = client.completions.create(model="edgetts", prompt=Q, stop=["9"], temperature=0.0, seed=3)
+    assert r.choices[0].text == "2"
+
+
+def test_models_health_metrics_and_auth(live, client):
+    assert "edgetts" in [m.id for m in client.models.list().data]
+    assert httpx.get(live + "/healthz").json()["status"] == "ok"  # no key needed
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.get(live + "/metrics")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    text = httpx.get(live + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    for name in ("edgetts_requests_total", "edgetts_request_seconds_bucket", "edgetts_deadline_misses_total",
+                 "edgetts_point_chosen_total", "edgetts_queue_depth", "edgetts_tokens_generated_total"):  # fmt: skip
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "user"}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": Q}], "n": 2}, 400, "n"),
+        ({"messages": [{"role": "user", "content": Q}], "temperature": "hot"}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": Q}], "deadline_ms": -5}, 400, "deadline_ms"),
+        ({"messages": [{"role": "user", "content": Q}], "edgetts": {"strategy": "beam"}}, 400, "edgetts.strategy"),
+        ({"messages": [{"role": "user", "content": Q}], "stop": [1, 2]}, 400, "stop"),
+    ],
+)
+def test_bad_requests_are_4xx_json(live, body, status, param):
+    r = httpx.post(live + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status and r.json()["error"]["param"] == param
+
+
+def test_malformed_bodies(live):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    assert httpx.post(live + "/v1/completions", content=b"{nope", headers=h).status_code == 400
+    assert httpx.post(live + "/v1/completions", content=b"[1,2]", headers=h).status_code == 400
+    big = json.dumps({"prompt": "x" * (300 * 1024)}).encode()
+    r = httpx.post(live + "/v1/completions", content=big, headers=h)
+    assert r.status_code == 413 and "error" in r.json()
+    assert httpx.get(live + "/v1/nothing", headers=h).status_code == 404
+
+
+def test_overload_is_refused_with_retry_after(config):
+    proc, url = _start(config, "--max-queue", "2", "--overload", "refuse")
+    try:
+
+        def one(_):
+            return httpx.post(url + "/v1/completions", json={"prompt": Q, "deadline_ms": 25}, timeout=30)
+
+        with ThreadPoolExecutor(12) as pool:
+            rs = list(pool.map(one, range(24)))
+        codes = {r.status_code for r in rs}
+        assert codes <= {200, 429} and 429 in codes
+        refused = next(r for r in rs if r.status_code == 429)
+        assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        _stop(proc)
+
+
+def test_load_200_requests_16_concurrent(server):
+    proc, live = server
+    deadlines = [15, 40, 100, 400, 2000]
+    h = {"Authorization": f"Bearer {KEY}"}
+    rss = []
+
+    def one(i):
+        body = {"messages": [{"role": "user", "content": f"Evaluate left to right: {i % 50 + 2}*3-1"}],
+                "deadline_ms": deadlines[i % len(deadlines)]}  # fmt: skip
+        r = httpx.post(live + "/v1/chat/completions", json=body, headers=h, timeout=30)
+        rss.append(_rss(proc.pid))
+        return r
+
+    with ThreadPoolExecutor(16) as pool:
+        rs = list(pool.map(one, range(200)))
+    assert all(r.status_code < 500 for r in rs), [r.text for r in rs if r.status_code >= 500][:2]
+    admitted = [r.json()["edgetts"] for r in rs if r.status_code == 200]
+    print(f"admitted {len(admitted)} of 200")
+    assert len(admitted) >= 20  # the rest are refused at once (429): their deadlines cannot be met behind the queue
+    met = sum(a["deadline_met"] for a in admitted) / len(admitted)
+    missed = [(a["deadline_ms"], a["latency_ms"], a["point_id"]) for a in admitted if not a["deadline_met"]]
+    assert met >= 0.99, f"{met:.3f} of admitted requests met their deadline; missed: {missed}"
+    q = len(rss) // 4
+    assert max(rss[-q:]) <= 1.1 * max(rss[:q])  # the server's resident memory is stable
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+fields = st.fixed_dictionaries({}, optional={
+    "messages": json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", 3]),
+                                                              "content": json_values | st.just(Q)}), max_size=3),
+    "prompt": json_values | st.just(Q), "n": json_values, "max_tokens": json_values, "temperature": json_values,
+    "seed": json_values, "stop": json_values, "stream": json_values, "deadline_ms": json_values,
+    "edgetts": json_values | st.fixed_dictionaries({}, optional={"strategy": json_values, "n": json_values,
+                                                                 "budget": json_values}),
+})  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=fields | json_values, chat=st.booleans())
+def test_fuzzed_requests_never_5xx(live, body, chat):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    r = httpx.post(live + path, content=json.dumps(body, allow_nan=True), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code < 500, (body, r.text)
+    assert "error" in r.json() or r.status_code == 200
+
+
+def test_cancel_stops_the_work(config):
+    from edgetts.runtime import Policy
+    from edgetts.runtime.executor import Executor, Request
+
+    pol = Policy.load(config)
+    ex = Executor(pol, threads=2)
+    req = Request(Q, deadline_ms=5000, strategy="majority", n=8, budget=128)
+    choice, s, n, b = ex.plan(req)
+    req.cancel.set()
+    out = ex.run(req, choice, s, n, b, time.perf_counter())
+    assert all(r.finish_reason == "cancelled" for r in out["trace"].rows)
+    assert out["trace"].generated_tokens <= 8
+    ex.close()
