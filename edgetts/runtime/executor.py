@@ -32,6 +32,9 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+RESERVE_MS, RESERVE_SHARE = 3.0, 0.1
+
+
 class Late(Exception):
     """The request waited so long that not even the fastest point can answer it in time."""
 
@@ -87,7 +90,10 @@ class Executor:
             if choice.miss:
                 raise Late(1000 * (begin - started))
         engine, family = self.engine(choice.point["artifact"])
-        cfg = RunConfig(n=n, budget=budget, deadline_ms=max(left, 1.0), cancel=req.cancel,
+        # Strategies stop within one decode step after their deadline; keep that step, and the
+        # time to build the response, inside the request's deadline.
+        reserve = RESERVE_MS + RESERVE_SHARE * max(left, 0.0)
+        cfg = RunConfig(n=n, budget=budget, deadline_ms=max(left - reserve, 1.0), cancel=req.cancel,
                         sampling=SamplingParams(temperature=req.temperature, seed=req.seed))  # fmt: skip
         trace = create(strategy, engine, family, cfg).run(req.question)
         if strategy == choice.point["strategy"] and n == choice.point["n"] and budget == choice.point["budget"]:

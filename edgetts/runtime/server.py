@@ -218,9 +218,13 @@ class Server:
 def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
                overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None):  # fmt: skip
     import os
+    import sys
 
     from edgetts.runtime.http import build_app
 
+    # The engine thread needs the GIL between native calls; under a flood of connections the HTTP
+    # thread would otherwise keep it up to 5 ms at a time, and deadlines here are milliseconds.
+    sys.setswitchinterval(0.0005)
     policy = Policy.load(config)
     # One core stays with the HTTP loop: llama.cpp's worker threads spin at every graph barrier,
     # and on a small CPU an extra busy thread makes each decode step several times slower.
