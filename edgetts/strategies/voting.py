@@ -173,7 +173,7 @@ class _Rounds(Strategy):
         for size in self.sizes():
             if self.cfg.deadline_ms is not None and rows:
                 spent = (time.perf_counter() - t0) * 1000
-                if spent + spent / len(rows) * size > self.cfg.deadline_ms:  # a round costs about the last one
+                if spent + 1.5 * spent / len(rows) * size > self.cfg.deadline_ms:  # a round costs about the last
                     early = "deadline"
                     break
             res, ctl = self.sample(prompt, size, t0, self.seeds(len(rows), size))
