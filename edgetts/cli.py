@@ -337,7 +337,11 @@ def serve(
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
 ) -> None:
     """Serve the Pareto config over an OpenAI-compatible HTTP API, one strategy per request under its deadline."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        fail("edgetts serve needs FastAPI and uvicorn: pip install 'edgetts[serve]'")
 
     from edgetts.pareto.config import ParetoError
     from edgetts.runtime.server import create_app
