@@ -35,6 +35,7 @@ from edgetts.runtime.policy import Policy
 from edgetts.strategies import STRATEGIES, StrategyError
 
 MARGIN = 1.25  # least safety factor on predicted latencies at admission
+MAX_RATIO = 4.0  # one outlier request moves the queue factor at most this far
 OVERHEAD_MS = 2.0  # per request, outside the engine
 
 
@@ -143,7 +144,9 @@ class Server:
             expert = req.strategy or req.n or req.budget
             budget_ms = req.deadline_ms if self.overload == "refuse" or expert else req.deadline_ms - wait
             choice, strategy, n, budget = self.executor.plan(req, max(budget_ms, 0.0))
-            predicted = choice.predicted_ms * factor + OVERHEAD_MS
+            # The request's own time: the policy's prediction (already recalibrated) with the fixed margin;
+            # the queue's: scaled by what the worker really took (one slow request must not refuse all).
+            predicted = choice.predicted_ms * MARGIN + OVERHEAD_MS
             if not expert and (choice.miss or wait + predicted > req.deadline_ms):
                 retry = max(1, math.ceil((wait + predicted - req.deadline_ms) / 1000))
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} behind {len(self.pending)} queued "
@@ -169,7 +172,7 @@ class Server:
         try:
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(self.worker, self.executor.run, req, choice, strategy, n, budget, started,
-                                       max(1.0, self.service_ratio))  # fmt: skip
+                                       max(1.0, min(self.service_ratio, 2.0)))  # fmt: skip
             while not fut.done():
                 if await request.is_disconnected():
                     req.cancel.set()  # stops it in the queue or at its next decode step
@@ -193,7 +196,7 @@ class Server:
         if not (req.strategy or req.n or req.budget):  # expert overrides run other work than the point
             with self.lock:  # how much longer than predicted the worker really takes per request
                 ratio = result["service_ms"] / max(self.policy.predicted_ms(result["choice"].point), 0.1)
-                self.service_ratio = 0.5 * self.service_ratio + 0.5 * min(ratio, 20.0)
+                self.service_ratio = 0.5 * self.service_ratio + 0.5 * min(ratio, MAX_RATIO)
         choice, strategy, n, budget = result["choice"], result["strategy"], result["n"], result["budget"]
         text = trace.answer or ""
         for s in opts["stop"]:
