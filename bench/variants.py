@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgetts.engines import SamplingParams, create
-from edgetts.evaluate import majority
 from edgetts.models import BUILTIN
 from edgetts.models.families import FAMILIES
 from edgetts.quantization.manifest import load
+from edgetts.strategies.aggregate import majority_vote
 from edgetts.tasks.datasets import load_dataset
 from edgetts.tasks.grading import extract_answer, is_equivalent
 
@@ -41,7 +41,7 @@ def measure(engine, examples, fam) -> dict:
         res = engine.sample(fam.prompt_template.format(question=ex.question), 8, SamplingParams(max_tokens=160))
         answers = [extract_answer(t) for t in res.texts]
         single += sum(is_equivalent(a, ex.answer) for a in answers) / 8
-        major += is_equivalent(majority(answers), ex.answer)
+        major += is_equivalent(majority_vote(answers).answer, ex.answer)
     return {"decode_tok_s": round(max(speeds), 1), "single": round(single / len(examples), 4),
             "majority_of_8": round(major / len(examples), 4)}  # fmt: skip
 

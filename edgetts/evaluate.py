@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections import Counter
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from edgetts.engines.base import Control, Engine, SamplingParams
+from edgetts.engines.base import Engine, SamplingParams
 from edgetts.models.families import Family, build_prompt
+from edgetts.strategies.aggregate import majority_vote
+from edgetts.strategies.base import BudgetController, RunConfig
 from edgetts.tasks.datasets import Example
 from edgetts.tasks.grading import extract_answer, is_equivalent
 
@@ -55,40 +57,6 @@ class EvalResult:
         return asdict(self)
 
 
-def majority(answers: list[str | None]) -> str | None:
-    """Most frequent valid answer; ties go to the answer that appeared first."""
-    valid = [a for a in answers if a is not None]
-    if not valid:
-        return None
-    counts = Counter(valid)
-    best = max(counts.values())
-    return next(a for a in valid if counts[a] == best)
-
-
-class ThinkingCut:
-    """Controller: at ``budget`` thinking tokens force the end of thinking and the answer prefix."""
-
-    def __init__(self, engine: Engine, family: Family, budget: int):
-        self.end_ids = engine.tokenize(family.think_end) if family.think_end else []
-        self.forced_text = family.think_end + family.answer_prefix
-        self.budget = budget
-        self.cut_at: dict[int, int] = {}
-
-    def __call__(self, ctl: Control, stepped: list[int]) -> None:
-        for i in stepped:
-            r = ctl.rows[i]
-            if r.finished:
-                continue
-            if i in self.cut_at:
-                if len(r.tokens) - self.cut_at[i] >= ANSWER_TOKENS:
-                    ctl.stop(i, "length")
-            elif self.end_ids and r.tokens[-len(self.end_ids) :] == self.end_ids:
-                self.cut_at[i] = len(r.tokens)  # ended thinking on its own
-            elif r.n_generated >= self.budget:
-                ctl.force(i, self.forced_text)
-                self.cut_at[i] = len(r.tokens) + len(self.end_ids)
-
-
 def _thinking_tokens(engine: Engine, family: Family, text: str) -> int | None:
     if not family.think_end or family.think_end not in text:
         return None
@@ -98,11 +66,11 @@ def _thinking_tokens(engine: Engine, family: Family, text: str) -> int | None:
 def expected_majority(answers: list[str | None], gold: str, n: int, subsets: int, rng: random.Random) -> float:
     """Mean correctness of majority votes over ``subsets`` random ``n``-subsets of ``answers``."""
     if n >= len(answers):
-        return float(is_equivalent(majority(answers), gold))
+        return float(is_equivalent(majority_vote(answers).answer, gold))
     verdict: dict[str | None, bool] = {}
     hits = 0
     for _ in range(subsets):
-        m = majority(rng.sample(answers, n))
+        m = majority_vote(rng.sample(answers, n)).answer
         if m not in verdict:
             verdict[m] = is_equivalent(m, gold)
         hits += verdict[m]
@@ -158,12 +126,18 @@ def evaluate(
 
 
 def cut_accuracy(engine: Engine, exs, family: Family, budget: int, n: int, params, progress=None) -> float:
-    """Single-sample accuracy when reasoning is cut at ``budget`` tokens and the answer forced."""
+    """Single-sample accuracy when reasoning is cut at ``budget`` tokens and the answer forced.
+
+    The strategies' budget controller does the cut: at ``budget`` thinking tokens it forces the
+    end of thinking and the answer prefix and allows ``ANSWER_TOKENS`` sampled answer tokens.
+    """
+    cfg = RunConfig(n=n, budget=budget, answer_tokens=ANSWER_TOKENS, sampling=params)
     params = replace(params, max_tokens=budget + ANSWER_TOKENS)
     correct = 0
     for ex in exs:
         prompt = build_prompt(family, ex.question, engine.chat_template())
-        res = engine.sample(prompt, n, params, controller=ThinkingCut(engine, family, budget))
+        cut = BudgetController(engine, family, cfg, time.perf_counter(), None)
+        res = engine.sample(prompt, n, params, controller=cut)
         correct += sum(is_equivalent(extract_answer(t, family.think_start, family.think_end), ex.answer)
                        for t in res.texts)  # fmt: skip
         if progress:

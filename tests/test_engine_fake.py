@@ -1,8 +1,8 @@
 """The fake engine follows the engine contract, so strategy logic can be tested without a model."""
 
 from edgetts.engines import SamplingParams, create
-from edgetts.evaluate import ThinkingCut, majority
 from edgetts.models.families import FAMILIES
+from edgetts.strategies.base import BudgetController, RunConfig
 
 FAM = FAMILIES["tiny"]
 
@@ -14,9 +14,10 @@ def test_scripts_replay_per_row_and_finish():
     assert res.rows[1].n_generated == 5 and res.rows[1].finish_reason == "length"
 
 
-def test_thinking_cut_forces_answer_at_budget():
+def test_budget_controller_forces_answer_at_budget():
     e = create("fake", scripts=[["a"] * 20, ["b", "</think>", "\nThe answer is 3"]], after_force=["4"])
-    res = e.sample("q", 2, SamplingParams(max_tokens=50), controller=ThinkingCut(e, FAM, budget=6))
+    cut = BudgetController(e, FAM, RunConfig(n=2, budget=6), 0.0, None)
+    res = e.sample("q", 2, SamplingParams(max_tokens=50), controller=cut)
     long, short = res.rows
     assert long.text == "a" * 6 + FAM.think_end + FAM.answer_prefix + "4"
     assert long.n_generated == 7 and sum(long.forced) == 1
@@ -33,12 +34,6 @@ def test_force_grants_extra_tokens_after_the_budget():
 
     res = e.sample("q", 1, SamplingParams(max_tokens=3), controller=cut)
     assert res.texts[0] == "ttt|50" and res.rows[0].finish_reason == "length"
-
-
-def test_majority_ties_and_invalid():
-    assert majority(["3", None, "4", "4", "3"]) == "3"  # tie: first seen wins
-    assert majority([None, None]) is None
-    assert majority(["7"]) == "7"
 
 
 def test_prompts_use_the_models_chat_template_unless_raw():
