@@ -46,3 +46,15 @@ def test_esc_window():
     assert not agg.esc_should_stop(["2", "2", "1", "2"], window=4)
     assert not agg.esc_should_stop([None] * 4, window=4)
     assert not agg.esc_should_stop(["2"] * 3, window=4)
+
+
+def test_round_plans_and_replay():
+    assert agg.adaptive_rounds(8) == [4, 2, 2] and agg.adaptive_rounds(3) == [3]
+    assert agg.esc_rounds(8) == [2, 2, 2, 2] and agg.esc_rounds(10, window=4) == [4, 4, 2]
+
+    def esc_stop(used, last):
+        return agg.esc_should_stop(last, len(last))
+
+    assert agg.replay_rounds(["7"] * 8, agg.esc_rounds(8), esc_stop) == 2
+    assert agg.replay_rounds(["7", "8", "7", "7", "5", "6", "1", "2"], agg.esc_rounds(8), esc_stop) == 4
+    assert agg.replay_rounds(["1", "2"] * 4, agg.esc_rounds(8), esc_stop) == 8

@@ -91,27 +91,18 @@ def sample_pool(engine, family, prompt: str, n_max: int, budgets: list[int], sam
     return pool, res.ttft, res.prompt_tokens
 
 
-def _rounds(strategy: str, n: int) -> list[int]:
-    if strategy == "esc":
-        w = max(2, n // 4)
-        return [w] * (n // w) + ([n % w] if n % w else [])
-    sizes = [min(4, n)]
-    while sum(sizes) < n:
-        sizes.append(min(2, n - sum(sizes)))
-    return sizes
+# How each round-based vote draws rows and when it stops, the same functions its strategy uses.
+ROUNDS = {
+    "esc": (agg.esc_rounds, lambda used, last: agg.esc_should_stop(last, len(last))),
+    "adaptive": (agg.adaptive_rounds, lambda used, last: agg.adaptive_should_stop(used)),
+}
 
 
 def replay(strategy: str, answers: list[str | None]) -> tuple[str | None, int]:
-    """(answer, rows used) of ``esc``/``adaptive`` on rows drawn in this order."""
-    used: list[str | None] = []
-    for size in _rounds(strategy, len(answers)):
-        new = answers[len(used) : len(used) + size]
-        used += new
-        if len(used) < len(answers):
-            stop = agg.esc_should_stop(new, len(new)) if strategy == "esc" else agg.adaptive_should_stop(used)
-            if stop:
-                break
-    return agg.majority_vote(used).answer, len(used)
+    """(answer, rows used) of ``esc``/``adaptive`` (default options) on rows drawn in this order."""
+    sizes, stop = ROUNDS[strategy]
+    k = agg.replay_rounds(answers, sizes(len(answers)), stop)
+    return agg.majority_vote(answers[:k]).answer, k
 
 
 def cell_estimate(strategy: str, n: int, b: int, pool: list[PoolRow], gold: str, rng: random.Random) -> dict:
@@ -161,7 +152,7 @@ def direct_rows(strategy: str, n: int, b: int, pool: list[PoolRow]) -> list[list
         return [[(first, f) for _, f in rows[:n]]]
     _, k = replay(strategy, [p.answers[b] for p in pool[:n]])
     out, start = [], 0
-    for size in _rounds(strategy, n):
+    for size in ROUNDS[strategy][0](n):
         if start >= k:
             break
         out.append(rows[start : start + size])

@@ -13,6 +13,8 @@ a valid answer) and, where needed, per-row numbers, so each is unit-testable in 
   exceeds a threshold.
 * :func:`esc_should_stop`: Early-Stopping Self-Consistency: stop when the latest window of
   samples is unanimous.
+* :func:`adaptive_rounds`, :func:`esc_rounds`, :func:`replay_rounds`: how those two draw rows in
+  rounds, shared by the strategies and by pooled profiling's replay of them.
 """
 
 from __future__ import annotations
@@ -98,3 +100,29 @@ def esc_should_stop(answers: Sequence[str | None], window: int = 4) -> bool:
         return False
     last = answers[-window:]
     return last[0] is not None and all(a == last[0] for a in last)
+
+
+def adaptive_rounds(n: int, start: int = 4, step: int = 2) -> list[int]:
+    """Row counts of Adaptive-Consistency's rounds: ``start`` rows, then ``step`` more, up to ``n``."""
+    out = [min(start, n)]
+    while sum(out) < n:
+        out.append(min(step, n - sum(out)))
+    return out
+
+
+def esc_rounds(n: int, window: int | None = None) -> list[int]:
+    """Row counts of ESC's windows; the default window is a quarter of ``n`` (at least 2)."""
+    w = window if window is not None else max(2, n // 4)
+    full, rest = divmod(n, w)
+    return [w] * full + ([rest] if rest else [])
+
+
+def replay_rounds(answers: Sequence[str | None], sizes: Sequence[int], should_stop) -> int:
+    """Rows a round-based vote uses on answers drawn in this order; ``should_stop(used, last_round)``."""
+    used = 0
+    for size in sizes:
+        new = answers[used : used + size]
+        used += len(new)
+        if used < len(answers) and should_stop(answers[:used], new):
+            break
+    return used

@@ -199,10 +199,7 @@ class Adaptive(_Rounds):
         self.threshold, self.start, self.step = threshold, start, step
 
     def sizes(self) -> list[int]:
-        out = [min(self.start, self.cfg.n)]
-        while sum(out) < self.cfg.n:
-            out.append(min(self.step, self.cfg.n - sum(out)))
-        return out
+        return agg.adaptive_rounds(self.cfg.n, self.start, self.step)
 
     def should_stop(self, answers, last_round) -> bool:
         return agg.adaptive_should_stop(answers, self.threshold)
@@ -212,14 +209,12 @@ class ESC(_Rounds):
     name = "esc"
 
     def configure(self, window: int | None = None) -> None:
-        window = window if window is not None else max(2, self.cfg.n // 4)  # ESC's small windows: n/8 to n/4
-        if window < 1:
+        if window is not None and window < 1:
             raise StrategyError("window must be >= 1")
-        self.window = window
+        self.window = window  # None: ESC's small default window (agg.esc_rounds)
 
     def sizes(self) -> list[int]:
-        full, rest = divmod(self.cfg.n, self.window)
-        return [self.window] * full + ([rest] if rest else [])
+        return agg.esc_rounds(self.cfg.n, self.window)
 
     def should_stop(self, answers, last_round) -> bool:
         return agg.esc_should_stop(last_round, len(last_round))
