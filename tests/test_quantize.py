@@ -152,3 +152,10 @@ def test_profile_over_a_manifest_gives_one_merged_frontier(variants, tmp_path):
     # Variants of the tiny model are recognised by their GGUF name and prompted in its format.
     assert all(c["accuracy"] >= 0.3 for c in summary["cells"] if c["budget"] == 96), summary["cells"]
     assert config["frontier"] and {p["model"] for p in config["frontier"]} <= {c["model"] for c in summary["cells"]}
+
+
+def test_recipe_that_is_not_a_mapping(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("- q4_k_m\n- q8_0\n")
+    with pytest.raises(QuantizeError, match="expected a mapping"):
+        load_recipe(bad)

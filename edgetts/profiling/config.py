@@ -91,20 +91,9 @@ class SweepConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepConfig:
-        import yaml
+        from edgetts.yamlfile import load_mapping
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sweep options")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+        data = load_mapping(path, set(cls.__dataclass_fields__), ConfigError, "sweep")
         try:
             return cls(**data)
         except TypeError as e:

@@ -15,18 +15,10 @@ from edgetts.quantization.onnx_export import EXECUTION, PRECISIONS
 
 
 def load_recipe(path: str | Path) -> dict:
-    import yaml
+    from edgetts.yamlfile import load_mapping
 
+    data = load_mapping(path, {"target", "gguf", "onnx"}, QuantizeError, "recipe")
     path = Path(path)
-    if not path.is_file():
-        raise QuantizeError(f"{path}: no such recipe")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise QuantizeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    unknown = set(data) - {"target", "gguf", "onnx"}
-    if unknown:
-        raise QuantizeError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
     gguf = data.get("gguf") or []
     bad = [t for t in gguf if t not in TYPES]
     if bad:
