@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgetts.engines.base import Control, SamplingParams
 from edgetts.evaluate import expected_majority
@@ -70,8 +70,7 @@ def sample_pool(engine, family, prompt: str, n_max: int, budgets: list[int], sam
     t0 = time.perf_counter()
     ctl = _PoolController(engine, family, cfg, t0, None, prompt_tokens=engine.count_tokens(prompt) + 1)
     ctl.probe_budgets = tuple(b for b in budgets if b < top)
-    params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                            min_p=sampling.min_p, seed=sampling.seed, max_tokens=top + answer_tokens)  # fmt: skip
+    params = replace(sampling, max_tokens=top + answer_tokens, logprobs=None)
     res = engine.sample(prompt, n_max, params, controller=ctl)
     pool = []
     for r in res.rows:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 from edgetts.engines.base import Control, Engine, Row, SampleResult, SamplingParams
@@ -209,11 +209,8 @@ class Strategy(ABC):
         ctl = controller or self.controller_class(self.engine, self.family, self.cfg, started, deadline)
         ctl.started, ctl.deadline_s = started, deadline
         ctl.prompt_tokens = self.engine.count_tokens(prompt) + 1
-        params = SamplingParams(
-            temperature=self.cfg.sampling.temperature, top_k=self.cfg.sampling.top_k,
-            top_p=self.cfg.sampling.top_p, min_p=self.cfg.sampling.min_p, seed=self.cfg.sampling.seed,
-            max_tokens=max_tokens or self.cfg.budget + self.cfg.answer_tokens, logprobs=logprobs,
-        )  # fmt: skip
+        params = replace(self.cfg.sampling, max_tokens=max_tokens or self.cfg.budget + self.cfg.answer_tokens,
+                         logprobs=logprobs)  # fmt: skip
         res = self.engine.sample(prompt, n, params, controller=ctl, seeds=seeds)
         self.prompt_tokens = res.prompt_tokens
         return res, ctl
