@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgetts.engines import SamplingParams, create
+from edgetts.engines import EngineError, SamplingParams, create
 from edgetts.models.families import FAMILIES
 from edgetts.strategies import STRATEGIES, RunConfig, StrategyError
 from edgetts.strategies import create as strategy
@@ -124,4 +124,5 @@ def test_bad_options_and_values():
         strategy("majority", fake("1"), FAM, RunConfig(), window=3)
     with pytest.raises(StrategyError):
         strategy("adaptive", fake("1"), FAM, RunConfig(), threshold=1.5)
-    assert SamplingParams().temperature == 1.0
+    with pytest.raises(EngineError, match="temperature"):
+        RunConfig(sampling=SamplingParams(temperature=-0.5))

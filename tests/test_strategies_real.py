@@ -66,7 +66,12 @@ def test_budget_forcing_extends_on_the_real_model(engine):
     t = strategy("budget-forcing", engine, FAM, RunConfig(budget=200), max_waits=1).run(EASY.question)
     row = t.to_dict(with_text=True)["rows"][0]
     assert row["waits"] == 1
-    assert row["text"].startswith("27*4=108\nWait")  # the model's own end of thinking was replaced
+    # Same seed without the wait: the model's own reasoning, up to where it ended it.
+    own = strategy("budget-forcing", engine, FAM, RunConfig(budget=200), max_waits=0).run(EASY.question)
+    assert own.rows[0].waits == 0 and FAM.think_end in own.rows[0].text
+    own_thinking = own.rows[0].text.split(FAM.think_end)[0]
+    assert own_thinking.strip()  # the model reasoned before ending, so "Wait" follows real tokens
+    assert row["text"].startswith(own_thinking + "Wait")  # the model's own end of thinking was replaced
 
 
 def test_length_hint_runs_with_and_without_cap(engine):

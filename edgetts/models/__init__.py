@@ -1,6 +1,6 @@
 """Models that ship with edgetts, and how to find them by name.
 
-``tiny`` is a 3.4M-parameter llama-architecture reasoning model trained by
+``tiny`` is a 1.45M-parameter llama-architecture reasoning model trained by
 ``python -m edgetts.training.tiny`` on the built-in ``arith`` benchmark.  It ships as GGUF
 (``tiny/tiny-f16.gguf``, for llama.cpp) and as the Hugging Face directory it was exported
 from (``tiny/hf``, for ONNX Runtime GenAI's model builder and other converters), and as

@@ -1,8 +1,9 @@
 """The built-in ``arith`` benchmark: seeded multi-step integer arithmetic with worked solutions.
 
 A problem is a chain of operations evaluated left to right, for example
-``What is 47 + 38 * 3 - 59, working left to right?``.  Its worked solution writes one
-line per operation (``47+38=85``, ``85*3=255``, ``255-59=196``) and ends with the answer.
+``Evaluate left to right: 22*5-7+68+18`` (``arith-L3-0000`` of the evaluation split).  Its
+worked solution writes one line per operation (``22*5=110``, ``110-7=103``, ``103+68=171``,
+``171+18=189``) and ends with the answer (``#### 189``).
 Every intermediate value stays in ``[0, MAX_VALUE]`` so a line never needs negative numbers.
 
 Difficulty grows with the number of operations (more lines to get right, each error is

@@ -7,10 +7,12 @@ Three sources are known, each probed without side effects:
 * ``jetson``: the INA3221 power monitors of Jetson boards, exposed by hwmon in sysfs;
 * ``rapl``: Intel/AMD RAPL package energy counters in ``/sys/class/powercap``.
 
-A probe returns a :class:`Probe` saying whether the source works and, either way, a
-one-line detail (the device found, or the reason it is unusable).  The profiler will read
-the first working source; when none works it records ``energy_source: "none"`` with the
-reasons, never a silent zero.
+A probe returns a :class:`Probe` saying whether the source works, how a working one is read
+(:class:`Reading`: a cumulative energy counter read before and after, or instantaneous power
+sampled and integrated) and, either way, a one-line detail for people (the device found, or
+the reason it is unusable).  Code decides on ``available`` and ``reading``, never on the
+detail's wording.  The profiler reads the first working source; when none works it records
+``energy_source: "none"`` with the reasons, never a silent zero.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import contextlib
 import glob
 import os
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 POWERCAP = "/sys/class/powercap"
 HWMON = "/sys/class/hwmon"
+
+
+class Reading(str, Enum):
+    """How a working source yields energy."""
+
+    COUNTER = "counter"  # cumulative energy: read at start and end, take the difference
+    POWER = "power"  # instantaneous watts: sample during the query and integrate
 
 
 @dataclass(frozen=True)
@@ -29,9 +39,12 @@ class Probe:
     name: str
     available: bool
     detail: str
+    reading: Reading | None = None  # set exactly when ``available``
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["reading"] = self.reading.value if self.reading else None
+        return d
 
 
 def probe_nvml() -> Probe:
@@ -52,11 +65,11 @@ def probe_nvml() -> Probe:
         name = name.decode() if isinstance(name, bytes) else name
         try:
             pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-            how = "total energy counter"
+            how, reading = "total energy counter", Reading.COUNTER
         except Exception:  # no energy counter before Volta: fall back to power
             pynvml.nvmlDeviceGetPowerUsage(h)
-            how = "sampled power (no energy counter on this GPU)"
-        return Probe("nvml", True, f"{count} GPU(s), {name}: {how}")
+            how, reading = "sampled power (no energy counter on this GPU)", Reading.POWER
+        return Probe("nvml", True, f"{count} GPU(s), {name}: {how}", reading)
     except Exception as e:
         return Probe("nvml", False, f"NVML query failed: {e}")
     finally:
@@ -86,7 +99,7 @@ def probe_jetson() -> Probe:
     readable = [r for r in rails if os.access(r, os.R_OK)]
     if not readable:
         return Probe("jetson", False, f"{len(rails)} INA3221 rails found but none readable (run as root?)")
-    return Probe("jetson", True, f"{len(readable)} INA3221 rails")
+    return Probe("jetson", True, f"{len(readable)} INA3221 rails", Reading.POWER)
 
 
 def rapl_domains() -> list[str]:
@@ -101,7 +114,7 @@ def probe_rapl() -> Probe:
         try:
             with open(d) as f:
                 int(f.read())
-            return Probe("rapl", True, f"{len(domains)} RAPL domain(s), first {d}")
+            return Probe("rapl", True, f"{len(domains)} RAPL domain(s), first {d}", Reading.COUNTER)
         except (OSError, ValueError):
             continue
     return Probe("rapl", False, f"{len(domains)} RAPL domain(s) found but energy_uj is not readable (needs root)")

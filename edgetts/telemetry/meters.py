@@ -1,7 +1,15 @@
 """Energy, power and memory of one query, from the best source this machine has.
 
-:class:`QueryMeter` wraps a query: ``with meter.measure() as m: ...`` then ``m.result()``.
-Sources, first that works wins:
+:class:`QueryMeter` wraps a query; ``measure()`` yields a function that returns the query's
+:class:`Measurement` once the block has exited::
+
+    meter = QueryMeter()
+    with meter.measure() as measured:
+        run_the_query()
+    m = measured()  # m.energy_j, m.avg_power_w, m.peak_rss_mb, m.seconds, ...
+
+Sources, first that works wins (probed by :mod:`edgetts.telemetry.energy`, whose
+``Probe.reading`` says whether a source is a counter or sampled power):
 
 * ``nvml``: the GPU's total-energy counter (millijoules since driver load, Volta and newer);
   without it, power sampled by a background thread and integrated over time;
@@ -123,7 +131,7 @@ def _pick_source() -> tuple[_Source | None, str, object]:
 
         pynvml.nvmlInit()
         nv_handle = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
-        if "energy counter" in p.detail:
+        if p.reading is energy.Reading.COUNTER:
             return _NvmlCounter(*nv_handle), "", nv_handle
         return _Sampled("nvml", lambda: pynvml.nvmlDeviceGetPowerUsage(nv_handle[1]) / 1000), "", nv_handle
     reasons.append(f"nvml: {p.detail}")

@@ -3,11 +3,12 @@
     pip install torch==2.13.0 -e ".[train]"
     python -m edgetts.training.tiny --out edgetts/models/tiny
 
-How it works: problems stream from :func:`edgetts.tasks.arith.training_stream` (chains of
-1 to 8 operations, never a question of the evaluation split).  Each example is the prompt
+How it works: problems stream from :func:`batch_stream` (chains of 1 to ``--max-ops``
+operations, 8 by default, drawn by :func:`edgetts.tasks.arith.generate_from` from training
+seeds and filtered so that no question of the evaluation split is ever trained on).  Each example is the prompt
 ``question\\n<think>`` followed by the worked steps, ``</think>``, ``\\nThe answer is N`` and
 ``</s>``; the loss covers only the text after the prompt.  The network is a
-``transformers`` LlamaForCausalLM (width 256, feed-forward 512, 2 layers, 4 heads, 2.1M parameters), trained
+``transformers`` LlamaForCausalLM (width 256, feed-forward 512, 2 layers, 4 heads, 1.45M parameters), trained
 with AdamW, linear warm-up and cosine decay, fully seeded.  The result is saved as
 safetensors + config + tokenizer.json, then written as f16 GGUF by
 :mod:`edgetts.models.gguf_export`; a final check compares llama.cpp's logits with torch's.
