@@ -1,74 +1,169 @@
 """``edgetts export-c``: the frontier as one self-contained C99 header.
 
-The header holds the frontier as static const arrays (latency of the chosen quantile in ms,
-accuracy, energy in joules, with ``-1`` for unmeasured energy), the point ids, and:
+The header holds the frontier, in the JSON frontier's order, as one static const array of
+``edgetts_point`` structs::
 
-* ``int edgetts_select(double deadline_ms, double energy_j)``: the index (in the JSON
-  frontier's order) of the most accurate point whose latency fits the deadline and whose
-  energy fits ``energy_j`` (``energy_j <= 0``: no energy limit); ties go to the faster point;
-  when nothing fits, the fastest point within the energy limit, else point 0.  This is
-  :meth:`edgetts.runtime.Policy.select` without recalibration.
+    typedef struct edgetts_point {
+        const char *id, *engine, *model, *strategy;  /* engine: NULL when the config names none */
+        int n, budget;                               /* samples and token budget of the strategy */
+        double latency_ms, accuracy, energy_j, memory_mb;  /* energy, memory: -1 if not measured */
+    } edgetts_point;
+    static const edgetts_point edgetts_points[EDGETTS_N_POINTS];
+
+``latency_ms`` is the config's chosen latency quantile.  The flat arrays of the first version of
+the header (``edgetts_latency_ms``, ``edgetts_accuracy``, ``edgetts_energy_j``, ``edgetts_ids``)
+are still there for programs written against them.  Functions:
+
+* ``int edgetts_select(double deadline_ms, double energy_j)``: the index of the most accurate
+  point whose latency fits the deadline and whose energy fits ``energy_j`` (``energy_j <= 0``:
+  no energy limit); ties go to the faster point; when nothing fits, the fastest point within
+  the energy limit, else point 0.  This is :meth:`edgetts.runtime.Policy.select` without
+  recalibration.
 * ``const char *edgetts_majority(const char *const *answers, int n)``: majority vote over
   answer strings, NULL entries skipped, ties to the answer seen first, NULL when none.
 
-It compiles with ``-std=c99 -Wall -Wextra -Werror -pedantic`` and needs only ``string.h``.
+Every function is ``static inline`` and every array is marked unused (``__attribute__((unused))``
+where the compiler knows it), so a program that uses any subset of the header compiles with
+``-std=c99 -Wall -Wextra -Werror -pedantic``; it compiles as C++ too (``extern "C"`` guards), and
+needs only ``string.h``.  Strings are written as C literals byte by byte: printable ASCII as is,
+anything else (UTF-8, control characters) as octal escapes, and ``?`` escaped so no id can form
+a trigraph.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
-from edgetts.pareto.config import validate
+from edgetts.pareto.config import ParetoError, validate
+
+_PLAIN = set(range(0x20, 0x7F)) - {ord("\\"), ord('"'), ord("?")}
 
 
 def _c_string(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    out = []
+    for b in s.encode("utf-8"):
+        if b in _PLAIN:
+            out.append(chr(b))
+        elif b in (ord("\\"), ord('"'), ord("?")):
+            out.append("\\" + chr(b))
+        else:
+            out.append(f"\\{b:03o}")  # three digits: a following digit cannot extend the escape
+    return '"' + "".join(out) + '"'
 
 
-def _num(v: float) -> str:
-    return repr(float(v))
+def _c_string_or_null(v: object) -> str:
+    return _c_string(v) if isinstance(v, str) else "NULL"
+
+
+def _comment(s: object) -> str:
+    """Text safe inside a ``/* */`` comment: printable ASCII, no comment end, no trigraph."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in str(s))
+    while "*/" in text or "??" in text:
+        text = text.replace("*/", "* /").replace("??", "? ?")
+    return text
+
+
+def _num(v: float | None, where: str) -> str:
+    if v is None:
+        return "-1.0"
+    v = float(v)
+    if not math.isfinite(v):
+        raise ParetoError(f"{where} is {v}: a C header needs finite numbers")
+    return repr(v)
+
+
+def _point(i: int, p: dict) -> str:
+    def num(key):
+        return _num(p.get(key), f"frontier[{i}].{key}")
+
+    fields = [_c_string(p["id"]), _c_string_or_null(p.get("engine")), _c_string(p["model"]),
+              _c_string(p["strategy"]), str(int(p["n"])), str(int(p["budget"])), num("latency_ms"),
+              num("accuracy"), num("energy_j"), num("memory_mb")]  # fmt: skip
+    return "{" + ", ".join(fields) + "}"
+
+
+def _guard(name: str) -> str:
+    guard = re.sub(r"[^A-Z0-9_]", "_", name.upper())
+    return guard if re.match(r"[A-Z]", guard) else "EDGETTS_" + guard  # a macro cannot start with a digit
 
 
 def header(config: dict, guard: str = "EDGETTS_POLICY_H") -> str:
     validate(config)
     front = config["frontier"]
     n = len(front)
-    lat = ", ".join(_num(p["latency_ms"]) for p in front)
-    acc = ", ".join(_num(p["accuracy"]) for p in front)
-    en = ", ".join(_num(p["energy_j"]) if p.get("energy_j") is not None else "-1.0" for p in front)
+    points = ",\n    ".join(_point(i, p) for i, p in enumerate(front))
+    lat = ", ".join(_num(p["latency_ms"], f"frontier[{i}].latency_ms") for i, p in enumerate(front))
+    acc = ", ".join(_num(p["accuracy"], f"frontier[{i}].accuracy") for i, p in enumerate(front))
+    en = ", ".join(_num(p.get("energy_j"), f"frontier[{i}].energy_j") for i, p in enumerate(front))
     ids = ",\n    ".join(_c_string(p["id"]) for p in front)
-    guard = re.sub(r"[^A-Z0-9_]", "_", guard.upper())
-    return f"""/* Generated by edgetts export-c from a {config["schema"]} config: do not edit.
- * Task: {config["task"]["dataset"]}; latency quantile: {config["objective"]["latency_quantile"]}; {n} frontier points.
+    guard = _guard(guard)
+    task = _comment(config["task"].get("dataset"))
+    quantile = _comment(config["objective"].get("latency_quantile"))
+    return f"""/* Generated by edgetts export-c from a {_comment(config["schema"])} config: do not edit.
+ * Task: {task}; latency quantile: {quantile}; {n} frontier points.
  */
 #ifndef {guard}
 #define {guard}
 
 #include <string.h>
 
+/* Programs may use any subset of this header: unused data must not warn under -Wextra. */
+#ifndef EDGETTS_UNUSED
+#if defined(__GNUC__) || defined(__clang__)
+#define EDGETTS_UNUSED __attribute__((unused))
+#else
+#define EDGETTS_UNUSED
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
 #define EDGETTS_N_POINTS {n}
 
-static const double edgetts_latency_ms[EDGETTS_N_POINTS] = {{{lat}}};
-static const double edgetts_accuracy[EDGETTS_N_POINTS] = {{{acc}}};
+/* One frontier point.  latency_ms is the {quantile} latency; -1 marks an unmeasured energy or memory. */
+typedef struct edgetts_point {{
+    const char *id;
+    const char *engine;   /* engine name; NULL when the config names none */
+    const char *model;
+    const char *strategy;
+    int n;                /* samples (rows) the strategy may use */
+    int budget;           /* token budget */
+    double latency_ms;
+    double accuracy;
+    double energy_j;      /* joules per query */
+    double memory_mb;     /* peak memory */
+}} edgetts_point;
+
+static const edgetts_point edgetts_points[EDGETTS_N_POINTS] EDGETTS_UNUSED = {{
+    {points}
+}};
+
+/* The same frontier as flat arrays. */
+static const double edgetts_latency_ms[EDGETTS_N_POINTS] EDGETTS_UNUSED = {{{lat}}};
+static const double edgetts_accuracy[EDGETTS_N_POINTS] EDGETTS_UNUSED = {{{acc}}};
 /* Energy per query in joules; -1 where the profile had no energy source. */
-static const double edgetts_energy_j[EDGETTS_N_POINTS] = {{{en}}};
-static const char *const edgetts_ids[EDGETTS_N_POINTS] = {{
+static const double edgetts_energy_j[EDGETTS_N_POINTS] EDGETTS_UNUSED = {{{en}}};
+static const char *const edgetts_ids[EDGETTS_N_POINTS] EDGETTS_UNUSED = {{
     {ids}
 }};
 
-static int edgetts_energy_ok(int i, double energy_j)
+static inline int edgetts_energy_ok(int i, double energy_j)
 {{
-    return energy_j <= 0.0 || (edgetts_energy_j[i] >= 0.0 && edgetts_energy_j[i] <= energy_j);
+    double e = edgetts_points[i].energy_j;
+    return energy_j <= 0.0 || (e >= 0.0 && e <= energy_j);
 }}
 
 /* Most accurate point that fits the deadline and the energy limit; fastest fallback otherwise. */
-static int edgetts_select(double deadline_ms, double energy_j)
+static inline int edgetts_select(double deadline_ms, double energy_j)
 {{
     int i, best = -1;
     for (i = 0; i < EDGETTS_N_POINTS; i++) {{
-        if (edgetts_energy_ok(i, energy_j) && edgetts_latency_ms[i] <= deadline_ms
-            && (best < 0 || edgetts_accuracy[i] > edgetts_accuracy[best])) {{
+        if (edgetts_energy_ok(i, energy_j) && edgetts_points[i].latency_ms <= deadline_ms
+            && (best < 0 || edgetts_points[i].accuracy > edgetts_points[best].accuracy)) {{
             best = i;
         }}
     }}
@@ -84,7 +179,7 @@ static int edgetts_select(double deadline_ms, double energy_j)
 }}
 
 /* Majority vote over answer strings: NULL entries skipped, ties to the first seen. */
-static const char *edgetts_majority(const char *const *answers, int n)
+static inline const char *edgetts_majority(const char *const *answers, int n)
 {{
     int i, j, best = -1, best_count = 0;
     for (i = 0; i < n; i++) {{
@@ -113,6 +208,10 @@ static const char *edgetts_majority(const char *const *answers, int n)
     }}
     return best < 0 ? NULL : answers[best];
 }}
+
+#ifdef __cplusplus
+}}
+#endif
 
 #endif /* {guard} */
 """
