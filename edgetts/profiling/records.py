@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from edgetts.fileio import write_json_atomic  # noqa: F401 - kept importable from here
+
 
 class RecordsError(ValueError):
     pass
@@ -57,15 +59,3 @@ class RecordLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write ``obj`` as JSON through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -19,11 +19,13 @@ def load_recipe(path: str | Path) -> dict:
 
     data = load_mapping(path, {"target", "gguf", "onnx"}, QuantizeError, "recipe")
     path = Path(path)
-    gguf = data.get("gguf") or []
+    gguf, onnx = data.get("gguf") or [], data.get("onnx") or []
+    for key, value in (("gguf", gguf), ("onnx", onnx)):
+        if not isinstance(value, list):
+            raise QuantizeError(f"{path}: {key}: expected a list")
     bad = [t for t in gguf if t not in TYPES]
     if bad:
         raise QuantizeError(f"{path}: gguf: unknown type(s) {', '.join(map(str, bad))}")
-    onnx = data.get("onnx") or []
     for i, o in enumerate(onnx):
         if (
             not isinstance(o, dict)

@@ -5,7 +5,8 @@ so this refuses to run without a CUDA GPU: the engine must be built on the devic
 run it.  With one, it parses the ONNX file with the ``tensorrt`` Python API, builds in fp16 or
 int8 (int8 here means TensorRT's implicit int8 where the ONNX graph carries quantize/dequantize
 nodes), reuses and updates a timing cache next to the output, and writes ``model.plan`` plus a
-manifest entry.
+manifest entry, both through an :class:`~edgetts.quantization.variants.OutputDir` so a failed
+build leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from edgetts.quantization import QuantizeError
+from edgetts.quantization.variants import OutputDir
 
 PRECISIONS = ("fp16", "int8")
 
@@ -42,6 +44,7 @@ def compile_engine(onnx_dir: str | Path, precision: str = "fp16", out: str | Pat
     onnx = onnx_dir / "model.onnx" if onnx_dir.is_dir() else onnx_dir
     if not onnx.is_file():
         raise QuantizeError(f"{onnx_dir}: no model.onnx")
+    output = OutputDir(Path(out) if out else onnx.parent / f"trt-{precision}")
     gpu = cuda_gpu()
     if gpu is None:
         raise QuantizeError("no CUDA GPU here: TensorRT engines must be built on the target device that runs them")
@@ -49,27 +52,24 @@ def compile_engine(onnx_dir: str | Path, precision: str = "fp16", out: str | Pat
         import tensorrt as trt
     except ImportError:
         raise QuantizeError("TensorRT's Python package is not installed (pip install tensorrt on the device)") from None
-    out = Path(out) if out else onnx.parent / f"trt-{precision}"
-    out.mkdir(parents=True, exist_ok=True)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise QuantizeError(f"TensorRT could not parse {onnx}: {errors}")
-    config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.INT8)
-    cache_path = out / "timing.cache"
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise QuantizeError(f"TensorRT could not build an engine from {onnx}")
-    (out / "model.plan").write_bytes(bytes(plan))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    from edgetts.quantization.manifest import add_artifact
-
-    add_artifact(out, out / "model.plan", "tensorrt", precision, onnx, extra={"gpu": gpu})
-    log(f"wrote {out / 'model.plan'} for {gpu}")
-    return out / "model.plan"
+    with output:
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise QuantizeError(f"TensorRT could not parse {onnx}: {errors}")
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.INT8)
+        cache_path = output.path / "timing.cache"
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise QuantizeError(f"TensorRT could not build an engine from {onnx}")
+        output.stage("model.plan").write_bytes(bytes(plan))
+        output.stage("timing.cache").write_bytes(bytes(config.get_timing_cache().serialize()))
+        output.add("model.plan", "tensorrt", precision, onnx, extra={"gpu": gpu})
+    log(f"wrote {output.path / 'model.plan'} for {gpu}")
+    return output.path / "model.plan"
