@@ -33,8 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgetts.engines import SamplingParams  # noqa: E402
-from edgetts.engines.llamacpp import LlamaCppEngine  # noqa: E402
+from edgetts.engines import EngineSpec, SamplingParams, open_engine  # noqa: E402
 from edgetts.models import BUILTIN  # noqa: E402
 from edgetts.models.families import FAMILIES  # noqa: E402
 from edgetts.tasks import arith  # noqa: E402
@@ -133,7 +132,8 @@ def main() -> None:
 
     fam = FAMILIES["tiny"]
     prompt = fam.prompt_template.format(question=arith.eval_split()[-1].question)
-    engine = LlamaCppEngine(args.model, n_ctx=N * (TOKENS + 128), n_threads=args.threads, max_rows=N)
+    engine, _ = open_engine(EngineSpec("llama.cpp", args.model, options={"threads": args.threads}), max_rows=N,
+                            max_tokens=TOKENS)  # fmt: skip
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=512, n_threads=args.threads, verbose=False)
     eos = llm.token_eos()
     batched(engine, prompt), sequential(llm, prompt, eos)  # warm-up

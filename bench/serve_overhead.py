@@ -83,7 +83,7 @@ def main() -> None:
             for q, d in block:
                 t = time.perf_counter()
                 req = Request(q, deadline_ms=d)
-                executor.run(req, *executor.plan(req), started=t)
+                executor.run(req, executor.plan(req), started=t)
                 local.append(1000 * (time.perf_counter() - t))
             for q, d in block:
                 t = time.perf_counter()

@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgetts.engines.llamacpp import LlamaCppEngine
-from edgetts.models import BUILTIN
+from edgetts.engines import EngineSpec, open_engine
 from edgetts.models.families import FAMILIES
 from edgetts.strategies import STRATEGIES, RunConfig, create
 from edgetts.tasks.datasets import load_dataset
@@ -57,8 +56,8 @@ def main() -> None:
     names = args.strategies.split(";")
     examples = load_dataset("arith", limit=args.limit, seed=0 if args.limit else None)
     fam = FAMILIES["tiny"]
-    engine = LlamaCppEngine(BUILTIN["tiny"], n_ctx=args.n * (max(budgets) + 96) + 512, n_threads=args.threads,
-                            max_rows=args.n)  # fmt: skip
+    spec = EngineSpec("llama.cpp", "tiny", options={"threads": args.threads})
+    engine, _ = open_engine(spec, max_rows=args.n, max_tokens=max(budgets) + RunConfig().answer_tokens)
     results = {}
     t_all = time.perf_counter()
     for budget in budgets:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgetts.engines import SamplingParams, create
+from edgetts.engines import FORMATS, EngineSpec, SamplingParams, open_engine
 from edgetts.models import BUILTIN
 from edgetts.models.families import FAMILIES
 from edgetts.quantization.manifest import load
@@ -59,12 +59,10 @@ def main() -> None:
     rows += [dict(a, path=str(mpath.parent / a["path"])) for a in load(mpath)["artifacts"]]
     out = []
     for a in rows:
-        if a["format"] == "gguf":
-            engine = create("llama.cpp", a["path"], n_ctx=8 * 200 + 512, n_threads=args.threads, max_rows=8)
-        elif a["format"] == "onnx":
-            engine = create("onnx-genai", a["path"])
-        else:
+        if a["format"] not in FORMATS:
             continue
+        spec = EngineSpec(FORMATS[a["format"]], a["path"]).with_options(threads=args.threads)
+        engine, _ = open_engine(spec, max_rows=8, max_tokens=200)
         res = {"format": a["format"], "type": a["type"], "mib": round(a["bytes"] / 2**20, 3),
                "bits_per_weight": a.get("bits_per_weight"), **measure(engine, examples, fam)}  # fmt: skip
         out.append(res)

@@ -78,7 +78,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
 
 @app.command()
 def evaluate(
-    model: str = typer.Option("tiny", help="Built-in model name or path to a GGUF file."),
+    model: str = typer.Option("tiny", help="Built-in model name, GGUF file or ONNX directory."),
     dataset: str = typer.Option("arith", help="Built-in benchmark name or path to a JSONL file."),
     n: int = typer.Option(8, min=1, help="Rows per majority vote."),
     pool: int = typer.Option(32, min=1, help="Samples drawn per problem; votes are averaged over subsets of it."),
@@ -92,22 +92,22 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Accuracy per level: one sample, majority of N, and the cost of cutting reasoning short."""
+    from edgetts.engines import EngineSpec, open_engine
     from edgetts.engines.base import SamplingParams
-    from edgetts.engines.llamacpp import LlamaCppEngine
     from edgetts.evaluate import evaluate as run_eval
-    from edgetts.models import resolve_model
     from edgetts.models.families import FAMILIES
     from edgetts.tasks.datasets import load_dataset
 
     if family not in FAMILIES:
         fail(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
     with user_errors():
-        path = resolve_model(model)
         examples = load_dataset(dataset, limit=limit, seed=seed if limit else None)
         params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
         if pool < n:
             fail(f"--pool ({pool}) must be at least --n ({n})")
-        engine = LlamaCppEngine(path, n_ctx=pool * max_tokens + 512, n_threads=threads, max_rows=pool)
+        spec = EngineSpec(artifact=model).with_options(threads=threads)
+        engine, _ = open_engine(spec, max_rows=pool, max_tokens=max_tokens)
+        path = spec.resolved().artifact
     fam = FAMILIES[family]
     levels = {ex.level for ex in examples}
     hardest = [ex for ex in examples if ex.level == max(levels, key=lambda lv: (lv is not None, str(lv)))]
@@ -123,72 +123,92 @@ def evaluate(
     _print_eval(res)
 
 
+def _spec(model: str | None, engine: str, url: str | None, options: list[str] | None):
+    """The engine spec the flags describe (``--model``, ``--engine``, ``--url``, ``--engine-option k=v``)."""
+    from edgetts.engines import EngineSpec
+
+    opts = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--engine-option: expected KEY=VALUE, got {item!r}")
+        opts[key] = yaml_scalar(value)
+    return EngineSpec(engine, model if model is not None else ("tiny" if not url else None), url, opts)
+
+
+def yaml_scalar(text: str):
+    """A flag value as YAML reads it (numbers and booleans typed, anything else a string)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, str)) else text
+
+
+ENGINE_HELP = "Engine: auto (from the model file), llama.cpp, onnx-genai, openai-http, tensorrt."
+
+
 @app.command()
 def run(
     question: str = typer.Argument(..., help="The question to answer."),
-    model: str = typer.Option("tiny", help="Built-in model name or path to a GGUF file."),
-    strategy: str = typer.Option(
-        "majority",
-        help="single, budget-forcing, length-hint, majority, weighted, best-of-n, first-finish, adaptive, esc.",
+    model: str = typer.Option(
+        None, help="Built-in model name (tiny), GGUF file or ONNX directory; for a server, the model name it knows. "
+        "Default: tiny."
     ),
-    n: int = typer.Option(8, min=1, max=64, help="Rows (parallel samples)."),
-    budget: int = typer.Option(256, min=1, help="Thinking tokens per row."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
+    url: str = typer.Option(None, help="OpenAI-compatible server URL (engine openai-http)."),
+    engine_option: list[str] = typer.Option(None, help="Engine option KEY=VALUE, e.g. provider=cuda (repeatable)."),
+    strategy: str = typer.Option(
+        None,
+        help="single, budget-forcing, length-hint, majority (default), weighted, best-of-n, first-finish, adaptive, "
+        "esc. With --config: overrides the point's.",
+    ),
+    n: int = typer.Option(None, min=1, max=64, help="Rows (parallel samples); default 8, or the point's."),
+    budget: int = typer.Option(None, min=1, help="Thinking tokens per row; default 256, or the point's."),
     deadline_ms: float = typer.Option(None, min=0.001, help="Wall-clock deadline for the whole answer."),
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
     seed: int = typer.Option(0, help="Sampling seed (row i uses seed + i)."),
     family: str = typer.Option("auto", help="Reasoning format: auto, tiny, deepseek-r1, qwen3, plain."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
-    gpu_layers: int = typer.Option(0, min=0, help="Layers to offload to the GPU (llama.cpp built with CUDA)."),
+    gpu_layers: int = typer.Option(None, min=0, help="Layers to offload to the GPU (llama.cpp built with CUDA)."),
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Ignore the model's chat template."),
     config: str = typer.Option(
-        None, help="Pareto config: the policy picks model, strategy, n and budget for --deadline-ms (and --energy-j)."
+        None, help="Pareto config: the policy picks engine, model, strategy, n and budget for --deadline-ms "
+        "(and --energy-j)."
     ),
     energy_j: float = typer.Option(None, help="Energy limit per query, with --config."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
-    chosen = None
-    if config:
-        from edgetts.pareto.config import ParetoError
-        from edgetts.runtime import Policy
+    from edgetts.pareto.config import ParetoError
+    from edgetts.runtime.oneshot import answer
 
-        if deadline_ms is None:
-            fail("--config needs --deadline-ms: the policy picks the point that fits it")
-        try:
-            chosen = Policy.load(config).select(deadline_ms, energy_j=energy_j)
-        except ParetoError as e:
-            fail(str(e))
-        p = chosen.point
-        model, strategy, n, budget = p["artifact"], p["strategy"], p["n"], p["budget"]
-    from edgetts.engines.base import SamplingParams
-    from edgetts.engines.llamacpp import LlamaCppEngine
-    from edgetts.models import resolve_model
-    from edgetts.models.families import FAMILIES, guess_family
-    from edgetts.strategies import STRATEGIES, RunConfig, create
-
-    if strategy not in STRATEGIES:
-        fail(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    if family != "auto" and family not in FAMILIES:
-        fail(f"unknown family {family!r}; choose one of: auto, {', '.join(FAMILIES)}")
-    with user_errors():
-        path = resolve_model(model)
-        cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms, raw_prompt=raw_prompt,
-                        sampling=SamplingParams(temperature=temperature, seed=seed))  # fmt: skip
-        rows = n if strategy not in ("single", "budget-forcing", "length-hint") else 1
-        engine = LlamaCppEngine(path, n_ctx=rows * (budget * 4 + 64) + 1024, n_threads=threads,
-                                n_gpu_layers=gpu_layers, max_rows=rows)  # fmt: skip
-        name = engine.meta("general.name")
-        fam = FAMILIES[family] if family != "auto" else guess_family(model, engine.chat_template(), name)
-        trace = create(strategy, engine, fam, cfg).run(question)
+    if config and (model or url or engine != "auto"):
+        fail("--config names the engine and model of each point; drop --model, --engine and --url")
+    spec = None if config else _spec(model, engine, url, engine_option)
+    try:
+        with user_errors():
+            out = answer(question, spec, config, strategy, n, budget, deadline_ms, energy_j, temperature, seed,
+                         raw_prompt, None if family == "auto" else family, threads=threads,
+                         gpu_layers=gpu_layers)  # fmt: skip
+    except ParetoError as e:
+        fail(str(e))
+    trace, chosen = out.trace, out.selection
     if as_json:
         d = trace.to_dict()
+        d["engine"] = out.spec.to_dict()
         if chosen:
-            d["point"] = {"index": chosen.index, "id": chosen.point["id"], "miss": chosen.miss}
+            d["point"] = {"index": chosen.index, "id": chosen.point["id"], "miss": chosen.miss,
+                          "ran": {"strategy": out.strategy, "n": out.n, "budget": out.budget}}  # fmt: skip
         typer.echo(json.dumps(d))
         return
     if chosen:
+        ran = (out.strategy, out.n, out.budget) != (chosen.point["strategy"], chosen.point["n"], chosen.point["budget"])
         typer.echo(
             f"point {chosen.index} {chosen.point['id']}" + (" (nothing fits: fastest point)" if chosen.miss else "")
+            + (f", run as {out.strategy} n={out.n} b={out.budget}" if ran else "")
         )
     typer.echo(trace.answer if trace.answer is not None else "(no answer)")
     votes = ", ".join(f"{a}: {v:g}" for a, v in trace.votes.items()) or "none"
@@ -203,7 +223,13 @@ def run(
 @app.command()
 def profile(
     config: str = typer.Option(None, help="Sweep YAML file (see configs/); flags below override its fields."),
-    model: list[str] = typer.Option(None, help="Model variant: built-in name or GGUF path (repeatable)."),
+    model: list[str] = typer.Option(
+        None, help="Model variant (repeatable): built-in name, GGUF file, ONNX directory or quantize manifest; "
+        "with --url, the model name the server knows."
+    ),
+    engine: str = typer.Option(None, help=ENGINE_HELP),
+    url: str = typer.Option(None, help="Profile an OpenAI-compatible server (engine openai-http) at this URL."),
+    engine_option: list[str] = typer.Option(None, help="Engine option KEY=VALUE for every model (repeatable)."),
     dataset: str = typer.Option(None, help="Built-in benchmark name or JSONL path."),
     limit: int = typer.Option(None, min=1, help="Problems, spread evenly over levels."),
     seed: int = typer.Option(None, help="Problem sampling and row seeds."),
@@ -211,7 +237,10 @@ def profile(
     budgets: str = typer.Option(None, help="Comma list of thinking budgets (tokens)."),
     n: str = typer.Option(None, "--n", help="Comma list of parallelism levels."),
     repeats: int = typer.Option(None, min=1, help="Times each query is measured."),
-    mode: str = typer.Option(None, help="Sweep mode: direct (every cell run as in production)."),
+    mode: str = typer.Option(
+        None, help="pooled (default: one pool of rows per problem answers every cell, on engines with probes) or "
+        "direct (every cell run as in production)."
+    ),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
     out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),
     force: bool = typer.Option(False, help="Reuse a directory of another sweep (its files move to replaced-*/)."),
@@ -241,6 +270,12 @@ def profile(
                 setattr(cfg, k, v)
         if threads:
             cfg.engine.threads = threads
+        if engine:
+            cfg.engine.name = engine
+        if url:
+            cfg.engine.url = url
+        if engine_option:
+            cfg.engine.options = {**cfg.engine.options, **_spec(None, "auto", None, engine_option).options}
         cfg.validate()
     except ConfigError as e:
         fail(str(e))
@@ -304,7 +339,7 @@ def _pictures(config, candidates, png, html) -> None:
     from edgetts.pareto.report import plot, report
 
     plot(config, candidates, png)
-    report(config, png, html)
+    report(config, png, html, candidates=candidates)
     typer.echo(f"wrote {png} and {html}")
 
 
@@ -344,12 +379,13 @@ def serve(
         fail("edgetts serve needs FastAPI and uvicorn: pip install 'edgetts[serve]'")
 
     from edgetts.pareto.config import ParetoError
-    from edgetts.runtime.server import create_app
+    from edgetts.runtime.http import create_app
 
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
     try:
-        app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads)
+        with user_errors():
+            app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads)
     except ParetoError as e:
         fail(str(e))
     uvicorn.run(app_, host=host, port=port, log_level="warning")
@@ -373,27 +409,23 @@ def quantize(
 
     from edgetts.models import BUILTIN, BUILTIN_HF
     from edgetts.quantization import QuantizeError
-    from edgetts.quantization.gguf_quant import quantize as quantize_gguf
-    from edgetts.quantization.onnx_export import export_onnx
+    from edgetts.quantization.onnx_export import parse_spec
     from edgetts.quantization.recipes import load_recipe
+    from edgetts.quantization.variants import make_variants
 
     try:
         plan = load_recipe(recipe) if recipe else {"gguf": [], "onnx": []}
         if to:
             plan["gguf"] = [t.strip().lower() for t in to.split(",") if t.strip()]
         if onnx:
-            plan["onnx"] = [dict(zip(("precision", "execution"), ([*s.strip().split(":"), "cpu"])[:2]))
-                            for s in onnx.split(",") if s.strip()]  # fmt: skip
+            plan["onnx"] = [parse_spec(s) for s in onnx.split(",") if s.strip()]
         if not plan["gguf"] and not plan["onnx"]:
             fail("nothing to make: give --to, --onnx or --recipe")
+        if imatrix and not plan["gguf"]:
+            fail("--imatrix applies to GGUF types: give --to or a recipe with gguf types")
         gguf_src = BUILTIN["tiny"] if model == "tiny" else Path(model)
         hf_src = BUILTIN_HF["tiny"] if model == "tiny" else Path(model)
-        if plan["gguf"]:
-            quantize_gguf(gguf_src, out, plan["gguf"], threads, imatrix, converter, log=typer.echo)
-        for o in plan["onnx"]:
-            if not (hf_src / "config.json").is_file():
-                fail(f"{model}: ONNX exports need a Hugging Face directory, not a GGUF file")
-            export_onnx(hf_src, out, o["precision"], o.get("execution", "cpu"), log=typer.echo)
+        make_variants(out, gguf_src, plan["gguf"], hf_src, plan["onnx"], threads, imatrix, converter, typer.echo)
     except QuantizeError as e:
         fail(str(e))
     typer.echo(f"manifest: {Path(out) / 'manifest.json'}")

@@ -18,7 +18,7 @@ from edgetts.telemetry.energy import probe_all, probe_nvml
 
 ENGINE_MODULES = {
     "llama.cpp": ("llama_cpp", "llama-cpp-python"),
-    "onnxruntime-genai": ("onnxruntime_genai", "onnxruntime-genai"),
+    "onnx-genai": ("onnxruntime_genai", "onnxruntime-genai"),
     "openai-http": ("httpx", "httpx"),
     "tensorrt": ("tensorrt", "tensorrt"),
 }

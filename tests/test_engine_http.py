@@ -1,11 +1,5 @@
 """The OpenAI-compatible HTTP engine against a live llama-cpp-python server on the tiny model."""
 
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 
 from edgetts.engines import EngineError, SamplingParams, create
@@ -18,29 +12,8 @@ PROMPT = FAM.prompt_template.format(question="Evaluate left to right: 12+7*3")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gguf):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "1024", "--n_threads", "2", "--verbose", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("llama-cpp-python server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def server(tiny_server):
+    return tiny_server
 
 
 def test_parallel_rows_over_http(server):
@@ -75,3 +48,103 @@ def _cut(ctl, stepped):
 def test_unreachable_server_is_a_clear_error():
     with create("openai-http", "http://127.0.0.1:9", timeout=2) as e, pytest.raises(EngineError, match="request"):
         e.sample(PROMPT, 1, SamplingParams(max_tokens=4))
+
+
+def test_strategies_keep_their_budget_over_http(server):
+    from edgetts.engines import open_engine
+    from edgetts.strategies import RunConfig
+    from edgetts.strategies import create as strategy
+
+    engine, family = open_engine({"engine": "openai-http", "url": server, "artifact": "tiny"})
+    assert family.name == "tiny"
+    cfg = RunConfig(n=4, budget=6, answer_tokens=12)
+    for name in ("majority", "esc", "adaptive", "first-finish", "single", "length-hint"):
+        trace = strategy(name, engine, family, cfg).run("Evaluate left to right: 87*6-98+45*3")
+        assert trace.rows, name
+        for r in trace.rows:
+            # Every row was cut at its thinking budget: the forced end of thinking, then an answer.
+            assert r.forced_answer and r.thinking_tokens == 6, (name, r)
+            assert 0 < r.answer_tokens <= 12 and r.answer is not None, (name, r)
+            assert r.text.count(FAM.think_end) == 1 and FAM.answer_prefix in r.text
+    roomy = strategy("majority", engine, family, RunConfig(n=2, budget=200)).run("Evaluate left to right: 12+7*3")
+    assert all(not r.forced_answer and r.finish_reason == "stop" and r.answer_tokens > 0 for r in roomy.rows)
+    assert roomy.answer == "57"
+    for name in ("budget-forcing", "weighted", "best-of-n"):  # need steps or log-probs: refused, one line
+        with pytest.raises(ValueError, match="lacks it") as err:
+            strategy(name, engine, family, cfg)
+        assert "\n" not in str(err.value)
+    engine.close()
+
+
+def test_profile_through_a_server_agrees_with_the_in_process_engine(server, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgetts.cli import app
+
+    common = ["profile", "--model", "tiny", "--strategies", "majority,esc", "--budgets", "64", "--n", "4",
+              "--mode", "direct", "--limit", "30", "--quiet"]  # fmt: skip
+    runner = CliRunner()
+    local = runner.invoke(app, [*common, "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(app, [*common, "--engine", "openai-http", "--url", server + "/v1",
+                                 "--out", str(tmp_path / "http")])  # fmt: skip
+    assert remote.exit_code == 0, remote.output
+    cells = {}
+    for name in ("local", "http"):
+        for c in json.loads((tmp_path / name / "summary.json").read_text())["cells"]:
+            cells[(name, c["strategy"])] = c
+    for s in ("majority", "esc"):
+        a, b = cells[("local", s)], cells[("http", s)]
+        assert a["queries"] == b["queries"] == 30
+        # Two samplers (ours, the server's) on the same problems: each accuracy inside the other's interval.
+        assert a["accuracy_ci95"][0] <= b["accuracy"] <= a["accuracy_ci95"][1], (s, a["accuracy"], b["accuracy"])
+        assert b["accuracy_ci95"][0] <= a["accuracy"] <= b["accuracy_ci95"][1], (s, a["accuracy"], b["accuracy"])
+        assert b["engine"]["engine"] == "openai-http" and b["engine"]["url"] == server + "/v1"
+    front = json.loads((tmp_path / "http" / "pareto.json").read_text())["frontier"]
+    assert front and all(p["engine"] == "openai-http" and p["url"] == server + "/v1" for p in front)
+    assert all(p["id"].startswith("openai-http:tiny@") for p in front)
+
+
+def test_serve_answers_from_points_that_name_a_server(server, tmp_path):
+    """`edgetts serve` on a config whose points run through openai-http (the scale-out path)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+    from typer.testing import CliRunner
+
+    from edgetts.cli import app
+
+    r = CliRunner().invoke(app, ["profile", "--engine", "openai-http", "--url", server, "--model", "tiny",
+                                 "--strategies", "single,majority", "--budgets", "64", "--n", "2", "--mode",
+                                 "direct", "--limit", "5", "--quiet", "--out", str(tmp_path / "p")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", str(tmp_path / "p" / "pareto.json"),
+                             "--port", str(port), "--deadline-ms", "60000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        out = client.completions.create(model="edgetts", prompt="Evaluate left to right: 12+7*3",
+                                        extra_body={"deadline_ms": 60000})  # fmt: skip
+        info = out.model_extra["edgetts"]
+        assert info["engine"] == "openai-http" and info["point_id"].startswith("openai-http:tiny@")
+        assert out.choices[0].text == "57" and info["deadline_met"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -46,11 +46,33 @@ def test_frontier_merges_variants_and_is_a_frontier(profiles, tmp_path):
     assert {p["model"] for p in cands} == {"tiny", str(BUILTIN["tiny"])}
     assert len({p["id"] for p in front}) == len(front)
     path = write_config(config, tmp_path / "cfg.json")
-    assert load_config(path) == json.loads(path.read_text())
+    assert load_config(path) == json.loads(json.dumps(config))  # paths stored relative, resolved on loading
     assert not list(tmp_path.glob(".*.tmp"))
+    assert all(p["engine"] == "llama.cpp" and "url" not in p for p in front)
 
 
-def test_strict_constraints_and_quantile(profiles):
+def test_artifact_paths_travel_with_the_config(profiles, tmp_path):
+    import shutil
+
+    config, _ = build_config(profiles)
+    home = tmp_path / "bundle"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(BUILTIN["tiny"], home / "models" / "tiny-f16.gguf")
+    for p in config["frontier"]:
+        if p["artifact"] != "tiny":
+            p["artifact"] = str(home / "models" / "tiny-f16.gguf")
+    write_config(config, home / "cfg.json")
+    stored = json.loads((home / "cfg.json").read_text())["frontier"]
+    assert {p["artifact"] for p in stored} <= {"tiny", "models/tiny-f16.gguf"}
+    moved = shutil.move(home, tmp_path / "elsewhere")
+    loaded = load_config(f"{moved}/cfg.json")["frontier"]
+    assert {p["artifact"] for p in loaded} <= {"tiny", str(tmp_path / "elsewhere" / "models" / "tiny-f16.gguf")}
+    out = runner.invoke(app, ["run", "--config", f"{moved}/cfg.json", "--deadline-ms", "100000", "--json",
+                              "Evaluate left to right: 12+7*3"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+
+
+def test_strict_constraints_and_quantile(profiles, tmp_path):
     loose, _ = build_config(profiles)
     strict, _ = build_config(profiles, strict=True)
     assert all(not p["dominated_within_ci"] for p in strict["frontier"])
@@ -63,9 +85,28 @@ def test_strict_constraints_and_quantile(profiles):
         build_config(profiles, constraints={"speed": {"max": 1}})
     with pytest.raises(ParetoError, match="no measured point"):
         build_config(profiles, constraints={"accuracy": {"min": 1.5}})
-    if all(c["energy_j"] is None for c in build_config(profiles)[1]):  # no energy source on this machine
-        with pytest.raises(ParetoError, match=r"constraints\.energy_j: no profiled point measured it"):
-            build_config(profiles, constraints={"energy_j": {"max": 1.0}})
+    # Energy is set in copies of the profiles, so both cases hold whatever source this machine has.
+    unmeasured = _with_energy(profiles, tmp_path / "none", lambda i: None)
+    with pytest.raises(ParetoError, match=r"energy_j: no profiled point measured it \(energy source: none\)"):
+        build_config(unmeasured, constraints={"energy_j": {"max": 1.0}})
+    measured = _with_energy(profiles, tmp_path / "joules", lambda i: 0.1 * i)
+    capped, cands = build_config(measured, constraints={"energy_j": {"max": 1.0}})
+    assert capped["frontier"] and all(p["energy_j"] <= 1.0 for p in capped["frontier"])
+    assert any(c["energy_j"] > 1.0 for c in cands)  # the cap had points to exclude
+
+
+def _with_energy(profiles, dest, joules):
+    """Copies of ``profiles`` whose i-th cell reports ``joules(i)`` (None: no energy source)."""
+    out = []
+    for k, src in enumerate(profiles):
+        d = shutil.copytree(src, dest / str(k))
+        summary = json.loads((d / "summary.json").read_text())
+        for i, cell in enumerate(summary["cells"]):
+            j = joules(i)
+            cell.update(energy_j=j, energy_source="none" if j is None else "rapl")
+        (d / "summary.json").write_text(json.dumps(summary))
+        out.append(d)
+    return out
 
 
 def _config(points):
@@ -125,7 +166,9 @@ def test_recalibration_moves_to_cheaper_points_and_back():
     for _ in range(15):  # it recovers
         pol.observe("mid", 20.0)
     assert pol.slowdown < 1.1 and pol.select(45).point["id"] == "slow"
-    pol.observe("unknown-id", 5.0)  # ignored
+    before = pol.slowdown
+    pol.observe("unknown-id", 5.0)  # not a point of the config: ignored
+    assert pol.slowdown == before and pol.select(45).point["id"] == "slow"
 
 
 def test_pictures_have_content(profiles, tmp_path):
@@ -193,7 +236,9 @@ def test_cli_pareto_export_and_run_with_config(profiles, tmp_path):
     assert r.exit_code == 0, r.output
     t = json.loads(r.stdout)
     best = max(load_config(out)["frontier"], key=lambda p: p["accuracy"])
-    assert t["point"]["id"] == best["id"] and not t["point"]["miss"] and t["answer"] == "29"
+    assert t["point"]["id"] == best["id"] and not t["point"]["miss"]
+    # A real answer, or (a machine too busy for the deadline) an honest "no answer" saying why.
+    assert t["answer"] == "29" or (t["answer"] is None and t["early_stop"] == "deadline"), t
     r = runner.invoke(app, ["run", "--config", str(out), "--deadline-ms", "0.01", "8*4"])
     assert r.exit_code == 0 and "nothing fits" in r.stdout
     assert runner.invoke(app, ["run", "--config", str(out), "q"]).exit_code == 2

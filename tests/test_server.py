@@ -243,9 +243,9 @@ def test_cancel_stops_the_work(config):
     pol = Policy.load(config)
     ex = Executor(pol, threads=2)
     req = Request(Q, deadline_ms=5000, strategy="majority", n=8, budget=128)
-    choice, s, n, b = ex.plan(req)
+    plan = ex.plan(req)
     req.cancel.set()
-    out = ex.run(req, choice, s, n, b, time.perf_counter())
-    assert all(r.finish_reason == "cancelled" for r in out["trace"].rows)
-    assert out["trace"].generated_tokens <= 8
+    out = ex.run(req, plan, time.perf_counter())
+    assert all(r.finish_reason == "cancelled" for r in out.trace.rows)
+    assert out.trace.generated_tokens <= 8
     ex.close()

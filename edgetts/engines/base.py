@@ -11,8 +11,14 @@ controller may
   the end-of-thinking delimiter and an answer prefix); decoding continues after it.
 
 Engines declare what they can do as class attributes (``parallel_rows``, ``forced_tokens``,
-``logprobs``, ``steppable``); strategies read those, never engine names.  Engines register
-by name in :data:`REGISTRY` (see :mod:`edgetts.engines`).
+``logprobs``, ``steppable``, ``probes``); strategies read those, never engine names.  Engines
+register by name in :data:`REGISTRY` (see :mod:`edgetts.engines`) and are opened from an
+engine spec by :func:`edgetts.engines.open_engine` through their :meth:`Engine.open`.
+
+An engine that cannot step (an HTTP server) calls the controller after each *round* of
+requests instead of each token.  Before a round it asks the controller how far each row may
+go before the controller must look again (``controller.horizon(row)``, when the controller
+has it), so a thinking budget still cuts a row where it should.
 """
 
 from __future__ import annotations
@@ -187,6 +193,16 @@ class Engine(ABC):
     probes: ClassVar[bool] = False  # Control.probe branches a row without disturbing it
     logprobs: ClassVar[bool] = False  # per-token log-probabilities are reported
     steppable: ClassVar[bool] = False  # the controller is called after every step
+    needs_url: ClassVar[bool] = False  # runs behind a server (the spec's url), not on a local artifact
+    options: ClassVar[dict[str, type]] = {}  # spec options the engine takes, with their types
+
+    @classmethod
+    def open(cls, spec, plan) -> Engine:
+        """The engine for an :class:`~edgetts.engines.spec.EngineSpec`, sized by a ``ContextPlan``.
+
+        Callers use :func:`edgetts.engines.open_engine`, which validates the spec first.
+        """
+        raise EngineError(f"engine {cls.name!r} cannot be opened from a spec")
 
     @abstractmethod
     def sample(
@@ -209,6 +225,10 @@ class Engine(ABC):
 
     def chat_template(self) -> str | None:
         """The model's chat template (Jinja2), if it ships one."""
+        return None
+
+    def model_name(self) -> str | None:
+        """The model's own name (GGUF ``general.name``), if it states one."""
         return None
 
     def close(self) -> None:  # noqa: B027 - engines without native resources need nothing here

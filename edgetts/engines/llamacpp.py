@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -75,6 +76,22 @@ class LlamaCppEngine(Engine):
     logprobs = True
     steppable = True
     probes = True
+    options: ClassVar[dict[str, type]] = {
+        "threads": int, "gpu_layers": int, "n_ctx": int, "flash_attn": bool, "n_batch": int,
+    }  # fmt: skip
+
+    @classmethod
+    def open(cls, spec, plan) -> LlamaCppEngine:
+        from edgetts.models import ModelNotFound, resolve_model
+
+        try:
+            path = resolve_model(spec.artifact)
+        except ModelNotFound as e:
+            raise EngineError(str(e)) from None
+        o = spec.options
+        return cls(path, n_ctx=o.get("n_ctx") or plan.n_ctx, n_threads=o.get("threads"),
+                   n_gpu_layers=o.get("gpu_layers") or 0, flash_attn=o.get("flash_attn"),
+                   max_rows=plan.max_rows, n_batch=o.get("n_batch") or 512)  # fmt: skip
 
     def __init__(
         self,
@@ -164,6 +181,9 @@ class LlamaCppEngine(Engine):
         buf = ctypes.create_string_buffer(256)
         n = self.lc.llama_model_meta_val_str(self.model, key.encode(), buf, 256)
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def model_name(self) -> str | None:
+        return self.meta("general.name")
 
     def chat_template(self) -> str | None:
         """The chat template stored in the GGUF metadata, if any."""

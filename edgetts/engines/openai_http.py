@@ -1,25 +1,35 @@
 """An engine over any OpenAI-compatible completions server (llama-server, vLLM, TensorRT-LLM, Ollama).
 
-Use it when the model outgrows the device and already runs behind a serving engine.  The
-server cannot be stepped, so this engine offers fewer controls:
+Use it when the model outgrows the device and already runs behind a serving engine, or to
+profile that serving engine itself.  The server cannot be stepped, so the engine works in
+*rounds*:
 
 * parallel samples: one request per row, sent concurrently with per-row seeds (servers with
-  several slots decode them together), or ``parallel="n"``: one request with ``n`` choices
-  (cheaper where supported, but seeds are then per request, not per row);
-* budgets: ``max_tokens``;
-* forcing: after a round of requests the controller runs once over all rows; a row it forces
-  text into is continued by a second request whose prompt is the original prompt, the row's
-  text so far and the forced text.  Rounds repeat while the controller forces (at most
-  ``max_rounds``).
+  several slots decode them together), or ``parallel="n"``: one request with ``n`` choices for
+  the first round (cheaper where supported, but seeds are then per request, not per row);
+* before each round the controller says how far each row may go before it must look again
+  (``controller.horizon(row)``): a thinking row runs to its thinking budget, an answering row
+  to the end of its answer room;
+* after each round the controller runs once over all rows, as a steppable engine's controller
+  runs after each token: it may stop rows or force text into them.  A row it forced text into,
+  or one cut at its horizon, is continued by another request whose prompt is the original
+  prompt, the row's text so far and the forced text.  Rounds repeat while rows are open (at
+  most ``max_rounds``).
 
-Token counts come from the server's ``usage`` (exact per row in the per-request mode).
-``httpx`` is imported when the engine is constructed.
+What it cannot do, and declares: no log-probabilities, no probes (pooled profiling), no
+mid-request control (a deadline is checked between rounds; "Wait" replacement is impossible).
+Token counts come from the server's ``usage`` (exact per row in the per-request mode); a
+round's text is one piece, so a row's ``tokens`` are placeholders (-1), one per server token,
+plus one per forced text.  ``ttft`` is the time to the first round's answers.  ``httpx`` is
+imported when the engine is constructed.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
 
 from edgetts.engines.base import Control, Controller, Engine, EngineError, Row, SampleResult, SamplingParams
 
@@ -30,6 +40,15 @@ class OpenAIHTTPEngine(Engine):
     forced_tokens = True  # between requests, not mid-request
     logprobs = False
     steppable = False
+    needs_url = True
+    options: ClassVar[dict[str, type]] = {"parallel": str, "api_key_env": str, "timeout": float, "max_rounds": int}
+
+    @classmethod
+    def open(cls, spec, plan) -> OpenAIHTTPEngine:
+        o = spec.options
+        key = os.environ.get(o.get("api_key_env") or "EDGETTS_UPSTREAM_API_KEY")  # secrets stay out of configs
+        return cls(spec.url, model=spec.artifact or "", api_key=key, parallel=o.get("parallel") or "requests",
+                   timeout=float(o.get("timeout") or 600.0), max_rounds=o.get("max_rounds") or 8)  # fmt: skip
 
     def __init__(
         self,
@@ -38,12 +57,16 @@ class OpenAIHTTPEngine(Engine):
         api_key: str | None = None,
         parallel: str = "requests",
         timeout: float = 600.0,
-        max_rounds: int = 4,
+        max_rounds: int = 8,
     ):
         import httpx
 
         if parallel not in ("requests", "n"):
             raise EngineError(f"parallel must be 'requests' or 'n', got {parallel!r}")
+        if not base_url.startswith(("http://", "https://")):
+            raise EngineError(f"server URL must start with http:// or https://, got {base_url!r}")
+        if max_rounds < 1:
+            raise EngineError(f"max_rounds must be at least 1, got {max_rounds}")
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
@@ -61,7 +84,12 @@ class OpenAIHTTPEngine(Engine):
             raise EngineError(f"{self.base_url}: request failed ({type(e).__name__}: {e})") from None
         if r.status_code != 200:
             raise EngineError(f"{self.base_url}/completions answered {r.status_code}: {r.text[:200]}")
-        return r.json()
+        try:
+            out = r.json()
+            out["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineError(f"{self.base_url}/completions: not an OpenAI completions response") from None
+        return out
 
     def _body(self, prompt: str, params: SamplingParams, max_tokens: int, seed: int | None, n: int = 1) -> dict:
         body = {
@@ -74,10 +102,10 @@ class OpenAIHTTPEngine(Engine):
         }
         if seed is not None:
             body["seed"] = seed
-        if params.top_k:
-            body["top_k"] = params.top_k  # a common extension (llama-server, vLLM)
-        if params.min_p:
-            body["min_p"] = params.min_p
+        # Extensions llama-server, vLLM and llama-cpp-python's server read; sent even when off,
+        # because their own defaults (top-k 40, min-p 0.05) would otherwise change the sampling.
+        body["top_k"] = params.top_k
+        body["min_p"] = params.min_p
         return body
 
     def tokenize(self, text: str) -> list[int]:
@@ -89,7 +117,7 @@ class OpenAIHTTPEngine(Engine):
 
     def _round(self, prompt: str, rows: list[Row], params: SamplingParams, budgets: list[int], t0: float) -> None:
         """One request per row (or one with n choices) continuing each row's text."""
-        if self.parallel == "n" and all(not r.text for r in rows):
+        if self.parallel == "n" and all(not r.text for r in rows) and len(set(budgets)) == 1:
             out = self._post(self._body(prompt, params, budgets[0], params.seed, n=len(rows)))
             per_row = (out.get("usage", {}).get("completion_tokens") or 0) // max(1, len(rows))
             for r, ch in zip(rows, sorted(out["choices"], key=lambda c: c.get("index", 0))):
@@ -109,14 +137,13 @@ class OpenAIHTTPEngine(Engine):
     def _extend(r: Row, choice: dict, n_tokens: int, t0: float) -> None:
         now = time.perf_counter() - t0
         text = choice.get("text") or ""
-        # One entry per server token is unknowable here; keep the text as one piece and
-        # the count as sampled placeholders so budgets and counts stay right.
         r.pieces.append(text)
         r.tokens.extend([-1] * n_tokens)
         r.forced.extend([False] * n_tokens)
         r.times.extend([now] * n_tokens)
         r.n_generated += n_tokens
-        r.finish_reason = "stop" if choice.get("finish_reason") == "stop" else "length"
+        # A row that returned nothing cannot go on (the server's context is full, say).
+        r.finish_reason = "stop" if choice.get("finish_reason") == "stop" or not n_tokens else "length"
 
     def sample(
         self,
@@ -128,34 +155,44 @@ class OpenAIHTTPEngine(Engine):
     ) -> SampleResult:
         if n < 1:
             raise EngineError(f"n must be at least 1, got {n}")
+        if seeds is not None and len(seeds) != n:
+            raise EngineError(f"got {len(seeds)} seeds for {n} rows")
         t0 = time.perf_counter()
         seeds = seeds if seeds is not None else [params.seed + i for i in range(n)]
         rows = [Row(i, seeds[i]) for i in range(n)]
-        active = list(rows)
-        budgets = [params.max_tokens] * n
-        ttft = None
-        for _ in range(self.max_rounds):
+        limit = [params.max_tokens] * n  # sampled tokens per row; forcing may grant more
+        horizon = getattr(controller, "horizon", None)
+        active, ttft, rounds = list(rows), None, 0
+        while active and rounds < self.max_rounds:
+            budgets = [max(1, min(limit[r.index] - r.n_generated, horizon(r) if horizon else limit[r.index]))
+                       for r in active]  # fmt: skip
             self._round(prompt, active, params, budgets, t0)
+            rounds += 1
             ttft = ttft if ttft is not None else time.perf_counter() - t0
-            if controller is None:
-                break
-            ctl = Control(rows, t0)
-            for r in rows:  # a row cut by its budget stays open so the controller may force it
-                r.finished = r.finish_reason == "stop" or r not in active
-            controller(ctl, [r.index for r in active])
-            for i, text in ctl.pending.items():
-                rows[i].pieces.append(text)
-                rows[i].forced.append(True)
-                rows[i].tokens.append(-1)
-                rows[i].times.append(time.perf_counter() - t0)
-            active = [rows[i] for i in ctl.pending]
-            budgets = [ctl.extra.get(r.index) or max(1, params.max_tokens - r.n_generated) for r in active]
-            if not active or ctl.all_stopped:
-                break
+            for r in active:  # a row cut at its horizon stays open so the controller may continue or force it
+                r.finished = r.finish_reason == "stop"
+            if controller is not None:
+                ctl = Control(rows, t0)
+                controller(ctl, [r.index for r in active])
+                now = time.perf_counter() - t0
+                for i, text in ctl.pending.items():
+                    r = rows[i]
+                    r.pieces.append(text)
+                    r.forced.append(True)
+                    r.tokens.append(-1)
+                    r.times.append(now)
+                    limit[i] += ctl.extra.get(i, 0)
+                if ctl.all_stopped:
+                    break
+            for r in rows:
+                if not r.finished and r.n_generated >= limit[r.index]:
+                    r.finished, r.finish_reason = True, "length"
+            active = [r for r in rows if not r.finished]
         for r in rows:
-            r.finished = True
+            if not r.finished:
+                r.finished, r.finish_reason = True, r.finish_reason or "length"
         wall = time.perf_counter() - t0
-        return SampleResult(rows, 0, ttft or wall, wall, 0)
+        return SampleResult(rows, self.count_tokens(prompt), ttft if ttft is not None else wall, wall, rounds)
 
     def close(self) -> None:
         self.client.close()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
+from edgetts.models.families import TINY_NAME
+
 BOS, EOS, THINK, END_THINK = "<s>", "</s>", "<think>", "</think>"
 SPECIAL = (BOS, EOS, THINK, END_THINK)
 NUL_MERGE = ("Ā", "Ā")
@@ -111,6 +113,7 @@ def write_tokenizer_files(directory) -> None:
     (d / "tokenizer.json").write_text(json.dumps(tokenizer_json(), ensure_ascii=False, indent=1))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        "name_or_path": TINY_NAME,  # how engines without GGUF metadata recognise the tiny model's format
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": EOS,

@@ -9,6 +9,13 @@ all faster points.  A frontier point whose accuracy interval overlaps the interv
 frontier point is marked ``dominated_within_ci``: the measurements cannot tell it is better;
 ``strict`` drops such points.  Several profiles (model variants) merge into one frontier.
 
+Each point names the engine that runs it as an engine spec (``engine``, ``artifact``, and
+``url`` and ``engine_options`` where the engine has them; :func:`point_spec` turns a point back
+into an :class:`~edgetts.engines.spec.EngineSpec`), so the runtime opens whatever engine a point
+names.  Local artifact paths are stored relative to the config file's folder (built-in names
+stay names, server points keep the server's model name) and resolved against it on loading,
+so a config and its models can move together.
+
 The file is written through a temporary file and a rename.  :func:`load_config` checks the
 schema version, every required field, and that the frontier is non-empty and sorted, raising
 :class:`ParetoError` with a one-line message naming the field.
@@ -17,10 +24,16 @@ schema version, every required field, and that the frontier is non-empty and sor
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from edgetts.profiling.records import write_json_atomic
+from edgetts.engines import REGISTRY
+from edgetts.engines.base import EngineError
+from edgetts.engines.spec import EngineSpec
+from edgetts.fileio import write_json_atomic
+from edgetts.models import BUILTIN
 
 SCHEMA = "edgetts.pareto/v1"
 QUANTILES = ("p50", "p90", "p95", "p99")
@@ -58,12 +71,38 @@ def parse_constraints(spec: dict | None) -> dict:
     return spec
 
 
-def _point(cell: dict, artifact: str, quantile: str) -> dict:
+def _cell_spec(cell: dict) -> EngineSpec:
+    """The engine spec of a summary cell (older profiles name only the model: llama.cpp)."""
+    try:
+        spec = EngineSpec.from_dict(cell.get("engine") or {"engine": "llama.cpp", "artifact": cell["model"]})
+    except EngineError as e:
+        raise ParetoError(f"summary cell {cell.get('model')!r}: {e}") from None
+    if spec.url is None and spec.artifact and Path(spec.artifact).exists():
+        spec = EngineSpec(spec.engine, str(Path(spec.artifact).resolve()), None, spec.options)
+    return spec
+
+
+def _short_name(spec: EngineSpec) -> str:
+    if spec.url:
+        return f"{spec.engine}:{spec.artifact or 'model'}@{urlsplit(spec.url).netloc}"
+    stem = Path(spec.artifact or "").stem if spec.artifact not in BUILTIN else spec.artifact
+    return stem if spec.engine == "llama.cpp" else f"{spec.engine}:{stem}"
+
+
+def point_spec(point: dict) -> EngineSpec:
+    """The engine spec a frontier point names."""
+    return EngineSpec(point["engine"], point["artifact"], point.get("url"), dict(point.get("engine_options") or {}))
+
+
+def _point(cell: dict, quantile: str) -> dict:
     q = {k: 1000 * cell["latency_s"][k] for k in QUANTILES}
     memory = cell.get("peak_gpu_mb") or cell.get("peak_rss_mb")
+    spec = _cell_spec(cell)
     return {
-        "id": f"{Path(cell['model']).stem}/{cell['strategy']}/n{cell['n']}/b{cell['budget']}",
-        "model": cell["model"], "artifact": artifact, "engine": "llama.cpp", "strategy": cell["strategy"],
+        "id": f"{_short_name(spec)}/{cell['strategy']}/n{cell['n']}/b{cell['budget']}",
+        "model": cell["model"], "artifact": spec.artifact or "", "engine": spec.engine,
+        **({"url": spec.url} if spec.url else {}), **({"engine_options": spec.options} if spec.options else {}),
+        "strategy": cell["strategy"],
         "n": cell["n"], "budget": cell["budget"], "latency_ms": q[quantile], "latency_quantiles_ms": q,
         "accuracy": cell["accuracy"], "accuracy_ci95": cell["accuracy_ci95"], "queries": cell["queries"],
         "energy_j": cell.get("energy_j"), "energy_source": cell.get("energy_source"), "memory_mb": memory,
@@ -99,8 +138,6 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
     if quantile not in QUANTILES:
         raise ParetoError(f"quantile must be one of {', '.join(QUANTILES)}, got {quantile!r}")
     constraints = parse_constraints(constraints)
-    from edgetts.models import resolve_model
-
     candidates, device, task = [], None, None
     for d in map(Path, profiles):
         summary, sweep, dev = _load_profile(d)
@@ -108,11 +145,7 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
         s = sweep["sweep"]
         task = task or {"dataset": s["dataset"], "limit": s["limit"], "seed": s["seed"]}
         for cell in summary["cells"]:
-            try:
-                artifact = str(resolve_model(cell["model"]))
-            except ValueError:
-                artifact = cell["model"]
-            candidates.append(_point(cell, artifact, quantile))
+            candidates.append(_point(cell, quantile))
     if not candidates:
         raise ParetoError("the profiles hold no measured cells")
     for metric in constraints:
@@ -136,8 +169,24 @@ def write_config(config: dict, path: str | Path) -> Path:
     validate(config, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, config)
+    write_json_atomic(path, _paths(config, path.parent.resolve(), relative=True))
     return path
+
+
+def _paths(config: dict, base: Path, relative: bool) -> dict:
+    """The config with local artifact paths made relative to ``base`` (or resolved against it)."""
+    front = []
+    for p in config["frontier"]:
+        a = p["artifact"]
+        if p.get("url") or a in BUILTIN or not a:
+            front.append(p)
+        elif relative and Path(a).is_absolute():
+            front.append(dict(p, artifact=os.path.relpath(a, base)))
+        elif not relative and not Path(a).is_absolute():
+            front.append(dict(p, artifact=str((base / a).resolve())))
+        else:
+            front.append(p)
+    return dict(config, frontier=front)
 
 
 def validate(config: object, where: str = "config") -> dict:
@@ -156,6 +205,10 @@ def validate(config: object, where: str = "config") -> dict:
             if not isinstance(p, dict) or not isinstance(p.get(name), kind) or isinstance(p.get(name), bool):
                 what = getattr(kind, "__name__", "number")
                 raise ParetoError(f"{where}: frontier[{i}].{name} is missing or not a {what}")
+        if p["engine"] not in REGISTRY:
+            raise ParetoError(f"{where}: frontier[{i}].engine {p['engine']!r} is not one of: {', '.join(REGISTRY)}")
+        if not isinstance(p.get("url", ""), str) or not isinstance(p.get("engine_options", {}), dict):
+            raise ParetoError(f"{where}: frontier[{i}]: url must be a string and engine_options an object")
     lat = [p["latency_ms"] for p in front]
     if lat != sorted(lat):
         raise ParetoError(f"{where}: frontier is not sorted by latency_ms")
@@ -172,4 +225,4 @@ def load_config(path: str | Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ParetoError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return validate(config, str(path))
+    return _paths(validate(config, str(path)), path.parent.resolve(), relative=False)

@@ -7,8 +7,15 @@ or to another one (refused unless ``--force``).
 
 YAML shape (every key optional)::
 
-    models: [tiny]                 # built-in names or GGUF paths
-    engine: {n_ctx: 0, threads: 2, gpu_layers: 0}
+    models: [tiny]                 # built-in names, GGUF files, ONNX directories, quantize manifests,
+                                   # or engine specs: {engine: onnx-genai, artifact: DIR, options: {...}}
+    engine:                        # defaults for every model
+      name: auto                   # auto (from the artifact), llama.cpp, onnx-genai, openai-http, tensorrt
+      url: null                    # an OpenAI-compatible server (openai-http); models then name its model
+      n_ctx: 0                     # 0: sized from the largest cell
+      threads: 2
+      gpu_layers: 0
+      options: {}                  # engine options, e.g. {provider: cuda} or {parallel: n}
     dataset: arith
     limit: 50                      # problems, spread evenly over levels
     seed: 0
@@ -28,9 +35,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgetts.engines import REGISTRY, EngineError, EngineSpec
 from edgetts.strategies import STRATEGIES
 
-SINGLE_ROW = ("single", "budget-forcing", "length-hint")
 MODES = ("pooled", "direct")
 
 
@@ -40,14 +47,22 @@ class ConfigError(ValueError):
 
 @dataclass
 class EngineOptions:
+    name: str = "auto"
+    url: str | None = None
     n_ctx: int = 0  # 0: sized from the largest cell
     threads: int | None = None
     gpu_layers: int = 0
+    options: dict = field(default_factory=dict)
+
+    def defaults(self) -> dict:
+        """Options applied to every model whose engine takes them."""
+        return {"n_ctx": self.n_ctx or None, "threads": self.threads, "gpu_layers": self.gpu_layers or None,
+                **self.options}  # fmt: skip
 
 
 @dataclass
 class SweepConfig:
-    models: list[str] = field(default_factory=lambda: ["tiny"])
+    models: list = field(default_factory=lambda: ["tiny"])
     engine: EngineOptions = field(default_factory=EngineOptions)
     dataset: str = "arith"
     limit: int | None = 50
@@ -62,9 +77,9 @@ class SweepConfig:
 
     def __post_init__(self):
         if isinstance(self.engine, dict):
-            unknown = set(self.engine) - {"n_ctx", "threads", "gpu_layers"}
+            unknown = set(self.engine) - set(EngineOptions.__dataclass_fields__)
             if unknown:
-                raise ConfigError(f"engine: unknown option(s) {', '.join(sorted(unknown))}")
+                raise ConfigError(f"engine: unknown option(s) {', '.join(sorted(map(str, unknown)))}")
             self.engine = EngineOptions(**self.engine)
         self.validate()
 
@@ -73,8 +88,20 @@ class SweepConfig:
             if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in values):
                 raise ConfigError(f"{name}: expected a non-empty list of integers >= {lo}, got {values!r}")
 
-        if not self.models or not all(isinstance(m, str) and m for m in self.models):
-            raise ConfigError(f"models: expected a non-empty list of names or paths, got {self.models!r}")
+        if not isinstance(self.models, list) or not self.models:
+            raise ConfigError(f"models: expected a non-empty list of names, paths or engine specs, got {self.models!r}")
+        e = self.engine
+        if e.name != "auto" and e.name not in REGISTRY:
+            raise ConfigError(f"engine.name: unknown engine {e.name!r}; choose auto or one of: {', '.join(REGISTRY)}")
+        if e.url is not None and (not isinstance(e.url, str) or not e.url.startswith(("http://", "https://"))):
+            raise ConfigError(f"engine.url: expected an http:// or https:// URL, got {e.url!r}")
+        if not isinstance(e.options, dict):
+            raise ConfigError(f"engine.options: expected a mapping, got {e.options!r}")
+        for i, m in enumerate(self.models):
+            try:
+                EngineSpec.from_dict(m, f"models[{i}]")
+            except EngineError as err:
+                raise ConfigError(str(err)) from None
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if not self.strategies or bad:
             raise ConfigError(f"strategies: unknown {bad or self.strategies!r}; choose from {', '.join(STRATEGIES)}")
@@ -103,8 +130,32 @@ class SweepConfig:
         """(strategy, n, budget) for every configuration the sweep measures."""
         out = []
         for s in self.strategies:
-            for n in [1] if s in SINGLE_ROW else ([n for n in self.n if n > 1] or [max(self.n)]):
+            for n in [1] if STRATEGIES[s].single_row else ([n for n in self.n if n > 1] or [max(self.n)]):
                 out += [(s, n, b) for b in self.budgets]
+        return out
+
+    def specs(self) -> list[EngineSpec]:
+        """One engine spec per model variant: manifests expand to their artifacts (hash-checked),
+        each run by the engine of its format; the sweep's engine settings fill in the rest."""
+        from edgetts.engines import FORMATS
+
+        out = []
+        for i, m in enumerate(self.models):
+            spec = EngineSpec.from_dict(m, f"models[{i}]")
+            if spec.engine == "auto" and self.engine.name != "auto":
+                spec = EngineSpec(self.engine.name, spec.artifact, spec.url, spec.options)
+            if spec.url is None and self.engine.url:
+                spec = EngineSpec(spec.engine, spec.artifact, self.engine.url, spec.options)
+            manifest = _manifest(spec.artifact) if spec.url is None else None
+            if manifest is None:
+                out.append(spec.with_options(**self.engine.defaults()))
+                continue
+            for path, entry in _manifest_entries(manifest):
+                engine = FORMATS.get(entry.get("format"))
+                if engine is None:
+                    continue  # a format no engine here runs
+                variant = EngineSpec(engine, str(path), None, spec.options)
+                out.append(variant.with_options(**self.engine.defaults()))
         return out
 
     def resolved(self) -> dict:
@@ -112,3 +163,17 @@ class SweepConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _manifest(artifact: str | None) -> Path | None:
+    if not artifact:
+        return None
+    p = Path(artifact).expanduser()
+    manifest = p if p.name == "manifest.json" else p / "manifest.json"
+    return manifest if manifest.is_file() else None
+
+
+def _manifest_entries(manifest: Path) -> list[tuple[Path, dict]]:
+    from edgetts.quantization import manifest as mf
+
+    return mf.entries(manifest)

@@ -7,9 +7,10 @@ attention, which grows with every row's context.  Forcing text costs ``token_s``
 token (a small prefill).  :func:`calibrate` fits ``a, b, c`` by least squares on fixed-length
 runs of 1..``max_rows`` rows through the same controller path strategies use, and measures
 ``token_s`` from the prefill; then a few whole strategy calls fit what a call adds around
-the decode loop (``round_s`` + ``row_s`` per row).  :meth:`StepModel.latency` replays the rows
-of a cell: each round pays its time to first token and that overhead, then one step per token
-of its longest row, with the live-row count falling as rows finish.
+the decode loop (``round_s`` + ``row_s`` per row); both fits keep every coefficient >= 0.
+:meth:`StepModel.latency` replays the rows of a cell: each round pays its time to first token
+and that overhead, then one step per token of its longest row, with the live-row count falling
+as rows finish.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -
             xs.append([1.0, rows, rows * (n_prompt + s)])
             ys.append(times[s] - times[s - 1])
         prefill.append(res.ttft / n_prompt)
-    coef, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
-    a, b, c = (float(v) for v in coef)
+    a, b, c = nonnegative_lstsq(xs, ys)
     model = StepModel(a, b, c, float(np.median(prefill)))
     # What a whole strategy call adds around the decode loop, fitted on real calls.
     forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
@@ -79,6 +79,23 @@ def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -
         rounds = [[(r.thinking_tokens + r.answer_tokens, r.forced_answer) for r in trace.rows]]
         fx.append([1.0, rows])
         fy.append(trace.wall_s - model.latency(trace.ttft_s, trace.prompt_tokens, rounds, forced_len))
-    (model.round_s, model.row_s), *_ = np.linalg.lstsq(np.asarray(fx), np.asarray(fy), rcond=None)
-    model.round_s, model.row_s = float(model.round_s), float(model.row_s)
+    model.round_s, model.row_s = nonnegative_lstsq(fx, fy)
     return model
+
+
+def nonnegative_lstsq(xs, ys) -> list[float]:
+    """Least squares with every coefficient >= 0 (a few columns: drop the most negative one and refit).
+
+    Each coefficient is a cost in seconds; a noisy fit on a busy machine can make one negative,
+    and a negative cost would rank some cells faster than free.
+    """
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while keep:
+        fit, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+        if (fit >= 0).all():
+            coef[keep] = fit
+            break
+        keep.pop(int(np.argmin(fit)))
+    return [float(v) for v in coef]

@@ -9,33 +9,28 @@ there (its natural answer when it ended its reasoning earlier) and how many toke
 Row ``i`` has the same seed as row ``i`` of a direct run, so it samples the same thinking
 tokens; only the answer after a cut is drawn from a separate (seeded) sampler.
 
-Cells are derived from the pool without new sampling:
-
-* ``single``: mean correctness over the pool's rows;
-* ``majority``: expected accuracy of a vote over ``n`` rows (random ``n``-subsets);
-* ``esc`` / ``adaptive``: their stopping rules replayed on random orderings of ``n`` rows;
-* ``first-finish``: the shortest row of an ``n``-subset, exactly over all subsets.
+Cells are derived from the pool without new sampling, by the strategy's own estimator
+(``Strategy.pool_estimate`` and ``Strategy.pool_rounds``, built on
+:mod:`edgetts.strategies.pooling`): single as the pool mean, majority as the expected vote over
+``n``-subsets, ESC and Adaptive-Consistency by replaying their stopping rules on random
+orderings, First Finish exactly over all ``n``-subsets.  Nothing here names a strategy.
 
 Latency comes from a step-time model (:mod:`edgetts.profiling.latency`) applied to the rows a
-direct run would use (the first ``n`` seeds, in order).  Strategies that change what is sampled
-(budget forcing's "Wait", the length hint) or need per-row scores (weighted, best-of-n) are not
-pooled; the runner measures those cells directly.
+direct run would use (the first ``n`` seeds, in order).  Strategies that are not ``pooled``
+(they change what is sampled or need per-row scores) are measured directly by the runner, and
+so is every cell on an engine without probes.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, replace
 
 from edgetts.engines.base import Control, SamplingParams
-from edgetts.evaluate import expected_majority
-from edgetts.strategies import aggregate as agg
+from edgetts.strategies import STRATEGIES
 from edgetts.strategies.base import BudgetController, RunConfig
+from edgetts.strategies.pooling import PoolSample
 from edgetts.tasks.grading import extract_answer, is_equivalent
-
-POOLED = ("single", "majority", "esc", "adaptive", "first-finish")
-SUBSETS = 100
 
 
 @dataclass
@@ -90,70 +85,19 @@ def sample_pool(engine, family, prompt: str, n_max: int, budgets: list[int], sam
     return pool, res.ttft, res.prompt_tokens
 
 
-# How each round-based vote draws rows and when it stops, the same functions its strategy uses.
-ROUNDS = {
-    "esc": (agg.esc_rounds, lambda used, last: agg.esc_should_stop(last, len(last))),
-    "adaptive": (agg.adaptive_rounds, lambda used, last: agg.adaptive_should_stop(used)),
-}
-
-
-def replay(strategy: str, answers: list[str | None]) -> tuple[str | None, int]:
-    """(answer, rows used) of ``esc``/``adaptive`` (default options) on rows drawn in this order."""
-    sizes, stop = ROUNDS[strategy]
-    k = agg.replay_rounds(answers, sizes(len(answers)), stop)
-    return agg.majority_vote(answers[:k]).answer, k
+def at_budget(pool: list[PoolRow], b: int) -> list[PoolSample]:
+    return [PoolSample(p.answers[b], p.steps[b], p.thinking[b], p.forced[b]) for p in pool]
 
 
 def cell_estimate(strategy: str, n: int, b: int, pool: list[PoolRow], gold: str, rng: random.Random) -> dict:
-    """Expected correctness and tokens of one cell on one problem, and the rows a direct run uses."""
-    answers = [p.answers[b] for p in pool]
-    verdicts = {a: is_equivalent(a, gold) for a in set(answers)}  # few distinct answers: grade each once
-    mean_steps = sum(p.steps[b] for p in pool) / len(pool)
-    mean_think = sum(p.thinking[b] for p in pool) / len(pool)
-    if strategy == "single":
-        ok = sum(verdicts[a] for a in answers) / len(answers)
-        return {"correct": ok, "tokens": mean_steps, "thinking": mean_think, "rows_used": 1.0}
-    if strategy == "majority":
-        return {"correct": expected_majority(answers, gold, n, 2 * SUBSETS, rng), "tokens": n * mean_steps,
-                "thinking": n * mean_think, "rows_used": float(n)}  # fmt: skip
-    if strategy == "first-finish":
-        # Exact over all n-subsets: the k-th shortest row wins when the other n-1 come from the
-        # rows after it, with probability C(N-1-k, n-1) / C(N, n).  Every row runs until it wins.
-        order = sorted(range(len(pool)), key=lambda i: (pool[i].steps[b], i))
-        total = math.comb(len(pool), n)
-        ok = tok = think = 0.0
-        for k, i in enumerate(order):
-            w = math.comb(len(pool) - 1 - k, n - 1) / total
-            ok += w * verdicts[answers[i]]
-            tok += w * n * pool[i].steps[b]
-            think += w * n * pool[i].thinking[b]
-        return {"correct": ok, "tokens": tok, "thinking": think, "rows_used": float(n)}
-    ok = tok = think = used = 0.0
-    for _ in range(SUBSETS):
-        idx = rng.sample(range(len(pool)), n)
-        ans, k = replay(strategy, [answers[i] for i in idx])
-        ok += verdicts.get(ans, False)
-        tok += sum(pool[i].steps[b] for i in idx[:k])
-        think += sum(pool[i].thinking[b] for i in idx[:k])
-        used += k
-    return {"correct": ok / SUBSETS, "tokens": tok / SUBSETS, "thinking": think / SUBSETS, "rows_used": used / SUBSETS}
+    """Expected correctness and tokens of one cell on one problem."""
+    samples = at_budget(pool, b)
+    verdicts = {a: is_equivalent(a, gold) for a in {s.answer for s in samples}}  # few distinct: grade each once
+    est = STRATEGIES[strategy].pool_estimate(n, samples, verdicts, rng)
+    return {"correct": est.correct, "tokens": est.tokens, "thinking": est.thinking, "rows_used": est.rows_used}
 
 
 def direct_rows(strategy: str, n: int, b: int, pool: list[PoolRow]) -> list[list[tuple[int, bool]]]:
     """Rounds of (steps, forced) for the rows a direct run would decode (seeds 0..n-1, in order)."""
-    rows = [(p.steps[b], p.forced[b]) for p in pool]
-    if strategy == "single":
-        return [rows[:1]]
-    if strategy == "majority":
-        return [rows[:n]]
-    if strategy == "first-finish":
-        first = min(s for s, _ in rows[:n])
-        return [[(first, f) for _, f in rows[:n]]]
-    _, k = replay(strategy, [p.answers[b] for p in pool[:n]])
-    out, start = [], 0
-    for size in ROUNDS[strategy][0](n):
-        if start >= k:
-            break
-        out.append(rows[start : start + size])
-        start += size
-    return out
+    rounds = STRATEGIES[strategy].pool_rounds(n, at_budget(pool, b))
+    return [[(s.steps, s.forced) for s in rows] for rows in rounds]

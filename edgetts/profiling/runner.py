@@ -7,7 +7,9 @@ Layout of the directory::
     records.jsonl   one record per measured query (edgetts.profiling.records)
     summary.json    one entry per cell (edgetts.profiling.summary)
 
-Every query has a stable key ``model|strategy|n<N>|b<budget>|r<repeat>|<problem id>``.  A
+Every query has a stable key ``model|strategy|n<N>|b<budget>|r<repeat>|<problem id>``, where
+``model`` is the engine spec's label (the artifact for llama.cpp, else engine, artifact and
+URL); every record also carries the whole spec (``engine``), so a Pareto point can reopen it.  A
 rerun loads the records, skips every key already there and measures the rest, so a profile
 killed at any point (SIGKILL included) continues without losing or repeating a record.
 Seeds depend only on the key (rows of repeat ``r`` use ``seed + 1000 r + i``), so the
@@ -17,6 +19,9 @@ rather than being deleted.
 
 Direct mode runs every cell as production would: the strategy with its budget on the real
 engine, one query at a time, each wrapped in a :class:`~edgetts.telemetry.meters.QueryMeter`.
+Pooled mode (:mod:`edgetts.profiling.pooled`) covers the strategies that declare themselves
+``pooled`` on engines with probes; every other cell runs directly.  A strategy that needs a
+capability one of the sweep's engines lacks is refused before anything is measured.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from edgetts.fileio import write_json_atomic
 from edgetts.profiling.config import SweepConfig
-from edgetts.profiling.pooled import POOLED
-from edgetts.profiling.records import RecordLog, write_json_atomic
+from edgetts.profiling.records import RecordLog
 from edgetts.profiling.summary import summarize
 
 
@@ -57,18 +62,6 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
     write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved()})
 
 
-def expand_models(models: list[str]) -> list[str]:
-    """Model entries with every quantize manifest replaced by its GGUF artifacts (hash-checked)."""
-    from edgetts.quantization.manifest import artifacts
-
-    out = []
-    for m in models:
-        p = Path(m)
-        manifest = p if p.name == "manifest.json" else p / "manifest.json"
-        out += [str(a) for a in artifacts(manifest)] if manifest.is_file() else [m]
-    return out
-
-
 def record_key(model: str, strategy: str, n: int, budget: int, repeat: int, problem: str) -> str:
     return f"{model}|{strategy}|n{n}|b{budget}|r{repeat}|{problem}"
 
@@ -80,33 +73,38 @@ def run_profile(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """Measure every missing query of ``cfg`` into ``out``; returns the summary."""
-    from edgetts.engines.llamacpp import LlamaCppEngine
-    from edgetts.models import resolve_model
-    from edgetts.models.families import guess_family
-    from edgetts.strategies import RunConfig, create
+    from edgetts.engines import engine_class, open_engine
+    from edgetts.strategies import STRATEGIES, RunConfig, create
     from edgetts.tasks.datasets import load_dataset
     from edgetts.telemetry.device import fingerprint
     from edgetts.telemetry.meters import QueryMeter
 
     out = Path(out)
     examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
-    models = expand_models(cfg.models)
-    paths = {m: resolve_model(m) for m in models}  # fail on a bad model before touching the directory
+    specs = [s.resolved() for s in cfg.specs()]  # fail on a bad model before touching the directory
+    cells = cfg.cells()
+    for spec in specs:
+        cls = engine_class(spec.engine)
+        for name in {c[0] for c in cells}:
+            missing = [cap for cap in STRATEGIES[name].requires if not getattr(cls, cap, False)]
+            if missing:
+                raise ProfileError(f"strategy {name!r} needs an engine with {', '.join(missing)}; "
+                                   f"{spec.engine!r} ({spec.label}) lacks it")  # fmt: skip
     prepare_dir(out, cfg, force)
     if not (out / "device.json").exists():
         write_json_atomic(out / "device.json", fingerprint())
     log = RecordLog(out / "records.jsonl")
     done = log.load()
-    cells = cfg.cells()
-    total = len(models) * len(cells) * cfg.repeats * len(examples)
+    total = len(specs) * len(cells) * cfg.repeats * len(examples)
     count = len(done)
     if progress:
         progress(count, total, "resuming" if count else "starting")
-    meter = QueryMeter()
-    ctx = Context(cfg, log, done, meter, progress, total)
+    ctx = Context(cfg, log, done, QueryMeter(), progress, total)
     ctx.count = count
-    for model in models:
-        pooled = [c for c in cells if cfg.mode == "pooled" and c[0] in POOLED]
+    for spec in specs:
+        model = spec.label
+        can_pool = cfg.mode == "pooled" and engine_class(spec.engine).probes
+        pooled = [c for c in cells if can_pool and STRATEGIES[c[0]].pooled]
         direct = [c for c in cells if c not in pooled]
         todo = [
             (s, n, b, r, ex) for s, n, b in direct for r in range(cfg.repeats) for ex in examples
@@ -118,11 +116,10 @@ def run_profile(
         ]  # fmt: skip
         if not todo and not todo_pool:
             continue
-        max_n, max_b = max(n for _, n, _ in cells), max(cfg.budgets)
-        n_ctx = cfg.engine.n_ctx or max_n * (4 * max_b + 160) + 1024
-        engine = LlamaCppEngine(paths[model], n_ctx=n_ctx, n_threads=cfg.engine.threads,
-                                n_gpu_layers=cfg.engine.gpu_layers, max_rows=max_n)  # fmt: skip
-        family = guess_family(model, engine.chat_template(), engine.meta("general.name"))
+        answer = RunConfig().answer_tokens
+        engine, family = open_engine(spec, max_rows=max(n for _, n, _ in cells), max_tokens=max(cfg.budgets) + answer,
+                                     probe_tokens=answer if pooled else 0)  # fmt: skip
+        ctx.spec = spec.to_dict()
         try:
             for ex in examples[: cfg.warmup]:  # untimed: caches, allocations, clocks ramping up
                 s, n, b = cells[0]
@@ -142,8 +139,10 @@ class Context:
     def __init__(self, cfg, log, done, meter, progress, total):
         self.cfg, self.log, self.done, self.meter, self.progress, self.total = cfg, log, done, meter, progress, total
         self.count = 0
+        self.spec: dict = {}  # the engine spec of the model being measured, carried by every record
 
     def write(self, record: dict, what: str) -> None:
+        record["engine"] = self.spec
         self.log.append(record)
         self.count += 1
         if self.progress:

@@ -1,6 +1,7 @@
 """``summary.json``: one entry per configuration cell, computed from the records alone.
 
-Fields per cell: ``model``, ``strategy``, ``n``, ``budget``, ``queries``; ``accuracy`` with its
+Fields per cell: ``model`` (the engine spec's label), ``engine`` (the spec), ``strategy``, ``n``,
+``budget``, ``queries``; ``accuracy`` with its
 95% Wilson interval (``accuracy_ci95``: [low, high]); latency ``latency_s`` p50/p90/p95/p99
 (nearest-rank over queries) and mean; ``ttft_s`` and ``tpot_s`` means; ``tokens``: mean
 generated, thinking and answer tokens per query and mean rows used; ``energy_j`` (mean per
@@ -43,7 +44,8 @@ def summarize(records: dict[str, dict]) -> dict:
         sources = sorted({r["energy_source"] for r in recs})
         gpu = [r["peak_gpu_mb"] for r in recs if r.get("peak_gpu_mb") is not None]
         entry = {
-            "model": model, "strategy": strategy, "n": n, "budget": budget, "queries": len(recs),
+            "model": model, "engine": recs[0].get("engine") or {"engine": "llama.cpp", "artifact": model},
+            "strategy": strategy, "n": n, "budget": budget, "queries": len(recs),
             "accuracy": ok / len(recs), "accuracy_ci95": list(wilson(ok, len(recs))),
             "latency_s": {"p50": quantile(lat, 0.5), "p90": quantile(lat, 0.9), "p95": quantile(lat, 0.95),
                           "p99": quantile(lat, 0.99), "mean": mean(lat)},

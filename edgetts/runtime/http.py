@@ -1,4 +1,8 @@
-"""The FastAPI routes of ``edgetts serve`` (the request logic lives in :mod:`edgetts.runtime.server`)."""
+"""The FastAPI app of ``edgetts serve``: :func:`create_app` and its routes.
+
+The request logic lives in :mod:`edgetts.runtime.server`, which knows nothing of FastAPI; this
+module imports it, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgetts.runtime.executor import Executor
+from edgetts.runtime.policy import Policy
 from edgetts.runtime.server import APIError, Server, sse
 
 
@@ -119,3 +125,26 @@ def _stream(rid: str, created: int, out: dict, info: dict, chat: bool):
         yield sse(dict(base, object=obj, choices=[{"index": 0, "text": out["text"], "finish_reason": None}]))
         yield sse(dict(base, object=obj, choices=[{"index": 0, "text": "", "finish_reason": "stop"}], edgetts=info))
     yield "data: [DONE]\n\n"
+
+
+def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
+               overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None):  # fmt: skip
+    """The app serving ``config``; every engine its frontier names is opened before it returns."""
+    import os
+    import sys
+
+    # The engine thread needs the GIL between native calls; under a flood of connections the HTTP
+    # thread would otherwise keep it up to 5 ms at a time, and deadlines here are milliseconds.
+    sys.setswitchinterval(0.0005)
+    policy = Policy.load(config)
+    # One core stays with the HTTP loop: llama.cpp's worker threads spin at every graph barrier,
+    # and on a small CPU an extra busy thread makes each decode step several times slower.
+    executor = Executor(policy, threads=threads or max(1, (os.cpu_count() or 2) - 1))
+    try:
+        for point in policy.frontier:
+            executor.engine(point)  # open every engine now: the first request must not pay for it
+    except BaseException:
+        executor.close()
+        raise
+    server = Server(policy, executor, default_deadline_ms, max_queue, overload)
+    return build_app(server, api_key, max_body_bytes)

@@ -29,14 +29,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from edgetts.runtime.executor import Executor, Late, Request
+from edgetts.engines import EngineError
+from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
+from edgetts.runtime.planning import MARGIN, MAX_RATIO, OVERHEAD_MS, Late, Plan, Request
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import STRATEGIES, StrategyError
-
-MARGIN = 1.25  # least safety factor on predicted latencies at admission
-MAX_RATIO = 4.0  # one outlier request moves the queue factor at most this far
-OVERHEAD_MS = 2.0  # per request, outside the engine
 
 
 class APIError(Exception):
@@ -133,7 +131,7 @@ class Server:
         self.metrics = Metrics()
         self.service_ratio = MARGIN  # observed worker time over predicted time, moving average
 
-    def admit(self, rid: str, req: Request):
+    def admit(self, rid: str, req: Request) -> Plan:
         with self.lock:
             if len(self.pending) >= self.max_queue:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
@@ -141,20 +139,19 @@ class Server:
             # Predictions are profiled engine times; requests also pay HTTP and thread hand-offs.
             factor = max(MARGIN, self.service_ratio)
             wait = sum(self.pending.values()) * factor + OVERHEAD_MS * len(self.pending)
-            expert = req.strategy or req.n or req.budget
-            budget_ms = req.deadline_ms if self.overload == "refuse" or expert else req.deadline_ms - wait
-            choice, strategy, n, budget = self.executor.plan(req, max(budget_ms, 0.0))
+            budget_ms = req.deadline_ms if self.overload == "refuse" or req.expert else req.deadline_ms - wait
+            plan = self.executor.plan(req, max(budget_ms, 0.0))
             # The request's own time: the policy's prediction (already recalibrated) with the fixed margin;
             # the queue's: scaled by what the worker really took (one slow request must not refuse all).
-            predicted = choice.predicted_ms * MARGIN + OVERHEAD_MS
-            if not expert and (choice.miss or wait + predicted > req.deadline_ms):
+            predicted = plan.choice.predicted_ms * MARGIN + OVERHEAD_MS
+            if not req.expert and (plan.choice.miss or wait + predicted > req.deadline_ms):
                 retry = max(1, math.ceil((wait + predicted - req.deadline_ms) / 1000))
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} behind {len(self.pending)} queued "
                                f"request(s) (about {wait:.0f} ms)", code="deadline_unmeetable", kind="rate_limit_error",
                                headers={"Retry-After": str(retry)})  # fmt: skip
-            self.pending[rid] = choice.predicted_ms
+            self.pending[rid] = plan.choice.predicted_ms
             self.metrics.queue_depth = len(self.pending)
-            return choice, strategy, n, budget
+            return plan
 
     def release(self, rid: str) -> None:
         with self.lock:
@@ -166,12 +163,12 @@ class Server:
         req, opts = parse(body, chat, self.default_deadline_ms)
         rid = uuid.uuid4().hex[:24]
         try:
-            choice, strategy, n, budget = self.admit(rid, req)
+            plan = self.admit(rid, req)
         except StrategyError as e:
             raise APIError(400, str(e), "edgetts") from None
         try:
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self.worker, self.executor.run, req, choice, strategy, n, budget, started,
+            fut = loop.run_in_executor(self.worker, self.executor.run, req, plan, started,
                                        max(1.0, min(self.service_ratio, 2.0)))  # fmt: skip
             while not fut.done():
                 if await request.is_disconnected():
@@ -187,55 +184,37 @@ class Server:
                     kind="rate_limit_error",
                     headers={"Retry-After": "1"},
                 ) from None
+            except EngineError as e:  # the engine refused this request (too long for its context, say)
+                raise APIError(400, str(e)) from None
         finally:
             self.release(rid)
         if req.cancel.is_set():
-            self.metrics.request("cancelled", result["total_ms"] / 1000)
+            self.metrics.request("cancelled", result.total_ms / 1000)
             raise APIError(499, "client disconnected", code="cancelled")
-        trace = result["trace"]
-        if not (req.strategy or req.n or req.budget):  # expert overrides run other work than the point
+        trace, plan = result.trace, result.plan
+        if not req.expert:  # expert overrides run other work than the point
             with self.lock:  # how much longer than predicted the worker really takes per request
-                ratio = result["service_ms"] / max(self.policy.predicted_ms(result["choice"].point), 0.1)
+                ratio = result.service_ms / max(self.policy.predicted_ms(plan.point), 0.1)
                 self.service_ratio = 0.5 * self.service_ratio + 0.5 * min(ratio, MAX_RATIO)
-        choice, strategy, n, budget = result["choice"], result["strategy"], result["n"], result["budget"]
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
-        self.metrics.request("ok", result["total_ms"] / 1000, choice.point["id"], trace.generated_tokens,
-                             missed=not result["deadline_met"])  # fmt: skip
+        self.metrics.request("ok", result.total_ms / 1000, plan.point["id"], trace.generated_tokens,
+                             missed=not result.deadline_met)  # fmt: skip
         info = {
-            "point_id": choice.point["id"], "point_index": choice.index, "strategy": strategy, "n": n, "budget": budget,
+            "point_id": plan.point["id"], "point_index": plan.choice.index, "engine": plan.point["engine"],
+            "strategy": plan.strategy, "n": plan.n, "budget": plan.budget,
             "answer": trace.answer, "votes": trace.votes, "rows_used": trace.rows_used, "early_stop": trace.early_stop,
-            "latency_ms": round(result["total_ms"], 3), "deadline_ms": req.deadline_ms,
-            "deadline_met": result["deadline_met"], "generated_tokens": trace.generated_tokens,
+            "latency_ms": round(result.total_ms, 3), "deadline_ms": req.deadline_ms,
+            "deadline_met": result.deadline_met, "generated_tokens": trace.generated_tokens,
         }  # fmt: skip
         return {
             "text": text,
             "edgetts": info,
-            "model": opts["model"] or choice.point["model"],
+            "model": opts["model"] or plan.point["model"],
             "prompt_tokens": trace.prompt_tokens,
             "stream": opts["stream"],
         }, info
-
-
-def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
-               overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None):  # fmt: skip
-    import os
-    import sys
-
-    from edgetts.runtime.http import build_app
-
-    # The engine thread needs the GIL between native calls; under a flood of connections the HTTP
-    # thread would otherwise keep it up to 5 ms at a time, and deadlines here are milliseconds.
-    sys.setswitchinterval(0.0005)
-    policy = Policy.load(config)
-    # One core stays with the HTTP loop: llama.cpp's worker threads spin at every graph barrier,
-    # and on a small CPU an extra busy thread makes each decode step several times slower.
-    executor = Executor(policy, threads=threads or max(1, (os.cpu_count() or 2) - 1))
-    for artifact in {p["artifact"] for p in policy.frontier}:
-        executor.engine(artifact)  # load every model now: the first request must not pay for it
-    server = Server(policy, executor, default_deadline_ms, max_queue, overload)
-    return build_app(server, api_key, max_body_bytes)
 
 
 def sse(obj) -> str:

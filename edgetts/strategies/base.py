@@ -13,7 +13,8 @@ all need, step by step over the live rows:
   (``ANSWER_STEPS``); when the time left could no longer fit that, every thinking row is
   forced to answer now, and when not even one more step fits, all rows stop.  So a call
   returns no later than the deadline plus one decode step, unless the prompt alone takes
-  longer than the deadline.
+  longer than the deadline.  On an engine that cannot step (rounds of server requests) the
+  deadline is checked between rounds only.
 
 Hooks let a strategy add its own rule (replace an early end of thinking with "Wait", stop
 rows of low confidence, stop everything when the first row finishes).
@@ -28,6 +29,7 @@ from typing import ClassVar
 
 from edgetts.engines.base import Control, Engine, Row, SampleResult, SamplingParams
 from edgetts.models.families import Family, build_prompt
+from edgetts.strategies.pooling import Estimate
 from edgetts.tasks.grading import extract_answer
 
 ANSWER_STEPS = 8  # decode steps reserved for a forced answer ("\boxed{42}", "The answer is 383")
@@ -103,8 +105,11 @@ class BudgetController:
                  prompt_tokens: int = 1):  # fmt: skip
         self.family = family
         self.cfg = cfg
-        self.end_ids = engine.tokenize(family.think_end) if family.think_end else []
-        self.forced_len = len(engine.tokenize(family.think_end + family.answer_prefix))
+        # An engine that cannot step hands back whole rounds of text: the end of thinking is found
+        # in the text, and a forced text is one entry of the row.
+        self.text_mode = not engine.steppable
+        self.end_ids = engine.tokenize(family.think_end) if family.think_end and not self.text_mode else []
+        self.forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
         self.prompt_tokens = max(1, prompt_tokens)
         self.token_s: float | None = None  # prefill cost of one token
         self.answer_start: dict[int, int] = {}  # row -> index in row.tokens where the answer begins
@@ -128,11 +133,28 @@ class BudgetController:
     def thinking_tokens(self, row: Row) -> int:
         return self.think_count.get(row.index, row.n_generated)
 
+    def horizon(self, row: Row) -> int:
+        """Tokens ``row`` may sample before this controller must see it again (engines that cannot step)."""
+        if row.index in self.answer_start:
+            return max(1, self.cfg.answer_tokens - (row.n_generated - self.think_count[row.index]))
+        return max(1, self.cfg.budget - row.n_generated)
+
     def _force_answer(self, ctl: Control, row: Row) -> None:
         ctl.force(row.index, self.family.think_end + self.family.answer_prefix, extra_tokens=self.cfg.answer_tokens)
         self.forced_answer.add(row.index)
-        self.answer_start[row.index] = len(row.tokens) + len(self.end_ids)
+        self.answer_start[row.index] = len(row.tokens) + (1 if self.text_mode else len(self.end_ids))
         self.think_count[row.index] = row.n_generated
+
+    def _end_in_text(self, row: Row) -> None:
+        """Text mode: where the row's own end of thinking fell in a round's text, in estimated tokens."""
+        text, end = row.text, self.family.think_end
+        at = text.find(end) if end else -1
+        if at < 0:
+            return
+        after = len(text) - at - len(end)  # characters of answer the round already wrote
+        answered = round(row.n_generated * after / max(1, len(text)))
+        self.answer_start[row.index] = len(row.tokens) - answered
+        self.think_count[row.index] = row.n_generated - answered
 
     def __call__(self, ctl: Control, stepped: list[int]) -> None:
         if self.cfg.cancel is not None and self.cfg.cancel.is_set():
@@ -147,6 +169,8 @@ class BudgetController:
         self.last_step = now
         for i in stepped:
             r = ctl.rows[i]
+            if self.text_mode and i not in self.answer_start:
+                self._end_in_text(r)  # also for rows that just finished: their traces count answer tokens
             if r.finished:
                 continue
             if i in self.answer_start:
@@ -158,7 +182,11 @@ class BudgetController:
                     self.think_count[i] = r.n_generated - len(self.end_ids)
             elif self.thinking_tokens(r) >= self.cfg.budget:
                 self._force_answer(ctl, r)
-        if self.deadline_s is not None:
+        if self.deadline_s is not None and self.text_mode:
+            if now >= self.deadline_s:  # rounds cannot be cut: the deadline is checked between them
+                ctl.stop_all("deadline")
+                return
+        elif self.deadline_s is not None:
             left = self.deadline_s - now
             if left < self.step_s:
                 ctl.stop_all("deadline")
@@ -179,8 +207,22 @@ class Strategy(ABC):
     """Base class: set ``name`` and ``requires``, implement :meth:`run`."""
 
     name: ClassVar[str] = ""
-    requires: ClassVar[tuple[str, ...]] = ("steppable", "forced_tokens")
+    # Engine capabilities the strategy needs; every budget needs forced text (the cut answer).
+    requires: ClassVar[tuple[str, ...]] = ("forced_tokens",)
     controller_class: ClassVar[type[BudgetController]] = BudgetController
+    # What profiling needs to know (edgetts.profiling reads these, never strategy names):
+    single_row: ClassVar[bool] = False  # always one row: a sweep measures it at n = 1 only
+    pooled: ClassVar[bool] = False  # pool_estimate/pool_rounds can stand in for running it
+
+    @classmethod
+    def pool_estimate(cls, n: int, samples, verdicts: dict, rng) -> Estimate:
+        """Expected correctness and cost at parallelism ``n`` from a pool (see :mod:`.pooling`)."""
+        raise NotImplementedError(f"strategy {cls.name!r} cannot be estimated from a pool")
+
+    @classmethod
+    def pool_rounds(cls, n: int, samples) -> list[list]:
+        """The rounds of pool rows a direct run at parallelism ``n`` would decode."""
+        return [list(samples[: 1 if cls.single_row else n])]
 
     def __init__(self, engine: Engine, family: Family, cfg: RunConfig, **options):
         missing = [cap for cap in self.requires if not getattr(engine, cap, False)]
@@ -220,10 +262,13 @@ class Strategy(ABC):
 
     def row_trace(self, row: Row, ctl: BudgetController) -> RowTrace:
         ans_at = ctl.answer_start.get(row.index, len(row.tokens))
+        # A row stopped (deadline, cancel) while still reasoning stated no answer: a number from the
+        # middle of its reasoning is not a vote.
+        cut = bool(self.family.think_end) and row.index not in ctl.answer_start and row.finish_reason != "stop"
         return RowTrace(
             thinking_tokens=sum(1 for f in row.forced[:ans_at] if not f),
             answer_tokens=sum(1 for f in row.forced[ans_at:] if not f),
-            answer=self.answer(row),
+            answer=None if cut else self.answer(row),
             finish_reason=row.finish_reason,
             forced_answer=row.index in ctl.forced_answer,
             waits=ctl.waits.get(row.index, 0),
@@ -235,6 +280,8 @@ class Strategy(ABC):
 
     def trace(self, rows: list[RowTrace], answer, votes, started: float, ttft, early_stop=None) -> Trace:
         wall = time.perf_counter() - started
+        if early_stop is None and any(r.finish_reason == "deadline" for r in rows):
+            early_stop = "deadline"  # the result says why rows (or the answer) are missing
         met = None if self.cfg.deadline_ms is None else wall * 1000 <= self.cfg.deadline_ms
         return Trace(self.name, answer, rows, len(rows), early_stop, votes, wall, ttft,
                      sum(r.thinking_tokens + r.answer_tokens for r in rows), self.cfg.deadline_ms, met,

@@ -18,11 +18,18 @@ from __future__ import annotations
 import time
 
 from edgetts.engines.base import Control, Row
+from edgetts.strategies import pooling
 from edgetts.strategies.base import BudgetController, Strategy, StrategyError, Trace
 
 
 class Single(Strategy):
     name = "single"
+    single_row = True
+    pooled = True
+
+    @classmethod
+    def pool_estimate(cls, n, samples, verdicts, rng):
+        return pooling.mean_of_rows(samples, verdicts)
 
     def run(self, question: str) -> Trace:
         t0 = time.perf_counter()
@@ -49,6 +56,8 @@ class _WaitController(BudgetController):
 
 class BudgetForcing(Single):
     name = "budget-forcing"
+    pooled = False  # "Wait" changes what is sampled
+    requires = ("steppable", "forced_tokens")  # "Wait" replaces the end-of-thinking token as it is sampled
 
     def configure(self, max_waits: int = 1, min_thinking: int | None = None, wait_text: str = "Wait") -> None:
         if max_waits < 0 or (min_thinking is not None and min_thinking < 0):
@@ -61,6 +70,7 @@ class BudgetForcing(Single):
 
 class LengthHint(Single):
     name = "length-hint"
+    pooled = False  # the hint changes the prompt
     hint = "\nLimit your reasoning to {budget} tokens."
 
     def configure(self, hard_cap: bool = True, soft_factor: int = 4) -> None:
@@ -88,14 +98,24 @@ class _FirstFinishController(BudgetController):
 
     def on_step(self, ctl: Control, stepped: list[int]) -> None:
         done = [i for i in stepped if ctl.rows[i].finish_reason == "stop"]
-        if done and self.winner is None:
-            self.winner = min(done)
+        if done and self.winner is None:  # several at once (a round of server requests): the shortest
+            self.winner = min(done, key=lambda i: (ctl.rows[i].n_generated, i))
             ctl.stop_all("first-finish")
 
 
 class FirstFinish(Strategy):
     name = "first-finish"
     controller_class = _FirstFinishController
+    pooled = True
+
+    @classmethod
+    def pool_estimate(cls, n, samples, verdicts, rng):
+        return pooling.first_finisher(n, samples, verdicts)
+
+    @classmethod
+    def pool_rounds(cls, n, samples):
+        first = min(s.steps for s in samples[:n])  # every row stops when the first one finishes
+        return [[pooling.PoolSample(s.answer, first, min(s.thinking, first), s.forced) for s in samples[:n]]]
 
     def run(self, question: str) -> Trace:
         t0 = time.perf_counter()

@@ -29,11 +29,17 @@ from typing import Protocol
 
 from edgetts.engines.base import Control, Row
 from edgetts.strategies import aggregate as agg
+from edgetts.strategies import pooling
 from edgetts.strategies.base import BudgetController, RowTrace, Strategy, StrategyError, Trace
 
 
 class Majority(Strategy):
     name = "majority"
+    pooled = True
+
+    @classmethod
+    def pool_estimate(cls, n, samples, verdicts, rng):
+        return pooling.expected_vote(n, samples, verdicts, rng)
 
     def run(self, question: str) -> Trace:
         t0 = time.perf_counter()
@@ -159,13 +165,35 @@ class BestOfN(Strategy):
 
 
 class _Rounds(Strategy):
-    """Draw rows in rounds until a stopping rule holds on all answers so far (or n rows)."""
+    """Draw rows in rounds until a stopping rule holds on all answers so far (or n rows).
+
+    ``round_sizes(n)`` and ``stop_rule(answers, last_round)`` (class methods, default options) are
+    shared by :meth:`run` and by pooled profiling's replay of the rule.
+    """
+
+    pooled = True
+
+    @staticmethod
+    def round_sizes(n: int) -> list[int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def stop_rule(answers: list[str | None], last_round: list[str | None]) -> bool:
+        raise NotImplementedError
 
     def sizes(self) -> list[int]:
-        raise NotImplementedError
+        return self.round_sizes(self.cfg.n)
 
     def should_stop(self, answers: list[str | None], last_round: list[str | None]) -> bool:
-        raise NotImplementedError
+        return self.stop_rule(answers, last_round)
+
+    @classmethod
+    def pool_estimate(cls, n, samples, verdicts, rng):
+        return pooling.replay_rounds(n, samples, verdicts, rng, cls.round_sizes, cls.stop_rule)
+
+    @classmethod
+    def pool_rounds(cls, n, samples):
+        return pooling.rounds_used(n, samples, cls.round_sizes, cls.stop_rule)
 
     def run(self, question: str) -> Trace:
         t0 = time.perf_counter()
@@ -198,6 +226,12 @@ class Adaptive(_Rounds):
             raise StrategyError("threshold must be in [0.5, 1), start and step >= 1")
         self.threshold, self.start, self.step = threshold, start, step
 
+    round_sizes = staticmethod(agg.adaptive_rounds)
+
+    @staticmethod
+    def stop_rule(answers, last_round) -> bool:
+        return agg.adaptive_should_stop(answers)
+
     def sizes(self) -> list[int]:
         return agg.adaptive_rounds(self.cfg.n, self.start, self.step)
 
@@ -213,8 +247,11 @@ class ESC(_Rounds):
             raise StrategyError("window must be >= 1")
         self.window = window  # None: ESC's small default window (agg.esc_rounds)
 
+    round_sizes = staticmethod(agg.esc_rounds)
+
+    @staticmethod
+    def stop_rule(answers, last_round) -> bool:
+        return agg.esc_should_stop(last_round, len(last_round))
+
     def sizes(self) -> list[int]:
         return agg.esc_rounds(self.cfg.n, self.window)
-
-    def should_stop(self, answers, last_round) -> bool:
-        return agg.esc_should_stop(last_round, len(last_round))

@@ -1,0 +1,66 @@
+"""One question, one answer: what ``edgetts run`` does, as a library call.
+
+:func:`answer` opens the engine an engine spec names (or, with a Pareto config, the engine of
+the point the policy picks for the deadline and energy limit), runs the strategy with its n
+and budget under the deadline, and returns the trace.  With a config, an explicit strategy, n
+or budget overrides the point's, as an expert request to ``edgetts serve`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgetts.engines import EngineSpec, open_engine
+from edgetts.engines.base import SamplingParams
+from edgetts.runtime.policy import Policy, Selection
+from edgetts.strategies import STRATEGIES, RunConfig, StrategyError, Trace, create
+
+DEFAULTS = {"strategy": "majority", "n": 8, "budget": 256}
+
+
+@dataclass(frozen=True)
+class Answer:
+    trace: Trace
+    spec: EngineSpec  # the engine that ran
+    strategy: str
+    n: int
+    budget: int
+    selection: Selection | None = None  # the policy's pick, with a config
+
+
+def answer(question: str, spec: EngineSpec | None = None, config: str | None = None, strategy: str | None = None,
+           n: int | None = None, budget: int | None = None, deadline_ms: float | None = None,
+           energy_j: float | None = None, temperature: float = 1.0, seed: int = 0, raw_prompt: bool = False,
+           family: str | None = None, **engine_defaults) -> Answer:  # fmt: skip
+    """Answer ``question``; ``engine_defaults`` (threads, gpu_layers) apply where the engine takes them."""
+    if not question.strip():
+        raise StrategyError("the question is empty")
+    selection = None
+    if config is not None:
+        from edgetts.pareto.config import point_spec
+
+        if deadline_ms is None:
+            raise StrategyError("a Pareto config needs a deadline: the policy picks the point that fits it")
+        selection = Policy.load(config).select(deadline_ms, energy_j=energy_j)
+        p = selection.point
+        spec = point_spec(p)
+        strategy, n, budget = strategy or p["strategy"], n or p["n"], budget or p["budget"]
+    if spec is None:
+        raise StrategyError("nothing to run: give an engine spec (a model) or a Pareto config")
+    strategy = strategy or DEFAULTS["strategy"]
+    if strategy not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    n, budget = n or DEFAULTS["n"], budget or DEFAULTS["budget"]
+    if family:
+        spec = EngineSpec(spec.engine, spec.artifact, spec.url, {**spec.options, "family": family})
+    spec = spec.with_options(**engine_defaults)
+    cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms, raw_prompt=raw_prompt,
+                    sampling=SamplingParams(temperature=temperature, seed=seed))  # fmt: skip
+    rows = 1 if STRATEGIES[strategy].single_row else n
+    engine, fam = open_engine(spec, max_rows=rows, max_tokens=budget + cfg.answer_tokens)
+    try:
+        trace = create(strategy, engine, fam, cfg).run(question)
+    finally:
+        engine.close()
+    return Answer(trace, spec.resolved(), strategy, n, budget, selection)
+

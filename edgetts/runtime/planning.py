@@ -1,0 +1,88 @@
+"""How a request becomes a plan under its deadline: the point, what runs, and the margins.
+
+:func:`make_plan` is the one place a request is planned: the policy picks the most accurate
+frontier point whose predicted latency fits the time given, and expert overrides (strategy,
+n, budget) and ``max_tokens`` are applied on top.  Admission plans with the time left after
+the queue; the executor re-plans only when the queue ran later than admission predicted
+(a downgrade through this same function, or :class:`Late` when nothing fits).
+
+The tuning constants of the deadline path live here, each with why it has its value.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from edgetts.runtime.policy import Policy, Selection
+from edgetts.strategies import STRATEGIES, StrategyError
+
+MARGIN = 1.25  # least safety factor on predicted latencies at admission
+MAX_RATIO = 4.0  # one outlier request moves the queue factor at most this far
+OVERHEAD_MS = 2.0  # per request, outside the engine (HTTP parsing, thread hand-offs)
+# Strategies stop within one decode step after their deadline; that step and the time to build
+# the response are kept inside the request's deadline as a reserve.
+RESERVE_MS, RESERVE_SHARE = 3.0, 0.1
+
+
+@dataclass
+class Request:
+    question: str
+    deadline_ms: float
+    temperature: float = 1.0
+    seed: int = 0
+    max_tokens: int | None = None  # caps the thinking budget
+    strategy: str | None = None  # expert overrides
+    n: int | None = None
+    budget: int | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def expert(self) -> bool:
+        return bool(self.strategy or self.n or self.budget)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What will run for a request: the policy's choice and the strategy, n and budget actually used."""
+
+    choice: Selection
+    strategy: str
+    n: int
+    budget: int
+
+    @property
+    def point(self) -> dict:
+        return self.choice.point
+
+    @property
+    def as_profiled(self) -> bool:
+        """The point runs as profiled, so its latency may recalibrate the policy."""
+        p = self.point
+        return (self.strategy, self.n, self.budget) == (p["strategy"], p["n"], p["budget"])
+
+
+class Late(Exception):
+    """The request waited so long that not even the fastest point can answer it in time."""
+
+    def __init__(self, waited_ms: float):
+        super().__init__(f"waited {waited_ms:.0f} ms in the queue; no point can answer before the deadline")
+        self.waited_ms = waited_ms
+
+
+def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_budget: int) -> Plan:
+    """The plan for ``req`` given ``budget_ms`` of time; expert overrides win over the point."""
+    choice = policy.select(budget_ms)
+    p = choice.point
+    strategy = req.strategy or p["strategy"]
+    if strategy not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    n = req.n or p["n"]
+    if n > max_n:
+        raise StrategyError(f"n must be at most {max_n} on this server, got {n}")
+    budget = req.budget or p["budget"]
+    if budget > max_budget:  # engines are sized for the frontier's largest budget
+        raise StrategyError(f"budget must be at most {max_budget} on this server, got {budget}")
+    if req.max_tokens:
+        budget = min(budget, req.max_tokens)
+    return Plan(choice, strategy, n, budget)
