@@ -1,0 +1,198 @@
+"""``edgetts build-c``: the runtime in C (``libedgetts``) with a Pareto config's frontier compiled in.
+
+How a build goes:
+
+1. the config is loaded and every frontier point is checked: the C runtime runs llama.cpp
+   points (GGUF files) with the strategies it has (single, majority, esc, adaptive,
+   first-finish, and weighted with its default options); a config with any other point is
+   refused, naming the point, since skipping it would make the C policy choose differently
+   from the Python one;
+2. per point, everything C needs is written into a generated ``frontier.c``: the resolved
+   model path, strategy, n, budget, profiled latency, accuracy, energy and memory, the engine
+   options, the reasoning family's delimiters and answer prefix, and the prompt, rendered by
+   :func:`edgetts.models.families.build_prompt` around a placeholder and split there, so C
+   only concatenates prefix, question and suffix (no Jinja in C); also the FNV-1a 64 digest of
+   the config file's bytes, which ``edgetts-answer --config`` checks;
+3. the C sources shipped in ``edgetts/native`` are compiled with the C compiler (``$CC``, else
+   ``cc``, ``gcc`` or ``clang``) against the ``llama.h`` and ``libllama`` that llama-cpp-python installed (no
+   download), into ``DIR/include/edgetts.h``, ``DIR/lib/libedgetts.so``, ``DIR/lib/libedgetts.a``
+   and ``DIR/bin/edgetts-answer``, with rpaths to the library folders so the program runs as is.
+
+``sanitize=True`` builds with ``-fsanitize=address,undefined`` (for the test suite).  The
+generated ``DIR/src/frontier.c`` and the native ``CMakeLists.txt`` build the same library
+against another llama.cpp (a CUDA build on a Jetson).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from edgetts.engines.base import EngineError
+from edgetts.engines.spec import EngineSpec
+from edgetts.models import ModelNotFound, resolve_model
+from edgetts.models.families import FAMILIES, build_prompt, guess_family
+from edgetts.pareto.config import load_config, point_spec
+
+NATIVE = Path(__file__).resolve().parent.parent / "native"
+SOURCES = ("engine.c", "extract.c", "strategies.c", "runtime.c")
+C_STRATEGIES = ("single", "majority", "esc", "adaptive", "first-finish", "weighted")
+PLACEHOLDER = "\x00QUESTION\x00"
+CFLAGS = ["-std=c99", "-O2", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-pedantic"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+
+
+class BuildError(ValueError):
+    """A config the C runtime cannot serve, or a build that failed; the message says which."""
+
+
+def fnv1a64(data: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def llama_dirs() -> tuple[Path, Path]:
+    """(folder of llama.h, folder of libllama) of the installed llama-cpp-python."""
+    import llama_cpp
+
+    pkg = Path(llama_cpp.__file__).resolve().parent
+    lib = pkg / "lib"
+    for inc in (pkg.parent / "include", pkg / "include"):
+        if (inc / "llama.h").is_file():
+            break
+    else:
+        raise BuildError(f"llama.h not found next to llama-cpp-python ({pkg}); pass --llama-include")
+    if not any(lib.glob("libllama.*")):
+        raise BuildError(f"libllama not found in {lib}; pass --llama-lib")
+    return inc, lib
+
+
+def _c(s: str | None) -> str:
+    if s is None:
+        return "NULL"
+    out = []
+    for b in s.encode("utf-8"):
+        if 0x20 <= b < 0x7F and b not in (0x22, 0x5C, 0x3F):
+            out.append(chr(b))
+        else:
+            out.append(f"\\{b:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def _gguf_meta(path: Path) -> tuple[str | None, str | None]:
+    """(general.name, tokenizer.chat_template) of a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def text(key):
+        f = reader.fields.get(key)
+        return None if f is None else bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+
+    return text("general.name"), text("tokenizer.chat_template")
+
+
+def _num(v) -> str:
+    return "-1.0" if v is None else repr(float(v))
+
+
+def point_c(i: int, p: dict) -> str:
+    """The C initializer of frontier point ``i``."""
+    where = f"frontier[{i}] ({p['id']})"
+    spec: EngineSpec = point_spec(p)
+    try:
+        spec = spec.resolved()
+    except EngineError as e:
+        raise BuildError(f"{where}: {e}") from None
+    if spec.engine != "llama.cpp":
+        raise BuildError(f"{where} runs on {spec.engine!r}; the C runtime runs llama.cpp (GGUF) points only: "
+                         "make the config from GGUF profiles, or serve it with edgetts serve")
+    if p["strategy"] not in C_STRATEGIES:
+        raise BuildError(f"{where}: strategy {p['strategy']!r} is not in the C runtime ({', '.join(C_STRATEGIES)})")
+    if not 1 <= p["n"] <= 64:
+        raise BuildError(f"{where}: n must be between 1 and 64 in the C runtime, got {p['n']}")
+    try:
+        path = resolve_model(spec.artifact).resolve()
+    except ModelNotFound as e:
+        raise BuildError(f"{where}: {e}") from None
+    name, template = _gguf_meta(path)
+    o = spec.options
+    family = FAMILIES[o["family"]] if o.get("family") in FAMILIES else guess_family(spec.artifact, template, name)
+    prompt = build_prompt(family, PLACEHOLDER, template)
+    if prompt.count(PLACEHOLDER) != 1:
+        raise BuildError(f"{where}: the chat template does not place the question exactly once")
+    prefix, suffix = prompt.split(PLACEHOLDER)
+    flash = {None: -1, True: 1, False: 0}[o.get("flash_attn")]
+    fields = [
+        "{" + ", ".join([_c(p["id"]), _c(str(path)), _c(p["strategy"]), str(p["n"]), str(p["budget"]),
+                         _num(p["latency_ms"]), _num(p["accuracy"]), _num(p.get("energy_j")),
+                         _num(p.get("memory_mb"))]) + "}",
+        str(int("threads" in o and o["threads"] is not None)), str(int(o.get("threads") or 0)),
+        str(int("gpu_layers" in o and o["gpu_layers"] is not None)), str(int(o.get("gpu_layers") or 0)),
+        str(int(o.get("n_ctx") or 0)), str(int(o.get("n_batch") or 0)), str(flash),
+        _c(family.think_start), _c(family.think_end), _c(family.answer_prefix), _c(prefix), _c(suffix),
+    ]  # fmt: skip
+    return "    {" + ", ".join(fields) + "}"
+
+
+def frontier_c(config_path: str | Path) -> str:
+    """The generated C file holding the frontier of the config at ``config_path``."""
+    config = load_config(config_path)
+    points = ",\n".join(point_c(i, p) for i, p in enumerate(config["frontier"]))
+    digest = fnv1a64(Path(config_path).read_bytes())
+    return (f"/* Generated by edgetts build-c from {_c(str(config_path))[1:-1].replace('*/', '* /')}: do not edit. */\n"
+            '#include "internal.h"\n\n'
+            f"const ett_point ett_frontier[] = {{\n{points}\n}};\n"
+            f"const int ett_n_frontier = {len(config['frontier'])};\n"
+            f'const char ett_config_digest[] = "{digest}";\n')  # fmt: skip
+
+
+def _cc(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
+        raise BuildError(f"{cmd[0]} failed ({Path(cmd[-1]).name if cmd else ''}): {first.strip()}")
+
+
+def build_c(config: str | Path, out: str | Path, cc: str | None = None, llama_include: str | Path | None = None,
+            llama_lib: str | Path | None = None, sanitize: bool = False) -> dict:  # fmt: skip
+    """Build the runtime for ``config`` into ``out``; returns the paths written."""
+    if not Path(config).is_file():
+        raise BuildError(f"{config}: no such file")
+    cc = cc or os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), "cc")
+    if shutil.which(cc) is None:
+        raise BuildError(f"no C compiler {cc!r} on PATH (set CC or pass --cc)")
+    inc, lib = llama_dirs() if llama_include is None or llama_lib is None else (None, None)
+    inc, lib = Path(llama_include or inc), Path(llama_lib or lib)
+    source = frontier_c(config)
+    out = Path(out)
+    for d in ("include", "lib", "bin", "src", "obj"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    (out / "src" / "frontier.c").write_text(source)
+    shutil.copy(NATIVE / "edgetts.h", out / "include" / "edgetts.h")
+    flags = CFLAGS + (SANITIZE if sanitize else [])
+    objs = []
+    for src in [*(NATIVE / s for s in SOURCES), out / "src" / "frontier.c"]:
+        obj = out / "obj" / (src.stem + ".o")
+        _cc([cc, *flags, f"-I{NATIVE}", "-isystem", str(inc), "-c", "-o", str(obj), str(src)])
+        objs.append(str(obj))
+    static = out / "lib" / "libedgetts.a"
+    static.unlink(missing_ok=True)
+    ar = shutil.which("ar") or shutil.which("gcc-ar")
+    if ar:
+        _cc([ar, "rcs", str(static), *objs])
+    shared = out / "lib" / "libedgetts.so"
+    link = [f"-L{lib}", "-lllama", f"-Wl,-rpath,{lib}", "-lpthread", "-lm"]
+    san = SANITIZE if sanitize else []
+    _cc([cc, *san, "-shared", "-o", str(shared), *objs, *link])
+    binary = out / "bin" / "edgetts-answer"
+    _cc([cc, *flags, f"-I{out / 'include'}", "-o", str(binary), str(NATIVE / "edgetts_answer.c"),
+         f"-L{out / 'lib'}", "-ledgetts", "-Wl,-rpath,$ORIGIN/../lib", *link])  # fmt: skip
+    shutil.rmtree(out / "obj", ignore_errors=True)
+    return {"header": out / "include" / "edgetts.h", "shared": shared, "static": static if static.exists() else None,
+            "binary": binary, "frontier": out / "src" / "frontier.c", "llama_lib": lib}  # fmt: skip

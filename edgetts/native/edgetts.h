@@ -1,0 +1,155 @@
+/* libedgetts: test-time scaling on llama.cpp, for C, C++ and Rust programs.
+ *
+ * The frontier of a Pareto config (edgetts.pareto/v1) is compiled into the library by
+ * `edgetts build-c CONFIG --out DIR`.  A runtime opens every model the frontier names
+ * (llama.cpp GGUF files), then answers questions: the policy picks the most accurate point
+ * whose predicted latency fits the deadline (and energy limit), and the point's strategy
+ * (single, majority, esc, adaptive, first-finish) runs its rows in one batch on one shared
+ * prefill, forcing the end of thinking and the answer prefix at the thinking budget and
+ * answering early when the deadline comes close.  With the same config and seed and no
+ * binding deadline, the rows are token for token those of the Python runtime.
+ *
+ * Errors: every function returns an edgetts_status; the message of the last failure on a
+ * runtime is edgetts_last_error(rt) (or the `err` buffer of edgetts_open).  The library never
+ * aborts or exits.
+ *
+ * Threads: a runtime is used by one thread at a time (answer, run_point, select, observe,
+ * close); different runtimes may run in different threads at once.  edgetts_cancel() may be
+ * called from any thread while another thread runs answer or run_point on the same runtime:
+ * every row stops at the next decode step and the call returns EDGETTS_CANCELLED with the rows
+ * so far (a cancel that comes while no call runs stops the next call; every call clears it on
+ * return).  The frontier functions (edgetts_n_points, edgetts_point_at, edgetts_config_digest)
+ * and edgetts_status_name are thread-safe.
+ *
+ * Results: call edgetts_result_free after every edgetts_answer or edgetts_run_point, whatever
+ * it returned (a failed call leaves the result empty; freeing an empty result is a no-op).
+ */
+#ifndef EDGETTS_H
+#define EDGETTS_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EDGETTS_MAX_ROWS 64
+#define EDGETTS_ANSWER_MAX 256 /* bytes of an answer, with its terminating NUL */
+
+typedef enum edgetts_status {
+    EDGETTS_OK = 0,
+    EDGETTS_E_ARGUMENT = 1,   /* a bad argument: deadline <= 0, n out of range, NULL pointer, ... */
+    EDGETTS_E_CONFIG = 2,     /* the config file is not the one this library was built from */
+    EDGETTS_E_MODEL = 3,      /* a model file is missing, not a GGUF, or corrupt */
+    EDGETTS_E_CONTEXT = 4,    /* llama.cpp could not create a context (out of memory?) */
+    EDGETTS_E_TOO_LONG = 5,   /* the question does not fit the context */
+    EDGETTS_E_DECODE = 6,     /* llama_decode failed on the prompt */
+    EDGETTS_E_MEMORY = 7,     /* an allocation failed */
+    EDGETTS_E_CANCELLED = 8   /* edgetts_cancel() stopped the call */
+} edgetts_status;
+
+typedef struct edgetts_runtime edgetts_runtime;
+
+/* One frontier point, as embedded at build time. */
+typedef struct edgetts_point_info {
+    const char *id;
+    const char *model;     /* the GGUF file the point runs (absolute path at build time) */
+    const char *strategy;  /* single, majority, esc, adaptive, first-finish, weighted */
+    int n;                 /* rows */
+    int budget;            /* thinking tokens per row */
+    double latency_ms;     /* the config's latency quantile */
+    double accuracy;
+    double energy_j;       /* -1 when not measured */
+    double memory_mb;      /* -1 when not measured */
+} edgetts_point_info;
+
+typedef struct edgetts_options {
+    const char *config_path; /* optional: checked against the embedded config (same bytes) */
+    const char *model_dir;   /* optional: look for each model's file name in this directory */
+    int threads;             /* for points whose engine options name none; 0: all online cores */
+    int gpu_layers;          /* likewise; -1 or 0: none (CPU) */
+} edgetts_options;
+
+/* One row of a result (for inspection and tests). */
+typedef struct edgetts_row {
+    int *tokens;            /* sampled and forced tokens in order */
+    unsigned char *forced;  /* 1 where the token was forced */
+    int n_tokens;
+    char *text;             /* the row's text (bytes as llama.cpp renders the tokens) */
+    char *answer;           /* NULL: the row stated no answer (or was cut while reasoning) */
+    const char *finish_reason; /* "stop", "length", "deadline", "cancelled", "first-finish" */
+    int thinking_tokens;
+    int answer_tokens;
+    int forced_answer;
+    double confidence;      /* weighted: lowest mean log-probability over 16 tokens; 0 otherwise */
+} edgetts_row;
+
+typedef struct edgetts_vote {
+    char answer[EDGETTS_ANSWER_MAX];
+    int count;
+    double weight; /* count, or for weighted the summed exp(confidence) */
+} edgetts_vote;
+
+typedef struct edgetts_result {
+    int has_answer;
+    char answer[EDGETTS_ANSWER_MAX];
+    int point_index;        /* -1 for an explicit run that is no frontier point */
+    const char *point_id;   /* NULL for such a run */
+    const char *strategy;
+    int n, budget;
+    int predicted_miss;     /* the policy found no point that fits: this is the fastest fallback */
+    int n_votes;
+    edgetts_vote votes[EDGETTS_MAX_ROWS]; /* in first-seen order */
+    int rows_used;
+    int generated_tokens;   /* sampled tokens of all rows */
+    int prompt_tokens;
+    double latency_ms;
+    int deadline_met;       /* -1: no deadline */
+    const char *early_stop; /* NULL, "esc", "adaptive", "deadline", "first-finish", "cancelled" */
+    edgetts_row *rows;      /* rows_used rows, freed by edgetts_result_free */
+} edgetts_result;
+
+#define EDGETTS_NO_DEADLINE 1e300 /* a deadline this large never binds */
+
+/* The embedded frontier. */
+int edgetts_n_points(void);
+const edgetts_point_info *edgetts_point_at(int index);
+const char *edgetts_config_digest(void); /* FNV-1a 64 of the config's bytes, hex */
+
+void edgetts_options_init(edgetts_options *opts);
+
+/* Opens every model of the frontier, sized for its largest n and budget.  On failure *out is
+ * NULL and `err` (when not NULL) holds a one-line message. */
+edgetts_status edgetts_open(const edgetts_options *opts, edgetts_runtime **out, char *err, size_t err_len);
+
+/* The policy's point for the deadline and energy limit (energy_j <= 0: no limit), its run, and
+ * the observed latency fed back to the policy.  deadline_ms must be > 0 (EDGETTS_NO_DEADLINE
+ * for none).  `seed` seeds row i with seed + i, as the Python runtime does. */
+edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double deadline_ms, double energy_j,
+                              unsigned int seed, edgetts_result *res);
+
+/* Runs frontier point `index` with n and budget overridden where > 0 (for experts); no policy,
+ * no recalibration.  n may not exceed the largest n of the frontier, nor budget its largest budget. */
+edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *question, int n, int budget,
+                                 double deadline_ms, unsigned int seed, edgetts_result *res);
+
+/* The policy alone: the index of the most accurate point whose latency, times the current
+ * slowdown, fits; *miss (when not NULL) says nothing fitted and this is the fastest fallback. */
+int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double energy_j, int *miss);
+/* Feeds a measured latency of a point back: slowdown = 0.8 slowdown + 0.2 measured/profiled. */
+void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms);
+double edgetts_policy_slowdown(const edgetts_runtime *rt);
+
+/* Thread-safe: stops the call running on `rt` at its next step (the next call, if none runs). */
+void edgetts_cancel(edgetts_runtime *rt);
+
+const char *edgetts_last_error(const edgetts_runtime *rt);
+const char *edgetts_status_name(edgetts_status status);
+void edgetts_result_free(edgetts_result *res);
+void edgetts_close(edgetts_runtime *rt);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EDGETTS_H */

@@ -1,0 +1,208 @@
+/* edgetts-answer: one question per line on stdin, one JSON object per line on stdout.
+ *
+ *   edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S]
+ *                  [--model-dir DIR] [--threads T] [--gpu-layers L]
+ *                  [--point ID] [--n N] [--budget B] [--rows]
+ *
+ * The frontier is compiled in; --config, when given, must be the file it was built from.
+ * Without --deadline-ms the policy picks the most accurate point and no deadline binds.
+ * --point runs one frontier point (its id or index) without the policy; --rows adds every
+ * row's tokens and text.  A question that fails prints {"error": ...} and the next line goes
+ * on; a bad command line or a runtime that cannot open exits 2 with one line on stderr.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "edgetts.h"
+
+static void json_string(const char *s)
+{
+    putchar('"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') {
+            printf("\\%c", *p);
+        } else if (*p == '\n') {
+            fputs("\\n", stdout);
+        } else if (*p < 0x20 || *p == 0x7f) {
+            printf("\\u%04x", *p);
+        } else {
+            putchar(*p);
+        }
+    }
+    putchar('"');
+}
+
+static void json_or_null(const char *s)
+{
+    if (s != NULL) {
+        json_string(s);
+    } else {
+        fputs("null", stdout);
+    }
+}
+
+static void print_result(const edgetts_result *r, int rows)
+{
+    fputs("{\"answer\": ", stdout);
+    json_or_null(r->has_answer ? r->answer : NULL);
+    fputs(", \"point_id\": ", stdout);
+    json_or_null(r->point_id);
+    fputs(", \"strategy\": ", stdout);
+    json_string(r->strategy);
+    printf(", \"n\": %d, \"budget\": %d, \"latency_ms\": %.3f, \"deadline_met\": %s, \"generated_tokens\": %d",
+           r->n, r->budget, r->latency_ms, r->deadline_met < 0 ? "null" : (r->deadline_met ? "true" : "false"),
+           r->generated_tokens);
+    printf(", \"rows_used\": %d, \"prompt_tokens\": %d, \"early_stop\": ", r->rows_used, r->prompt_tokens);
+    json_or_null(r->early_stop);
+    fputs(", \"votes\": {", stdout);
+    for (int i = 0; i < r->n_votes; i++) {
+        fputs(i ? ", " : "", stdout);
+        json_string(r->votes[i].answer);
+        printf(": %.17g", r->votes[i].weight);
+    }
+    putchar('}');
+    if (rows) {
+        fputs(", \"rows\": [", stdout);
+        for (int i = 0; i < r->rows_used; i++) {
+            const edgetts_row *w = &r->rows[i];
+            fputs(i ? ", {\"tokens\": [" : "{\"tokens\": [", stdout);
+            for (int k = 0; k < w->n_tokens; k++) {
+                printf(k ? ", %d" : "%d", w->tokens[k]);
+            }
+            fputs("], \"text\": ", stdout);
+            json_string(w->text);
+            fputs(", \"answer\": ", stdout);
+            json_or_null(w->answer);
+            fputs(", \"finish_reason\": ", stdout);
+            json_or_null(w->finish_reason);
+            printf(", \"thinking_tokens\": %d, \"answer_tokens\": %d, \"forced_answer\": %s", w->thinking_tokens,
+                   w->answer_tokens, w->forced_answer ? "true" : "false");
+            if (isfinite(w->confidence)) {
+                printf(", \"confidence\": %.17g}", w->confidence);
+            } else {
+                fputs(", \"confidence\": null}", stdout);
+            }
+        }
+        putchar(']');
+    }
+    puts("}");
+}
+
+static int usage(const char *msg)
+{
+    fprintf(stderr, "error: %s\nusage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S] "
+            "[--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n", msg);
+    return 2;
+}
+
+static int number(const char *s, double *out)
+{
+    char *end;
+    *out = strtod(s, &end);
+    return *s != '\0' && *end == '\0';
+}
+
+int main(int argc, char **argv)
+{
+    edgetts_options opts;
+    double deadline = EDGETTS_NO_DEADLINE, energy = 0, v;
+    int point = -1, n = 0, budget = 0, rows = 0;
+    unsigned seed = 0;
+    char err[1024];
+    edgetts_options_init(&opts);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--rows") == 0) {
+            rows = 1;
+            continue;
+        }
+        if (strcmp(a, "--help") == 0) {
+            puts("usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S] [--model-dir DIR]"
+                 " [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n"
+                 "Reads one question per line on stdin; prints one JSON object per line.");
+            return 0;
+        }
+        if (i + 1 >= argc) {
+            return usage("a value is missing after the last option");
+        }
+        const char *val = argv[++i];
+        if (strcmp(a, "--config") == 0) {
+            opts.config_path = val;
+        } else if (strcmp(a, "--model-dir") == 0) {
+            opts.model_dir = val;
+        } else if (strcmp(a, "--point") == 0) {
+            point = -2;
+            for (int k = 0; k < edgetts_n_points(); k++) {
+                if (strcmp(edgetts_point_at(k)->id, val) == 0) {
+                    point = k;
+                }
+            }
+            if (point == -2 && number(val, &v) && v >= 0 && v < edgetts_n_points() && v == (int)v) {
+                point = (int)v;
+            }
+            if (point == -2) {
+                fprintf(stderr, "error: no frontier point %s\n", val);
+                return 2;
+            }
+        } else if (!number(val, &v)) {
+            fprintf(stderr, "error: %s needs a number, got %s\n", a, val);
+            return 2;
+        } else if (strcmp(a, "--deadline-ms") == 0) {
+            if (!(v > 0)) {
+                fprintf(stderr, "error: --deadline-ms must be positive, got %s\n", val);
+                return 2;
+            }
+            deadline = v;
+        } else if (strcmp(a, "--energy-j") == 0) {
+            energy = v;
+        } else if (strcmp(a, "--seed") == 0 && v >= 0 && v <= 4294967295.0) {
+            seed = (unsigned)v;
+        } else if (strcmp(a, "--threads") == 0) {
+            opts.threads = (int)v;
+        } else if (strcmp(a, "--gpu-layers") == 0) {
+            opts.gpu_layers = (int)v;
+        } else if (strcmp(a, "--n") == 0) {
+            n = (int)v;
+        } else if (strcmp(a, "--budget") == 0) {
+            budget = (int)v;
+        } else {
+            fprintf(stderr, "error: unknown option %s (or bad value %s)\n", a, val);
+            return 2;
+        }
+    }
+    edgetts_runtime *rt = NULL;
+    edgetts_status st = edgetts_open(&opts, &rt, err, sizeof err);
+    if (st != EDGETTS_OK) {
+        fprintf(stderr, "error: %s\n", err);
+        return 2;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    while ((len = getline(&line, &cap, stdin)) >= 0) {
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
+            line[--len] = '\0';
+        }
+        edgetts_result res;
+        if (point >= 0) {
+            st = edgetts_run_point(rt, point, line, n, budget, deadline, seed, &res);
+        } else {
+            st = edgetts_answer(rt, line, deadline, energy, seed, &res);
+        }
+        if (st == EDGETTS_OK) {
+            print_result(&res, rows);
+        } else {
+            fputs("{\"error\": ", stdout);
+            json_string(edgetts_last_error(rt));
+            printf(", \"status\": \"%s\"}\n", edgetts_status_name(st));
+        }
+        fflush(stdout);
+        edgetts_result_free(&res);
+    }
+    free(line);
+    edgetts_close(rt);
+    return 0;
+}

@@ -1,0 +1,101 @@
+/* Declarations shared by the library's sources; not installed. */
+#ifndef EDGETTS_INTERNAL_H
+#define EDGETTS_INTERNAL_H
+
+#include <stddef.h>
+
+#include "edgetts.h"
+#include "llama.h"
+
+#define ETT_ANSWER_TOKENS 32 /* room for the answer after the reasoning (RunConfig.answer_tokens) */
+#define ETT_ANSWER_STEPS 8   /* decode steps reserved for a forced answer (strategies/base.py) */
+#define ETT_PROMPT_RESERVE 512
+#define ETT_FORCED_SLACK 32
+
+/* A frontier point as build-c embeds it (frontier.c is generated). */
+typedef struct ett_point {
+    edgetts_point_info info;
+    int has_threads, threads, has_gpu_layers, gpu_layers; /* engine options the point names */
+    int n_ctx, n_batch, flash_attn;                       /* 0 (flash_attn: -1, auto) when absent */
+    const char *think_start, *think_end, *answer_prefix;  /* the reasoning family */
+    const char *prompt_prefix, *prompt_suffix;            /* the prompt around the question */
+} ett_point;
+
+extern const ett_point ett_frontier[];
+extern const int ett_n_frontier;
+extern const char ett_config_digest[];
+
+/* -- engine.c: the batched sampling loop over llama.cpp ------------------------------------- */
+typedef struct ett_engine {
+    struct llama_model *model;
+    struct llama_context *ctx;
+    const struct llama_vocab *vocab;
+    llama_memory_t mem;
+    struct llama_batch batch;
+    int n_ctx, n_batch, batch_cap, max_rows, add_bos;
+    char key[1200]; /* path and options: points with the same key share the engine */
+} ett_engine;
+
+typedef struct ett_row {
+    int index;
+    int *tokens;
+    unsigned char *forced;
+    int n_tokens, cap, n_generated, finished;
+    const char *finish_reason;
+    char *text;
+    size_t text_len, text_cap;
+    double *logprobs; /* of every sampled token (end of generation included), when asked for */
+    int n_logprobs, lp_cap;
+} ett_row;
+
+/* What a controller may do after each step (engines/base.py Control). */
+typedef struct ett_ctl {
+    ett_row *rows;
+    int n;
+    char **pending;  /* forced text queued per row, or NULL */
+    int *extra;      /* extra sampled tokens granted per row */
+} ett_ctl;
+
+typedef void (*ett_controller)(void *self, ett_ctl *ctl, const int *stepped, int n_stepped);
+
+typedef struct ett_sampling {
+    float temperature, top_p, min_p;
+    int top_k;
+    int max_tokens;
+    int logprobs; /* record each sampled token's log-probability */
+} ett_sampling;
+
+edgetts_status ett_engine_open(ett_engine *e, const char *path, int max_rows, int max_tokens, int threads,
+                               int gpu_layers, int n_ctx_opt, int n_batch_opt, int flash_attn, char *err,
+                               size_t err_len);
+void ett_engine_close(ett_engine *e);
+void ett_quiet_log(void); /* llama.cpp logs errors only (everything with EDGETTS_VERBOSE set) */
+int ett_tokenize(const ett_engine *e, const char *text, int add_bos, int **out); /* count, or -1 */
+/* Samples n rows of `prompt`; rows[i] is seeded seeds[i]; the caller frees rows with ett_rows_free. */
+edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sampling *sp, const unsigned *seeds,
+                          ett_controller ctl_fn, void *ctl_self, ett_row **rows_out, int *prompt_tokens,
+                          char *err, size_t err_len);
+void ett_rows_free(ett_row *rows, int n);
+void ett_stop(ett_ctl *ctl, int row, const char *reason);
+int ett_force(ett_ctl *ctl, int row, const char *text, int extra_tokens);
+
+/* -- extract.c ------------------------------------------------------------------------------ */
+/* The final answer of `text` into out (cap bytes); 0 when it states none.  grading.extract_answer. */
+int ett_extract_answer(const char *text, const char *think_start, const char *think_end, char *out, size_t cap);
+
+/* -- strategies.c --------------------------------------------------------------------------- */
+typedef struct ett_run {
+    ett_engine *engine;
+    const ett_point *point;
+    const char *strategy;
+    int n, budget;
+    double deadline_ms; /* <= 0: none */
+    unsigned seed;
+    volatile int *cancel;
+} ett_run;
+
+edgetts_status ett_run_strategy(const ett_run *run, const char *question, edgetts_result *res, char *err,
+                                size_t err_len);
+double ett_now(void);
+
+#endif

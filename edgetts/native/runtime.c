@@ -1,0 +1,373 @@
+/* The runtime: the embedded frontier, its engines, the policy and the public API.
+ *
+ * edgetts_open opens one llama.cpp engine per distinct model file and engine options of the
+ * frontier, each sized for the frontier's largest n and budget (as the Python executor sizes
+ * its engines when it does not batch requests together).  edgetts_answer asks the policy for a point (the most accurate whose
+ * profiled latency times the slowdown fits the deadline; ties to the faster point; when
+ * nothing fits, the fastest point within the energy limit), runs the point's strategy with
+ * the deadline, and feeds the measured latency back (slowdown moves by an exponentially
+ * weighted average with alpha 0.2, as edgetts.runtime.Policy.observe).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define ALPHA 0.2
+
+struct edgetts_runtime {
+    ett_engine *engines;
+    int n_engines;
+    int *engine_of; /* per point */
+    int max_n, max_budget;
+    double slowdown;
+    volatile int cancel;
+    char err[1024];
+};
+
+static pthread_once_t backend_once = PTHREAD_ONCE_INIT;
+
+static void backend_init(void)
+{
+    ett_quiet_log();
+    llama_backend_init();
+}
+
+int edgetts_n_points(void)
+{
+    return ett_n_frontier;
+}
+
+const edgetts_point_info *edgetts_point_at(int index)
+{
+    return index >= 0 && index < ett_n_frontier ? &ett_frontier[index].info : NULL;
+}
+
+const char *edgetts_config_digest(void)
+{
+    return ett_config_digest;
+}
+
+void edgetts_options_init(edgetts_options *opts)
+{
+    memset(opts, 0, sizeof *opts);
+    opts->gpu_layers = -1;
+}
+
+const char *edgetts_status_name(edgetts_status status)
+{
+    static const char *names[] = {"ok", "bad argument", "config mismatch", "bad model", "no context",
+                                  "question too long", "decode failed", "out of memory", "cancelled"};
+    return (unsigned)status < sizeof names / sizeof names[0] ? names[status] : "unknown";
+}
+
+const char *edgetts_last_error(const edgetts_runtime *rt)
+{
+    return rt != NULL ? rt->err : "no runtime";
+}
+
+static edgetts_status fail(edgetts_runtime *rt, edgetts_status st, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rt->err, sizeof rt->err, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+/* FNV-1a 64 of a file's bytes, as build-c computes it for the embedded config. */
+static int file_digest(const char *path, char *hex)
+{
+    unsigned long long h = 14695981039346656037ULL;
+    int c;
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        return 0;
+    }
+    while ((c = fgetc(f)) != EOF) {
+        h = (h ^ (unsigned long long)(unsigned char)c) * 1099511628211ULL;
+    }
+    fclose(f);
+    snprintf(hex, 17, "%016llx", h);
+    return 1;
+}
+
+static void model_path(const edgetts_options *o, const char *model, char *out, size_t cap)
+{
+    if (o->model_dir != NULL && o->model_dir[0]) {
+        const char *base = strrchr(model, '/');
+        snprintf(out, cap, "%s/%s", o->model_dir, base ? base + 1 : model);
+    } else {
+        snprintf(out, cap, "%s", model);
+    }
+}
+
+edgetts_status edgetts_open(const edgetts_options *opts, edgetts_runtime **out, char *err, size_t err_len)
+{
+    edgetts_options defaults;
+    edgetts_status st = EDGETTS_OK;
+    char tmp[1024] = "", path[1024], key[1200], hex[17];
+    if (out == NULL) {
+        snprintf(err ? err : tmp, err ? err_len : sizeof tmp, "out is NULL");
+        return EDGETTS_E_ARGUMENT;
+    }
+    *out = NULL;
+    if (opts == NULL) {
+        edgetts_options_init(&defaults);
+        opts = &defaults;
+    }
+    if (err == NULL) {
+        err = tmp;
+        err_len = sizeof tmp;
+    }
+    if (opts->config_path != NULL) {
+        if (!file_digest(opts->config_path, hex)) {
+            snprintf(err, err_len, "%s: no such file", opts->config_path);
+            return EDGETTS_E_CONFIG;
+        }
+        if (strcmp(hex, ett_config_digest) != 0) {
+            snprintf(err, err_len, "%s: not the config this runtime was built from (rebuild with edgetts build-c)",
+                     opts->config_path);
+            return EDGETTS_E_CONFIG;
+        }
+    }
+    edgetts_runtime *rt = calloc(1, sizeof *rt);
+    if (rt == NULL) {
+        snprintf(err, err_len, "out of memory");
+        return EDGETTS_E_MEMORY;
+    }
+    rt->slowdown = 1.0;
+    rt->engines = calloc((size_t)ett_n_frontier, sizeof *rt->engines);
+    rt->engine_of = calloc((size_t)ett_n_frontier, sizeof(int));
+    if (rt->engines == NULL || rt->engine_of == NULL) {
+        edgetts_close(rt);
+        snprintf(err, err_len, "out of memory");
+        return EDGETTS_E_MEMORY;
+    }
+    for (int i = 0; i < ett_n_frontier; i++) {
+        const edgetts_point_info *p = &ett_frontier[i].info;
+        rt->max_n = p->n > rt->max_n ? p->n : rt->max_n;
+        rt->max_budget = p->budget > rt->max_budget ? p->budget : rt->max_budget;
+    }
+    pthread_once(&backend_once, backend_init);
+    for (int i = 0; i < ett_n_frontier && st == EDGETTS_OK; i++) {
+        const ett_point *p = &ett_frontier[i];
+        /* A point's own engine options win over the runtime's defaults, as in the Python executor. */
+        int threads = p->has_threads ? p->threads : opts->threads;
+        int gpu = p->has_gpu_layers ? p->gpu_layers : (opts->gpu_layers > 0 ? opts->gpu_layers : 0);
+        model_path(opts, p->info.model, path, sizeof path);
+        snprintf(key, sizeof key, "%s|%d|%d|%d|%d|%d", path, threads, gpu, p->n_ctx, p->n_batch, p->flash_attn);
+        int j;
+        for (j = 0; j < rt->n_engines && strcmp(rt->engines[j].key, key) != 0; j++) {
+        }
+        if (j == rt->n_engines) {
+            st = ett_engine_open(&rt->engines[j], path, rt->max_n, rt->max_budget + ETT_ANSWER_TOKENS, threads, gpu,
+                                 p->n_ctx, p->n_batch, p->flash_attn, err, err_len);
+            if (st != EDGETTS_OK) {
+                break;
+            }
+            snprintf(rt->engines[j].key, sizeof rt->engines[j].key, "%s", key);
+            rt->n_engines++;
+        }
+        rt->engine_of[i] = j;
+    }
+    if (st != EDGETTS_OK) {
+        edgetts_close(rt);
+        return st;
+    }
+    *out = rt;
+    return EDGETTS_OK;
+}
+
+void edgetts_close(edgetts_runtime *rt)
+{
+    if (rt == NULL) {
+        return;
+    }
+    for (int i = 0; i < rt->n_engines; i++) {
+        ett_engine_close(&rt->engines[i]);
+    }
+    free(rt->engines);
+    free(rt->engine_of);
+    free(rt);
+}
+
+void edgetts_cancel(edgetts_runtime *rt)
+{
+    if (rt != NULL) {
+#if defined(__GNUC__) || defined(__clang__)
+        __atomic_store_n(&rt->cancel, 1, __ATOMIC_RELEASE);
+#else
+        rt->cancel = 1;
+#endif
+    }
+}
+
+static void clear_cancel(edgetts_runtime *rt)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    __atomic_store_n(&rt->cancel, 0, __ATOMIC_RELEASE);
+#else
+    rt->cancel = 0;
+#endif
+}
+
+/* -- policy ---------------------------------------------------------------------------------- */
+static int within_limits(const edgetts_point_info *p, double energy_j)
+{
+    return !(energy_j > 0 && (p->energy_j < 0 || p->energy_j > energy_j));
+}
+
+int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double energy_j, int *miss)
+{
+    double slowdown = rt != NULL ? rt->slowdown : 1.0;
+    int best = -1;
+    for (int i = 0; i < ett_n_frontier; i++) {
+        const edgetts_point_info *p = &ett_frontier[i].info;
+        int fits = within_limits(p, energy_j) && p->latency_ms * slowdown <= deadline_ms;
+        if (fits && (best < 0 || p->accuracy > ett_frontier[best].info.accuracy)) {
+            best = i;
+        }
+    }
+    if (miss != NULL) {
+        *miss = best < 0;
+    }
+    if (best >= 0) {
+        return best;
+    }
+    for (int i = 0; i < ett_n_frontier; i++) {
+        if (within_limits(&ett_frontier[i].info, energy_j)) {
+            return i;
+        }
+    }
+    return 0;
+}
+
+void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms)
+{
+    if (rt == NULL || index < 0 || index >= ett_n_frontier || !(latency_ms > 0)) {
+        return;
+    }
+    double lat = ett_frontier[index].info.latency_ms;
+    double ratio = latency_ms / (lat > 1e-9 ? lat : 1e-9);
+    rt->slowdown = (1 - ALPHA) * rt->slowdown + ALPHA * ratio;
+}
+
+double edgetts_policy_slowdown(const edgetts_runtime *rt)
+{
+    return rt != NULL ? rt->slowdown : 1.0;
+}
+
+/* -- requests -------------------------------------------------------------------------------- */
+void edgetts_result_free(edgetts_result *res)
+{
+    if (res == NULL) {
+        return;
+    }
+    if (res->rows != NULL) {
+        for (int i = 0; i < res->rows_used; i++) {
+            free(res->rows[i].tokens);
+            free(res->rows[i].forced);
+            free(res->rows[i].text);
+            free(res->rows[i].answer);
+        }
+        free(res->rows);
+    }
+    memset(res, 0, sizeof *res);
+}
+
+static edgetts_status run(edgetts_runtime *rt, int index, const char *question, int n, int budget,
+                          double deadline_ms, unsigned seed, edgetts_result *res)
+{
+    const ett_point *p = &ett_frontier[index];
+    int blank = 1;
+    for (const char *c = question; *c; c++) {
+        blank &= *c == ' ' || (*c >= '\t' && *c <= '\r');
+    }
+    if (blank) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "the question is empty");
+    }
+    ett_run r = {&rt->engines[rt->engine_of[index]], p, p->info.strategy, n, budget,
+                 deadline_ms >= EDGETTS_NO_DEADLINE ? -1.0 : deadline_ms, seed, &rt->cancel};
+    res->point_index = index;
+    res->point_id = p->info.id;
+    res->strategy = p->info.strategy;
+    res->n = n;
+    res->budget = budget;
+    edgetts_status st = ett_run_strategy(&r, question, res, rt->err, sizeof rt->err);
+    clear_cancel(rt);
+    if (st != EDGETTS_OK && st != EDGETTS_E_CANCELLED) {
+        edgetts_result_free(res);
+    }
+    return st;
+}
+
+static edgetts_status check(edgetts_runtime *rt, const char *question, double deadline_ms, edgetts_result *res)
+{
+    if (res != NULL) {
+        memset(res, 0, sizeof *res);
+    }
+    if (question == NULL || res == NULL) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "question and result must not be NULL");
+    }
+    if (!(deadline_ms > 0)) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "deadline_ms must be positive, got %g", deadline_ms);
+    }
+    return EDGETTS_OK;
+}
+
+edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double deadline_ms, double energy_j,
+                              unsigned int seed, edgetts_result *res)
+{
+    if (res != NULL) {
+        memset(res, 0, sizeof *res);
+    }
+    if (rt == NULL) {
+        return EDGETTS_E_ARGUMENT;
+    }
+    edgetts_status st = check(rt, question, deadline_ms, res);
+    if (st != EDGETTS_OK) {
+        return st;
+    }
+    int miss = 0;
+    int i = edgetts_policy_select(rt, deadline_ms, energy_j, &miss);
+    const edgetts_point_info *p = &ett_frontier[i].info;
+    st = run(rt, i, question, p->n, p->budget, deadline_ms, seed, res);
+    res->predicted_miss = miss;
+    if (st == EDGETTS_OK) {
+        edgetts_policy_observe(rt, i, res->latency_ms);
+    }
+    return st;
+}
+
+edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *question, int n, int budget,
+                                 double deadline_ms, unsigned int seed, edgetts_result *res)
+{
+    if (res != NULL) {
+        memset(res, 0, sizeof *res);
+    }
+    if (rt == NULL) {
+        return EDGETTS_E_ARGUMENT;
+    }
+    edgetts_status st = check(rt, question, deadline_ms, res);
+    if (st != EDGETTS_OK) {
+        return st;
+    }
+    if (index < 0 || index >= ett_n_frontier) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "point %d is not in the frontier (0..%d)", index, ett_n_frontier - 1);
+    }
+    n = n > 0 ? n : ett_frontier[index].info.n;
+    budget = budget > 0 ? budget : ett_frontier[index].info.budget;
+    if (n > rt->max_n) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "n must be at most %d (the frontier's largest n), got %d", rt->max_n, n);
+    }
+    if (budget > rt->max_budget) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "budget must be at most %d (the frontier's largest budget), got %d",
+                    rt->max_budget, budget);
+    }
+    return run(rt, index, question, n, budget, deadline_ms, seed, res);
+}

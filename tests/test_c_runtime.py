@@ -1,0 +1,284 @@
+"""The runtime in C (``edgetts build-c``): token-for-token parity with the Python runtime, the policy,
+sanitizers, and the command line.
+
+The config comes from a small profile of the tiny model; its frontier is replaced by a chosen set
+of profiled cells (every strategy the C runtime has, small budgets) sorted by latency, with energy
+figures on all but one point so the energy limit is exercised.  Parity runs every row of the C
+runtime against the Python strategies on an engine sized as the C runtime sizes its own (the
+frontier's largest n and budget), with the same seed and no deadline.  Both sides decode on one
+thread: the tiny model gains nothing from more, and a shared machine then runs the suite quickly.
+"""
+
+import json
+import random
+import shutil
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from edgetts.cli import app
+from edgetts.engines import open_engine
+from edgetts.engines.base import SamplingParams
+from edgetts.export.build_c import BuildError, build_c
+from edgetts.pareto.config import build_config, load_config, point_spec, write_config
+from edgetts.profiling.config import SweepConfig
+from edgetts.profiling.runner import run_profile
+from edgetts.runtime import Policy
+from edgetts.strategies import RunConfig, create
+from edgetts.tasks.datasets import load_dataset
+
+CC = shutil.which("cc") or shutil.which("gcc")
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
+runner = CliRunner()
+WANTED = ["single/n1/b32", "first-finish/n4/b32", "majority/n4/b32", "esc/n8/b32", "adaptive/n8/b16",
+          "weighted/n4/b32", "majority/n8/b32"]  # fmt: skip
+SEED = 3
+
+POLICY_DRIVER = r"""
+#include <stdio.h>
+#include "edgetts.h"
+int main(void) {
+    edgetts_runtime *rt = NULL;
+    char err[512], op;
+    double a, b;
+    if (edgetts_open(NULL, &rt, err, sizeof err) != EDGETTS_OK) { fprintf(stderr, "%s\n", err); return 1; }
+    while (scanf(" %c %lf %lf", &op, &a, &b) == 3) {
+        int miss;
+        if (op == 's') { int i = edgetts_policy_select(rt, a, b, &miss); printf("%d %d\n", i, miss); }
+        else { edgetts_policy_observe(rt, (int)a, b); printf("%.17g\n", edgetts_policy_slowdown(rt)); }
+    }
+    edgetts_close(rt);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    base = tmp_path_factory.mktemp("c-runtime")
+    sweep = SweepConfig(models=["tiny"], limit=10, strategies=["single", "majority", "esc", "adaptive", "first-finish",
+                                                               "weighted"],
+                        budgets=[16, 32], n=[4, 8], warmup=1, engine={"threads": 1})  # fmt: skip
+    run_profile(sweep, base / "profile")
+    cfg, cands = build_config([base / "profile"])
+    chosen = sorted((c for c in cands if c["id"].split("/", 1)[1] in WANTED), key=lambda c: (c["latency_ms"], c["id"]))
+    assert len(chosen) == len(WANTED)
+    for i, p in enumerate(chosen):
+        p["energy_j"] = None if i == 1 else round(0.05 * (i + 1), 3)
+    cfg["frontier"] = chosen
+    return write_config(cfg, base / "cfg.json")
+
+
+@pytest.fixture(scope="module")
+def built(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c-build")
+    res = runner.invoke(app, ["build-c", str(config), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def run_c(built, config, questions, *args):
+    exe = str(built / "bin" / "edgetts-answer")
+    proc = subprocess.run([exe, "--config", str(config), "--threads", "1", *args], input="\n".join(questions) + "\n",
+                          capture_output=True, text=True, errors="replace")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def python_runs(point, frontier, questions, seed):
+    """(trace, rows' tokens) per question from the Python strategies, on an engine sized like the C runtime's."""
+    max_n, max_budget = max(p["n"] for p in frontier), max(p["budget"] for p in frontier)
+    spec = point_spec(point).with_options(threads=1)
+    engine, family = open_engine(spec, max_rows=max_n, max_tokens=max_budget + RunConfig().answer_tokens)
+    captured = []
+    sample = engine.sample
+
+    def capture(*a, **k):
+        res = sample(*a, **k)
+        captured.extend(list(r.tokens) for r in res.rows)
+        return res
+
+    engine.sample = capture
+    out = []
+    try:
+        for q in questions:
+            captured.clear()
+            cfg = RunConfig(n=point["n"], budget=point["budget"], sampling=SamplingParams(seed=seed))
+            out.append((create(point["strategy"], engine, family, cfg).run(q), list(captured)))
+    finally:
+        engine.close()
+    return out
+
+
+@pytest.mark.parametrize(("strategy", "limit"), [("majority/n4/b32", 200), ("esc/n8/b32", 200), ("single/n1/b32", 50),
+                                                 ("first-finish/n4/b32", 50), ("adaptive/n8/b16", 50),
+                                                 ("weighted/n4/b32", 50)])  # fmt: skip
+def test_rows_are_token_for_token_the_python_rows(built, config, strategy, limit):
+    frontier = load_config(config)["frontier"]
+    point = next(p for p in frontier if p["id"].endswith(strategy))
+    questions = [e.question for e in load_dataset("arith", limit=limit, seed=0)]
+    c_out = run_c(built, config, questions, "--point", point["id"], "--rows", "--seed", str(SEED))
+    py_out = python_runs(point, frontier, questions, SEED)
+    rows = bad_rows = bad_answers = 0
+    for c, (trace, tokens) in zip(c_out, py_out, strict=True):
+        assert "error" not in c, c
+        rows += len(tokens)
+        bad_rows += sum(a != b["tokens"] for a, b in zip(tokens, c["rows"])) + abs(len(tokens) - len(c["rows"]))
+        bad_answers += c["answer"] != trace.answer
+        if not bad_rows:
+            assert list(c["votes"]) == list(trace.votes)  # same answers, in the same order
+            assert list(c["votes"].values()) == pytest.approx(list(trace.votes.values()), rel=1e-8)
+            assert (c["early_stop"], c["generated_tokens"], c["rows_used"]) == (
+                trace.early_stop, trace.generated_tokens, trace.rows_used)
+            for cr, pr in zip(c["rows"], trace.rows):
+                assert (cr["answer"], cr["finish_reason"], cr["thinking_tokens"], cr["answer_tokens"],
+                        cr["forced_answer"], cr["text"]) == (pr.answer, pr.finish_reason, pr.thinking_tokens,
+                                                             pr.answer_tokens, pr.forced_answer, pr.text)  # fmt: skip
+                if pr.confidence is not None:  # weighted: numpy's float32 exp is not the C library's
+                    assert cr["confidence"] == pytest.approx(pr.confidence, rel=1e-6, abs=1e-9)
+    assert (bad_rows, bad_answers) == (0, 0), f"{bad_rows} of {rows} rows and {bad_answers} answers differ"
+
+
+def test_rows_match_edgetts_run_config(built, config):
+    """``edgetts run --config`` sizes its engine for the chosen point alone; on the tiny model the rows agree too."""
+    from edgetts.runtime.oneshot import answer
+
+    questions = [e.question for e in load_dataset("arith", limit=30, seed=1)]
+    c_out = run_c(built, config, questions, "--deadline-ms", "1e9", "--rows", "--seed", str(SEED))
+    for q, c in zip(questions, c_out, strict=True):
+        trace = answer(q, config=str(config), deadline_ms=1e9, seed=SEED, threads=1).trace
+        assert c["point_id"] is not None and c["answer"] == trace.answer
+        assert [r["text"] for r in c["rows"]] == [r["text"] for r in trace.to_dict(with_text=True)["rows"]]
+
+
+def test_policy_agrees_with_python_also_after_observations(built, config, tmp_path):
+    exe = tmp_path / "policy"
+    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", f"-I{built / 'include'}", "-o",
+                    str(exe), "-x", "c", "-", f"-L{built / 'lib'}", "-ledgetts", f"-Wl,-rpath,{built / 'lib'}"],
+                   input=POLICY_DRIVER, text=True, check=True)  # fmt: skip
+    policy = Policy.load(config)
+    front = policy.frontier
+    rng = random.Random(0)
+    lines, expected = [], []
+    for k in range(1000):
+        if k % 50 == 25:  # the same observations on both sides
+            for _ in range(3):
+                i, ms = rng.randrange(len(front)), rng.uniform(0.1, 4) * front[0]["latency_ms"]
+                policy.observe(front[i]["id"], ms)
+                lines.append(f"o {i} {ms!r}")
+                expected.append(repr(policy.slowdown))
+        if rng.random() < 0.3:  # on a point's latency exactly: the boundary of "fits"
+            deadline = front[rng.randrange(len(front))]["latency_ms"]
+        else:
+            deadline = rng.uniform(0, 2 * front[-1]["latency_ms"])
+        energy = rng.choice([0.0, -1.0, rng.uniform(0, 0.4), front[rng.randrange(len(front))]["energy_j"] or 0.0])
+        sel = policy.select(deadline, energy_j=energy)
+        lines.append(f"s {deadline!r} {energy!r}")
+        expected.append(f"{sel.index} {int(sel.miss)}")
+    out = subprocess.run([str(exe)], input="\n".join(lines), capture_output=True, text=True, check=True).stdout
+    got = out.split("\n")[: len(expected)]
+    for e, g in zip(expected, got, strict=True):
+        assert (float(e) == float(g)) if " " not in e else e == g
+
+
+def test_answer_stream_and_deadline_choice(built, config):
+    questions = [e.question for e in load_dataset("arith", limit=5, seed=0)]
+    policy = Policy.load(config)
+    front = policy.frontier
+    out = run_c(built, config, questions, "--deadline-ms", str(front[2]["latency_ms"] * 1.0001), "--seed", "1")
+    first = policy.select(front[2]["latency_ms"] * 1.0001)
+    assert out[0]["point_id"] == first.point["id"]
+    for o in out:
+        assert set(o) >= {"answer", "point_id", "strategy", "n", "budget", "latency_ms", "deadline_met",
+                          "generated_tokens"}  # fmt: skip
+        assert isinstance(o["deadline_met"], bool) and o["generated_tokens"] > 0
+    best = run_c(built, config, questions[:1])[0]
+    assert best["point_id"] == max(front, key=lambda p: p["accuracy"])["id"] and best["deadline_met"] is None
+
+
+def test_command_line_errors(built, config, tmp_path):
+    exe = str(built / "bin" / "edgetts-answer")
+    other = tmp_path / "other.json"
+    other.write_text(config.read_text() + "\n")
+    for args in (["--config", str(other)], ["--deadline-ms", "0"], ["--point", "nope"], ["--seed"]):
+        proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), (args, proc.stderr)
+    res = runner.invoke(app, ["build-c", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "error:" in res.output
+    cfg = json.loads(config.read_text())
+    cfg["frontier"][0]["strategy"] = "best-of-n"
+    bad = tmp_path / "best-of-n.json"
+    bad.write_text(json.dumps(cfg))
+    with pytest.raises(BuildError, match="best-of-n"):
+        build_c(bad, tmp_path / "o")
+
+
+def test_sanitizers_on_200_calls_with_bad_inputs(config, tmp_path, tiny_gguf):
+    from pathlib import Path
+
+    san = tmp_path / "san"
+    build_c(config, san, sanitize=True)
+    exe = tmp_path / "stress"
+    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"]
+    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", *flags, f"-I{san / 'include'}",
+                    "-o", str(exe), str(Path(__file__).parent / "c_runtime_stress.c"), f"-L{san / 'lib'}", "-ledgetts",
+                    f"-Wl,-rpath,{san / 'lib'}", "-lpthread", "-lm"], check=True)  # fmt: skip
+    name = Path(tiny_gguf).name
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / name).write_bytes(b"GGUF" + random.Random(0).randbytes(4096))
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / name).write_bytes(Path(tiny_gguf).read_bytes()[:200_000])
+    questions = tmp_path / "q.txt"
+    questions.write_text("".join(e.question + "\n" for e in load_dataset("arith", limit=20, seed=0)))
+    proc = subprocess.run([str(exe), str(config), str(tmp_path / "corrupt"), str(tmp_path / "truncated"),
+                           str(questions)], capture_output=True, text=True)  # fmt: skip
+    report = [ln for ln in proc.stderr.splitlines() if "Sanitizer" in ln or "runtime error" in ln]
+    assert proc.returncode == 0 and not report, proc.stdout[-2000:] + proc.stderr[-4000:]
+    calls = int(proc.stdout.split("calls ")[1].split()[0])
+    assert calls >= 200
+
+
+EXTRACT_DRIVER = r"""
+#include <stdio.h>
+#include <string.h>
+int ett_extract_answer(const char *text, const char *think_start, const char *think_end, char *out, size_t cap);
+int main(void) {
+    static char text[1 << 16], out[256];
+    size_t n;
+    while (fgets(text, sizeof text, stdin) != NULL) {  /* one test per line, "\n" written as \x01 */
+        for (n = 0; text[n]; n++) text[n] = text[n] == '\n' ? 0 : (text[n] == 1 ? '\n' : text[n]);
+        if (ett_extract_answer(text, "<think>", "</think>", out, sizeof out)) {
+            for (n = 0; out[n]; n++) out[n] = out[n] == '\n' ? 1 : out[n];
+            printf("=%s\n", out);
+        }
+        else printf("-\n");
+    }
+    return 0;
+}
+"""
+
+TEXTS = [
+    "12+7=19\n19*3=57\n</think>\nThe answer is 57", "x</think>#### 42\nmore", "####\n 7", "#### \n", "#####5",
+    "\\boxed{1{2}3} and \\boxed{9}", "\\fbox{5", "\\boxed{ }", "The ANSWER: $-3.5.", "so the answer is x^2 here",
+    "answer is   \n12", "1,234 and 5/6", "-.5 then .25", "<think>never closed 12", "a</think>b</think>c 3.",
+    "the answer is 42 apples.", "Answer: :$ 7$", "nothing here", "1.2.3", "The answer is -", "answeris5",
+    "----5", "3/0", "x" * 300 + " 77", "#### " + "9" * 250,
+]  # fmt: skip
+
+
+def test_answer_extraction_matches_python(built, tmp_path):
+    from edgetts.tasks.grading import extract_answer
+
+    exe = tmp_path / "extract"
+    subprocess.run([CC, "-std=c99", "-o", str(exe), "-x", "c", "-", f"-L{built / 'lib'}", "-ledgetts",
+                    f"-Wl,-rpath,{built / 'lib'}"], input=EXTRACT_DRIVER, text=True, check=True)  # fmt: skip
+    rng = random.Random(0)
+    parts = ["answer", "ANSWER", " is ", "is", ":", "####", "#", "\\boxed{", "\\fbox{", "{", "}", "</think>",
+             "<think>", "$", "\n", " ", "-", ".", ",", "/", "7", "42", "0.5", "x"]  # fmt: skip
+    texts = TEXTS + ["".join(rng.choice(parts) for _ in range(rng.randrange(1, 30))) for _ in range(2000)]
+    feed = "".join(t.replace("\n", "\x01") + "\n" for t in texts)
+    got = subprocess.run([str(exe)], input=feed, capture_output=True, text=True, check=True).stdout.splitlines()
+    for t, g in zip(texts, got, strict=True):
+        want = extract_answer(t)
+        assert g == ("-" if want is None else "=" + want.replace("\n", "\x01")), t
