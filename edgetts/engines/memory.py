@@ -1,0 +1,204 @@
+"""What a llama.cpp engine will need in memory, known before the model is loaded.
+
+A GGUF file's header says everything the allocation depends on: the tensors' bytes (the
+weights, mapped from the file), and the layer count, KV-head count and key/value lengths (the
+cache bytes per token).  :func:`gguf_info` reads just the header (seeking over the tokenizer's
+arrays), so planning a 151,936-token model costs a fraction of a second.
+
+:func:`plan_memory` adds up what llama.cpp allocates for a context planned by
+:class:`~edgetts.engines.spec.ContextPlan`, with the same sizes the engine asks for:
+
+- ``weights``: the tensors' bytes, plus, on the CPU, the copy llama.cpp makes of Q4_0, Q4_K and
+  IQ4_NL matrices in an interleaved layout its kernels read faster (the mapped originals are
+  then no longer read, but they were paged in to be copied);
+- ``kv``: ``n_ctx`` cells (rounded up to llama.cpp's 256-cell padding) times the f16 K and V
+  bytes per token of all layers: ``2 x layers x kv_heads x (key_length + value_length)``;
+- ``output``: one float logit vector per sequence (rows and their probe branches);
+- ``compute``: the scratch of one micro-batch of ``n_ubatch`` tokens, dominated by the
+  logits of a micro-batch whose tokens all want outputs (``n_ubatch x n_vocab`` floats) plus its
+  activations.
+
+:func:`available_mb` is the memory the device can give: MemAvailable for the CPU, NVML's free
+memory of GPU 0 when layers are offloaded.  :func:`check_fits` refuses a plan that exceeds it
+with one line naming every part, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgetts.engines.base import EngineError
+
+MB = 1 << 20
+KV_PAD = 256  # llama.cpp rounds a context's cells up to this
+# GGUF value types -> struct format (8: string, 9: array)
+# Quantization types whose matrices the CPU back end repacks at load (ggml type: block, bytes).
+_REPACKED = {2: (32, 18), 12: (256, 144), 20: (32, 18)}  # Q4_0, Q4_K, IQ4_NL
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    arch: str
+    layers: int
+    kv_heads: int
+    key_length: int
+    value_length: int
+    n_vocab: int
+    hidden: int
+    ffn: int
+    weight_bytes: int
+    repack_bytes: int = 0  # matrices llama.cpp's CPU back end copies into an interleaved layout
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 K and V bytes of one cache cell, all layers."""
+        return 2 * self.layers * self.kv_heads * (self.key_length + self.value_length)
+
+
+def gguf_info(path: str | Path) -> GGUFInfo:
+    """The shape fields of a GGUF file, read from its header only (cached while the file is unchanged)."""
+    st = Path(path).stat()
+    try:
+        return _gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    except (struct.error, KeyError) as e:  # a truncated header, or a value type this reader does not know
+        raise EngineError(f"{path}: unreadable GGUF header ({e})") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _gguf_info(path: str, _mtime: int, _size: int) -> GGUFInfo:
+    path = Path(path)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise EngineError(f"{path}: not a GGUF file (bad magic bytes)")
+        _version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        pos = 24
+        kv: dict[str, object] = {}
+
+        def string(p):
+            (n,) = struct.unpack_from("<Q", m, p)
+            return m[p + 8 : p + 8 + n].decode("utf-8", "replace"), p + 8 + n
+
+        def value(p, t):
+            if t == 8:
+                return string(p)
+            if t == 9:
+                et, count = struct.unpack_from("<IQ", m, p)
+                p += 12
+                if et == 8:  # strings: skip over them, keep only the count
+                    for _ in range(count):
+                        (n,) = struct.unpack_from("<Q", m, p)
+                        p += 8 + n
+                    return count, p
+                if et == 9:
+                    raise EngineError(f"{path}: nested GGUF arrays are not supported")
+                return count, p + count * struct.calcsize(_SCALARS[et])
+            fmt = "<" + _SCALARS[t]
+            return struct.unpack_from(fmt, m, p)[0], p + struct.calcsize(fmt)
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (t,) = struct.unpack_from("<I", m, pos)
+            kv[key], pos = value(pos + 4, t)
+        repack = 0
+        for _ in range(n_tensors):  # name, dims, type, offset
+            name, pos = string(pos)
+            (nd,) = struct.unpack_from("<I", m, pos)
+            dims = struct.unpack_from(f"<{nd}Q", m, pos + 4)
+            (ttype,) = struct.unpack_from("<I", m, pos + 4 + 8 * nd)
+            pos += 4 + 8 * nd + 4 + 8
+            if ttype in _REPACKED and nd == 2 and name != "token_embd.weight" and dims[1] % 8 == 0:
+                block, size = _REPACKED[ttype]
+                repack += dims[0] * dims[1] // block * size
+        align = int(kv.get("general.alignment", 32))
+        data_start = int(math.ceil(pos / align) * align)
+        size = len(m)
+    arch = str(kv.get("general.architecture", "llama"))
+
+    def field(name, default=None):
+        v = kv.get(f"{arch}.{name}", default)
+        if v is None:
+            raise EngineError(f"{path}: GGUF metadata lacks {arch}.{name}")
+        return int(v)
+
+    hidden, heads = field("embedding_length"), field("attention.head_count")
+    head_dim = hidden // max(1, heads)
+    return GGUFInfo(
+        arch=arch, layers=field("block_count"), kv_heads=field("attention.head_count_kv", heads),
+        key_length=field("attention.key_length", head_dim), value_length=field("attention.value_length", head_dim),
+        n_vocab=int(kv.get("tokenizer.ggml.tokens", 0)) or field("vocab_size"), hidden=hidden,
+        ffn=field("feed_forward_length", 4 * hidden), weight_bytes=size - data_start, repack_bytes=repack,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    n_ctx: int  # cache cells, as llama.cpp allocates them
+    weights: int
+    kv: int
+    output: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.output + self.compute
+
+    @property
+    def total_mb(self) -> float:
+        return self.total / MB
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        return (f"{self.total_mb:.0f} MB: weights {self.weights / MB:.0f}, KV cache {self.kv / MB:.0f} "
+                f"({self.n_ctx} tokens), compute {(self.compute + self.output) / MB:.0f}")  # fmt: skip
+
+
+def plan_memory(info: GGUFInfo, n_ctx: int, max_rows: int, n_ubatch: int = 512, cpu: bool = True) -> MemoryPlan:
+    """What llama.cpp allocates for ``info``'s model with a context of ``n_ctx`` cells (see the module doc)."""
+    cells = KV_PAD * math.ceil(n_ctx / KV_PAD)
+    seqs = 2 * max_rows  # rows, then one probe branch per row (the engine's n_seq_max)
+    activations = n_ubatch * 4 * (3 * info.hidden + 2 * info.ffn)
+    return MemoryPlan(
+        n_ctx=cells, weights=info.weight_bytes + (info.repack_bytes if cpu else 0), kv=cells * info.kv_bytes_per_token,
+        output=seqs * info.n_vocab * 4, compute=n_ubatch * info.n_vocab * 4 + activations,
+    )  # fmt: skip
+
+
+def available_mb(gpu: bool = False) -> float | None:
+    """Memory the device can still give (MB): free GPU memory when offloading, else MemAvailable."""
+    if gpu:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free / MB
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception:  # no NVML: fall back to host memory (unified memory on a Jetson)
+            pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(plan: MemoryPlan, what: str, gpu: bool = False, available: float | None = None) -> None:
+    """Refuse (one line) a plan that needs more memory than the device has free."""
+    free = available if available is not None else available_mb(gpu)
+    if free is not None and plan.total_mb > free:
+        raise EngineError(
+            f"{what} needs {plan.describe()}; the device has {free:.0f} MB free. Lower n or the budget, "
+            "or pass a smaller n_ctx engine option"
+        )

@@ -1,0 +1,80 @@
+"""Honest latencies: fit residuals, the direct check of a pooled profile, drift, the pareto gate, resuming."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from edgetts.cli import app
+from edgetts.profiling.validation import MAPE_MAX, choose_cells
+
+runner = CliRunner()
+SMALL = ["--limit", "5", "--strategies", "single,majority", "--budgets", "16,32", "--n", "2,4", "--threads", "1",
+         "--quiet"]  # fmt: skip
+
+
+def _profile(out, *extra):
+    r = runner.invoke(app, ["profile", "--out", str(out), *SMALL, *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_choose_cells_spreads_over_n_and_budget():
+    cells = [(s, n, b) for s in ("single", "majority") for n in (1, 4, 8) for b in (32, 64, 128)]
+    picked = choose_cells(cells)
+    assert len(picked) == 3 and len(set(picked)) == 3
+    assert {n for _, n, _ in picked} >= {1, 8} and {b for *_, b in picked} >= {32, 128}
+    assert choose_cells(cells[:2]) == sorted(cells[:2], key=lambda c: (c[1], c[2], c[0]))
+
+
+def test_pooled_profile_reports_residuals_validation_and_drift(tmp_path):
+    summary = _profile(tmp_path)
+    model = json.loads((tmp_path / "latency-model-tiny.json").read_text())
+    assert model["step_mape"] >= 0 and model["call_mape"] >= 0 and model["reference_s"] > 0
+    assert min(model[k] for k in ("a", "b", "c", "token_s", "round_s", "row_s")) >= 0
+    v = summary["latency_validation"]
+    assert v["cells_checked"] >= 3 and v["mape"] >= 0 and isinstance(v["ok"], bool) and v["drift"] is not None
+    assert v["ok"] == (v["mape"] <= MAPE_MAX and abs(v["drift"]) <= v["models"][0]["drift_max"])
+    assert all(c["direct_s"] > 0 and c["modelled_s"] > 0 for c in v["models"][0]["cells"])
+    assert min(c["latency_s"]["p50"] for c in summary["cells"]) > 0
+
+
+def test_a_resumed_profile_reuses_the_saved_latency_model(tmp_path):
+    _profile(tmp_path)
+    saved = {p.name: p.read_bytes() for p in tmp_path.glob("latency-*.json")}
+    records = (tmp_path / "records.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "records.jsonl").write_bytes(b"".join(records[: len(records) // 2]))
+    _profile(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("latency-*.json")} == saved
+    assert len((tmp_path / "records.jsonl").read_bytes().splitlines()) == len(records)
+
+
+def test_pareto_refuses_an_unvalidated_profile_unless_accepted(tmp_path):
+    prof = tmp_path / "p"
+    summary = _profile(prof)
+    summary["latency_validation"].update(ok=False, mape=0.61, drift=0.4)
+    (prof / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "c.json"
+    r = runner.invoke(app, ["pareto", str(prof), "--out", str(out), "--no-plot"])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "--accept-unvalidated" in r.output
+    assert "61%" in r.output and not out.exists()
+    r = runner.invoke(app, ["pareto", str(prof), "--out", str(out), "--no-plot", "--accept-unvalidated"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["latency_validation"][str(prof)]["ok"] is False
+
+
+def test_a_profile_on_a_loaded_machine_is_right_or_flagged(tmp_path):
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        summary = _profile(tmp_path / "p")
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    v = summary["latency_validation"]
+    r = runner.invoke(app, ["pareto", str(tmp_path / "p"), "--out", str(tmp_path / "c.json"), "--no-plot"])
+    if v["ok"]:  # the modelled latencies agree with direct runs under the same load
+        assert v["mape"] <= MAPE_MAX and r.exit_code == 0, r.output
+    else:  # or the profile says so, and the frontier is not built from it silently
+        assert r.exit_code == 2 and "failed the direct check" in r.output
