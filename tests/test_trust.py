@@ -1,0 +1,183 @@
+"""Commands a user can trust: one-line errors, outputs that never clobber, serve's start-up checks."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from edgetts.cli import app
+from edgetts.models import BUILTIN
+
+runner = CliRunner()
+SMALL = ["--limit", "5", "--budgets", "16", "--strategies", "single", "--mode", "direct", "--quiet"]
+
+
+def _one_line_error(r):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trust") / "profile"
+    r = runner.invoke(app, ["profile", "--out", str(d), *SMALL])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["run", "q", "--n", "0"], "'--n'"),
+        (["evaluate", "--n", "0"], "'--n'"),
+        (["profile", "--limit", "0"], "'--limit'"),
+        (["serve", "--config", "x.json", "--port", "70000"], "'--port'"),
+        (["run"], "Missing argument"),
+        (["run", "q", "--bogus"], "No such option: --bogus"),
+        (["bogus"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args, says):
+    assert says in _one_line_error(runner.invoke(app, args))
+
+
+def test_help_and_version_stay_normal():
+    r = runner.invoke(app, ["run", "--help"])
+    assert r.exit_code == 0 and "Usage" in r.stdout and not r.stderr
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("edgetts ") and r.stdout.split()[1][0].isdigit()
+
+
+def test_profile_help_shows_the_default_grid():
+    out = " ".join(runner.invoke(app, ["profile", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    for default in ("single,majority,esc", "32,64,128", "1,4,8", "Default: 50", "Default: arith", "Default: pooled"):
+        assert default in out
+
+
+def test_family_defaults_agree_across_commands():
+    group = typer.main.get_command(app)
+    defaults = {name: next(p.default for p in group.commands[name].params if p.name == "family")
+                for name in ("run", "evaluate")}  # fmt: skip
+    assert defaults == {"run": "auto", "evaluate": "auto"}
+    assert "auto" in _one_line_error(runner.invoke(app, ["evaluate", "--family", "gpt5"]))
+
+
+def test_profile_table_shows_whole_model_names(tmp_path):
+    model = tmp_path / "a-rather-long-variant-name-q4_k_m.gguf"
+    model.symlink_to(BUILTIN["tiny"])
+    args = ["--limit", "2", "--budgets", "16", "--strategies", "single"]
+    r = runner.invoke(app, ["profile", "--out", str(tmp_path / "p"), "--model", str(model), *args],
+                      env={"COLUMNS": "400"})  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert model.name in r.stdout
+
+
+def test_pareto_outputs_are_checked_and_never_partial(profile, tmp_path):
+    under_file = str(profile / "pareto.json" / "c.json")
+    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", under_file]))
+    assert "is a file, not a directory" in msg
+    out_dir = tmp_path / "userdir"
+    out_dir.mkdir()
+    assert "is a directory" in _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", str(out_dir)]))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(out_dir.iterdir())
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "config"}')
+    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", str(mine), "--no-plot"]))
+    assert "not written by edgetts" in msg and mine.read_text() == '{"my": "config"}'
+    ok = tmp_path / "configs" / "pareto.json"
+    for _ in range(2):  # a config edgetts wrote is replaced
+        assert runner.invoke(app, ["pareto", str(profile), "--out", str(ok), "--no-plot"]).exit_code == 0
+
+
+def test_export_c_outputs_are_checked(profile, tmp_path):
+    config = str(profile / "pareto.json")
+    msg = _one_line_error(runner.invoke(app, ["export-c", config, "--out", str(tmp_path / "nodir" / "x.h")]))
+    assert "no directory" in msg and not (tmp_path / "nodir").exists()
+    mine = tmp_path / "mine.h"
+    mine.write_text("int my_code;\n")
+    assert "not written by edgetts" in _one_line_error(runner.invoke(app, ["export-c", config, "--out", str(mine)]))
+    assert mine.read_text() == "int my_code;\n"
+    for _ in range(2):
+        assert runner.invoke(app, ["export-c", config, "--out", str(tmp_path / "p.h")]).exit_code == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _config_with(profile, tmp_path, name, **changes):
+    config = json.loads((profile / "pareto.json").read_text())
+    for p in config["frontier"]:
+        p.update(changes)
+        if "artifact" not in changes:
+            p["artifact"] = "tiny"
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "name, changes, says",
+    [
+        ("passwd", {"artifact": "/etc/passwd"}, "not a GGUF file"),
+        ("missing", {"artifact": "/nonexistent/model.gguf"}, "no such file"),
+        ("nan", {"latency_ms": math.nan}, "latency_ms is nan"),
+        ("negative", {"accuracy": -0.5}, "accuracy is -0.5"),
+        ("big-accuracy", {"accuracy": 1.5, "accuracy_ci95": [0.2, 1.7]}, "accuracy is 1.5"),
+        ("zero-n", {"n": 0}, "n is 0"),
+        ("beam", {"strategy": "beam"}, "strategy 'beam' is not one of"),
+    ],
+)
+def test_serve_refuses_bad_configs_in_one_line(profile, tmp_path, name, changes, says):
+    pytest.importorskip("uvicorn")
+    config = _config_with(profile, tmp_path, name, **changes)
+    assert says in _one_line_error(runner.invoke(app, ["serve", "--config", config, "--port", "0"]))
+
+
+def test_serve_and_export_c_refuse_a_config_that_is_not_json(tmp_path):
+    pytest.importorskip("uvicorn")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(256)))
+    assert "not a text file" in _one_line_error(runner.invoke(app, ["serve", "--config", str(binary), "--port", "0"]))
+    assert "not a text file" in _one_line_error(runner.invoke(app, ["export-c", str(binary)]))
+
+
+def test_serve_on_a_busy_port_says_so(profile):
+    pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = runner.invoke(app, ["serve", "--config", str(profile / "pareto.json"), "--port", str(port)])
+    msg = _one_line_error(r)
+    assert f"127.0.0.1:{port}" in msg and "in use" in msg
+
+
+def test_serve_prints_where_it_listens(profile):
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", str(profile / "pareto.json"),
+                             "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("edgetts serve: listening on http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split()[4]
+        assert httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_doctor_names_the_extra_to_install():
+    from edgetts.doctor import _engine
+
+    e = _engine("onnx-genai", "edgetts_no_such_module", "onnxruntime-genai")
+    assert not e["available"] and "pip install 'edgetts[onnx]'" in e["detail"]
+    assert "ModuleNotFoundError" not in e["detail"]
+    assert "edgetts[http]" in _engine("openai-http", "edgetts_no_such_module", "httpx")["detail"]
