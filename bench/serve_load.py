@@ -1,0 +1,231 @@
+"""Open-loop load on `edgetts serve`: the batched server against the sequential one (and llama-server).
+
+    python bench/serve_load.py [--config pareto.json] [--requests 300] [--threads 1] [--llama-server PATH]
+
+Both servers answer from the same Pareto config (by default one profiled here with the default
+grid).  The sequential server's capacity is measured first (requests back to back, one at a
+time); then, for each load level (0.5x, 1x, 2x, 4x that capacity), requests arrive as a Poisson
+process with mixed deadlines (the frontier's fastest and slowest points, and between), the same
+arrival times and questions for every server.  Per level and server: goodput (correct answers
+delivered within their deadline, per second of the level), the share of admitted requests that
+met their deadline as the client measured it, the share refused (429), and p50/p99 latency of
+answers.  With ``--llama-server PATH``, llama.cpp's own server (``-np 16``, same model and
+threads) runs the same arrivals with client-side majority voting over the same n as the
+frontier's most accurate point, no deadline logic.
+
+The last line is one JSON object: ``goodput_ratio_vs_sequential`` at 2x load (target at least
+1.5), ``deadline_met_admitted`` (the batched server's worst level; target at least 0.99), and
+every level's figures.  ``--plot FILE`` draws goodput and deadline share against load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgetts.tasks.datasets import load_dataset  # noqa: E402
+from edgetts.tasks.grading import extract_answer, is_equivalent  # noqa: E402
+
+LEVELS = (0.5, 1.0, 2.0, 4.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc) -> None:
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited: {proc.stderr.read().decode()[-400:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not start")
+
+
+def start_edgetts(config: str, threads: int, *extra: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", config, "--port", str(port),
+                             "--threads", str(threads), "--max-queue", "256", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url + "/healthz", proc)
+    return proc, url
+
+
+async def edgetts_call(client, url, question, deadline):
+    r = await client.post(url + "/v1/completions", json={"prompt": question, "deadline_ms": deadline})
+    if r.status_code == 429:
+        return "refused", None
+    if r.status_code != 200:
+        return "error", None
+    return "answered", r.json()["choices"][0]["text"] or None
+
+
+def llama_server_call(n: int):
+    async def call(client, url, question, deadline):
+        prompt = f"{question}\n<think>"
+
+        async def one(seed):
+            r = await client.post(url + "/completion", json={"prompt": prompt, "n_predict": 160, "seed": seed,
+                                                             "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                                             "min_p": 0.0, "cache_prompt": True})  # fmt: skip
+            return extract_answer(r.json().get("content", "")) if r.status_code == 200 else None
+
+        from edgetts.strategies.aggregate import majority_vote
+
+        answers = await asyncio.gather(*(one(s) for s in range(n)))
+        return "answered", majority_vote(answers).answer
+
+    return call
+
+
+async def run_level(url, call, arrivals, work) -> dict:
+    """Send ``work`` (question, gold, deadline) at ``arrivals`` (seconds from now); client-side figures."""
+    results = []
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
+        t0 = time.perf_counter()
+
+        async def one(at, item):
+            question, gold, deadline = item
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                kind, answer = await call(client, url, question, deadline)
+            except httpx.HTTPError:
+                kind, answer = "error", None
+            ms = 1000 * (time.perf_counter() - sent)
+            results.append((kind, answer, gold, deadline, ms))
+
+        await asyncio.gather(*(one(at, item) for at, item in zip(arrivals, work)))
+        span = max(arrivals[-1], time.perf_counter() - t0)
+    answered = [r for r in results if r[0] == "answered"]
+    on_time = [r for r in answered if r[4] <= r[3]]
+    good = [r for r in on_time if r[1] is not None and is_equivalent(r[1], r[2])]
+    lat = sorted(r[4] for r in answered) or [0.0]
+    return {
+        "requests": len(results), "answered": len(answered), "refused_share": round(
+            sum(r[0] == "refused" for r in results) / len(results), 4),
+        "errors": sum(r[0] == "error" for r in results),
+        "goodput_per_s": round(len(good) / span, 3), "accuracy_answered": round(len(good) / max(1, len(answered)), 4),
+        "deadline_met_admitted": round(len(on_time) / max(1, len(answered)), 4),
+        "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
+    }  # fmt: skip
+
+
+def sequential_capacity(url: str, work, count: int = 60) -> float:
+    """Requests per second one at a time, each with the loosest deadline of the mix."""
+    loose = max(d for _, _, d in work)
+    with httpx.Client(timeout=120) as c:
+        for q, _, _ in work[:5]:  # warm up
+            c.post(url + "/v1/completions", json={"prompt": q, "deadline_ms": loose})
+        t = time.perf_counter()
+        for q, _, _ in work[:count]:
+            c.post(url + "/v1/completions", json={"prompt": q, "deadline_ms": loose})
+        return count / (time.perf_counter() - t)
+
+
+def default_config(tmp: Path, threads: int) -> str:
+    out = tmp / "profile"
+    subprocess.run([sys.executable, "-m", "edgetts", "profile", "--out", str(out), "--quiet", "--threads",
+                    str(threads)], check=True)  # fmt: skip
+    return str(out / "pareto.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--llama-server")
+    ap.add_argument("--plot")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    config = args.config or default_config(tmp, args.threads)
+    front = json.loads(Path(config).read_text())["frontier"]
+    fast, slow = front[0]["latency_ms"], front[-1]["latency_ms"]
+    deadlines = [round(3 * fast + 5, 1), round((fast + slow) * 1.5 + 5, 1), round(4 * slow + 20, 1)]
+    rng = random.Random(args.seed)
+    problems = load_dataset("arith")
+    work = [(ex.question, ex.answer, rng.choice(deadlines))
+            for ex in rng.sample(problems, min(len(problems), args.requests))]  # fmt: skip
+    servers = {"sequential": ("--sequential",), "batched": ()}
+    procs = {name: start_edgetts(config, args.threads, *extra) for name, extra in servers.items()}
+    calls = {name: edgetts_call for name in servers}
+    try:
+        capacity = sequential_capacity(procs["sequential"][1], work)
+        print(json.dumps({"sequential_capacity_per_s": round(capacity, 2), "deadlines_ms": deadlines}), flush=True)
+        if args.llama_server:
+            port = free_port()
+            model = front[-1]["artifact"]
+            lp = subprocess.Popen([args.llama_server, "-m", model, "--port", str(port), "-np", "16", "-t",
+                                   str(args.threads), "-c", str(16 * 512)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+            wait_up(f"http://127.0.0.1:{port}/health", lp)
+            procs["llama-server"] = (lp, f"http://127.0.0.1:{port}")
+            calls["llama-server"] = llama_server_call(max(p["n"] for p in front))
+        levels = {}
+        for level in LEVELS:
+            rate = level * capacity
+            t, arrivals = 0.0, []
+            for _ in work:
+                t += rng.expovariate(rate)
+                arrivals.append(t)
+            for name, (_, url) in procs.items():
+                levels.setdefault(str(level), {})[name] = res = asyncio.run(run_level(url, calls[name], arrivals, work))
+                print(json.dumps({"level": level, "server": name, **res}), flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(10)
+    two = levels["2.0"]
+    summary = {
+        "goodput_ratio_vs_sequential": round(two["batched"]["goodput_per_s"] / max(two["sequential"]["goodput_per_s"],
+                                                                                    1e-9), 3),
+        "deadline_met_admitted": min(lv["batched"]["deadline_met_admitted"] for lv in levels.values()),
+        "sequential_capacity_per_s": round(capacity, 2), "requests_per_level": len(work), "levels": levels,
+    }  # fmt: skip
+    if args.plot:
+        plot(levels, args.plot)
+    print(json.dumps(summary))
+
+
+def plot(levels: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [float(k) for k in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name in next(iter(levels.values())):
+        a.plot(xs, [levels[k][name]["goodput_per_s"] for k in levels], marker="o", label=name)
+        b.plot(xs, [levels[k][name]["deadline_met_admitted"] for k in levels], marker="o", label=name)
+    a.set(xlabel="offered load (x sequential capacity)", ylabel="goodput (correct on time / s)")
+    b.set(xlabel="offered load (x sequential capacity)", ylabel="admitted requests on time", ylim=(0, 1.02))
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

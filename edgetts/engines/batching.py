@@ -1,0 +1,274 @@
+"""Continuous batching: one running llama.cpp batch shared by many concurrent ``sample`` calls.
+
+A :class:`Scheduler` owns a :class:`~edgetts.engines.llamacpp.LlamaCppEngine` and a thread that
+runs rounds.  Each ``sample`` call becomes a :class:`~edgetts.engines.llamacpp_job.Job`:
+
+* **admission**: a job waits in a FIFO queue until it can get ``n`` free sequences and its
+  planned cache cells (its prompt, plus ``n`` rows of ``max_tokens`` and forced text); a job
+  that could never fit is refused at once with :class:`EngineError`.  A queued job whose
+  controller says it expired (cancelled, or its deadline no longer leaves room for an answer)
+  is dropped while queued: it returns rows that never started, finished ``deadline`` or
+  ``cancelled``.
+* **a round**: every live job samples its rows and runs its own controller (its strategy,
+  seeds and deadline); their pending tokens go into one batch; the next chunk of a new job's
+  prompt joins the same batch (``prefill_chunk`` tokens while rows are decoding, so running rows
+  never stall behind a long prompt); one ``llama_decode`` runs it all.  Rows that finish drop
+  their cells at once; a job whose rows all finished returns its result and frees its sequences
+  and its planned cells.
+* **failures** stay inside their job: a controller that raises fails its own call; a decode
+  that fails ends the rows of that round with ``length``; the loop goes on.
+
+The thread is the only one touching the llama.cpp context; callers block on a future.  The
+scheduler records the time of each round (sampling, controllers and the decode) against the
+tokens decoded in it, so the server can predict a request's latency at the current occupancy
+(:meth:`Scheduler.step_cost`).
+:class:`BatchedEngine` is the :class:`~edgetts.engines.base.Engine` face of a scheduler, so
+strategies run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from edgetts.engines.base import Controller, Engine, EngineError, SampleResult, SamplingParams
+from edgetts.engines.llamacpp_job import Job
+from edgetts.engines.spec import FORCED_SLACK
+
+ANSWER_ROUNDS = 9  # rounds a queued job still needs to force and state an answer
+
+
+@dataclass
+class _Entry:
+    job: Job
+    cells: int  # planned cache cells
+    future: Future
+    started: float
+
+
+class Scheduler:
+    def __init__(self, engine, prefill_chunk: int = 64):
+        self.engine = engine
+        self.prefill_chunk = prefill_chunk
+        self.free_seqs = list(range(engine.max_rows))
+        self.free_cells = engine.n_ctx
+        self.queue: deque[_Entry] = deque()
+        self.running: list[_Entry] = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.samples: deque[tuple[int, float]] = deque(maxlen=400)  # (tokens in a decode, seconds)
+        self.recorded = 0
+        self._fit = (0.0, 0.0)
+        self._calibrate()
+        self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
+        self.thread.start()
+
+    def _calibrate(self, repeats: int = 4) -> None:
+        """Time decodes of 1 and of ``max_rows`` tokens, so admission has step costs before any request."""
+        e = self.engine
+        bos = e.lc.llama_vocab_bos(e.vocab)
+        for _ in range(repeats):
+            for width in (1, e.max_rows):
+                t = time.perf_counter()
+                e._decode([(bos, 0, s, True) for s in range(width)])
+                self.samples.append((width, time.perf_counter() - t))
+                e.lc.llama_memory_clear(e.mem, True)
+        self._refit()
+
+    def _refit(self) -> None:
+        from edgetts.profiling.latency import nonnegative_lstsq
+
+        if len({x for x, _ in self.samples}) > 1:
+            a, b = nonnegative_lstsq([[1.0, x] for x, _ in self.samples], [y for _, y in self.samples])
+            self._fit = (a, b)
+
+    # -- the callers' side -----------------------------------------------------------------
+    def submit(self, prompt: str, n: int, params: SamplingParams, controller: Controller | None = None,
+               seeds: list[int] | None = None) -> Future:  # fmt: skip
+        if not 1 <= n <= self.engine.max_rows:
+            raise EngineError(f"n must be between 1 and {self.engine.max_rows} (the engine's max_rows), got {n}")
+        job = Job(self.engine, prompt, n, params, controller, seeds, seqs=[], started=None)
+        job.allow_probes = False
+        # Unified cache: the prompt once plus every row; a stream per row: each stream is its own.
+        cells = len(job.ptoks) + n * (params.max_tokens + FORCED_SLACK) if self.engine.kv_unified else 0
+        if cells > self.engine.n_ctx:
+            raise EngineError(f"this request needs {cells} cache cells; the engine has {self.engine.n_ctx}")
+        entry = _Entry(job, cells, Future(), time.perf_counter())
+        with self.cond:
+            if self.closed:
+                raise EngineError("the engine is closed")
+            self.queue.append(entry)
+            self.cond.notify()
+        return entry.future
+
+    def load(self) -> tuple[int, int]:
+        """(rows running, rows queued) right now."""
+        with self.cond:
+            return sum(e.job.n for e in self.running), sum(e.job.n for e in self.queue)
+
+    def step_cost(self, tokens: int) -> float:
+        """Predicted seconds of one decode carrying ``tokens`` tokens (a + b x tokens, fitted online)."""
+        a, b = self._fit
+        return a + b * tokens
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=30)
+
+    # -- the thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.queue and not self.running:
+                    self.cond.wait()
+                if self.closed:
+                    for entry in list(self.queue) + self.running:
+                        self._fail(entry, EngineError("the engine closed"))
+                    self.queue.clear()
+                    self.running = []
+                    return
+                self._admit()
+            try:
+                self._round()
+            except Exception as e:  # the batch must survive: end this round's jobs with the error
+                for entry in list(self.running):
+                    self._fail(entry, e)
+                self.running = []
+                self.engine.lc.llama_memory_clear(self.engine.mem, True)
+                self.free_seqs = list(range(self.engine.max_rows))
+                self.free_cells = self.engine.n_ctx
+
+    def _admit(self) -> None:
+        while self.queue:
+            entry = self.queue[0]
+            reason = self._expired(entry.job)
+            if reason:
+                self.queue.popleft()
+                entry.job.stop_live(reason)  # never started: no cells, no samplers
+                entry.future.set_result(entry.job.result())
+                continue
+            if len(self.free_seqs) < entry.job.n or self.free_cells < entry.cells:
+                return  # first come, first served: later jobs wait behind it
+            self.queue.popleft()
+            entry.job.seqs = [self.free_seqs.pop(0) for _ in range(entry.job.n)]
+            self.free_cells -= entry.cells
+            self.running.append(entry)
+
+    def _expired(self, job: Job) -> str | None:
+        check = getattr(job.controller, "expired", None)
+        if check is None:
+            return None
+        return check(ANSWER_ROUNDS * self.step_cost(len(self.running) + job.n))
+
+    def _round(self) -> None:
+        e = self.engine
+        begin = time.perf_counter()  # the whole round is what a request waits for: sampling and controllers too
+        for entry in list(self.running):
+            if entry.job.live:
+                try:
+                    entry.job.step()
+                except Exception as err:  # a controller's failure is its own call's
+                    self._fail(entry, err)
+        entries: list = []
+        decoded = []
+        for entry in self.running:
+            job = entry.job
+            if job.live:
+                more = job.entries(len(entries), e._batch_cap - len(entries))
+                if more:
+                    decoded.append(job)
+                entries += more
+        prefills = []
+        room = min(self.prefill_chunk if entries else e.n_batch, e._batch_cap - len(entries))
+        for entry in self.running:
+            job = entry.job
+            if job.live or room <= 0:
+                continue
+            chunk = job.prefill_entries(room)
+            entries += chunk
+            room -= len(chunk)
+            if job.prompt_done:
+                prefills.append((job, len(entries) - 1))
+        for entry in [x for x in self.running if x.job.live and x.job.done]:
+            self._finish(entry)
+        if not entries:
+            return
+        status = e._decode(entries)
+        self._record(len(entries), time.perf_counter() - begin)
+        for job in decoded:
+            job.steps += 1
+        if status != 0:  # no free cell after all: end the rows of this round, never the loop
+            for entry in list(self.running):
+                entry.job.stop_live("length")
+                if entry.job.live:
+                    self._finish(entry)
+                else:
+                    self._fail(entry, EngineError("llama_decode failed on the prompt (the cache is full)"))
+            return
+        for job, idx in prefills:
+            job.prefilled(idx)
+
+    def _record(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+        self.recorded += 1
+        if self.recorded % 20 == 0:  # refit now and then: cheap, and the machine's load drifts
+            self._refit()
+
+    def _release(self, entry: _Entry) -> None:
+        if entry in self.running:
+            self.running.remove(entry)
+        self.free_seqs += entry.job.seqs
+        self.free_seqs.sort()
+        self.free_cells += entry.cells
+
+    def _finish(self, entry: _Entry) -> None:
+        self._release(entry)
+        entry.future.set_result(entry.job.result())
+
+    def _fail(self, entry: _Entry, err: BaseException) -> None:
+        entry.job.close()
+        if entry in self.running:
+            self._release(entry)
+        if not entry.future.done():
+            entry.future.set_exception(err)
+
+
+class BatchedEngine(Engine):
+    """The engine face of a :class:`Scheduler`: ``sample`` joins the running batch and waits."""
+
+    name = "llama.cpp"
+    parallel_rows = True
+    forced_tokens = True
+    logprobs = True
+    steppable = True
+    probes = False  # a branch decodes on its own, which a shared batch cannot allow
+    thread_safe = True
+
+    def __init__(self, engine, prefill_chunk: int = 64):
+        self.inner = engine
+        self.scheduler = Scheduler(engine, prefill_chunk)
+
+    def sample(self, prompt, n, params, controller=None, seeds=None) -> SampleResult:
+        return self.scheduler.submit(prompt, n, params, controller, seeds).result()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.inner.tokenize(text)
+
+    def chat_template(self) -> str | None:
+        return self.inner.chat_template()
+
+    def model_name(self) -> str | None:
+        return self.inner.model_name()
+
+    @property
+    def max_rows(self) -> int:
+        return self.inner.max_rows
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.inner.close()
