@@ -1,29 +1,84 @@
 """The ``edgetts`` command line: a thin adapter over the library.
 
 Every command turns user mistakes (a missing file, a malformed dataset, a bad value) into
-one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+one line on stderr and exit status 2; anything else is a bug and keeps its traceback.  The
+command group (:class:`OneLineErrors`) does the same for the usage errors Click finds while
+parsing (an option out of range, a missing argument, an unknown option).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
 import sys
 from contextlib import contextmanager
 
 import typer
+from typer.core import TyperGroup
 
 from edgetts.engines.base import EngineError
 from edgetts.models import ModelNotFound
+from edgetts.profiling.config import SweepConfig
 from edgetts.quantization import QuantizeError
 from edgetts.strategies.base import StrategyError
 from edgetts.tasks.datasets import DatasetError
 
+try:  # recent Typer releases carry their own copy of Click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older Typer on Click itself
+    from click import exceptions as click_errors
+
+
+class OneLineErrors(TyperGroup):
+    """The command group, with Click's usage errors (a value out of range, a missing argument, an
+    unknown option) printed as one line ``error: ...`` with exit status 2, like every other user
+    error; help and everything else keep Typer's behaviour."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:
+            typer.echo(e.ctx.get_help())
+            rv = e.exit_code
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            rv = 2
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Deploy reasoning LLMs on edge devices with test-time scaling.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"edgetts {version('edgetts')}")
+        except PackageNotFoundError:
+            typer.echo("edgetts (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Deploy reasoning LLMs on edge devices with test-time scaling."""
+
 
 USER_ERRORS = (DatasetError, ModelNotFound, EngineError, StrategyError, QuantizeError)
 
@@ -86,7 +141,9 @@ def evaluate(
     seed: int = typer.Option(0, help="Sampling seed."),
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
     max_tokens: int = typer.Option(160, min=1, help="Token budget per sample."),
-    family: str = typer.Option("tiny", help="Reasoning format: tiny, deepseek-r1, qwen3, plain."),
+    family: str = typer.Option(
+        "auto", help="Reasoning format: auto (guessed from the model), tiny, deepseek-r1, qwen3, plain."
+    ),
     cut_probe: bool = typer.Option(True, help="On the hardest level, also cut reasoning at half its median."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -98,17 +155,17 @@ def evaluate(
     from edgetts.models.families import FAMILIES
     from edgetts.tasks.datasets import load_dataset
 
-    if family not in FAMILIES:
-        fail(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    if family != "auto" and family not in FAMILIES:
+        fail(f"unknown family {family!r}; choose one of: auto, {', '.join(FAMILIES)}")
     with user_errors():
         examples = load_dataset(dataset, limit=limit, seed=seed if limit else None)
         params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
         if pool < n:
             fail(f"--pool ({pool}) must be at least --n ({n})")
         spec = EngineSpec(artifact=model).with_options(threads=threads)
-        engine, _ = open_engine(spec, max_rows=pool, max_tokens=max_tokens)
+        engine, guessed = open_engine(spec, max_rows=pool, max_tokens=max_tokens)
         path = spec.resolved().artifact
-    fam = FAMILIES[family]
+    fam = guessed if family == "auto" else FAMILIES[family]
     levels = {ex.level for ex in examples}
     hardest = [ex for ex in examples if ex.level == max(levels, key=lambda lv: (lv is not None, str(lv)))]
     total = len(examples) + (len(hardest) if cut_probe else 0)
@@ -220,26 +277,30 @@ def run(
     )
 
 
+# The default sweep, which profile --help shows.
+GRID = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(SweepConfig()).items()}
+
+
 @app.command()
 def profile(
     config: str = typer.Option(None, help="Sweep YAML file (see configs/); flags below override its fields."),
     model: list[str] = typer.Option(
         None, help="Model variant (repeatable): built-in name, GGUF file, ONNX directory or quantize manifest; "
-        "with --url, the model name the server knows."
+        f"with --url, the model name the server knows. Default: {GRID['models']}."
     ),
     engine: str = typer.Option(None, help=ENGINE_HELP),
     url: str = typer.Option(None, help="Profile an OpenAI-compatible server (engine openai-http) at this URL."),
     engine_option: list[str] = typer.Option(None, help="Engine option KEY=VALUE for every model (repeatable)."),
-    dataset: str = typer.Option(None, help="Built-in benchmark name or JSONL path."),
-    limit: int = typer.Option(None, min=1, help="Problems, spread evenly over levels."),
-    seed: int = typer.Option(None, help="Problem sampling and row seeds."),
-    strategies: str = typer.Option(None, help="Comma list of strategies."),
-    budgets: str = typer.Option(None, help="Comma list of thinking budgets (tokens)."),
-    n: str = typer.Option(None, "--n", help="Comma list of parallelism levels."),
-    repeats: int = typer.Option(None, min=1, help="Times each query is measured."),
+    dataset: str = typer.Option(None, help=f"Built-in benchmark name or JSONL path. Default: {GRID['dataset']}."),
+    limit: int = typer.Option(None, min=1, help=f"Problems, spread evenly over levels. Default: {GRID['limit']}."),
+    seed: int = typer.Option(None, help=f"Problem sampling and row seeds. Default: {GRID['seed']}."),
+    strategies: str = typer.Option(None, help=f"Comma list of strategies. Default: {GRID['strategies']}."),
+    budgets: str = typer.Option(None, help=f"Comma list of thinking budgets (tokens). Default: {GRID['budgets']}."),
+    n: str = typer.Option(None, "--n", help=f"Comma list of parallelism levels. Default: {GRID['n']}."),
+    repeats: int = typer.Option(None, min=1, help=f"Times each query is measured. Default: {GRID['repeats']}."),
     mode: str = typer.Option(
-        None, help="pooled (default: one pool of rows per problem answers every cell, on engines with probes) or "
-        "direct (every cell run as in production)."
+        None, help=f"pooled (one pool of rows per problem answers every cell, on engines with probes) or "
+        f"direct (every cell run as in production). Default: {GRID['mode']}."
     ),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
     out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),
@@ -247,7 +308,7 @@ def profile(
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Measure accuracy, latency, energy and memory per strategy x budget x parallelism; resumable."""
-    from edgetts.profiling.config import ConfigError, SweepConfig
+    from edgetts.profiling.config import ConfigError
     from edgetts.profiling.records import RecordsError
     from edgetts.profiling.runner import ProfileError, run_profile, write_summary
 
@@ -293,10 +354,13 @@ def profile(
         _print_summary(summary, out)
     from pathlib import Path
 
-    from edgetts.pareto.config import build_config, write_config
+    from edgetts.pareto.config import ParetoError, build_config, write_config
 
-    config, candidates = build_config([out])
-    path = write_config(config, Path(out) / "pareto.json")
+    try:
+        config, candidates = build_config([out])
+        path = write_config(config, Path(out) / "pareto.json")
+    except ParetoError as e:
+        fail(f"{out} is measured, but its Pareto config could not be written: {e}")
     if not quiet:
         typer.echo(f"wrote {path} ({len(config['frontier'])} frontier points)")
         _pictures(config, candidates, Path(out) / "pareto.png", Path(out) / "report.html")
@@ -312,6 +376,9 @@ def pareto(
     ),
     strict: bool = typer.Option(False, help="Drop points whose accuracy interval overlaps a faster point's."),
     plot: bool = typer.Option(True, help="Also write <out>.png and <out>-report.html (needs matplotlib)."),
+    accept_unvalidated: bool = typer.Option(
+        False, "--accept-unvalidated", help="Use pooled profiles whose modelled latencies failed their direct check."
+    ),
 ) -> None:
     """Build the Pareto config (accuracy against a latency quantile) from profile directories."""
     from edgetts.pareto.config import ParetoError, build_config, write_config
@@ -321,7 +388,7 @@ def pareto(
     except json.JSONDecodeError as e:
         fail(f"--constraints is not valid JSON ({e.msg})")
     try:
-        config, candidates = build_config(profiles, quantile, spec, strict)
+        config, candidates = build_config(profiles, quantile, spec, strict, require_validated=not accept_unvalidated)
         path = write_config(config, out)
     except ParetoError as e:
         fail(str(e))
@@ -343,6 +410,33 @@ def _pictures(config, candidates, png, html) -> None:
     typer.echo(f"wrote {png} and {html}")
 
 
+@app.command()
+def standin(
+    shape: str = typer.Option(..., help="qwen3-0.6b, r1-distill-qwen-1.5b, narrow-qwen3 or narrow-r1."),
+    out: str = typer.Option(..., help="GGUF file to write."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    dtype: str = typer.Option("f16", help="f16 or f32 (quantize it afterwards with edgetts quantize)."),
+) -> None:
+    """Write a random-weight stand-in GGUF of a real reasoning model.
+
+    Tokenizer (the Qwen2-family BPE vocabulary of 151,936 tokens with the model's added tokens
+    at their real ids), chat template, architecture, compute and memory shape are the real
+    model's; the weights are random, so the OUTPUT TEXT IS NOISE. For testing prompts, budget
+    forcing, memory planning and step cost without downloading a model. The vocabulary and
+    templates come from llama-cpp-python's source distribution on the package index, downloaded
+    once into $EDGETTS_CACHE (default ~/.cache/edgetts).
+    """
+    from edgetts.models.standin import SHAPES, StandinError, write_standin
+
+    if shape not in SHAPES:
+        fail(f"unknown shape {shape!r}; choose one of: {', '.join(SHAPES)}")
+    try:
+        path = write_standin(shape, out, seed=seed, dtype=dtype)
+    except (StandinError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; random weights: output text is noise)")
+
+
 @app.command("export-c")
 def export_c(
     config: str = typer.Argument(..., help="An edgetts.pareto/v1 config."),
@@ -359,19 +453,52 @@ def export_c(
     typer.echo(f"wrote {path}")
 
 
+@app.command("build-c")
+def build_c_cmd(
+    config: str = typer.Argument(..., help="An edgetts.pareto/v1 config of llama.cpp (GGUF) points."),
+    out: str = typer.Option(..., "--out", help="Folder for include/, lib/ and bin/edgetts-answer."),
+    cc: str | None = typer.Option(None, help="C compiler (default: $CC, else cc)."),
+    llama_include: str | None = typer.Option(None, help="Folder of llama.h (default: llama-cpp-python's)."),
+    llama_lib: str | None = typer.Option(None, help="Folder of libllama (default: llama-cpp-python's)."),
+    sanitize: bool = typer.Option(False, help="Build with -fsanitize=address,undefined."),
+) -> None:
+    """Build the runtime in C (libedgetts and edgetts-answer) with the config's frontier compiled in."""
+    from edgetts.export.build_c import BuildError, build_c
+    from edgetts.pareto.config import ParetoError
+
+    try:
+        paths = build_c(config, out, cc=cc, llama_include=llama_include, llama_lib=llama_lib, sanitize=sanitize)
+    except (BuildError, ParetoError, EngineError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {paths['header']}, {paths['shared']} and {paths['binary']}")
+
+
 @app.command()
 def serve(
     config: str = typer.Option(..., help="Pareto config (edgetts.pareto/v1) the server answers from."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, min=1, max=65535),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: any free port)."),
     api_key: str = typer.Option(None, envvar="EDGETTS_API_KEY", help="Require this bearer key (except /healthz)."),
     deadline_ms: float = typer.Option(2000.0, min=1, help="Deadline for requests that give none."),
     max_queue: int = typer.Option(32, min=1, help="Requests admitted at once (running and waiting)."),
     overload: str = typer.Option("downgrade", help="When the queue makes a deadline unmeetable: downgrade or refuse."),
     max_body_kb: int = typer.Option(256, min=1, help="Largest request body accepted."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
+    sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
+    batch_rows: int = typer.Option(
+        None, min=1, max=256, help="Rows a llama.cpp engine decodes at once, over all requests (default: "
+        "max(16, twice the frontier's largest n))."
+    ),
+    insecure_no_auth: bool = typer.Option(
+        False, help="Allow a non-loopback --host without --api-key (anyone who reaches the port may use it)."
+    ),
 ) -> None:
-    """Serve the Pareto config over an OpenAI-compatible HTTP API, one strategy per request under its deadline."""
+    """Serve the Pareto config over an OpenAI-compatible HTTP API, one strategy per request under its deadline.
+
+    Concurrent requests share one running batch per llama.cpp engine (continuous batching);
+    admission predicts each request's latency beside the requests already admitted and takes the
+    most accurate point that still fits, or answers 429 with Retry-After.
+    """
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -383,12 +510,56 @@ def serve(
 
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
+    if api_key is None:  # an empty EDGETTS_API_KEY reads as unset: it must not mean "no authentication"
+        api_key = os.environ.get("EDGETTS_API_KEY")
+    if api_key is not None and not api_key.strip():
+        fail("--api-key (or EDGETTS_API_KEY) is empty; give a key, or leave it unset for no authentication")
+    if not api_key and not _loopback(host) and not insecure_no_auth:
+        fail(f"--host {host} is reachable from other machines: give --api-key, or --insecure-no-auth to serve "
+             "without one")  # fmt: skip
+    sock = _listen(host, port)  # before the engines load: a busy port fails at once
     try:
         with user_errors():
-            app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads)
+            app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads,
+                              batching=not sequential, rows=batch_rows)  # fmt: skip
     except ParetoError as e:
+        sock.close()
         fail(str(e))
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    address = sock.getsockname()
+    where = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
+    points = len(app_.state.server.policy.frontier)
+    typer.echo(f"edgetts serve: listening on http://{where}:{address[1]} ({config}: {points} frontier point(s))")
+    # Idle keep-alive connections close after 5 s; a body that stalls is cut by the app (408).
+    uvicorn.Server(uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5)).run(sockets=[sock])
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere
+
+
+def _listen(host: str, port: int):
+    """A socket bound to ``host:port`` for the server, or a one-line error saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        busy = " (another program is listening there; choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}{busy}")
+    sock.listen(2048)  # clients that connect while the engines load wait in the backlog
+    return sock
 
 
 @app.command()
@@ -481,12 +652,13 @@ def _print_summary(summary: dict, out: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"profile {out}")
-    for col in ("model", "strategy", "n", "budget", "acc % (95% CI)", "p50 ms", "p95 ms", "tokens", "J"):
+    t.add_column("model", overflow="fold")  # the whole name: variants often differ only at the end
+    for col in ("strategy", "n", "budget", "acc % (95% CI)", "p50 ms", "p95 ms", "tokens", "J"):
         t.add_column(col, justify="right")
     for c in summary["cells"]:
         lo, hi = c["accuracy_ci95"]
         energy = f"{c['energy_j']:.3f}" if c["energy_j"] is not None else c["energy_source"]
-        t.add_row(c["model"][-12:], c["strategy"], str(c["n"]), str(c["budget"]),
+        t.add_row(c["model"], c["strategy"], str(c["n"]), str(c["budget"]),
                   f"{100 * c['accuracy']:.0f} ({100 * lo:.0f}-{100 * hi:.0f})",
                   f"{1000 * c['latency_s']['p50']:.1f}", f"{1000 * c['latency_s']['p95']:.1f}",
                   f"{c['tokens']['generated']:.0f}", energy)  # fmt: skip

@@ -22,13 +22,25 @@ ENGINE_MODULES = {
     "openai-http": ("httpx", "httpx"),
     "tensorrt": ("tensorrt", "tensorrt"),
 }
+# How to get each engine's module: the package's extra, or where NVIDIA ships it.
+INSTALL = {
+    "llama.cpp": "pip install edgetts (llama-cpp-python builds with a C/C++ compiler and CMake)",
+    "onnx-genai": "pip install 'edgetts[onnx]'",
+    "openai-http": "pip install 'edgetts[http]'",
+    "tensorrt": "TensorRT from JetPack on a Jetson, or pip install tensorrt on a CUDA machine",
+}
 
 
 def _engine(name: str, module: str, dist: str) -> dict:
     try:
         importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name.split(".")[0]):
+            return {"name": name, "available": False, "detail": f"not installed: {INSTALL[name]}"}
+        return {"name": name, "available": False, "detail": f"{dist} needs {e.name}: {INSTALL[name]}"}
     except Exception as e:  # a broken native library can raise anything on import
-        return {"name": name, "available": False, "detail": f"not installed ({type(e).__name__}: {e})"}
+        why = " ".join(str(e).split())[:200]
+        return {"name": name, "available": False, "detail": f"installed but broken ({type(e).__name__}: {why})"}
     try:
         version = metadata.version(dist)
     except metadata.PackageNotFoundError:

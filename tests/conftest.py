@@ -1,9 +1,15 @@
+import os
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+# One llama.cpp thread in tests (and the processes they start): with every core busy, llama.cpp's
+# threads wait on each other at each step and a descheduled one stalls the rest, so a suite on
+# several threads slows down many times over beside other work.  Speed is measured in bench/.
+os.environ.setdefault("EDGETTS_THREADS", "1")
 
 from edgetts.models import BUILTIN, BUILTIN_HF
 
@@ -22,7 +28,7 @@ def tiny_hf():
 def tiny_engine(tiny_gguf):
     from edgetts.engines.llamacpp import LlamaCppEngine
 
-    e = LlamaCppEngine(tiny_gguf, n_ctx=512, n_threads=2, max_rows=4)
+    e = LlamaCppEngine(tiny_gguf, n_ctx=512, n_threads=1, max_rows=4)
     yield e
     e.close()
 
@@ -38,7 +44,7 @@ def tiny_server(tiny_gguf):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--verbose", "False"],
+         "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

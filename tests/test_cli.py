@@ -31,7 +31,7 @@ def test_doctor_table():
 
 
 def test_evaluate_json_on_tiny_model():
-    r = runner.invoke(app, ["evaluate", "--limit", "5", "--n", "2", "--json", "--threads", "2"])
+    r = runner.invoke(app, ["evaluate", "--limit", "5", "--n", "2", "--json", "--threads", "1"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert [lv["level"] for lv in res["levels"]] == [1, 2, 3, 4, 5]

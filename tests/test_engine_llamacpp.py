@@ -12,7 +12,7 @@ FAM = FAMILIES["tiny"]
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    e = LlamaCppEngine(tiny_gguf, n_ctx=4096, n_threads=2, max_rows=8)
+    e = LlamaCppEngine(tiny_gguf, n_ctx=4096, n_threads=1, max_rows=8)
     yield e
     e.close()
 

@@ -161,3 +161,152 @@ def test_pooled_mode_measures_unpoolable_strategies_directly(tmp_path):
     assert runner.invoke(app, ["profile", "--out", str(tmp_path), *args]).exit_code == 0
     modes = {(r["strategy"], r["mode"]) for r in RecordLog(tmp_path / "records.jsonl").load().values()}
     assert modes == {("single", "pooled"), ("weighted", "direct")}
+
+
+SMALL = ["--limit", "5", "--budgets", "16", "--strategies", "single", "--quiet"]
+DIRECT = [*SMALL, "--mode", "direct"]  # no latency model to calibrate and check: quicker for fresh runs
+
+
+@pytest.fixture(scope="module")
+def small_profile(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small") / "profile"
+    r = runner.invoke(app, ["profile", "--out", str(d), *SMALL])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _one_line_error(r):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def test_a_second_profile_process_into_the_same_directory_exits_at_once(tmp_path):
+    args = ["--limit", "8", "--budgets", "16", "--strategies", "single", "--mode", "direct", "--quiet"]
+    first = run_cli("--out", str(tmp_path), *args)
+    assert wait_for_records(tmp_path / "records.jsonl", 1, first), "the first profile finished too early"
+    first.send_signal(signal.SIGSTOP)  # it holds the lock, stopped mid-sweep, until SIGCONT
+    try:
+        second = run_cli("--out", str(tmp_path), *args)
+        _, err = second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert f"pid {first.pid} on " in err and "another edgetts profile" in err
+    assert first.wait(timeout=300) == 0
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == len(RecordLog(tmp_path / "records.jsonl").load()) == 8  # one writer: no duplicates
+    r = runner.invoke(app, ["profile", "--out", str(tmp_path), *args])  # the lock went with the first process
+    assert r.exit_code == 0, r.output
+
+
+def test_the_lock_names_its_holder_and_is_released(tmp_path):
+    from edgetts.profiling.lock import hold, holder
+
+    with hold(tmp_path):
+        info = holder(tmp_path)
+        proc = run_cli("--out", str(tmp_path), *DIRECT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and f"pid {info['pid']} on {info['host']}, started {info['started']}" in err
+        assert not (tmp_path / "records.jsonl").exists()
+        assert runner.invoke(app, ["profile", "--out", str(tmp_path), *DIRECT]).exit_code == 0  # reentrant
+    (tmp_path / "records.jsonl").write_text("")
+    assert run_cli("--out", str(tmp_path), *DIRECT).wait(timeout=300) == 0  # released with the block
+    assert len(RecordLog(tmp_path / "records.jsonl").load()) == 5
+
+
+@pytest.mark.parametrize(
+    "damage, says, repair",
+    [
+        ("garbage sweep", "sweep.json is damaged", "delete sweep.json"),
+        ("empty list sweep", "sweep.json is damaged", "delete sweep.json"),
+        ("corrupt device", "device.json is damaged", "delete it"),
+        ("damaged record", "records.jsonl:3: damaged record", "delete the line(s) named"),
+        ("duplicate record", "records.jsonl:6: duplicate record", "delete the line(s) named"),
+        ("two damaged lines", "key') (and 1 more such lines: 4)", "records.jsonl:2: damaged record"),
+    ],
+)
+def test_damaged_state_is_reported_with_its_repair(small_profile, tmp_path, damage, says, repair):
+    d = _copy(small_profile, tmp_path / "p")
+    records = d / "records.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    if damage == "garbage sweep":
+        (d / "sweep.json").write_text("not json at all")
+    elif damage == "empty list sweep":
+        (d / "sweep.json").write_text("[]")
+    elif damage == "corrupt device":
+        (d / "device.json").write_text('{"cpu": ')
+    elif damage == "damaged record":
+        records.write_text("".join(lines[:2]) + "{broken\n" + "".join(lines[3:]))
+    elif damage == "two damaged lines":
+        records.write_bytes(b"".join([lines[0].encode(), b"\xff\xfe\n", lines[1].encode(), b"[1]\n",
+                                      *(ln.encode() for ln in lines[2:])]))  # fmt: skip
+    else:
+        records.write_text("".join(lines) + lines[0])
+    msg = _one_line_error(runner.invoke(app, ["profile", "--out", str(d), *SMALL]))
+    assert says in msg and repair in msg and "different sweep" not in msg
+    assert not list(d.glob("replaced-*"))  # nothing was moved aside
+    if "sweep" in damage:  # the repair each message gives
+        (d / "sweep.json").unlink()
+    elif damage == "corrupt device":
+        (d / "device.json").unlink()
+    elif damage == "damaged record":
+        records.write_text("".join(lines[:2]) + "".join(lines[3:]))
+    else:  # a duplicate deleted, or the damaged lines
+        records.write_text("".join(lines))
+    r = runner.invoke(app, ["profile", "--out", str(d), *SMALL])
+    assert r.exit_code == 0, r.output
+    assert len(RecordLog(records).load()) == 5 and records.read_text().count("\n") == 5
+
+
+def test_a_failed_start_leaves_nothing_and_a_stub_does_not_block_the_rerun(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(60))  # passes the magic check, fails to load
+    out = tmp_path / "new" / "profile"
+    r = runner.invoke(app, ["profile", "--out", str(out), "--model", str(junk), *DIRECT])
+    assert r.exit_code == 2 and r.stderr.splitlines()[-1].startswith("error:")  # after llama.cpp's own log
+    assert "junk.gguf" in r.stderr and not (tmp_path / "new").exists()  # the folders this run made are gone
+    stub = tmp_path / "stub"  # what a failed start used to leave: device and sweep, no records
+    stub.mkdir()
+    (stub / "sweep.json").write_text('{"digest": "0123456789abcdef", "sweep": {}}')
+    (stub / "device.json").write_text("{}")
+    r = runner.invoke(app, ["profile", "--out", str(stub), *DIRECT])
+    assert r.exit_code == 0, r.output
+    assert len(RecordLog(stub / "records.jsonl").load()) == 5
+    assert json.loads((stub / "device.json").read_text())["cpu_count"]  # the fingerprint was written anew
+
+
+def test_out_never_overwrites_files_edgetts_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "numbers"}')
+    for extra in ([], ["--force"]):
+        msg = _one_line_error(runner.invoke(app, ["profile", "--out", str(mine), *DIRECT, *extra]))
+        assert "not a profile directory" in msg and "summary.json" in msg
+    assert sorted(p.name for p in mine.iterdir()) == ["summary.json"]
+    assert (mine / "summary.json").read_text() == '{"my": "numbers"}'
+    msg = _one_line_error(runner.invoke(app, ["profile", "--out", str(mine / "summary.json"), *DIRECT]))
+    assert "not a directory" in msg
+
+
+def test_force_moves_every_file_of_the_previous_run(small_profile, tmp_path):
+    d = _copy(small_profile, tmp_path / "p")
+    for name in ("pareto.png", "report.html"):
+        (d / name).write_text("derived")  # as the report extra writes them
+    before = {p.name: p.read_bytes() for p in d.iterdir() if not p.name.startswith(".")}
+    assert {"pareto.json", "latency-model-tiny.json", "summary.json"} <= set(before)
+    other = ["--limit", "3", "--budgets", "16", "--strategies", "single", "--quiet", "--force"]
+    assert runner.invoke(app, ["profile", "--out", str(d), *other]).exit_code == 0
+    (kept,) = d.glob("replaced-*")
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before  # moved whole, nothing overwritten
+    assert not (d / "pareto.png").exists() and not (d / "report.html").exists()
+    assert len(RecordLog(d / "records.jsonl").load()) == 3

@@ -93,9 +93,13 @@ def test_chat_completion_and_the_edgetts_object(client):
     assert info["deadline_met"] and info["latency_ms"] <= 1000 and r.usage.completion_tokens > 0
 
 
-def test_completion_deadline_picks_cheaper_points_and_experts_override(client):
-    fast = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": 100})
-    slow = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": 5000})
+def test_completion_deadline_picks_cheaper_points_and_experts_override(client, config):
+    front = json.loads(config.read_text())["frontier"]
+    # Deadlines from this machine's own profile (a busy machine profiles slower): room for the
+    # fastest point only, and room for every point.
+    tight, roomy = 3 * front[0]["latency_ms"] + 20, 10 * front[-1]["latency_ms"] + 2000
+    fast = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": tight})
+    slow = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": roomy})
     assert fast.model_extra["edgetts"]["point_index"] <= slow.model_extra["edgetts"]["point_index"]
     forced = client.completions.create(model="edgetts", prompt=Q, max_tokens=20,
                                        extra_body={"edgetts": {"strategy": "majority", "n": 3,
@@ -241,7 +245,7 @@ def test_cancel_stops_the_work(config):
     from edgetts.runtime.executor import Executor, Request
 
     pol = Policy.load(config)
-    ex = Executor(pol, threads=2)
+    ex = Executor(pol, threads=1)
     req = Request(Q, deadline_ms=5000, strategy="majority", n=8, budget=128)
     plan = ex.plan(req)
     req.cancel.set()
@@ -249,3 +253,165 @@ def test_cancel_stops_the_work(config):
     assert all(r.finish_reason == "cancelled" for r in out.trace.rows)
     assert out.trace.generated_tokens <= 8
     ex.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "Evaluate left to right: 8*4-3", "seed": ' + b"9" * 5000 + b"}",  # past Python's int limit
+        b'{"prompt": "Evaluate left to right: 8*4-3", "model": NaN}',
+        b"[" * 5000 + b"]" * 5000,  # nested deeper than any parser's recursion
+        b'{"prompt": "Evaluate \\ud800 left to right"}',  # a lone surrogate
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+        b'{"prompt": "' + b"1+" * 12000 + b'1"}',  # passes the size check, overflows the context
+        b'{"prompt": "Evaluate left to right: 8*4-3", "edgetts": {"strategy": "majority", "budget": 100000}}',
+    ],
+)
+def test_malformed_requests_get_4xx_not_500(live, raw):
+    path = "/v1/completions" if b"prompt" in raw else "/v1/chat/completions"
+    r = httpx.post(live + path, content=raw, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_a_chunked_body_is_cut_at_the_limit_while_it_arrives(server):
+    proc, live = server
+    before = _rss(proc.pid)
+
+    def body():  # 64 MB with no content-length: the limit must hold while reading, not after
+        chunk = b"x" * (1 << 20)
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield chunk
+        yield b'"}'
+
+    try:
+        r = httpx.post(live + "/v1/completions", content=body(), timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 413
+    except httpx.HTTPError:
+        pass  # the server may close the connection on the rest of the body: also a refusal
+    assert _rss(proc.pid) < before + 32 * 2**20  # far less than the body
+    assert httpx.get(live + "/healthz").status_code == 200
+
+
+def test_chat_renders_the_whole_conversation_and_returns_reasoning(client):
+    msgs = [{"role": "system", "content": "You compute."}, {"role": "user", "content": "Evaluate left to right: 2+2"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": Q}]  # fmt: skip
+    extra = {"include_reasoning": True, "deadline_ms": 5000}
+    r = client.chat.completions.create(model="edgetts", messages=msgs[-1:], extra_body=extra)
+    assert r.choices[0].message.content == "29"
+    reasoning = r.choices[0].message.model_extra["reasoning_content"]
+    assert "=29" in reasoning and "</think>" not in reasoning
+    whole = client.chat.completions.create(model="edgetts", messages=msgs, extra_body={"deadline_ms": 5000})
+    assert "reasoning_content" not in (whole.choices[0].message.model_extra or {})
+    # The earlier turns reached the prompt (the tiny model's tokenizer is byte-level: a token per byte).
+    earlier = sum(len(m["role"]) + len(m["content"]) for m in msgs[:-1])
+    assert whole.usage.prompt_tokens >= r.usage.prompt_tokens + earlier
+
+
+def test_admission_downgrades_before_refusing_and_cannot_lock(config):
+    from edgetts.runtime import Policy
+    from edgetts.runtime.executor import Executor
+    from edgetts.runtime.planning import Request
+    from edgetts.runtime.server import APIError, Server
+
+    policy = Policy.load(config)
+    ex = Executor(policy, threads=1)
+    srv = Server(policy, ex)
+    try:
+        front = policy.frontier
+        for d in sorted({2 * p["latency_ms"] + 10 for p in front} | {1000, 1500, 2000, 3000}):
+            plan = srv.admit(f"r{d}", Request(Q, deadline_ms=d))  # idle: every feasible deadline is admitted
+            srv.release(f"r{d}")
+            assert plan.predicted_ms <= d
+        # Requests already admitted make the next one slower: it takes the same or a cheaper point.
+        roomy = 3 * front[-1]["latency_ms"] * 1.25 + 10
+        alone = srv.admit("a", Request(Q, deadline_ms=roomy))
+        srv.release("a")
+        crowd = [srv.admit(f"c{i}", Request(Q, deadline_ms=10**6, strategy="majority", n=4)) for i in range(2)]
+        assert ex.predict_ms(alone.point, crowd) > alone.solo_ms  # experts count at their real cost
+        beside = srv.admit("b", Request(Q, deadline_ms=roomy))
+        assert beside.choice.index <= alone.choice.index
+        for rid in ["b", "c0", "c1"]:
+            srv.release(rid)
+        # One terrible measurement must not lock the server into refusing: refusals relax it.
+        policy.slowdown = 1e4
+        outcomes = []
+        for i in range(100):
+            try:
+                srv.admit(f"x{i}", Request(Q, deadline_ms=roomy))
+                srv.release(f"x{i}")
+                outcomes.append("ok")
+                break
+            except APIError as e:
+                assert e.status == 429 and int(e.headers["Retry-After"]) >= 1
+                outcomes.append("429")
+        assert outcomes[0] == "429" and outcomes[-1] == "ok"
+    finally:
+        ex.close()
+
+
+def test_a_client_that_disconnects_cancels_its_request(config):
+    """In-process server whose executor waits for the cancel: a dropped connection must reach it."""
+    import threading
+
+    import uvicorn
+
+    from edgetts.runtime import Policy
+    from edgetts.runtime.executor import Executor
+    from edgetts.runtime.http import build_app
+    from edgetts.runtime.server import Server
+
+    seen = threading.Event()
+
+    class Waiting(Executor):
+        def run(self, req, plan, started):
+            seen.set()
+            if not req.cancel.wait(30):
+                raise AssertionError("the disconnect never reached the request")
+            return super().run(req, plan, started)
+
+    policy = Policy.load(config)
+    ex = Waiting(policy, threads=1)
+    app = build_app(Server(policy, ex), None, 256 * 1024)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"prompt": Q, "deadline_ms": 60000}, timeout=1.0)
+        assert seen.is_set()
+        for _ in range(300):  # the server notices the closed socket and records the cancel
+            if 'outcome="cancelled"} 1' in httpx.get(url + "/metrics").text:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no cancelled request in /metrics")
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        ex.close()
+
+
+def test_exposed_host_needs_a_key_and_an_empty_key_is_an_error(config):
+    from typer.testing import CliRunner
+
+    from edgetts.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--config", str(config), "--host", "0.0.0.0", "--port", "0"])
+    assert r.exit_code == 2 and "--api-key" in r.output and "--insecure-no-auth" in r.output
+    r = runner.invoke(app, ["serve", "--config", str(config), "--api-key", "  ", "--port", "0"])
+    assert r.exit_code == 2 and "empty" in r.output
+    r = runner.invoke(app, ["serve", "--config", str(config), "--port", "0"], env={"EDGETTS_API_KEY": ""})
+    assert r.exit_code == 2 and "empty" in r.output

@@ -17,7 +17,7 @@ HARD = SPLIT[450]  # level 5; the model's rows disagree on it
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    e = LlamaCppEngine(tiny_gguf, n_ctx=8192, n_threads=2, max_rows=16)
+    e = LlamaCppEngine(tiny_gguf, n_ctx=8192, n_threads=1, max_rows=16)
     yield e
     e.close()
 

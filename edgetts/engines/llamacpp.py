@@ -1,6 +1,7 @@
 """llama.cpp engine through llama-cpp-python's low-level API.
 
-How :meth:`LlamaCppEngine.sample` works:
+How :meth:`LlamaCppEngine.sample` works (the loop itself is :class:`~edgetts.engines.llamacpp_job.Job`,
+so a scheduler can run several calls in one batch: :mod:`edgetts.engines.batching`):
 
 1. the prompt is tokenized and decoded once into sequence 0 of the KV cache (in chunks of
    ``n_batch``), with logits only for its last token;
@@ -15,25 +16,27 @@ How :meth:`LlamaCppEngine.sample` works:
    ``llama_memory_seq_rm`` so the others keep the cache.
 
 The Python work per step is a few list operations per row; sampling runs in native code.
-Log-probabilities, when asked for, read the row's logits through numpy.
+Log-probabilities, when asked for, read the row's logits in place through numpy (float32, one
+pass for the log-sum-exp, top-k among a few candidates; see :meth:`LlamaCppEngine._logprobs`).
 The ``llama_cpp`` import happens in :meth:`LlamaCppEngine.__init__`, so importing this
 module is cheap.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import ctypes
+import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from edgetts.engines.base import Control, Controller, Engine, EngineError, Row, SampleResult, SamplingParams
+from edgetts.engines.base import Controller, Engine, EngineError, Row, SampleResult, SamplingParams
+from edgetts.engines.llamacpp_job import Job
+from edgetts.engines.spec import FORCED_SLACK
 
 GGUF_MAGIC = b"GGUF"
 _backend_ready = False
@@ -54,6 +57,35 @@ def _set_log(lc, verbose: bool) -> None:
 
     _log_callback = lc.llama_log_callback(log)
     lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def context_size(spec, plan) -> int:
+    """Cache cells for ``plan``: the spec's ``n_ctx`` if set, else the plan's; with a stream per row
+    (``kv_unified: false``) every stream holds its own copy of the prompt."""
+    o = spec.options
+    if o.get("n_ctx"):
+        return o["n_ctx"]
+    if not o.get("kv_unified", True):
+        return plan.max_rows * (plan.prompt_tokens + plan.max_tokens + FORCED_SLACK + plan.probe_tokens)
+    return plan.n_ctx
+
+
+def default_threads() -> int:
+    """``EDGETTS_THREADS`` when set, else every core.
+
+    On a machine that runs other work, fewer threads than cores is often faster: llama.cpp's
+    threads wait for each other at every step, and one descheduled thread stalls them all.
+    """
+    env = os.environ.get("EDGETTS_THREADS", "")
+    if env.strip():
+        try:
+            value = int(env)
+        except ValueError:
+            raise EngineError(f"EDGETTS_THREADS must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise EngineError(f"EDGETTS_THREADS must be a positive integer, got {env!r}")
+        return value
+    return os.cpu_count() or 1
 
 
 def check_gguf(path: str | Path) -> Path:
@@ -77,7 +109,7 @@ class LlamaCppEngine(Engine):
     steppable = True
     probes = True
     options: ClassVar[dict[str, type]] = {
-        "threads": int, "gpu_layers": int, "n_ctx": int, "flash_attn": bool, "n_batch": int,
+        "threads": int, "gpu_layers": int, "n_ctx": int, "flash_attn": bool, "n_batch": int, "kv_unified": bool,
     }  # fmt: skip
 
     @classmethod
@@ -89,9 +121,28 @@ class LlamaCppEngine(Engine):
         except ModelNotFound as e:
             raise EngineError(str(e)) from None
         o = spec.options
-        return cls(path, n_ctx=o.get("n_ctx") or plan.n_ctx, n_threads=o.get("threads"),
+        return cls(path, n_ctx=context_size(spec, plan), n_threads=o.get("threads"),
                    n_gpu_layers=o.get("gpu_layers") or 0, flash_attn=o.get("flash_attn"),
-                   max_rows=plan.max_rows, n_batch=o.get("n_batch") or 512)  # fmt: skip
+                   max_rows=plan.max_rows, n_batch=o.get("n_batch") or 512,
+                   kv_unified=o.get("kv_unified", True))  # fmt: skip
+
+    @classmethod
+    def memory_plan(cls, spec, plan):
+        """What :meth:`open` will allocate for ``plan``, from the GGUF header alone (nothing loaded)."""
+        from edgetts.engines.memory import gguf_info, plan_memory
+        from edgetts.models import ModelNotFound, resolve_model
+
+        try:
+            path = check_gguf(resolve_model(spec.artifact))
+        except ModelNotFound as e:
+            raise EngineError(str(e)) from None
+        try:
+            info = gguf_info(path)
+        except (ValueError, KeyError, IndexError, OverflowError):  # a header this reader does not know:
+            return None  # llama.cpp may still load it; its memory is then unknown, not refused
+        o = spec.options
+        return plan_memory(info, context_size(spec, plan), plan.max_rows, o.get("n_batch") or 512,
+                           cpu=not o.get("gpu_layers"))  # fmt: skip
 
     def __init__(
         self,
@@ -103,6 +154,7 @@ class LlamaCppEngine(Engine):
         max_rows: int = 16,
         n_batch: int = 512,
         verbose: bool = False,
+        kv_unified: bool = True,
     ):
         global _backend_ready
         path = check_gguf(model_path)
@@ -125,9 +177,12 @@ class LlamaCppEngine(Engine):
         cp.n_ctx = n_ctx
         cp.n_batch = batch_cap
         cp.n_ubatch = n_batch
-        cp.n_seq_max = 2 * max_rows  # rows, then one scratch sequence per row for probes
-        cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
-        cp.kv_unified = True  # rows share the prompt's cells and one pool of free cells
+        # Unified: rows share the prompt's cells and one pool of free cells, and there is one scratch
+        # sequence per row for probes.  Split: each row its own stream of n_ctx / max_rows cells, so
+        # a row attends over its own cells only (cheaper when many requests share a batch).
+        cp.n_seq_max = 2 * max_rows if kv_unified else max_rows
+        cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
+        cp.kv_unified = kv_unified
         cp.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
         cp.no_perf = True
         self.ctx = lc.llama_init_from_model(self.model, cp)
@@ -136,6 +191,8 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"{path}: could not create a context of {n_ctx} tokens (out of memory?)")
         self.path = path
         self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.kv_unified = kv_unified
+        self.n_ctx_seq = self.n_ctx if kv_unified else self.n_ctx // max_rows  # cells one row can use
         self.max_rows = max_rows
         self.n_batch = n_batch
         self.vocab = lc.llama_model_get_vocab(self.model)
@@ -226,15 +283,27 @@ class LlamaCppEngine(Engine):
         return self.lc.llama_decode(self.ctx, b)
 
     def _logprobs(self, idx: int, token: int, k: int) -> tuple[float, dict[int, float]]:
+        # Runs for every row at every step: over a 151,936-token vocabulary a float64 copy of the
+        # logits and a full argpartition cost milliseconds, more than a decode step of a small model.
+        # So the logits stay float32 in llama.cpp's buffer (no copy), the sum of exponentials
+        # accumulates in float64, and top-k looks only at values >= the k-th largest maximum of
+        # 64-token chunks (k chunks hold a value at least that large, so the k largest all pass).
         ptr = self.lc.llama_get_logits_ith(self.ctx, idx)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
-        m = logits.max()
-        lse = m + np.log(np.exp(logits - m).sum())
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        m = float(logits.max())
+        lse = m + math.log(float(np.exp(logits - m).sum(dtype=np.float64)))
         top = {}
         if k:
-            ids = np.argpartition(-logits, min(k, self.n_vocab - 1))[:k]
-            top = {int(t): float(logits[t] - lse) for t in ids[np.argsort(-logits[ids])]}
-        return float(logits[token] - lse), top
+            k = min(k, self.n_vocab)
+            chunks = logits.size // 64
+            if chunks >= 4 * k:
+                maxima = logits[: chunks * 64].reshape(chunks, 64).max(axis=1)
+                ids = np.flatnonzero(logits >= np.partition(maxima, chunks - k)[chunks - k])
+            else:
+                ids = np.arange(logits.size)
+            ids = ids[np.argsort(-logits[ids], kind="stable")][:k]
+            top = {int(t): float(logits[t]) - lse for t in ids}
+        return float(logits[token]) - lse, top
 
     def sample(
         self,
@@ -244,125 +313,38 @@ class LlamaCppEngine(Engine):
         controller: Controller | None = None,
         seeds: list[int] | None = None,
     ) -> SampleResult:
-        lc = self.lc
         if not 1 <= n <= self.max_rows:
             raise EngineError(f"n must be between 1 and {self.max_rows} (the engine's max_rows), got {n}")
-        if seeds is not None and len(seeds) != n:
-            raise EngineError(f"got {len(seeds)} seeds for {n} rows")
-        t0 = time.perf_counter()
-        ptoks = self.tokenize(prompt, add_bos=self.add_bos)
-        if not ptoks:
-            raise EngineError("the prompt is empty")
-        if len(ptoks) + n * params.max_tokens > self.n_ctx:
-            raise EngineError(
-                f"prompt ({len(ptoks)} tokens) plus {n} rows x {params.max_tokens} tokens exceeds the "
-                f"context of {self.n_ctx}; raise n_ctx or lower n or max_tokens"
-            )
-        lc.llama_memory_clear(self.mem, True)
-        for start in range(0, len(ptoks), self.n_batch):
-            chunk = ptoks[start : start + self.n_batch]
-            last = start + len(chunk) == len(ptoks)
-            ents = [(t, start + j, 0, last and j == len(chunk) - 1) for j, t in enumerate(chunk)]
-            if self._decode(ents) != 0:
-                raise EngineError(f"llama_decode failed on the prompt ({len(ptoks)} tokens)")
-        for s in range(1, n):
-            lc.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
-
-        seeds = seeds if seeds is not None else [params.seed + i for i in range(n)]
-        rows = [Row(i, seeds[i]) for i in range(n)]
-        samplers = [self._sampler(params, seeds[i]) for i in range(n)]
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n)]
-        ctl = Control(rows, t0)
-        in_kv = [len(ptoks)] * n  # tokens of each sequence already in the cache
-        pending: list[list[int]] = [[] for _ in range(n)]  # row tokens not yet decoded
-        out_idx = [-1] * n  # batch output slot holding each row's next-token logits
-        limit = [params.max_tokens] * n  # sampled-token budget per row (forcing may extend it)
-        ttft = None
-        steps = 0
+        job = Job(self, prompt, n, params, controller, seeds, seqs=list(range(n)))
+        self.lc.llama_memory_clear(self.mem, True)
         try:
+            while not job.prompt_done:
+                if self._decode(job.prefill_entries(self.n_batch)) != 0:
+                    raise EngineError(f"llama_decode failed on the prompt ({len(job.ptoks)} tokens)")
+            job.prefilled()
             while True:
-                stepped = []
-                for r in rows:
-                    if r.finished:
-                        continue
-                    tok = lc.llama_sampler_sample(samplers[r.index], self.ctx, out_idx[r.index])
-                    now = time.perf_counter() - t0
-                    ttft = now if ttft is None else ttft
-                    if params.logprobs is not None:
-                        lp, top = self._logprobs(out_idx[r.index], tok, params.logprobs)
-                        r.logprobs.append(lp)
-                        r.top_logprobs.append(top)
-                    if lc.llama_vocab_is_eog(self.vocab, tok):
-                        r.finished, r.finish_reason = True, "stop"
-                        stepped.append(r.index)
-                        continue
-                    self._append(r, tok, decoders[r.index], forced=False, t=now)
-                    pending[r.index].append(tok)
-                    stepped.append(r.index)
-                if controller is not None:
-                    controller(ctl, stepped)
-                    for i in ctl.retract:
-                        rows[i].pop_last()
-                        pending[i].pop()
-                    ctl.retract.clear()
-                    for i, text in ctl.pending.items():
-                        now = time.perf_counter() - t0
-                        for tok in self.tokenize(text):
-                            self._append(rows[i], tok, decoders[i], forced=True, t=now)
-                            pending[i].append(tok)
-                        limit[i] += ctl.extra.get(i, 0)
-                    ctl.pending.clear()
-                    ctl.extra.clear()
-                    if ctl.probes:
-                        self._run_probes(ctl.probes, rows, in_kv, pending, params)
-                        ctl.probes.clear()
-                for i in stepped:
-                    if not rows[i].finished and rows[i].n_generated >= limit[i]:
-                        rows[i].finished, rows[i].finish_reason = True, "length"
-                entries, live = [], []
-                for r in rows:
-                    if r.finished:
-                        continue
-                    toks = pending[r.index]
-                    if in_kv[r.index] + len(toks) >= self.n_ctx or len(entries) + len(toks) > self._batch_cap:
-                        r.finished, r.finish_reason = True, "length"
-                        continue
-                    for j, tok in enumerate(toks):
-                        entries.append((tok, in_kv[r.index] + j, r.index, j == len(toks) - 1))
-                    out_idx[r.index] = len(entries) - 1
-                    in_kv[r.index] += len(toks)
-                    pending[r.index] = []
-                    live.append(r.index)
-                for r in rows:
-                    if r.finished and in_kv[r.index] >= 0:
-                        lc.llama_memory_seq_rm(self.mem, r.index, -1, -1)
-                        in_kv[r.index] = -1  # freed
-                if not live:
+                job.step()
+                entries = job.entries(0, self._batch_cap)
+                if not entries:
                     break
                 status = self._decode(entries)
-                steps += 1
+                job.steps += 1
                 if status != 0:  # 1: no free cell in the cache; treat as running out of context
-                    for i in live:
-                        ctl.stop(i, "length")
+                    job.stop_live("length")
                     break
-        finally:
-            for s in samplers:
-                lc.llama_sampler_free(s)
-        for r, d in zip(rows, decoders):
-            tail = d.decode(b"", final=True)
-            if tail:
-                r.pieces[-1] = r.pieces[-1] + tail if r.pieces else tail
-        wall = time.perf_counter() - t0
-        return SampleResult(rows, len(ptoks), ttft if ttft is not None else wall, wall, steps)
+        except BaseException:
+            job.close()
+            raise
+        return job.result()
 
-    def _run_probes(self, probes, rows, in_kv, pending, params: SamplingParams) -> None:
+    def _run_probes(self, probes, rows, seqs, in_kv, pending, params: SamplingParams) -> None:
         """Decode each probe in a scratch copy of its row's sequence, all probes batched together."""
         lc = self.lc
         live = []
         entries = []
         for j, (i, text, max_tokens, label, seed) in enumerate(probes):
-            seq = self.max_rows + j
-            lc.llama_memory_seq_cp(self.mem, i, seq, -1, -1)
+            seq = self.max_rows + j  # scratch sequences live above the rows' own
+            lc.llama_memory_seq_cp(self.mem, seqs[i], seq, -1, -1)
             toks = pending[i] + self.tokenize(text)
             entries += [(t, in_kv[i] + k, seq, k == len(toks) - 1) for k, t in enumerate(toks)]
             live.append({"row": i, "label": label, "seq": seq, "pos": in_kv[i] + len(toks), "out": len(entries) - 1,

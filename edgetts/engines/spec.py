@@ -14,7 +14,10 @@ so whatever engine a Pareto point names can be opened again anywhere.
 2. checks the options against what the engine class accepts (``Engine.options``),
 3. sizes the context from what the caller will decode (:class:`ContextPlan`: the prompt once,
    plus every row's sampled tokens, forced text and probe branches),
-4. opens the engine through its class's :meth:`~edgetts.engines.base.Engine.open`, and
+4. refuses, before loading anything, a plan that needs more memory than the device has free
+   (:mod:`edgetts.engines.memory`, for engines whose class has ``memory_plan``), then opens the
+   engine through its class's :meth:`~edgetts.engines.base.Engine.open` (the engine's ``memory``
+   attribute keeps the plan, None when the engine cannot tell), and
 5. guesses the reasoning family from the model (name, GGUF ``general.name``, chat template).
 """
 
@@ -160,6 +163,18 @@ def check_options(spec: EngineSpec, cls: type[Engine]) -> None:
         raise EngineError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
 
 
+def engine_memory(spec: EngineSpec | dict | str, plan: ContextPlan):
+    """The :class:`~edgetts.engines.memory.MemoryPlan` of opening ``spec`` for ``plan``, or None when the
+    engine cannot tell (its memory lives elsewhere: a server, or a runtime that sizes itself)."""
+    from edgetts.engines import engine_class
+
+    if not isinstance(spec, EngineSpec):
+        spec = EngineSpec.from_dict(spec)
+    spec = spec.resolved()
+    planner = getattr(engine_class(spec.engine), "memory_plan", None)
+    return planner(spec, plan) if planner is not None else None
+
+
 def open_engine(spec: EngineSpec | dict | str, max_rows: int = 1, max_tokens: int = 256,
                 prompt_tokens: int = PROMPT_RESERVE, probe_tokens: int = 0) -> tuple[Engine, Family]:  # fmt: skip
     """The engine a spec names, sized for ``max_rows`` rows of ``max_tokens`` sampled tokens, and its family."""
@@ -175,7 +190,14 @@ def open_engine(spec: EngineSpec | dict | str, max_rows: int = 1, max_tokens: in
     if not cls.needs_url and not spec.artifact:
         raise EngineError(f"engine {spec.engine!r} needs a model artifact (--model)")
     plan = ContextPlan(max_rows, max_tokens, prompt_tokens, probe_tokens)
+    memory = engine_memory(spec, plan)
+    if memory is not None:
+        from edgetts.engines.memory import check_fits
+
+        check_fits(memory, f"{spec.label} for {max_rows} row(s) x {max_tokens} tokens",
+                   gpu=bool(spec.options.get("gpu_layers")))  # fmt: skip
     engine = cls.open(spec, plan)
+    engine.memory = memory
     family = spec.options.get("family")
     if family is None:
         return engine, guess_family(spec.artifact or "", engine.chat_template(), engine.model_name())

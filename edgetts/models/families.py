@@ -6,7 +6,8 @@ they never branch on a family's name.
 
 :func:`build_prompt` uses the model's own chat template (from GGUF metadata or
 ``tokenizer_config.json``, rendered with Jinja2 as Hugging Face does, with the generation
-prompt appended) when the model has one and the family uses chat, and the family's raw
+prompt appended and ``enable_thinking`` set, so reasoning templates open the reasoning block
+rather than closing it) when the model has one and the family uses chat, and the family's raw
 template otherwise or when ``raw=True``.
 """
 
@@ -52,8 +53,8 @@ def guess_family(model: str, chat_template: str | None, model_name: str | None =
     return FAMILIES["plain"]
 
 
-def render_chat(template: str, question: str, bos: str = "", eos: str = "") -> str:
-    """A chat template rendered for one user turn, ready for the assistant's reply."""
+def render_chat(template: str, question: str | list[dict], bos: str = "", eos: str = "") -> str:
+    """A chat template rendered for one user turn (or a whole ``messages`` list), ready for the assistant's reply."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -62,13 +63,24 @@ def render_chat(template: str, question: str, bos: str = "", eos: str = "") -> s
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    # Reasoning templates read ``enable_thinking``; left undefined, some (llama.cpp's copy of the
+    # DeepSeek-R1-Distill template) close the reasoning block at once and the model never thinks.
     return env.from_string(template).render(
-        messages=[{"role": "user", "content": question}], add_generation_prompt=True, bos_token=bos, eos_token=eos
+        messages=[{"role": "user", "content": question}] if isinstance(question, str) else question,
+        add_generation_prompt=True, bos_token=bos, eos_token=eos,
+        enable_thinking=True,
     )
 
 
-def build_prompt(family: Family, question: str, chat_template: str | None = None, raw: bool = False) -> str:
-    """The prompt for ``question``: the model's chat template when it applies, else the raw template."""
+def build_prompt(family: Family, question: str, chat_template: str | None = None, raw: bool = False,
+                 messages: list[dict] | None = None) -> str:  # fmt: skip
+    """The prompt for ``question``: the model's chat template when it applies, else the raw template.
+
+    With ``messages`` (a chat: system prompt and earlier turns, ending with the user's question),
+    the chat template renders them all; the raw template gets the earlier turns as
+    ``role: content`` lines before the question.
+    """
     if chat_template and family.chat and not raw:
-        return render_chat(chat_template, question)
-    return family.prompt_template.format(question=question)
+        return render_chat(chat_template, messages or question)
+    earlier = "".join(f"{m['role']}: {m['content']}\n" for m in (messages or [])[:-1])
+    return earlier + family.prompt_template.format(question=question)

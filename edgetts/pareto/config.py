@@ -16,14 +16,18 @@ names.  Local artifact paths are stored relative to the config file's folder (bu
 stay names, server points keep the server's model name) and resolved against it on loading,
 so a config and its models can move together.
 
-The file is written through a temporary file and a rename.  :func:`load_config` checks the
-schema version, every required field, and that the frontier is non-empty and sorted, raising
-:class:`ParetoError` with a one-line message naming the field.
+The file is written through a temporary file and a rename, never over a file that is not a
+Pareto config (:mod:`edgetts.outputs`).  :func:`load_config` checks the schema version, every
+required field, that the frontier is non-empty and sorted, and that every value is one a
+runtime can act on (n and budget of at least 1, finite non-negative latencies, accuracies in
+[0, 1]), raising :class:`ParetoError` with a one-line message naming
+the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -32,8 +36,8 @@ from urllib.parse import urlsplit
 from edgetts.engines import REGISTRY
 from edgetts.engines.base import EngineError
 from edgetts.engines.spec import EngineSpec
-from edgetts.fileio import write_json_atomic
 from edgetts.models import BUILTIN
+from edgetts.outputs import OutputError, check_output, write_text
 
 SCHEMA = "edgetts.pareto/v1"
 QUANTILES = ("p50", "p90", "p95", "p99")
@@ -96,7 +100,9 @@ def point_spec(point: dict) -> EngineSpec:
 
 def _point(cell: dict, quantile: str) -> dict:
     q = {k: 1000 * cell["latency_s"][k] for k in QUANTILES}
-    memory = cell.get("peak_gpu_mb") or cell.get("peak_rss_mb")
+    # What the point needs (weights, KV cache and compute of an engine planned for it); the measured
+    # peak where the engine cannot tell (a server), since pages never touched do not show in a peak.
+    memory = cell.get("memory_mb") or cell.get("peak_gpu_mb") or cell.get("peak_rss_mb")
     spec = _cell_spec(cell)
     return {
         "id": f"{_short_name(spec)}/{cell['strategy']}/n{cell['n']}/b{cell['budget']}",
@@ -133,14 +139,29 @@ def frontier(points: list[dict], strict: bool = False) -> list[dict]:
 
 
 def build_config(profiles: list[str | Path], quantile: str = "p95", constraints: dict | None = None,
-                 strict: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
-    """(config, every candidate point) from profile directories."""
+                 strict: bool = False, require_validated: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
+    """(config, every candidate point) from profile directories.
+
+    ``require_validated`` refuses a pooled profile whose modelled latencies failed their direct
+    check (``latency_validation`` in its summary); the config records every profile's check.
+    """
     if quantile not in QUANTILES:
         raise ParetoError(f"quantile must be one of {', '.join(QUANTILES)}, got {quantile!r}")
     constraints = parse_constraints(constraints)
-    candidates, device, task = [], None, None
+    candidates, device, task, checks = [], None, None, {}
     for d in map(Path, profiles):
         summary, sweep, dev = _load_profile(d)
+        check = summary.get("latency_validation")
+        if check is not None:
+            checks[str(d)] = {k: check.get(k) for k in ("ok", "mape", "drift", "cells_checked")}
+            if require_validated and not check.get("ok"):
+                mape, drift = check.get("mape"), check.get("drift")
+                raise ParetoError(
+                    f"{d}: its modelled latencies failed the direct check (off by "
+                    f"{'n/a' if mape is None else f'{100 * mape:.0f}%'}, drift "
+                    f"{'n/a' if drift is None else f'{100 * drift:+.0f}%'}; the device was probably busy); profile "
+                    "again on a quiet device or with --mode direct, or pass --accept-unvalidated"
+                )
         device = device or dev
         s = sweep["sweep"]
         task = task or {"dataset": s["dataset"], "limit": s["limit"], "seed": s["seed"]}
@@ -162,15 +183,31 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
         "constraints": constraints, "strict": strict, "profiles": [str(p) for p in profiles],
         "frontier": frontier(allowed, strict),
     }  # fmt: skip
+    if checks:
+        config["latency_validation"] = checks
     return config, candidates
 
 
 def write_config(config: dict, path: str | Path) -> Path:
+    """Write ``config`` to ``path`` whole or not at all; never over a file that is not a Pareto config."""
     validate(config, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, _paths(config, path.parent.resolve(), relative=True))
-    return path
+    try:
+        path = check_output(path, ours=_is_config)
+        # The folder is created first so that relative artifact paths are computed against its real location.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_paths(config, path.parent.resolve(), relative=True), indent=1, sort_keys=True) + "\n"
+        return write_text(path, text)
+    except OutputError as e:
+        raise ParetoError(str(e)) from None
+    except OSError as e:
+        raise ParetoError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _is_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("schema") == SCHEMA
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _paths(config: dict, base: Path, relative: bool) -> dict:
@@ -209,12 +246,38 @@ def validate(config: object, where: str = "config") -> dict:
             raise ParetoError(f"{where}: frontier[{i}].engine {p['engine']!r} is not one of: {', '.join(REGISTRY)}")
         if not isinstance(p.get("url", ""), str) or not isinstance(p.get("engine_options", {}), dict):
             raise ParetoError(f"{where}: frontier[{i}]: url must be a string and engine_options an object")
+        _check_values(p, f"{where}: frontier[{i}]")
     lat = [p["latency_ms"] for p in front]
     if lat != sorted(lat):
         raise ParetoError(f"{where}: frontier is not sorted by latency_ms")
     if len({p["id"] for p in front}) != len(front):
         raise ParetoError(f"{where}: frontier ids are not unique")
     return config
+
+
+def _check_values(p: dict, where: str) -> None:
+    """Values a runtime can act on: positive sizes, finite non-negative measurements.  Strategy names
+    are checked by what runs them (the server at start-up): a C header carries any name as data."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    for name in ("n", "budget"):
+        if p[name] < 1:
+            raise ParetoError(f"{where}.{name} is {p[name]}; it must be at least 1")
+    if not number(p["latency_ms"]):
+        raise ParetoError(f"{where}.latency_ms is {p['latency_ms']}; expected a finite number >= 0")
+    q = p["latency_quantiles_ms"]
+    if not all(number(v) for v in q.values()):
+        raise ParetoError(f"{where}.latency_quantiles_ms: expected finite numbers >= 0")
+    ci = p["accuracy_ci95"]
+    if not (number(p["accuracy"]) and p["accuracy"] <= 1):
+        raise ParetoError(f"{where}.accuracy is {p['accuracy']}; expected a number in [0, 1]")
+    if len(ci) != 2 or not all(number(v) and v <= 1 for v in ci) or ci[0] > ci[1]:
+        raise ParetoError(f"{where}.accuracy_ci95 is {ci}; expected [low, high] in [0, 1]")
+    for name in ("energy_j", "memory_mb"):
+        if p.get(name) is not None and not number(p[name]):
+            raise ParetoError(f"{where}.{name} is {p[name]}; expected a finite number >= 0 or null")
 
 
 def load_config(path: str | Path) -> dict:
@@ -225,4 +288,6 @@ def load_config(path: str | Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ParetoError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ParetoError(f"{path}: not a text file (an edgetts.pareto/v1 config is JSON)") from None
     return _paths(validate(config, str(path)), path.parent.resolve(), relative=False)

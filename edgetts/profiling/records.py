@@ -16,6 +16,9 @@ from pathlib import Path
 
 from edgetts.fileio import write_json_atomic  # noqa: F401 - kept importable from here
 
+# Deleting a line loses nothing that cannot be measured again: a resumed run measures every missing key.
+REPAIR = "delete the line(s) named and run the same command again (a query left without a record is measured again)"
+
 
 class RecordsError(ValueError):
     pass
@@ -38,17 +41,29 @@ class RecordLog:
                 os.fsync(f.fileno())
             data = data[:end]
         records: dict[str, dict] = {}
-        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        bad: list[tuple[int, str]] = []  # (line number, what is wrong): all reported at once
+        for n, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line)  # bytes: invalid UTF-8 is a ValueError like bad JSON
                 key = rec["key"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise RecordsError(f"{self.path}:{n}: damaged record (not a JSON object with a 'key')") from None
+                if not isinstance(key, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                bad.append((n, "damaged record (not a JSON object with a 'key')"))
+                continue
             if key in records:
-                raise RecordsError(f"{self.path}:{n}: duplicate record {key!r}")
+                bad.append((n, f"duplicate record {key!r}"))
+                continue
             records[key] = rec
+        if bad:
+            n, why = bad[0]
+            more = ""
+            if len(bad) > 1:
+                lines = ", ".join(str(b[0]) for b in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+                more = f" (and {len(bad) - 1} more such lines: {lines})"
+            raise RecordsError(f"{self.path}:{n}: {why}{more}; {REPAIR}")
         return records
 
     def append(self, record: dict) -> None:

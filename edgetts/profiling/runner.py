@@ -13,27 +13,47 @@ URL); every record also carries the whole spec (``engine``), so a Pareto point c
 rerun loads the records, skips every key already there and measures the rest, so a profile
 killed at any point (SIGKILL included) continues without losing or repeating a record.
 Seeds depend only on the key (rows of repeat ``r`` use ``seed + 1000 r + i``), so the
-resumed records equal those of an uninterrupted run, timings aside.  A directory made by a
-different sweep is refused unless ``force``; then its files move to ``replaced-<digest>/``
-rather than being deleted.
+resumed records equal those of an uninterrupted run, timings aside.
+
+A run holds the directory's lock (:mod:`edgetts.profiling.lock`) from its first look at the
+directory to the summary, so a second run into it fails at once naming the holder.  A
+directory made by a different sweep is refused unless ``force``; then every file of the
+previous run, derived ones included, moves to ``replaced-<digest>/`` rather than being
+deleted.  A directory of someone else's files is refused even with ``force``.  A damaged
+``sweep.json`` or ``device.json`` next to measured records is reported as damaged, with the
+repair, never as another sweep; a directory without records (a stub left by a run that failed
+before measuring anything) is simply reused.  A run that fails before its first record removes
+the directory it created.
 
 Direct mode runs every cell as production would: the strategy with its budget on the real
 engine, one query at a time, each wrapped in a :class:`~edgetts.telemetry.meters.QueryMeter`.
 Pooled mode (:mod:`edgetts.profiling.pooled`) covers the strategies that declare themselves
-``pooled`` on engines with probes; every other cell runs directly.  A strategy that needs a
+``pooled`` on engines with probes; every other cell runs directly.  After the pool, a few
+pooled cells are run directly and the step-time model is checked for drift
+(:mod:`edgetts.profiling.validation`); the result lands in ``summary.json`` as
+``latency_validation``.  A resumed run reuses the saved step-time model and check.  A strategy that needs a
 capability one of the sweep's engines lacks is refused before anything is measured.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
 from edgetts.profiling.config import SweepConfig
+from edgetts.profiling.lock import LOCK_NAME, LockError, hold
 from edgetts.profiling.records import RecordLog
 from edgetts.profiling.summary import summarize
+
+# What edgetts writes into a profile directory (besides latency-model-*.json, latency-validation-*.json and
+# replaced-*/).
+PROFILE_FILES = ("sweep.json", "records.jsonl", "device.json", "summary.json", "pareto.json", "pareto.png",
+                 "report.html")  # fmt: skip
 
 
 class ProfileError(ValueError):
@@ -41,25 +61,114 @@ class ProfileError(ValueError):
 
 
 def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    sweep = out / "sweep.json"
-    if sweep.exists():
-        try:
-            old = json.loads(sweep.read_text())
-        except json.JSONDecodeError:
-            old = {"digest": "unreadable"}
+    """Make the locked directory ``out`` ready for ``cfg`` (see the module docstring)."""
+    sweep, device = out / "sweep.json", out / "device.json"
+    records = _has_records(out)
+    if not records:  # new, or a stub left by a run that failed before its first record: nothing to keep
+        for entry in out.iterdir():
+            if entry.is_file() and entry.name != "records.jsonl" and _derived(entry.name):
+                entry.unlink()
+    elif sweep.exists():
+        old, why = _read_object(sweep)
+        if why:
+            raise ProfileError(
+                f"{sweep} is damaged ({why}) while records.jsonl holds measured queries; if they belong to this "
+                "sweep, delete sweep.json and run the same command again to resume them, else use another --out"
+            )
         if old.get("digest") != cfg.digest():
             if not force:
                 raise ProfileError(
                     f"{out} holds a profile of a different sweep (digest {old.get('digest')}, this one "
                     f"{cfg.digest()}); use another --out, or --force to move its files aside"
                 )
-            keep = out / f"replaced-{old.get('digest')}"
-            keep.mkdir(exist_ok=True)
-            for name in ("sweep.json", "records.jsonl", "summary.json", "device.json"):
-                if (out / name).exists():
-                    (out / name).rename(keep / name)
+            _move_aside(out, str(old.get("digest")))
+    if device.exists():
+        _, why = _read_object(device)
+        if why:
+            raise ProfileError(
+                f"{device} is damaged ({why}); delete it and run the same command again: this machine's "
+                "fingerprint is written anew and the records are kept"
+            )
     write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved()})
+
+
+def _read_object(path: Path) -> tuple[dict, str | None]:
+    """(the JSON object in ``path``, None), or ({}, why it is not one)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {}, f"not JSON: {getattr(e, 'msg', None) or e}"
+    if not isinstance(value, dict) or (path.name == "sweep.json" and not isinstance(value.get("digest"), str)):
+        return {}, "not the object edgetts writes"
+    return value, None
+
+
+def _has_records(out: Path) -> bool:
+    try:
+        return any(line.strip() for line in (out / "records.jsonl").read_bytes().splitlines())
+    except FileNotFoundError:
+        return False
+
+
+def _move_aside(out: Path, digest: str) -> None:
+    """Move every file of the previous run, derived ones included, to ``replaced-<digest>/``."""
+    keep, k = out / f"replaced-{digest}", 1
+    while keep.exists():  # a directory forced twice from the same sweep keeps both older runs
+        k += 1
+        keep = out / f"replaced-{digest}-{k}"
+    keep.mkdir()
+    for entry in sorted(out.iterdir()):
+        if entry.name != LOCK_NAME and not entry.name.startswith("replaced-"):
+            entry.rename(keep / entry.name)
+
+
+def _is_ours(out: Path) -> bool:
+    """Whether ``out`` is new, empty or a profile directory (never a directory of someone else's files)."""
+    names = {e.name for e in out.iterdir()} - {LOCK_NAME}
+    names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+    return not names or "records.jsonl" in names or ("sweep.json" in names and all(map(_derived, names)))
+
+
+def _derived(name: str) -> bool:
+    """Whether edgetts writes files of this name into a profile directory."""
+    return (name in PROFILE_FILES or name.startswith("replaced-") or fnmatch(name, "latency-model-*")
+            or fnmatch(name, "latency-validation-*"))  # fmt: skip
+
+
+def _refuse_foreign(out: Path) -> None:
+    if not _is_ours(out):
+        names = sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME)
+        raise ProfileError(
+            f"{out} is not a profile directory (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            "; edgetts writes a profile only into a new, empty or profile directory: use another --out"
+        )
+
+
+@contextmanager
+def profile_dir(out: Path):
+    """Hold the lock of ``out`` (created if needed) for the block; a failure before the first record
+    removes the directory again if this run created it, so nothing empty or partial is left."""
+    if out.exists() and not out.is_dir():
+        raise ProfileError(f"{out} exists and is not a directory; give --out a directory")
+    made = None if out.exists() else out  # the topmost folder this run creates
+    while made is not None and not made.parent.exists():
+        made = made.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ProfileError(f"cannot create {out}: {e.strerror}") from None
+    # A directory without a lock file has never been profiled into: check it before writing the lock
+    # file there.  One with a lock file is checked under the lock, where no other run changes it.
+    if not (out / LOCK_NAME).exists():
+        _refuse_foreign(out)
+    with hold(out):
+        _refuse_foreign(out)
+        try:
+            yield out
+        except Exception:
+            if made is not None and not _has_records(out):
+                shutil.rmtree(made, ignore_errors=True)
+            raise
 
 
 def record_key(model: str, strategy: str, n: int, budget: int, repeat: int, problem: str) -> str:
@@ -72,7 +181,15 @@ def run_profile(
     force: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
-    """Measure every missing query of ``cfg`` into ``out``; returns the summary."""
+    """Measure every missing query of ``cfg`` into ``out``, holding its lock; returns the summary."""
+    try:
+        with profile_dir(Path(out)):
+            return _measure(cfg, out, force, progress)
+    except LockError as e:
+        raise ProfileError(str(e)) from None
+
+
+def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress) -> dict:
     from edgetts.engines import engine_class, open_engine
     from edgetts.strategies import STRATEGIES, RunConfig, create
     from edgetts.tasks.datasets import load_dataset
@@ -81,7 +198,7 @@ def run_profile(
 
     out = Path(out)
     examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
-    specs = [s.resolved() for s in cfg.specs()]  # fail on a bad model before touching the directory
+    specs = [s.resolved() for s in cfg.specs()]  # fail on a bad model before changing the directory's files
     cells = cfg.cells()
     for spec in specs:
         cls = engine_class(spec.engine)
@@ -114,7 +231,9 @@ def run_profile(
             (r, ex) for r in range(cfg.repeats) for ex in examples
             if any(record_key(model, s, n, b, r, ex.id) not in done for s, n, b in pooled)
         ]  # fmt: skip
-        if not todo and not todo_pool:
+        validated = out / f"latency-validation-{_safe(model)}.json"
+        check = bool(pooled) and not validated.exists()  # also after a run killed during the check
+        if not todo and not todo_pool and not check:
             continue
         answer = RunConfig().answer_tokens
         engine, family = open_engine(spec, max_rows=max(n for _, n, _ in cells), max_tokens=max(cfg.budgets) + answer,
@@ -126,6 +245,8 @@ def run_profile(
                 create(s, engine, family, RunConfig(n=n, budget=b)).run(ex.question)
             if todo_pool:
                 run_pooled(ctx, model, engine, family, pooled, todo_pool, out)
+            if check:
+                check_latencies(ctx, model, engine, family, pooled, examples, out)
             for s, n, b, r, ex in todo:
                 run_direct(ctx, model, engine, family, (s, n, b), r, ex)
         finally:
@@ -143,10 +264,26 @@ class Context:
 
     def write(self, record: dict, what: str) -> None:
         record["engine"] = self.spec
+        record.update(cell_memory(self.spec, record["n"], record["budget"], record["prompt_tokens"]))
         self.log.append(record)
         self.count += 1
         if self.progress:
             self.progress(self.count, self.total, what)
+
+
+def cell_memory(spec: dict, n: int, budget: int, prompt_tokens: int) -> dict:
+    """``kv_bytes`` and ``memory_mb`` a direct run of the cell needs: an engine planned for its n rows of
+    budget + answer tokens after this prompt (weights, KV cache, compute); None where the engine cannot tell."""
+    from edgetts.engines.spec import ContextPlan, engine_memory
+    from edgetts.strategies import RunConfig
+
+    try:
+        plan = engine_memory(spec, ContextPlan(n, budget + RunConfig().answer_tokens, max(1, prompt_tokens)))
+    except (OSError, ValueError):  # a model that cannot be planned is still measured; its memory stays unknown
+        plan = None
+    if plan is None:
+        return {"kv_bytes": None, "memory_mb": None}
+    return {"kv_bytes": plan.kv, "memory_mb": round(plan.total_mb, 1)}
 
 
 def _energy(m, seconds: float) -> dict:
@@ -200,8 +337,10 @@ def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> N
 
     n_max = max(n for _, n, _ in cells)
     budgets = sorted({b for *_, b in cells})
-    steps = calibrate(engine, family, todo[0][1].question, n_max, tokens=min(max(budgets) + 32, 256))
-    write_json_atomic(out / f"latency-model-{_safe(model)}.json", steps.to_dict())
+    steps = latency_model(out, model)  # a resumed profile keeps the model its records were made with
+    if steps is None:
+        steps = calibrate(engine, family, todo[0][1].question, n_max, tokens=min(max(budgets) + 32, 256))
+        write_json_atomic(out / f"latency-model-{_safe(model)}.json", steps.to_dict())
     forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
     for r, ex in todo:
         sampling = SamplingParams(temperature=ctx.cfg.temperature, seed=ctx.cfg.seed + 1000 * r)
@@ -228,6 +367,32 @@ def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> N
             ctx.write(rec, f"{model} pooled {s} n={n} b={b}")
 
 
+def latency_model(out: Path, model: str):
+    """The step-time model saved for ``model`` in ``out``, or None."""
+    from edgetts.profiling.latency import StepModel
+
+    path = out / f"latency-model-{_safe(model)}.json"
+    try:
+        return StepModel.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # missing or damaged: calibrate again
+        return None
+
+
+def check_latencies(ctx: Context, model, engine, family, cells, examples, out: Path) -> None:
+    """Direct runs of a few pooled cells and a drift check (:mod:`edgetts.profiling.validation`)."""
+    from edgetts.profiling.validation import validate
+
+    steps = latency_model(out, model)
+    if steps is None:  # every pooled record was there before this run, its model was lost: nothing to compare
+        return
+    records = {k: r for k, r in RecordLog(out / "records.jsonl").load().items() if r["model"] == model}
+    if ctx.progress:
+        ctx.progress(ctx.count, ctx.total, f"{model}: checking modelled latencies against direct runs")
+    result = validate(engine, family, model, cells, examples, records, steps, ctx.cfg,
+                      lambda *cell: record_key(model, *cell))  # fmt: skip
+    write_json_atomic(out / f"latency-validation-{_safe(model)}.json", result)
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
 
@@ -236,5 +401,15 @@ def write_summary(out: str | Path) -> dict:
     """Summarize whatever records the directory holds (also after an interruption)."""
     out = Path(out)
     summary = summarize(RecordLog(out / "records.jsonl").load())
+    checks = []
+    for path in sorted(out.glob("latency-validation-*.json")):
+        try:
+            checks.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if checks:
+        from edgetts.profiling.validation import combine
+
+        summary["latency_validation"] = combine(checks)
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -6,8 +6,11 @@ Fields per cell: ``model`` (the engine spec's label), ``engine`` (the spec), ``s
 (nearest-rank over queries) and mean; ``ttft_s`` and ``tpot_s`` means; ``tokens``: mean
 generated, thinking and answer tokens per query and mean rows used; ``energy_j`` (mean per
 query, null without a source), ``avg_power_w``, ``energy_source`` (and ``energy_reason`` when it is
-``none``); ``peak_rss_mb`` and ``peak_gpu_mb`` (max over queries).  Because it depends only on
-the records, a resumed profile summarizes exactly like an uninterrupted one (timings aside).
+``none``); ``peak_rss_mb`` and ``peak_gpu_mb`` (max over queries); ``kv_bytes`` and
+``memory_mb``: the KV cache and the whole memory (weights, cache, compute) an engine planned
+for the cell needs (max over queries; null for engines that cannot tell).  Because it depends
+only on the records, a resumed profile summarizes exactly like an uninterrupted one (timings aside).
+:func:`edgetts.profiling.runner.write_summary` adds the pooled profile's ``latency_validation``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def quantile(values: list[float], q: float) -> float:
     """Nearest-rank quantile (no interpolation: a reported p99 is a latency that happened)."""
     s = sorted(values)
     return s[max(0, math.ceil(q * len(s)) - 1)]
+
+
+def _max_known(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 def summarize(records: dict[str, dict]) -> dict:
@@ -59,6 +67,8 @@ def summarize(records: dict[str, dict]) -> dict:
             "energy_source": sources[0] if len(sources) == 1 else "mixed:" + ",".join(sources),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in recs),
             "peak_gpu_mb": max(gpu) if gpu else None,
+            "kv_bytes": _max_known(r.get("kv_bytes") for r in recs),
+            "memory_mb": _max_known(r.get("memory_mb") for r in recs),
         }  # fmt: skip
         if entry["energy_source"] == "none":
             entry["energy_reason"] = recs[0].get("energy_reason")

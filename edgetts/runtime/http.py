@@ -6,6 +6,7 @@ module imports it, never the other way round.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -21,12 +22,63 @@ from edgetts.runtime.policy import Policy
 from edgetts.runtime.server import APIError, Server, sse
 
 
+class Guard:
+    """Pure ASGI middleware in front of every route: the API key, the body limit and read timeout,
+    and the arrival time deadlines count from.
+
+    It wraps ``receive`` instead of reading the body itself, so the route still sees the client's
+    disconnect (a request-wrapping middleware hides it), and it counts body bytes as they arrive,
+    so a chunked body without a length cannot grow past the limit in memory.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body: int, reject, read_timeout_s: float = 10.0):
+        self.app, self.api_key, self.max_body, self.reject, self.read_timeout_s = (
+            app, api_key, max_body, reject, read_timeout_s)  # fmt: skip
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        failure = None
+        if self.api_key and scope.get("path") != "/healthz":
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                failure = APIError(401, "invalid or missing API key", code="invalid_api_key",
+                                   kind="authentication_error")  # fmt: skip
+        length = headers.get(b"content-length")
+        if failure is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
+            failure = APIError(413, f"request body larger than {self.max_body} bytes", code="too_large")
+        if failure is not None:
+            return await self.reject(failure)(scope, receive, send)
+        received, done = 0, False
+
+        async def limited():
+            nonlocal received, done
+            if done:  # the body is in: later reads wait for a disconnect, for as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body stalled for {self.read_timeout_s:g} s", code="timeout") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if received > self.max_body:
+                    raise APIError(413, f"request body larger than {self.max_body} bytes", code="too_large")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
 def build_app(server: Server, api_key: str | None, max_body_bytes: int) -> FastAPI:
     app = FastAPI(title="edgetts", version="1", docs_url=None, redoc_url=None)
     app.state.server = server
 
     def error(e: APIError) -> JSONResponse:
-        server.metrics.request("rejected" if e.status == 429 else "error")
+        if e.code != "cancelled":  # counted where the cancel happened
+            server.metrics.request("rejected" if e.status == 429 else "error")
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
@@ -45,30 +97,18 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int) -> FastA
     async def internal_error(_, e: Exception):
         return error(APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/healthz" and api_key:
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return error(APIError(401, "invalid or missing API key", code="invalid_api_key",
-                                      kind="authentication_error"))  # fmt: skip
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error(APIError(413, f"request body larger than {max_body_bytes} bytes", code="too_large"))
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, reject=error)
 
     async def read_json(request: Request):
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body larger than {max_body_bytes} bytes", code="too_large")
+        raw = await request.body()  # Guard enforces the size limit and the read timeout while it arrives
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
+        except (ValueError, RecursionError, UnicodeDecodeError):  # bad JSON, 4,300+ digit integers, deep nesting
+            raise APIError(400, "the request body is not valid JSON (or nests or numbers too deep)") from None
 
     async def answer(request: Request, chat: bool):
-        out, info = await server.complete(request, await read_json(request), chat)
+        arrived = getattr(request.state, "arrived", None)
+        out, info = await server.complete(request, await read_json(request), chat, arrived)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": info["generated_tokens"],
@@ -76,10 +116,15 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int) -> FastA
         if out["stream"]:
             return StreamingResponse(_stream(rid, created, out, info, chat), media_type="text/event-stream")
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": "stop"}
+            message = {"role": "assistant", "content": out["text"]}
+            if "reasoning" in out:
+                message["reasoning_content"] = out["reasoning"]
+            choice = {"index": 0, "message": message, "finish_reason": out["finish_reason"]}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": out["text"], "logprobs": None, "finish_reason": "stop"}
+            choice = {"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}
+            if "reasoning" in out:
+                choice["reasoning_content"] = out["reasoning"]
             obj = "text_completion"
         return {"id": rid, "object": obj, "created": created, "model": out["model"], "choices": [choice],
                 "usage": usage, "edgetts": info}  # fmt: skip
@@ -127,9 +172,25 @@ def _stream(rid: str, created: int, out: dict, info: dict, chat: bool):
     yield "data: [DONE]\n\n"
 
 
+def _check_strategies(config: str, frontier: list[dict]) -> None:
+    """Refuse, before any engine opens, a point whose strategy this server does not have."""
+    from edgetts.pareto.config import ParetoError
+    from edgetts.strategies import STRATEGIES
+
+    for i, point in enumerate(frontier):
+        if point["strategy"] not in STRATEGIES:
+            raise ParetoError(f"{config}: frontier[{i}].strategy {point['strategy']!r} is not one of: "
+                              f"{', '.join(STRATEGIES)}")  # fmt: skip
+
+
 def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
-               overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None):  # fmt: skip
-    """The app serving ``config``; every engine its frontier names is opened before it returns."""
+               overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None,
+               batching: bool = True, rows: int | None = None):  # fmt: skip
+    """The app serving ``config``; every engine its frontier names is opened before it returns.
+
+    ``batching=False`` runs one request at a time per engine (the sequential server); ``rows``
+    is how many rows a batched engine decodes at once (default: room for a few requests).
+    """
     import os
     import sys
 
@@ -137,9 +198,12 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     # thread would otherwise keep it up to 5 ms at a time, and deadlines here are milliseconds.
     sys.setswitchinterval(0.0005)
     policy = Policy.load(config)
+    _check_strategies(config, policy.frontier)
     # One core stays with the HTTP loop: llama.cpp's worker threads spin at every graph barrier,
     # and on a small CPU an extra busy thread makes each decode step several times slower.
-    executor = Executor(policy, threads=threads or max(1, (os.cpu_count() or 2) - 1))
+    if threads is None and not os.environ.get("EDGETTS_THREADS"):
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    executor = Executor(policy, threads=threads, batching=batching, rows=rows)
     try:
         for point in policy.frontier:
             executor.engine(point)  # open every engine now: the first request must not pay for it

@@ -18,7 +18,6 @@ from edgetts.runtime.policy import Policy, Selection
 from edgetts.strategies import STRATEGIES, StrategyError
 
 MARGIN = 1.25  # least safety factor on predicted latencies at admission
-MAX_RATIO = 4.0  # one outlier request moves the queue factor at most this far
 OVERHEAD_MS = 2.0  # per request, outside the engine (HTTP parsing, thread hand-offs)
 # Strategies stop within one decode step after their deadline; that step and the time to build
 # the response are kept inside the request's deadline as a reserve.
@@ -36,6 +35,8 @@ class Request:
     n: int | None = None
     budget: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    messages: tuple | None = None  # a chat request's whole conversation (the question is its last user turn)
+    include_reasoning: bool = False  # return the winning row's reasoning as reasoning_content
 
     @property
     def expert(self) -> bool:
@@ -50,6 +51,9 @@ class Plan:
     strategy: str
     n: int
     budget: int
+    solo_ms: float = 0.0  # the policy's prediction for the point run alone
+    predicted_ms: float = 0.0  # at admission, beside the requests already running
+
 
     @property
     def point(self) -> dict:
@@ -70,9 +74,12 @@ class Late(Exception):
         self.waited_ms = waited_ms
 
 
-def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_budget: int) -> Plan:
-    """The plan for ``req`` given ``budget_ms`` of time; expert overrides win over the point."""
-    choice = policy.select(budget_ms)
+def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_budget: int, cost=None) -> Plan:
+    """The plan for ``req`` given ``budget_ms`` of time; expert overrides win over the point.
+
+    ``cost(point)`` predicts a point's latency where it will run (default: the policy's, alone).
+    """
+    choice = policy.select(budget_ms, cost=cost)
     p = choice.point
     strategy = req.strategy or p["strategy"]
     if strategy not in STRATEGIES:
@@ -85,4 +92,4 @@ def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_bu
         raise StrategyError(f"budget must be at most {max_budget} on this server, got {budget}")
     if req.max_tokens:
         budget = min(budget, req.max_tokens)
-    return Plan(choice, strategy, n, budget)
+    return Plan(choice, strategy, n, budget, policy.predicted_ms(p), choice.predicted_ms)

@@ -47,7 +47,12 @@ class Policy:
     def predicted_ms(self, point: dict) -> float:
         return point["latency_ms"] * self.slowdown
 
-    def select(self, deadline_ms: float, energy_j: float | None = None, memory_mb: float | None = None) -> Selection:
+    def select(self, deadline_ms: float, energy_j: float | None = None, memory_mb: float | None = None,
+               cost=None) -> Selection:  # fmt: skip
+        """The most accurate point whose predicted latency fits; ``cost(point)`` may replace the prediction
+        (the server's: the point beside the requests already running)."""
+        predict = cost or self.predicted_ms
+
         def within_limits(p):
             if energy_j is not None and energy_j > 0 and (p.get("energy_j") is None or p["energy_j"] > energy_j):
                 return False
@@ -55,15 +60,15 @@ class Policy:
 
         best = None
         for i, p in enumerate(self.frontier):
-            fits = within_limits(p) and self.predicted_ms(p) <= deadline_ms
+            fits = within_limits(p) and predict(p) <= deadline_ms
             if fits and (best is None or p["accuracy"] > self.frontier[best]["accuracy"]):
                 best = i
         if best is not None:
             p = self.frontier[best]
-            return Selection(best, p, self.predicted_ms(p), False)
+            return Selection(best, p, predict(p), False)
         fallback = next((i for i, p in enumerate(self.frontier) if within_limits(p)), 0)
         p = self.frontier[fallback]
-        return Selection(fallback, p, self.predicted_ms(p), True)
+        return Selection(fallback, p, predict(p), True)
 
     def observe(self, point_id: str, latency_ms: float) -> None:
         """Report a measured latency of a point; updates the slowdown factor."""
@@ -72,3 +77,11 @@ class Policy:
             return
         ratio = latency_ms / max(self.frontier[i]["latency_ms"], 1e-9)
         self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * ratio
+
+    def relax(self) -> None:
+        """Move the slowdown one step back toward the profile (a refusal, which measures nothing).
+
+        Without it a factor raised by a few slow requests would refuse every later request, and
+        refused requests never run to measure that the device is fast again.
+        """
+        self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * 1.0

@@ -3,14 +3,25 @@
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or not),
 ``GET /v1/models``, ``GET /healthz`` (no key needed), ``GET /metrics`` (Prometheus text).
 
-Per request: the deadline is the body's ``deadline_ms`` extension or the server default; the
-policy picks the most accurate frontier point that fits it *after the queue ahead of it*
-(admission): the wait is estimated as the predicted latency of every request admitted and
-not yet finished.  With ``overload="downgrade"`` a request takes the cheaper point that still
-fits; with ``"refuse"`` it keeps the point its deadline alone would get, or is refused.  When
-nothing fits, or the queue is full, the answer is 429 with ``Retry-After``.  One worker thread
-runs requests in order (one engine batch at a time, as the device would); a client that
-disconnects cancels its request, queued or running.  Observed latencies recalibrate the policy.
+Per request: the deadline is the body's ``deadline_ms`` extension or the server default,
+counted from the request's first byte.  Admission knows the batch: a point's latency is
+predicted beside the requests already admitted (the executor's occupancy model: the engine's
+measured step cost at the rows they add up to, or the queue ahead on a serial engine).  With
+``overload="downgrade"`` a request takes the most accurate point that still fits, a cheaper one
+before a refusal; with ``"refuse"`` it keeps the point its deadline alone would get, or is
+refused.  When nothing fits, or ``max_queue`` requests are in, the answer is 429 with
+``Retry-After``, and the policy's slowdown relaxes one step (a refusal measures nothing, so an
+old factor must not refuse forever).  Every admitted request runs on its own thread; on a
+llama.cpp engine its rows join the one running batch (:mod:`edgetts.engines.batching`), where a
+request whose deadline can no longer be met is dropped while still queued (429).  A client that
+disconnects cancels its request, queued or running.  Observed latencies, scaled back to what the
+point takes alone, recalibrate the policy.
+
+Chat requests render the whole ``messages`` list (system prompt, earlier turns) through the
+model's chat template; ``include_reasoning: true`` returns the reasoning of the first row that
+gave the winning answer as ``reasoning_content``.  A request whose rows were all stopped before
+stating an answer gets an empty answer with ``finish_reason: "length"`` and
+``edgetts.error`` saying why.
 
 Experts may force ``strategy``, ``n`` and ``budget`` in the body's ``edgetts`` object;
 ``max_tokens`` caps the thinking budget; ``temperature`` and ``seed`` are honoured; ``stop``
@@ -28,11 +39,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from edgetts.engines import EngineError
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
-from edgetts.runtime.planning import MARGIN, MAX_RATIO, OVERHEAD_MS, Late, Plan, Request
+from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, Late, Plan, Request
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import STRATEGIES, StrategyError
 
@@ -65,24 +77,35 @@ def _number(body, name, lo=None, hi=None, integer=False, required=False):
 def parse(body: object, chat: bool, default_deadline_ms: float) -> tuple[Request, dict]:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    messages = None
     if chat:
         msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise APIError(400, "'messages' must be a non-empty list", "messages")
+        if not isinstance(msgs, list) or not msgs or len(msgs) > 256:
+            raise APIError(400, "'messages' must be a non-empty list of at most 256 messages", "messages")
+        turns = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
-                raise APIError(400, f"messages[{i}] needs a string 'role' and a string 'content'", "messages")
-        users = [m["content"] for m in msgs if m["role"] == "user"]
-        if not users:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # content parts: their text, in order
+                parts = [c.get("text") for c in content if isinstance(c, dict) and c.get("type") == "text"]
+                content = "".join(p for p in parts if isinstance(p, str)) if parts else None
+            if not isinstance(content, str) or not isinstance(m.get("role"), str):
+                raise APIError(400, f"messages[{i}] needs a string 'role' and a string (or text-part) 'content'",
+                               "messages")  # fmt: skip
+            turns.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
+        last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
+        if last_user is None:
             raise APIError(400, "'messages' holds no user message", "messages")
-        question = users[-1]
+        messages = tuple(turns[: last_user + 1])  # the conversation up to the question
+        if sum(len(t["content"]) for t in messages) > 64_000:
+            raise APIError(400, "the conversation is longer than 64,000 characters", "messages")
+        question = turns[last_user]["content"]
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise APIError(400, "'prompt' must be a string (or a list of one string)", "prompt")
-        question = prompt
+        question = _text(prompt, "prompt")
     if not question.strip():
         raise APIError(400, "the question is empty", "messages" if chat else "prompt")
     if len(question) > 32_000:
@@ -97,8 +120,12 @@ def parse(body: object, chat: bool, default_deadline_ms: float) -> tuple[Request
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
                              or len(stop) > 4):  # fmt: skip
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise APIError(400, "'stream' must be a boolean", "stream")
+    for flag in ("stream", "include_reasoning"):
+        if flag in body and not isinstance(body[flag], bool):
+            raise APIError(400, f"'{flag}' must be a boolean", flag)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", "model")
     ext = body.get("edgetts") or {}
     if not isinstance(ext, dict):
         raise APIError(400, "'edgetts' must be an object", "edgetts")
@@ -114,8 +141,19 @@ def parse(body: object, chat: bool, default_deadline_ms: float) -> tuple[Request
         strategy=strategy,
         n=_number(ext, "n", 1, 64, integer=True),
         budget=_number(ext, "budget", 1, 1_000_000, integer=True),
+        messages=messages,
+        include_reasoning=bool(body.get("include_reasoning")),
     )
-    return req, {"stream": bool(body.get("stream")), "stop": stop or [], "model": body.get("model")}
+    return req, {"stream": bool(body.get("stream")), "stop": stop or [], "model": model}
+
+
+def _text(s: str, param: str) -> str:
+    """``s`` if it is valid Unicode text (JSON allows lone surrogates, which no tokenizer can encode)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' holds invalid Unicode (a lone surrogate)", param) from None
+    return s
 
 
 class Server:
@@ -125,31 +163,40 @@ class Server:
             raise ValueError("overload must be 'downgrade' or 'refuse'")
         self.policy, self.executor = policy, executor
         self.default_deadline_ms, self.max_queue, self.overload = default_deadline_ms, max_queue, overload
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="edgetts-engine")
-        self.pending: dict[str, float] = {}  # request id -> predicted ms, admitted and not finished
+        # One thread per admitted request: it runs the strategy and waits on the engine's batch.
+        self.workers = ThreadPoolExecutor(max_queue, thread_name_prefix="edgetts-request")
+        self.pending: dict[str, Plan] = {}  # admitted and not finished
         self.lock = threading.Lock()
         self.metrics = Metrics()
-        self.service_ratio = MARGIN  # observed worker time over predicted time, moving average
 
     def admit(self, rid: str, req: Request) -> Plan:
+        """The plan for ``req`` beside the requests already admitted, or 429 (the batch is known here)."""
         with self.lock:
             if len(self.pending) >= self.max_queue:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
                                headers={"Retry-After": "1"})  # fmt: skip
-            # Predictions are profiled engine times; requests also pay HTTP and thread hand-offs.
-            factor = max(MARGIN, self.service_ratio)
-            wait = sum(self.pending.values()) * factor + OVERHEAD_MS * len(self.pending)
-            budget_ms = req.deadline_ms if self.overload == "refuse" or req.expert else req.deadline_ms - wait
-            plan = self.executor.plan(req, max(budget_ms, 0.0))
-            # The request's own time: the policy's prediction (already recalibrated) with the fixed margin;
-            # the queue's: scaled by what the worker really took (one slow request must not refuse all).
-            predicted = plan.choice.predicted_ms * MARGIN + OVERHEAD_MS
-            if not req.expert and (plan.choice.miss or wait + predicted > req.deadline_ms):
-                retry = max(1, math.ceil((wait + predicted - req.deadline_ms) / 1000))
-                raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} behind {len(self.pending)} queued "
-                               f"request(s) (about {wait:.0f} ms)", code="deadline_unmeetable", kind="rate_limit_error",
+            busy = list(self.pending.values())
+
+            def cost(point):  # where the point would run: beside the admitted requests, with a margin
+                return self.executor.predict_ms(point, busy) * MARGIN + OVERHEAD_MS
+
+            if req.expert:  # experts get what they ask for; they count in the batch at their real cost
+                plan = self.executor.plan(req, cost=cost)
+            elif self.overload == "refuse":  # the point the deadline alone gets, or nothing
+                plan = self.executor.plan(req)
+                plan = replace(plan, predicted_ms=cost(plan.point))
+                miss = plan.choice.miss or plan.predicted_ms > req.deadline_ms
+            else:  # the most accurate point that fits beside the others: a downgrade before a refusal
+                plan = self.executor.plan(req, cost=cost)
+                miss = plan.choice.miss
+            if not req.expert and miss:
+                self.policy.relax()  # a refusal measures nothing: let an old slowdown fade
+                retry = max(1, math.ceil((plan.choice.predicted_ms - req.deadline_ms) / 1000))
+                raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} beside {len(busy)} admitted "
+                               f"request(s): the fastest point needs about {plan.choice.predicted_ms:.0f} ms",
+                               code="deadline_unmeetable", kind="rate_limit_error",
                                headers={"Retry-After": str(retry)})  # fmt: skip
-            self.pending[rid] = plan.choice.predicted_ms
+            self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
             return plan
 
@@ -158,8 +205,9 @@ class Server:
             self.pending.pop(rid, None)
             self.metrics.queue_depth = len(self.pending)
 
-    async def complete(self, request, body: object, chat: bool) -> tuple[dict, dict]:
-        started = time.perf_counter()
+    async def complete(self, request, body: object, chat: bool, arrived: float | None = None) -> tuple[dict, dict]:
+        """Answer one request; ``arrived`` is when its first byte came (deadlines count from there)."""
+        started = arrived if arrived is not None else time.perf_counter()
         req, opts = parse(body, chat, self.default_deadline_ms)
         rid = uuid.uuid4().hex[:24]
         try:
@@ -168,23 +216,20 @@ class Server:
             raise APIError(400, str(e), "edgetts") from None
         try:
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self.worker, self.executor.run, req, plan, started,
-                                       max(1.0, min(self.service_ratio, 2.0)))  # fmt: skip
+            fut = loop.run_in_executor(self.workers, self.executor.run, req, plan, started)
             while not fut.done():
                 if await request.is_disconnected():
-                    req.cancel.set()  # stops it in the queue or at its next decode step
+                    req.cancel.set()  # stops it in the engine's queue or at its next decode step
                 await asyncio.wait([fut], timeout=0.05)
             try:
                 result = fut.result()
             except Late as e:
-                raise APIError(
-                    429,
-                    f"deadline_ms={req.deadline_ms:g} cannot be met: {e}",
-                    code="deadline_unmeetable",
-                    kind="rate_limit_error",
-                    headers={"Retry-After": "1"},
-                ) from None
-            except EngineError as e:  # the engine refused this request (too long for its context, say)
+                if req.cancel.is_set():
+                    self.metrics.request("cancelled", e.waited_ms / 1000)
+                    raise APIError(499, "client disconnected", code="cancelled") from None
+                raise APIError(429, f"deadline_ms={req.deadline_ms:g} cannot be met: {e}", code="deadline_unmeetable",
+                               kind="rate_limit_error", headers={"Retry-After": "1"}) from None  # fmt: skip
+            except (EngineError, StrategyError) as e:  # the engine refused this request (too long for its context)
                 raise APIError(400, str(e)) from None
         finally:
             self.release(rid)
@@ -192,10 +237,6 @@ class Server:
             self.metrics.request("cancelled", result.total_ms / 1000)
             raise APIError(499, "client disconnected", code="cancelled")
         trace, plan = result.trace, result.plan
-        if not req.expert:  # expert overrides run other work than the point
-            with self.lock:  # how much longer than predicted the worker really takes per request
-                ratio = result.service_ms / max(self.policy.predicted_ms(plan.point), 0.1)
-                self.service_ratio = 0.5 * self.service_ratio + 0.5 * min(ratio, MAX_RATIO)
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
@@ -207,14 +248,31 @@ class Server:
             "answer": trace.answer, "votes": trace.votes, "rows_used": trace.rows_used, "early_stop": trace.early_stop,
             "latency_ms": round(result.total_ms, 3), "deadline_ms": req.deadline_ms,
             "deadline_met": result.deadline_met, "generated_tokens": trace.generated_tokens,
+            "predicted_ms": round(plan.predicted_ms, 3),
         }  # fmt: skip
-        return {
+        if trace.answer is None:
+            info["error"] = ("no row stated an answer before the deadline" if trace.early_stop == "deadline"
+                             else "no row stated an answer")  # fmt: skip
+        out = {
             "text": text,
             "edgetts": info,
             "model": opts["model"] or plan.point["model"],
             "prompt_tokens": trace.prompt_tokens,
             "stream": opts["stream"],
-        }, info
+            "finish_reason": "stop" if trace.answer is not None else "length",
+        }
+        if req.include_reasoning:
+            out["reasoning"] = self._reasoning(trace, plan)
+        return out, info
+
+    def _reasoning(self, trace, plan: Plan) -> str:
+        """The reasoning of the first row that gave the winning answer (``reasoning_content``)."""
+        _, family = self.executor.engine(plan.point)
+        row = next((r for r in trace.rows if r.answer == trace.answer and r.answer is not None), None)
+        if row is None or not family.think_end:
+            return ""
+        text = row.text.split(family.think_end, 1)[0]
+        return text.split(family.think_start, 1)[-1].strip() if family.think_start else text.strip()
 
 
 def sse(obj) -> str:

@@ -50,6 +50,7 @@ class RunConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False  # ignore the model's chat template
     cancel: object = None  # a threading.Event: when set, every row stops at the next step
+    messages: tuple | None = None  # a whole chat ({"role", "content"} dicts) whose last turn is the question
 
     def __post_init__(self):
         if self.n < 1:
@@ -132,6 +133,14 @@ class BudgetController:
     # -------------------------------------------------------------------------------------
     def thinking_tokens(self, row: Row) -> int:
         return self.think_count.get(row.index, row.n_generated)
+
+    def expired(self, min_s: float = 0.0) -> str | None:
+        """Why a call not started yet should not start: cancelled, or its deadline leaves less than ``min_s``."""
+        if self.cfg.cancel is not None and self.cfg.cancel.is_set():
+            return "cancelled"
+        if self.deadline_s is not None and time.perf_counter() - self.started + min_s >= self.deadline_s:
+            return "deadline"
+        return None
 
     def horizon(self, row: Row) -> int:
         """Tokens ``row`` may sample before this controller must see it again (engines that cannot step)."""
@@ -241,7 +250,11 @@ class Strategy(ABC):
 
     # helpers -----------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        return build_prompt(self.family, question, self.engine.chat_template(), raw=self.cfg.raw_prompt)
+        messages = None
+        if self.cfg.messages:  # the question (a strategy may have added to it) is the last turn
+            messages = [*self.cfg.messages[:-1], dict(self.cfg.messages[-1], content=question)]
+        return build_prompt(self.family, question, self.engine.chat_template(), raw=self.cfg.raw_prompt,
+                            messages=messages)  # fmt: skip
 
     def sample(self, prompt: str, n: int, started: float, seeds: list[int], logprobs: int | None = None,
                controller: BudgetController | None = None,
