@@ -319,25 +319,13 @@ def profile(
             fail(f"{flag}: expected a comma list of integers, got {text!r}")
 
     try:
-        cfg = SweepConfig.from_yaml(config) if config else SweepConfig()
-        overrides = {
-            "models": list(model) if model else None, "dataset": dataset, "limit": limit, "seed": seed,
-            "strategies": [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None,
-            "budgets": ints("--budgets", budgets) if budgets else None, "n": ints("--n", n) if n else None,
-            "repeats": repeats, "mode": mode,
-        }  # fmt: skip
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        if threads:
-            cfg.engine.threads = threads
-        if engine:
-            cfg.engine.name = engine
-        if url:
-            cfg.engine.url = url
-        if engine_option:
-            cfg.engine.options = {**cfg.engine.options, **_spec(None, "auto", None, engine_option).options}
-        cfg.validate()
+        cfg = (SweepConfig.from_yaml(config) if config else SweepConfig()).override(
+            models=list(model) if model else None, dataset=dataset, limit=limit, seed=seed,
+            strategies=[s.strip() for s in strategies.split(",") if s.strip()] if strategies else None,
+            budgets=ints("--budgets", budgets) if budgets else None, n=ints("--n", n) if n else None,
+            repeats=repeats, mode=mode, threads=threads, engine=engine, url=url,
+            engine_options=_spec(None, "auto", None, engine_option).options if engine_option else None,
+        )  # fmt: skip
     except ConfigError as e:
         fail(str(e))
     with _progress_bar(quiet) as progress:
@@ -697,6 +685,3 @@ def _print_eval(res) -> None:
         )  # fmt: skip
     Console().print(t)
 
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()

@@ -81,19 +81,22 @@ def test_profile_table_shows_whole_model_names(tmp_path):
 
 def test_pareto_outputs_are_checked_and_never_partial(profile, tmp_path):
     under_file = str(profile / "pareto.json" / "c.json")
-    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", under_file]))
+    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", under_file, "--accept-unvalidated"]))
     assert "is a file, not a directory" in msg
     out_dir = tmp_path / "userdir"
     out_dir.mkdir()
-    assert "is a directory" in _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", str(out_dir)]))
+    args = ["pareto", str(profile), "--out", str(out_dir), "--accept-unvalidated"]
+    assert "is a directory" in _one_line_error(runner.invoke(app, args))
     assert not list(tmp_path.rglob("*.tmp")) and not list(out_dir.iterdir())
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "config"}')
-    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", str(mine), "--no-plot"]))
+    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", str(mine), "--no-plot",
+                                              "--accept-unvalidated"]))  # fmt: skip
     assert "not written by edgetts" in msg and mine.read_text() == '{"my": "config"}'
     ok = tmp_path / "configs" / "pareto.json"
     for _ in range(2):  # a config edgetts wrote is replaced
-        assert runner.invoke(app, ["pareto", str(profile), "--out", str(ok), "--no-plot"]).exit_code == 0
+        args = ["pareto", str(profile), "--out", str(ok), "--no-plot", "--accept-unvalidated"]
+        assert runner.invoke(app, args).exit_code == 0
 
 
 def test_export_c_outputs_are_checked(profile, tmp_path):

@@ -126,6 +126,22 @@ class SweepConfig:
         except TypeError as e:
             raise ConfigError(f"{path}: {e}") from None
 
+    def override(self, threads: int | None = None, engine: str | None = None, url: str | None = None,
+                 engine_options: dict | None = None, **fields) -> SweepConfig:  # fmt: skip
+        """This sweep with every given (not None) field replaced, as command-line flags do; validated."""
+        for name, value in fields.items():
+            if name not in self.__dataclass_fields__:
+                raise ConfigError(f"unknown sweep field {name!r}")
+            if value is not None:
+                setattr(self, name, value)
+        e = self.engine
+        e.threads = threads or e.threads
+        e.name = engine or e.name
+        e.url = url or e.url
+        e.options = {**e.options, **(engine_options or {})}
+        self.validate()
+        return self
+
     def cells(self) -> list[tuple[str, int, int]]:
         """(strategy, n, budget) for every configuration the sweep measures."""
         out = []
