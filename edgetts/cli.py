@@ -391,8 +391,22 @@ def _pictures(config, candidates, png, html) -> None:
     except ImportError:
         typer.echo("no plot: matplotlib is not installed (pip install 'edgetts[report]')", err=True)
         return
-    from edgetts.pareto.report import plot, report
+    from edgetts.outputs import OutputError, check_output
+    from edgetts.pareto.report import PNG_TITLE, plot, report
 
+    def ours(marker: bytes):
+        def check(path) -> bool:
+            with open(path, "rb") as f:
+                return marker in f.read(4096)
+
+        return check
+
+    try:  # pictures never replace a file edgetts did not write (the config is written already)
+        check_output(png, ours(PNG_TITLE.encode()))
+        check_output(html, ours(b"<title>edgetts Pareto report"))
+    except OutputError as e:
+        typer.echo(f"no pictures: {e}", err=True)
+        return
     plot(config, candidates, png)
     report(config, png, html, candidates=candidates)
     typer.echo(f"wrote {png} and {html}")

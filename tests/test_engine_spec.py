@@ -171,3 +171,18 @@ def test_manifest_variants_of_every_format_profile_into_one_frontier(tmp_path):
     best_onnx = max(onnx, key=lambda p: p["accuracy"])
     engine, family = open_engine(point_spec(best_onnx), max_rows=4, max_tokens=96)
     assert type(engine).__name__ == "OnnxGenAIEngine" and family.name == "tiny"
+
+
+def test_a_corrupt_gguf_is_one_line_quoting_llama_cpp(tmp_path):
+    import subprocess
+    import sys
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(BUILTIN["tiny"].read_bytes()[:100_000])  # the header is there, the tensors are not
+    r = subprocess.run([sys.executable, "-m", "edgetts", "run", "--model", str(cut), "Evaluate left to right: 1+2"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and "corrupt" in lines[0] and "output.weight" in lines[0]
+    with pytest.raises(EngineError, match=r"at most 128 rows"):
+        open_engine("tiny", max_rows=129)

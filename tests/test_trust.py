@@ -184,3 +184,14 @@ def test_doctor_names_the_extra_to_install():
     assert not e["available"] and "pip install 'edgetts[onnx]'" in e["detail"]
     assert "ModuleNotFoundError" not in e["detail"]
     assert "edgetts[http]" in _engine("openai-http", "edgetts_no_such_module", "httpx")["detail"]
+
+
+def test_pictures_never_replace_a_users_file(profile, tmp_path):
+    mine = tmp_path / "c.png"
+    mine.write_text("my own picture")
+    r = runner.invoke(app, ["pareto", str(profile), "--out", str(tmp_path / "c.json"), "--accept-unvalidated"])
+    assert r.exit_code == 0 and "no pictures" in r.output and mine.read_text() == "my own picture"
+    mine.unlink()
+    for _ in range(2):  # pictures edgetts wrote are replaced
+        r = runner.invoke(app, ["pareto", str(profile), "--out", str(tmp_path / "c.json"), "--accept-unvalidated"])
+        assert r.exit_code == 0 and "no pictures" not in r.output and mine.read_bytes().startswith(b"\x89PNG")

@@ -42,21 +42,52 @@ GGUF_MAGIC = b"GGUF"
 _backend_ready = False
 _log_callback = None  # kept alive for as long as llama.cpp may call it
 GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5  # ggml_log_level values
+MAX_SEQUENCES = 256  # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ)
+_held: list[str] | None = None  # while loading: llama.cpp's error lines, kept for our one-line error
 
 
 def _set_log(lc, verbose: bool) -> None:
-    """Route llama.cpp's log: everything when verbose, else errors only (and their continuations)."""
+    """Route llama.cpp's log: everything when verbose, else errors only (and their continuations).
+
+    While a model loads, errors are held back instead (:func:`_holding_errors`): a failed load
+    becomes one line that quotes llama.cpp's reason, and a good load prints what it held.
+    """
     global _log_callback
     last = [0]
 
     def log(level, text, _user):
         level = last[0] if level == GGML_LOG_CONT else level
         last[0] = level
-        if verbose or level == GGML_LOG_ERROR:
+        if _held is not None and level == GGML_LOG_ERROR and not verbose:
+            _held.append(text.decode("utf-8", "replace"))
+        elif verbose or level == GGML_LOG_ERROR:
             sys.stderr.write(text.decode("utf-8", "replace"))
 
     _log_callback = lc.llama_log_callback(log)
     lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def _holding_errors():
+    """Hold llama.cpp's error lines; yields a function giving the first one (the cause, for a message)."""
+    global _held
+    _held = []
+    held = _held
+
+    def reason() -> str:
+        lines = [line.strip() for line in "".join(held).splitlines() if line.strip()]
+        if not lines:
+            return ""
+        cause = lines[0].split("error loading model: ", 1)[-1]  # llama.cpp's words after its prefix
+        return f": {cause[:200]}"
+
+    try:
+        yield reason
+    except BaseException:
+        _held = None
+        raise
+    _held = None
+    sys.stderr.write("".join(held))  # a load that went well: its error lines were only warnings
 
 
 def context_size(spec, plan) -> int:
@@ -165,11 +196,15 @@ class LlamaCppEngine(Engine):
         if not _backend_ready:
             lc.llama_backend_init()
             _backend_ready = True
+        if not 1 <= 2 * max_rows <= MAX_SEQUENCES:
+            raise EngineError(f"at most {MAX_SEQUENCES // 2} rows fit one llama.cpp context, asked for {max_rows}")
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
-        self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise EngineError(f"{path}: llama.cpp could not load this model (unsupported or corrupt GGUF)")
+        with _holding_errors() as reason:
+            self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
+            if not self.model:
+                raise EngineError(f"{path}: llama.cpp could not load this model (unsupported or corrupt GGUF)"
+                                  f"{reason()}")  # fmt: skip
         cp = lc.llama_context_default_params()
         # A step may carry forced text for every row at once, so the logical batch is sized
         # for that; llama.cpp splits it into physical micro-batches of n_batch.
@@ -185,10 +220,12 @@ class LlamaCppEngine(Engine):
         cp.kv_unified = kv_unified
         cp.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
         cp.no_perf = True
-        self.ctx = lc.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            lc.llama_model_free(self.model)
-            raise EngineError(f"{path}: could not create a context of {n_ctx} tokens (out of memory?)")
+        with _holding_errors() as reason:
+            self.ctx = lc.llama_init_from_model(self.model, cp)
+            if not self.ctx:
+                lc.llama_model_free(self.model)
+                why = reason() or " (out of memory?)"
+                raise EngineError(f"{path}: could not create a context of {n_ctx} tokens{why}")
         self.path = path
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.kv_unified = kv_unified

@@ -29,6 +29,7 @@ import json
 import math
 from pathlib import Path
 
+PNG_TITLE = "edgetts Pareto frontier"
 
 def plot(config: dict, candidates: list[dict], path: str | Path) -> Path:
     import matplotlib
@@ -60,7 +61,7 @@ def plot(config: dict, candidates: list[dict], path: str | Path) -> Path:
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Title": PNG_TITLE})  # marks the file as edgetts' own, for a later overwrite
     plt.close(fig)
     return path
 
