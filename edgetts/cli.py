@@ -302,7 +302,7 @@ def profile(
         None, help=f"pooled (one pool of rows per problem answers every cell, on engines with probes) or "
         f"direct (every cell run as in production). Default: {GRID['mode']}."
     ),
-    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one, as serve)."),
     out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),
     force: bool = typer.Option(False, help="Reuse a directory of another sweep (its files move to replaced-*/)."),
     quiet: bool = typer.Option(False, help="No progress output."),

@@ -121,6 +121,20 @@ class EngineSpec:
         return EngineSpec(spec.engine, spec.artifact, spec.url, {**spec.options, **extra}) if extra else spec
 
 
+def serving_threads() -> int | None:
+    """Threads for llama.cpp where Python works beside it (serve, profile): all cores but one.
+
+    None when ``EDGETTS_THREADS`` is set (the engine then takes it).  The spare core keeps the
+    Python side (HTTP loop, controllers, meters) from descheduling a llama.cpp thread, which
+    would stall every step; profiles measure with the same count the server runs with.
+    """
+    import os
+
+    if os.environ.get("EDGETTS_THREADS", "").strip():
+        return None
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def artifact_format(artifact: str) -> str:
     """``gguf``, ``onnx`` or ``tensorrt``, read from the file (a built-in name means its GGUF)."""
     from edgetts.models import BUILTIN

@@ -56,8 +56,10 @@ class EngineOptions:
 
     def defaults(self) -> dict:
         """Options applied to every model whose engine takes them."""
-        return {"n_ctx": self.n_ctx or None, "threads": self.threads, "gpu_layers": self.gpu_layers or None,
-                **self.options}  # fmt: skip
+        from edgetts.engines.spec import serving_threads
+
+        return {"n_ctx": self.n_ctx or None, "threads": self.threads or serving_threads(),
+                "gpu_layers": self.gpu_layers or None, **self.options}  # fmt: skip
 
 
 @dataclass

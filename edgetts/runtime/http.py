@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgetts.engines.spec import serving_threads
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.policy import Policy
 from edgetts.runtime.server import APIError, Server, sse
@@ -191,7 +192,6 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     ``batching=False`` runs one request at a time per engine (the sequential server); ``rows``
     is how many rows a batched engine decodes at once (default: room for a few requests).
     """
-    import os
     import sys
 
     # The engine thread needs the GIL between native calls; under a flood of connections the HTTP
@@ -201,9 +201,7 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     _check_strategies(config, policy.frontier)
     # One core stays with the HTTP loop: llama.cpp's worker threads spin at every graph barrier,
     # and on a small CPU an extra busy thread makes each decode step several times slower.
-    if threads is None and not os.environ.get("EDGETTS_THREADS"):
-        threads = max(1, (os.cpu_count() or 2) - 1)
-    executor = Executor(policy, threads=threads, batching=batching, rows=rows)
+    executor = Executor(policy, threads=threads or serving_threads(), batching=batching, rows=rows)
     try:
         for point in policy.frontier:
             executor.engine(point)  # open every engine now: the first request must not pay for it
