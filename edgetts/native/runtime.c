@@ -311,6 +311,9 @@ static edgetts_status check(edgetts_runtime *rt, const char *question, double de
     if (res != NULL) {
         memset(res, 0, sizeof *res);
     }
+    if (rt == NULL) {
+        return EDGETTS_E_ARGUMENT; /* no runtime to hold a message */
+    }
     if (question == NULL || res == NULL) {
         return fail(rt, EDGETTS_E_ARGUMENT, "question and result must not be NULL");
     }
@@ -323,12 +326,6 @@ static edgetts_status check(edgetts_runtime *rt, const char *question, double de
 edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double deadline_ms, double energy_j,
                               unsigned int seed, edgetts_result *res)
 {
-    if (res != NULL) {
-        memset(res, 0, sizeof *res);
-    }
-    if (rt == NULL) {
-        return EDGETTS_E_ARGUMENT;
-    }
     edgetts_status st = check(rt, question, deadline_ms, res);
     if (st != EDGETTS_OK) {
         return st;
@@ -347,12 +344,6 @@ edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double 
 edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *question, int n, int budget,
                                  double deadline_ms, unsigned int seed, edgetts_result *res)
 {
-    if (res != NULL) {
-        memset(res, 0, sizeof *res);
-    }
-    if (rt == NULL) {
-        return EDGETTS_E_ARGUMENT;
-    }
     edgetts_status st = check(rt, question, deadline_ms, res);
     if (st != EDGETTS_OK) {
         return st;
