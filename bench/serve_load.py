@@ -76,11 +76,12 @@ def start_edgetts(config: str, threads: int, *extra: str):
 async def edgetts_call(client, url, question, deadline):
     r = await client.post(url + "/v1/completions", json={"prompt": question, "deadline_ms": deadline})
     if r.status_code == 429:
-        return "refused", None, None
+        return "refused", None, None, None
     if r.status_code != 200:
-        return "error", None
+        return f"error {r.status_code}", None, None, None
     body = r.json()
-    return "answered", body["choices"][0]["text"] or None, body["edgetts"]["deadline_met"]
+    info = body["edgetts"]
+    return "answered", body["choices"][0]["text"] or None, info["deadline_met"], info["latency_ms"]
 
 
 def llama_server_call(n: int):
@@ -96,7 +97,7 @@ def llama_server_call(n: int):
         from edgetts.strategies.aggregate import majority_vote
 
         answers = await asyncio.gather(*(one(s) for s in range(n)))
-        return "answered", majority_vote(answers).answer, None
+        return "answered", majority_vote(answers).answer, None, None
 
     return call
 
@@ -112,11 +113,11 @@ async def run_level(url, call, arrivals, work) -> dict:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             sent = time.perf_counter()
             try:
-                kind, answer, server_met = await call(client, url, question, deadline)
-            except httpx.HTTPError:
-                kind, answer, server_met = "error", None, None
+                kind, answer, server_met, server_ms = await call(client, url, question, deadline)
+            except httpx.HTTPError as e:
+                kind, answer, server_met, server_ms = f"error {type(e).__name__}", None, None, None
             ms = 1000 * (time.perf_counter() - sent)
-            results.append((kind, answer, gold, deadline, ms, server_met))
+            results.append((kind, answer, gold, deadline, ms, server_met, server_ms))
 
         await asyncio.gather(*(one(at, item) for at, item in zip(arrivals, work)))
         span = max(arrivals[-1], time.perf_counter() - t0)
@@ -124,16 +125,21 @@ async def run_level(url, call, arrivals, work) -> dict:
     on_time = [r for r in answered if r[4] <= r[3]]
     good = [r for r in on_time if r[1] is not None and is_equivalent(r[1], r[2])]
     lat = sorted(r[4] for r in answered) or [0.0]
+    # time outside the server's clock: connection, parsing, both event loops, the client library
+    outside = sorted(r[4] - r[6] for r in answered if r[6] is not None) or [0.0]
     return {
         "requests": len(results), "answered": len(answered), "refused_share": round(
             sum(r[0] == "refused" for r in results) / len(results), 4),
-        "errors": sum(r[0] == "error" for r in results),
+        "errors": sum(r[0].startswith("error") for r in results),
+        "error_kinds": sorted({r[0][6:] for r in results if r[0].startswith("error")}),
         "goodput_per_s": round(len(good) / span, 3), "accuracy_answered": round(len(good) / max(1, len(answered)), 4),
         "deadline_met_admitted": round(len(on_time) / max(1, len(answered)), 4),
         # what the server counts, from the request's first byte (None: a server that does not say)
         "server_deadline_met": round(sum(bool(r[5]) for r in answered) / max(1, len(answered)), 4)
         if answered and answered[0][5] is not None else None,
         "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
+        "outside_p50_ms": round(outside[len(outside) // 2], 2),
+        "outside_p99_ms": round(outside[min(len(outside) - 1, int(0.99 * len(outside)))], 2),
     }  # fmt: skip
 
 

@@ -8,7 +8,6 @@ parsing (an option out of range, a missing argument, an unknown option).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -488,8 +487,12 @@ def serve(
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(
-        None, min=1, max=256, help="Rows a llama.cpp engine decodes at once, over all requests (default: "
-        "max(16, twice the frontier's largest n))."
+        None, min=1, max=256, help="Rows a llama.cpp engine holds in its running batch, over all requests "
+        "(default: max(64, eight times the frontier's largest n)); each round decodes those it can afford."
+    ),
+    read_timeout: float = typer.Option(
+        10.0, min=0.1, max=3600, help="Seconds a client may take to send a request's headers, or to send the "
+        "next part of its body, before the server answers 408 and closes the connection."
     ),
     insecure_no_auth: bool = typer.Option(
         False, help="Allow a non-loopback --host without --api-key (anyone who reaches the port may use it)."
@@ -503,12 +506,14 @@ def serve(
     """
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         fail("edgetts serve needs FastAPI and uvicorn: pip install 'edgetts[serve]'")
 
     from edgetts.pareto.config import ParetoError
     from edgetts.runtime.http import create_app
+    from edgetts.runtime.listen import ListenError, listen
+    from edgetts.runtime.listen import run as run_server
 
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
@@ -519,11 +524,14 @@ def serve(
     if not api_key and not _loopback(host) and not insecure_no_auth:
         fail(f"--host {host} is reachable from other machines: give --api-key, or --insecure-no-auth to serve "
              "without one")  # fmt: skip
-    sock = _listen(host, port)  # before the engines load: a busy port fails at once
+    try:
+        sock = listen(host, port)  # before the engines load: a busy port fails at once
+    except ListenError as e:
+        fail(str(e))
     try:
         with user_errors():
             app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads,
-                              batching=not sequential, rows=batch_rows)  # fmt: skip
+                              batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout)  # fmt: skip
     except ParetoError as e:
         sock.close()
         fail(str(e))
@@ -531,8 +539,8 @@ def serve(
     where = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
     points = len(app_.state.server.policy.frontier)
     typer.echo(f"edgetts serve: listening on http://{where}:{address[1]} ({config}: {points} frontier point(s))")
-    # Idle keep-alive connections close after 5 s; a body that stalls is cut by the app (408).
-    uvicorn.Server(uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5)).run(sockets=[sock])
+    # Idle keep-alive connections close after 20 s; stalled headers or body get 408.
+    run_server(app_, sock, header_timeout_s=read_timeout)
 
 
 def _loopback(host: str) -> bool:
@@ -544,24 +552,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a name that may resolve anywhere
-
-
-def _listen(host: str, port: int):
-    """A socket bound to ``host:port`` for the server, or a one-line error saying why not."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as e:
-        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        busy = " (another program is listening there; choose another --port)" if e.errno == errno.EADDRINUSE else ""
-        fail(f"cannot listen on {host}:{port}: {e.strerror or e}{busy}")
-    sock.listen(2048)  # clients that connect while the engines load wait in the backlog
-    return sock
 
 
 @app.command()

@@ -312,6 +312,8 @@ def test_chat_renders_the_whole_conversation_and_returns_reasoning(client):
 
 
 def test_admission_downgrades_before_refusing_and_cannot_lock(config):
+    from dataclasses import replace
+
     from edgetts.runtime import Policy
     from edgetts.runtime.executor import Executor
     from edgetts.runtime.planning import Request
@@ -336,7 +338,20 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         assert ex.predict_ms(alone.point, crowd) > alone.solo_ms  # experts count at their real cost
         beside = srv.admit("b", Request(Q, deadline_ms=roomy))
         assert beside.choice.index <= alone.choice.index
-        for rid in ["b", "c0", "c1"]:
+        srv.release("b")
+        # Rounds go earliest deadline first: rows due before a request slow it, rows due after do not.
+        now = time.perf_counter()
+        due = now + roomy / 1000
+        assert ex.predict_ms(alone.point, crowd, due) == pytest.approx(ex.predict_ms(alone.point, [], due))
+        sooner = [replace(c, due=due - 0.001) for c in crowd]
+        assert ex.predict_ms(alone.point, sooner, due) > ex.predict_ms(alone.point, [], due)
+        # The work due by each deadline must fit before it: a request may not make a later one late.
+        assert ex.feasible(alone.point, crowd, due, now)
+        srv.pending["heavy"] = replace(crowd[0], due=due + 0.001, solo_ms=1e6)
+        with pytest.raises(APIError) as refused:
+            srv.admit("late", Request(Q, deadline_ms=roomy))
+        assert refused.value.status == 429 and "without making others late" in refused.value.message
+        for rid in ["heavy", "c0", "c1"]:
             srv.release(rid)
         # One terrible measurement must not lock the server into refusing: refusals relax it.
         policy.slowdown = 1e4
@@ -417,3 +432,30 @@ def test_exposed_host_needs_a_key_and_an_empty_key_is_an_error(config):
     assert r.exit_code == 2 and "empty" in r.output
     r = runner.invoke(app, ["serve", "--config", str(config), "--port", "0"], env={"EDGETTS_API_KEY": ""})
     assert r.exit_code == 2 and "empty" in r.output
+
+
+def test_stalled_headers_and_bodies_get_408_and_the_connection_closes(config):
+    proc, live = _start(config, "--read-timeout", "1")
+    port = int(live.rsplit(":", 1)[1])
+
+    def stalled(data: bytes) -> bytes:
+        got = b""
+        with socket.create_connection(("127.0.0.1", port), timeout=8) as s:
+            s.sendall(data)
+            try:
+                while chunk := s.recv(4096):  # until the server closes the connection
+                    got += chunk
+            except TimeoutError:
+                pytest.fail(f"the connection stayed open: {got[:200]!r}")
+        return got
+
+    try:
+        for head in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le"):  # silent, or half the headers
+            got = stalled(head)
+            assert got.startswith(b"HTTP/1.1 408") and b"headers" in got, got
+        body = b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt": '
+        got = stalled(body)
+        assert got.split(b"\r\n", 1)[0].endswith(b"408 Request Timeout") and b"stalled" in got, got
+        assert httpx.post(live + "/v1/completions", json={"prompt": Q}, timeout=60).status_code == 200
+    finally:
+        _stop(proc)

@@ -3,18 +3,22 @@
 A :class:`Scheduler` owns a :class:`~edgetts.engines.llamacpp.LlamaCppEngine` and a thread that
 runs rounds.  Each ``sample`` call becomes a :class:`~edgetts.engines.llamacpp_job.Job`:
 
-* **admission**: a job waits in a FIFO queue until it can get ``n`` free sequences and its
-  planned cache cells (its prompt, plus ``n`` rows of ``max_tokens`` and forced text); a job
-  that could never fit is refused at once with :class:`EngineError`.  A queued job whose
-  controller says it expired (cancelled, or its deadline no longer leaves room for an answer)
-  is dropped while queued: it returns rows that never started, finished ``deadline`` or
-  ``cancelled``.
-* **a round**: every live job samples its rows and runs its own controller (its strategy,
-  seeds and deadline); their pending tokens go into one batch; the next chunk of a new job's
-  prompt joins the same batch (``prefill_chunk`` tokens while rows are decoding, so running rows
-  never stall behind a long prompt); one ``llama_decode`` runs it all.  Rows that finish drop
-  their cells at once; a job whose rows all finished returns its result and frees its sequences
-  and its planned cells.
+* **admission**: a job waits in the queue, earliest deadline first, until it can get ``n`` free
+  sequences and its planned cache cells (its prompt, plus ``n`` rows of ``max_tokens`` and
+  forced text); a job that could never fit is refused at once with :class:`EngineError`.  A
+  queued job whose controller says it expired (cancelled, or its deadline no longer leaves room
+  for an answer) is dropped while queued: it returns rows that never started, finished
+  ``deadline`` or ``cancelled``.
+* **a round**: every job whose rows were in the last decode samples them and runs its own
+  controller (its strategy, seeds and deadline).  Then the round is composed earliest deadline
+  first: a job joins only while the decode stays fast enough for every job already in it to
+  finish on time at its expected pace.  On a compute-bound device a step costs about its
+  tokens, so an urgent row beside thirty others would be late; the others keep their sampled
+  tokens and join a later round, when the urgent ones are done or their own deadline comes
+  first.  A new job's prompt joins in chunks the round can afford (``prefill_chunk`` at most
+  while rows are decoding, so running rows never stall behind a long prompt); one
+  ``llama_decode`` runs it all.  Rows that finish drop their cells at once; a job whose rows
+  all finished returns its result and frees its sequences and its planned cells.
 * **failures** stay inside their job: a controller that raises fails its own call; a decode
   that fails ends the rows of that round with ``length``; the loop goes on.
 
@@ -28,6 +32,7 @@ strategies run on it unchanged.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -39,6 +44,10 @@ from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
 
 ANSWER_ROUNDS = 9  # rounds a queued job still needs to force and state an answer
+MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
+# A job's pace is its time left over PACE_MARGIN times the steps it expects: rows run longer than
+# usual and rounds cost more than predicted, and a job paced to finish exactly on time would not.
+PACE_MARGIN = 1.0
 
 
 @dataclass
@@ -47,6 +56,7 @@ class _Entry:
     cells: int  # planned cache cells
     future: Future
     started: float
+    due: float = math.inf  # when its caller needs it done (perf_counter seconds)
 
 
 class Scheduler:
@@ -96,7 +106,8 @@ class Scheduler:
         cells = len(job.ptoks) + n * (params.max_tokens + FORCED_SLACK) if self.engine.kv_unified else 0
         if cells > self.engine.n_ctx:
             raise EngineError(f"this request needs {cells} cache cells; the engine has {self.engine.n_ctx}")
-        entry = _Entry(job, cells, Future(), time.perf_counter())
+        due = getattr(controller, "due", None)
+        entry = _Entry(job, cells, Future(), time.perf_counter(), (due() if due else None) or math.inf)
         with self.cond:
             if self.closed:
                 raise EngineError("the engine is closed")
@@ -144,56 +155,62 @@ class Scheduler:
                 self.free_cells = self.engine.n_ctx
 
     def _admit(self) -> None:
+        for entry in [x for x in self.queue if self._expired(x.job)]:
+            self.queue.remove(entry)
+            entry.job.stop_live(self._expired(entry.job) or "deadline")  # never started: no cells, no samplers
+            entry.future.set_result(entry.job.result())
         while self.queue:
-            entry = self.queue[0]
-            reason = self._expired(entry.job)
-            if reason:
-                self.queue.popleft()
-                entry.job.stop_live(reason)  # never started: no cells, no samplers
-                entry.future.set_result(entry.job.result())
-                continue
+            entry = min(self.queue, key=lambda x: x.due)  # earliest deadline first (ties: first come)
             if len(self.free_seqs) < entry.job.n or self.free_cells < entry.cells:
-                return  # first come, first served: later jobs wait behind it
-            self.queue.popleft()
+                return  # later deadlines wait behind it, so a wide job is not passed by narrow ones forever
+            self.queue.remove(entry)
             entry.job.seqs = [self.free_seqs.pop(0) for _ in range(entry.job.n)]
             self.free_cells -= entry.cells
             self.running.append(entry)
 
-    def _expired(self, job: Job) -> str | None:
+    def _expired(self, job: Job, min_s: float | None = None) -> str | None:
+        """Why ``job`` should not run on: cancelled, or its deadline leaves less than ``min_s``
+        (default: the rounds a queued job needs to state an answer)."""
         check = getattr(job.controller, "expired", None)
         if check is None:
             return None
-        return check(ANSWER_ROUNDS * self.step_cost(len(self.running) + job.n))
+        return check(ANSWER_ROUNDS * self.step_cost(len(self.running) + job.n) if min_s is None else min_s)
 
     def _round(self) -> None:
         e = self.engine
         begin = time.perf_counter()  # the whole round is what a request waits for: sampling and controllers too
         for entry in list(self.running):
-            if entry.job.live:
+            reason = self._expired(entry.job, 0.0)
+            if reason and (not entry.job.live or entry.job.sampled):  # left out of rounds until too late:
+                entry.job.stop_live(reason)  # its controller never ran to stop it, so stop it here
+                self._finish(entry)
+        for entry in list(self.running):
+            job = entry.job
+            if job.live and not job.sampled:  # only right after a decode that held its rows' logits
                 try:
-                    entry.job.step()
+                    job.step()
+                    job.sampled = True
                 except Exception as err:  # a controller's failure is its own call's
                     self._fail(entry, err)
         entries: list = []
-        decoded = []
-        for entry in self.running:
+        decoded, prefills = [], []
+        chosen = self._compose(begin)
+        for entry, _ in chosen:  # decoding rows first: a prompt chunk must never crowd them out
             job = entry.job
             if job.live:
                 more = job.entries(len(entries), e._batch_cap - len(entries))
                 if more:
                     decoded.append(job)
                 entries += more
-        prefills = []
-        room = min(self.prefill_chunk if entries else e.n_batch, e._batch_cap - len(entries))
-        for entry in self.running:
+        for entry, room in chosen:
             job = entry.job
-            if job.live or room <= 0:
+            if job.live:
                 continue
-            chunk = job.prefill_entries(room)
-            entries += chunk
-            room -= len(chunk)
-            if job.prompt_done:
-                prefills.append((job, len(entries) - 1))
+            room = min(room if entries else e.n_batch, e._batch_cap - len(entries))
+            if room > 0:
+                entries += job.prefill_entries(room)
+                if job.prompt_done:
+                    prefills.append((job, len(entries) - 1))
         for entry in [x for x in self.running if x.job.live and x.job.done]:
             self._finish(entry)
         if not entries:
@@ -202,6 +219,7 @@ class Scheduler:
         self._record(len(entries), time.perf_counter() - begin)
         for job in decoded:
             job.steps += 1
+            job.sampled = False
         if status != 0:  # no free cell after all: end the rows of this round, never the loop
             for entry in list(self.running):
                 entry.job.stop_live("length")
@@ -212,6 +230,36 @@ class Scheduler:
             return
         for job, idx in prefills:
             job.prefilled(idx)
+
+    def _compose(self, now: float) -> list[tuple[_Entry, int]]:
+        """Who decodes this round, earliest deadline first: each job joins only while the round stays
+        fast enough for every job already in it to finish on time at its expected pace (a decode
+        step costs about its tokens on a compute-bound device, so a crowded round would make an
+        urgent row late); a job left out keeps its sampled tokens for a later round.  A job still
+        prefilling gets a prompt chunk the round can afford (at least a few tokens, so it starts).
+        Returns (entry, prompt tokens it may prefill)."""
+        jobs = sorted((x for x in self.running if not x.job.done or not x.job.live), key=lambda x: x.due)
+        chosen, tokens, pace, starting = [], 0, math.inf, False
+        for entry in jobs:
+            job = entry.job
+            own = (entry.due - now) / (PACE_MARGIN * (job.remaining_steps() + (0 if job.live else 1)))
+            if job.live:
+                width = job.pending_tokens()
+            else:  # the prompt chunk that keeps the round within the pace of the jobs in it
+                width = self.prefill_chunk
+                while width > MIN_CHUNK and chosen and self.step_cost(tokens + width) > pace:
+                    width //= 2
+                if not starting:  # the earliest prompt always moves on: paces are estimates, a wait is not
+                    starting = True
+                    chosen.append((entry, width))
+                    tokens += width
+                    continue
+            if chosen and self.step_cost(tokens + width) > min(pace, own):
+                continue
+            chosen.append((entry, width))
+            tokens += width
+            pace = min(pace, own)
+        return chosen
 
     def _record(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))

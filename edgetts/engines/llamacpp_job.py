@@ -59,6 +59,7 @@ class Job:
         self.ttft: float | None = None
         self.steps = 0
         self.live = False  # prefilled, rows sampling
+        self.sampled = False  # stepped since its last decode: its pending tokens wait for the next batch
         self.allow_probes = True  # a scheduler sharing the batch cannot let a branch decode on its own
 
     # -- prefill ------------------------------------------------------------------------
@@ -128,6 +129,20 @@ class Job:
                 raise EngineError("probes need the engine to themselves; this engine shares its batch")
             e._run_probes(ctl.probes, rows, self.seqs, self.in_kv, self.pending, self.params)
             ctl.probes.clear()
+
+    def pending_tokens(self) -> int:
+        return sum(len(self.pending[r.index]) for r in self.rows if not r.finished)
+
+    def remaining_steps(self) -> int:
+        """Decode steps the job still expects: its rows' usual length (the controller's
+        ``expected_tokens``), or their hard limit once a row has run past it."""
+        expected = getattr(self.controller, "expected_tokens", None)
+        left = 1
+        for r in self.rows:
+            if not r.finished:
+                g = r.n_generated
+                left = max(left, int(expected - g) if expected and g < expected else self.limit[r.index] - g)
+        return left
 
     def entries(self, offset: int, room: int) -> list[tuple[int, int, int, bool]]:
         """Pending tokens of the live rows for a batch whose first entry lands at ``offset``.

@@ -27,11 +27,15 @@ from edgetts.engines import Engine, open_engine
 from edgetts.engines.base import Row, SampleResult, SamplingParams
 from edgetts.models.families import Family
 from edgetts.pareto.config import point_spec
-from edgetts.runtime.planning import RESERVE_MS, RESERVE_SHARE, Late, Plan, Request, make_plan
+from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, RESERVE_MS, RESERVE_SHARE, Late, Plan, Request, make_plan
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
 
 __all__ = ["Executor", "Late", "Outcome", "Request", "SerialEngine"]
+
+# Rows a batched round holds when work is judged (:meth:`Executor.feasible`): rounds are kept
+# small while an urgent request runs, so each row pays a share of a small round's fixed cost.
+SHARE_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,9 @@ class Executor:
         self.engines: dict[str, tuple[Engine, Family]] = {}
         self.max_n = max(p["n"] for p in policy.frontier)
         self.max_budget = max(p["budget"] for p in policy.frontier)
-        # Rows decoded together: room for a few requests of the widest point side by side.
-        self.rows = rows or (max(16, 2 * self.max_n) if batching else self.max_n)
+        # Rows in the running batch: room for several requests of the widest point side by side (a
+        # round decodes only those it can afford; the others hold their cells and wait a round).
+        self.rows = rows or (max(64, 8 * self.max_n) if batching else self.max_n)
 
     def engine(self, point: dict) -> tuple[Engine, Family]:
         """The engine (and reasoning family) of a frontier point, opened once per engine spec."""
@@ -120,23 +125,60 @@ class Executor:
         return make_plan(self.policy, req, req.deadline_ms if budget_ms is None else budget_ms, self.max_n,
                          self.max_budget, cost)  # fmt: skip
 
-    def predict_ms(self, point: dict, busy: list[Plan]) -> float:
-        """Predicted latency of ``point`` run beside the ``busy`` plans already admitted."""
+    def predict_ms(self, point: dict, busy: list[Plan], due: float = math.inf) -> float:
+        """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request
+        due at ``due``: on a batched engine only rows due earlier slow it (the scheduler gives a
+        round's pace to the earliest deadlines), and beyond the engine's rows requests wait their turn."""
         solo = self.policy.predicted_ms(point)
         engine, _ = self.engine(point)
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is not None:
-            rows = sum(p.n for p in busy)
             n = point["n"]
-            total = rows + n
-            waves = math.ceil(total / self.rows)  # beyond the engine's rows, requests wait their turn
+            ahead = sum(p.n for p in busy if p.due <= due)
+            waves = math.ceil((sum(p.n for p in busy) + n) / self.rows)
             a, b = scheduler.step_cost(0), scheduler.step_cost(1) - scheduler.step_cost(0)
             if a + b <= 0:  # nothing measured yet: compute-bound guess, a step costs its rows
-                return solo * waves * min(total, self.rows) / n
-            return solo * waves * (a + b * min(total, self.rows)) / (a + b * n)
+                return solo * waves * min(ahead + n, self.rows) / n
+            return solo * waves * (a + b * min(ahead + n, self.rows)) / (a + b * n)
         if isinstance(engine, SerialEngine):
             return solo + sum(p.predicted_ms for p in busy)
         return solo
+
+    def feasible(self, point: dict, busy: list[Plan], due: float, now: float) -> bool:
+        """Whether the batch can still finish everything on time with ``point`` added (due at ``due``).
+
+        Rounds go earliest deadline first, so a new request delays every admitted one due after
+        it; on a compute-bound device the engine's time is what they share.  For each deadline
+        from the new one on, the work due by then (what remains of each admitted request, and
+        the new one) must fit in the time left, with the admission margin.  A request's work is
+        its time alone scaled to its rows' share of a batch of ``SHARE_ROWS`` rows.
+        """
+        engine, _ = self.engine(point)
+        scheduler = getattr(engine, "scheduler", None)
+        if scheduler is None:
+            return True
+        a, b = scheduler.step_cost(0), scheduler.step_cost(1) - scheduler.step_cost(0)
+
+        def work(solo_ms: float, n: int) -> float:
+            return solo_ms if a + b <= 0 else solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
+
+        mine = work(self.policy.predicted_ms(point), point["n"])
+        # An admitted request counts whole until it ends: under earliest-deadline-first rounds its
+        # progress so far depends on who came after it, and guessing it from the time it has had
+        # admitted more than the engine could run.
+        items = sorted([(p.due, work(p.solo_ms, p.n)) for p in busy] + [(due, mine)])
+        total = 0.0
+        for at, w in items:
+            total += w
+            if at >= due and total * MARGIN + OVERHEAD_MS > (at - now) * 1000:
+                return False
+        return True
+
+    def expected_tokens(self, plan: Plan) -> float | None:
+        """Tokens a row of ``plan`` usually takes: the longest per-row figure of the frontier's points
+        at its budget (strategies that stop early use fewer rows, not shorter ones)."""
+        rows = [p["tokens"] / p["n"] for p in self.policy.frontier if p["budget"] == plan.budget and p.get("tokens")]
+        return max(rows) if rows else None
 
     def run(self, req: Request, plan: Plan, started: float) -> Outcome:
         """Run ``plan`` for ``req`` (which arrived at ``started``); :class:`Late` if it was dropped unstarted."""
@@ -146,14 +188,12 @@ class Executor:
         reserve = RESERVE_MS + RESERVE_SHARE * max(left, 0.0)
         sampling = SamplingParams(temperature=req.temperature, seed=req.seed)
         cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(left - reserve, 1.0), cancel=req.cancel,
-                        messages=req.messages, sampling=sampling)  # fmt: skip
+                        messages=req.messages, sampling=sampling,
+                        expected_tokens=self.expected_tokens(plan))  # fmt: skip
         trace = create(plan.strategy, engine, family, cfg).run(req.question)
         now = time.perf_counter()
         if not trace.generated_tokens and trace.early_stop == "deadline":
             raise Late(1000 * (now - started))  # dropped while queued: nothing was computed
-        if plan.as_profiled and not req.cancel.is_set():
-            # What the point would have taken alone: the measurement scaled by the occupancy it ran at.
-            self.policy.observe(plan.point["id"], 1000 * trace.wall_s * plan.solo_ms / max(plan.predicted_ms, 1e-9))
         total_ms = 1000 * (now - started)
         return Outcome(trace, plan, total_ms, 1000 * (now - begin), total_ms <= req.deadline_ms)
 

@@ -22,6 +22,8 @@ from edgetts.runtime.executor import Executor
 from edgetts.runtime.policy import Policy
 from edgetts.runtime.server import APIError, Server, sse
 
+CLOSE = {"Connection": "close"}  # the server closes the connection after this response
+
 
 class Guard:
     """Pure ASGI middleware in front of every route: the API key, the body limit and read timeout,
@@ -61,19 +63,21 @@ class Guard:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout_s)
-            except asyncio.TimeoutError:
-                raise APIError(408, f"the request body stalled for {self.read_timeout_s:g} s", code="timeout") from None
+            except asyncio.TimeoutError:  # the rest of the body is not read: the connection cannot go on
+                raise APIError(408, f"the request body stalled for {self.read_timeout_s:g} s", code="timeout",
+                               headers=CLOSE) from None  # fmt: skip
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 done = not message.get("more_body", False)
                 if received > self.max_body:
-                    raise APIError(413, f"request body larger than {self.max_body} bytes", code="too_large")
+                    raise APIError(413, f"request body larger than {self.max_body} bytes", code="too_large",
+                                   headers=CLOSE)  # fmt: skip
             return message
 
         return await self.app(scope, limited, send)
 
 
-def build_app(server: Server, api_key: str | None, max_body_bytes: int) -> FastAPI:
+def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_timeout_s: float = 10.0) -> FastAPI:
     app = FastAPI(title="edgetts", version="1", docs_url=None, redoc_url=None)
     app.state.server = server
 
@@ -98,7 +102,7 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int) -> FastA
     async def internal_error(_, e: Exception):
         return error(APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))
 
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, reject=error)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, reject=error, read_timeout_s=read_timeout_s)
 
     async def read_json(request: Request):
         raw = await request.body()  # Guard enforces the size limit and the read timeout while it arrives
@@ -186,11 +190,12 @@ def _check_strategies(config: str, frontier: list[dict]) -> None:
 
 def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
                overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None,
-               batching: bool = True, rows: int | None = None):  # fmt: skip
+               batching: bool = True, rows: int | None = None, read_timeout_s: float = 10.0):  # fmt: skip
     """The app serving ``config``; every engine its frontier names is opened before it returns.
 
     ``batching=False`` runs one request at a time per engine (the sequential server); ``rows``
-    is how many rows a batched engine decodes at once (default: room for a few requests).
+    is how many rows a batched engine holds at once (default: room for several requests);
+    ``read_timeout_s`` is how long a request's body may stall (408).
     """
     import sys
 
@@ -209,4 +214,4 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
         executor.close()
         raise
     server = Server(policy, executor, default_deadline_ms, max_queue, overload)
-    return build_app(server, api_key, max_body_bytes)
+    return build_app(server, api_key, max_body_bytes, read_timeout_s)

@@ -13,11 +13,15 @@ the fastest point at all), flagged ``miss=True``.
 Predicted latency is the profiled quantile times a device-wide slowdown factor: every
 :meth:`observe` moves an exponentially weighted average of observed/profiled latency
 (``alpha`` per observation), so a throttled device drifts to cheaper points and drifts back
-once observations return to their profiled values.
+once observations return to their profiled values (the C runtime does the same).  The server
+uses :meth:`observe_run` instead: the median of recent runs against each point's profiled
+median, which the spread of a point's latencies cannot bias.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +37,15 @@ class Selection:
 
 
 class Policy:
+    RUNS = 15  # runs whose median is the slowdown in :meth:`observe_run`
+
     def __init__(self, config: dict, alpha: float = 0.2):
         self.config = validate(config)
         self.frontier = config["frontier"]
         self.by_id = {p["id"]: i for i, p in enumerate(self.frontier)}
         self.alpha = alpha
         self.slowdown = 1.0
+        self.runs: deque[float] = deque(maxlen=self.RUNS)
 
     @classmethod
     def load(cls, path: str | Path, alpha: float = 0.2) -> Policy:
@@ -78,6 +85,26 @@ class Policy:
         ratio = latency_ms / max(self.frontier[i]["latency_ms"], 1e-9)
         self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * ratio
 
+    def observe_run(self, point_id: str, latency_ms: float) -> None:
+        """Report one run of a point, robustly: the slowdown becomes the median, over the last
+        ``RUNS`` runs, of latency over the point's profiled median (at least 1).
+
+        :meth:`observe` compares with the frontier's quantile (p95 by default), which a typical run
+        stays well under (Early-Stopping Consistency's median is a quarter of its p95), so a steady
+        stream of ordinary runs would pull the factor far below 1 and admit points that then run
+        late; and one long run moves an average a lot.  The median of ratios to the median is 1 on
+        the profiled device whatever the spread, and follows a real slowdown within a few runs.
+        """
+        i = self.by_id.get(point_id)
+        if i is None or latency_ms <= 0:
+            return
+        p = self.frontier[i]
+        typical = (p.get("latency_quantiles_ms") or {}).get("p50") or p["latency_ms"]
+        self.runs.append(latency_ms / max(typical, 1e-9))
+        # Never below the profile: the device was profiled as it is, and a server sees its short runs
+        # alone more often than its long ones (a long run is likelier to overlap another request).
+        self.slowdown = max(1.0, statistics.median(self.runs))
+
     def relax(self) -> None:
         """Move the slowdown one step back toward the profile (a refusal, which measures nothing).
 
@@ -85,3 +112,5 @@ class Policy:
         refused requests never run to measure that the device is fast again.
         """
         self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * 1.0
+        if self.runs:
+            self.runs.append(1.0)  # and the runs' median with it

@@ -14,8 +14,8 @@ refused.  When nothing fits, or ``max_queue`` requests are in, the answer is 429
 old factor must not refuse forever).  Every admitted request runs on its own thread; on a
 llama.cpp engine its rows join the one running batch (:mod:`edgetts.engines.batching`), where a
 request whose deadline can no longer be met is dropped while still queued (429).  A client that
-disconnects cancels its request, queued or running.  Observed latencies, scaled back to what the
-point takes alone, recalibrate the policy.
+disconnects cancels its request, queued or running.  The latencies of requests that ran alone
+recalibrate the policy (:meth:`Policy.observe_run`: the median against each point's median).
 
 Chat requests render the whole ``messages`` list (system prompt, earlier turns) through the
 model's chat template; ``include_reasoning: true`` returns the reasoning of the first row that
@@ -166,11 +166,14 @@ class Server:
         # One thread per admitted request: it runs the strategy and waits on the engine's batch.
         self.workers = ThreadPoolExecutor(max_queue, thread_name_prefix="edgetts-request")
         self.pending: dict[str, Plan] = {}  # admitted and not finished
+        self.admitted = 0  # ever: a request that saw it unchanged at its end ran alone
         self.lock = threading.Lock()
         self.metrics = Metrics()
 
-    def admit(self, rid: str, req: Request) -> Plan:
-        """The plan for ``req`` beside the requests already admitted, or 429 (the batch is known here)."""
+    def admit(self, rid: str, req: Request, arrived: float | None = None) -> Plan:
+        """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
+        now = time.perf_counter()
+        due = (arrived if arrived is not None else now) + req.deadline_ms / 1000
         with self.lock:
             if len(self.pending) >= self.max_queue:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
@@ -178,7 +181,9 @@ class Server:
             busy = list(self.pending.values())
 
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
-                return self.executor.predict_ms(point, busy) * MARGIN + OVERHEAD_MS
+                if not req.expert and not self.executor.feasible(point, busy, due, now):
+                    return math.inf  # it would make the batch late: a cheaper point, or 429 (experts run)
+                return self.executor.predict_ms(point, busy, due) * MARGIN + OVERHEAD_MS
 
             if req.expert:  # experts get what they ask for; they count in the batch at their real cost
                 plan = self.executor.plan(req, cost=cost)
@@ -191,11 +196,17 @@ class Server:
                 miss = plan.choice.miss
             if not req.expert and miss:
                 self.policy.relax()  # a refusal measures nothing: let an old slowdown fade
-                retry = max(1, math.ceil((plan.choice.predicted_ms - req.deadline_ms) / 1000))
+                need = plan.choice.predicted_ms
+                if math.isfinite(need):
+                    retry = max(1, math.ceil((need - req.deadline_ms) / 1000))
+                    why = f"the fastest point needs about {need:.0f} ms"
+                else:
+                    retry, why = 1, "the batch has no room for it before then without making others late"
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} beside {len(busy)} admitted "
-                               f"request(s): the fastest point needs about {plan.choice.predicted_ms:.0f} ms",
-                               code="deadline_unmeetable", kind="rate_limit_error",
+                               f"request(s): {why}", code="deadline_unmeetable", kind="rate_limit_error",
                                headers={"Retry-After": str(retry)})  # fmt: skip
+            plan = replace(plan, due=due, alone=not busy, admitted=now)
+            self.admitted += 1
             self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
             return plan
@@ -211,9 +222,10 @@ class Server:
         req, opts = parse(body, chat, self.default_deadline_ms)
         rid = uuid.uuid4().hex[:24]
         try:
-            plan = self.admit(rid, req)
+            plan = self.admit(rid, req, started)
         except StrategyError as e:
             raise APIError(400, str(e), "edgetts") from None
+        mark = self.admitted
         try:
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(self.workers, self.executor.run, req, plan, started)
@@ -237,6 +249,10 @@ class Server:
             self.metrics.request("cancelled", result.total_ms / 1000)
             raise APIError(499, "client disconnected", code="cancelled")
         trace, plan = result.trace, result.plan
+        if plan.as_profiled and plan.alone and self.admitted == mark:
+            # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
+            # model's error would pass for the device's speed.
+            self.policy.observe_run(plan.point["id"], 1000 * trace.wall_s)
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]

@@ -51,6 +51,8 @@ class RunConfig:
     raw_prompt: bool = False  # ignore the model's chat template
     cancel: object = None  # a threading.Event: when set, every row stops at the next step
     messages: tuple | None = None  # a whole chat ({"role", "content"} dicts) whose last turn is the question
+    # Tokens a row usually takes (the profile's figure): a shared batch judges a call's urgency by it.
+    expected_tokens: float | None = None
 
     def __post_init__(self):
         if self.n < 1:
@@ -119,6 +121,7 @@ class BudgetController:
         self.waits: dict[int, int] = {}
         self.started = started
         self.deadline_s = deadline_s  # seconds after ``started``
+        self.expected_tokens = cfg.expected_tokens
         self.last_step: float | None = None
         self.step_s = 0.0  # running estimate of one decode step
 
@@ -141,6 +144,10 @@ class BudgetController:
         if self.deadline_s is not None and time.perf_counter() - self.started + min_s >= self.deadline_s:
             return "deadline"
         return None
+
+    def due(self) -> float | None:
+        """When the call must be done (``time.perf_counter()`` seconds), or None without a deadline."""
+        return None if self.deadline_s is None else self.started + self.deadline_s
 
     def horizon(self, row: Row) -> int:
         """Tokens ``row`` may sample before this controller must see it again (engines that cannot step)."""
