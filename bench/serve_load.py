@@ -10,13 +10,15 @@ arrival times and questions for every server.  Per level and server: goodput (co
 delivered within their deadline, per second of the level), the share of admitted requests that
 met their deadline as the client measured it, the share refused (429), and p50/p99 latency of
 answers.  With ``--llama-server PATH``, llama.cpp's own server (``-np 16``, same model and
-threads) runs the same arrivals with client-side majority voting over the same n as the
-frontier's most accurate point, no deadline logic.
+threads) runs the same arrivals with client-side majority voting over the n of the
+frontier's widest point (the tiny model's prompt format), no deadline logic.
 
 The last line is one JSON object: ``goodput_ratio_vs_sequential`` at 2x load (target at least
 1.5), ``deadline_met_admitted`` (the batched server's worst level; target at least 0.99), and
 every level's figures (``server_deadline_met``: the share the server itself counts as on time,
-from each request's first byte; the client's figure also holds the time outside the server).
+from each request's first byte; the client's figure also holds the time outside the server,
+whose median and 99th percentile are ``outside_p50_ms`` and ``outside_p99_ms``;
+``late_by_deadline`` counts late answers per deadline; ``error_kinds`` names failed calls).
 ``--plot FILE`` draws goodput and deadline share against load.
 """
 
@@ -51,10 +53,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_up(url: str, proc) -> None:
+def wait_up(url: str, proc, log: Path) -> None:
     for _ in range(1200):
         if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited: {proc.stderr.read().decode()[-400:]}")
+            raise RuntimeError(f"{url} exited: {log.read_text(errors='replace')[-400:]}")
         try:
             if httpx.get(url, timeout=1).status_code < 500:
                 return
@@ -65,11 +67,13 @@ def wait_up(url: str, proc) -> None:
 
 def start_edgetts(config: str, threads: int, *extra: str):
     port = free_port()
+    # Logs go to a file: a pipe nobody reads fills up and stalls the server writing to it.
+    log = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", config, "--port", str(port),
                              "--threads", str(threads), "--max-queue", "256", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    wait_up(url + "/healthz", proc)
+    wait_up(url + "/healthz", proc, log)
     return proc, url
 
 
@@ -84,14 +88,20 @@ async def edgetts_call(client, url, question, deadline):
     return "answered", body["choices"][0]["text"] or None, info["deadline_met"], info["latency_ms"]
 
 
-def llama_server_call(n: int):
+def llama_server_call(n: int, slots: int):
+    gate = {}
+
     async def call(client, url, question, deadline):
-        prompt = f"{question}\n<think>"
+        prompt = f"{question}\n<think>"  # the tiny model's prompt (its family's template)
+        # Completions beyond the server's slots wait here, not in the HTTP client's pool, whose
+        # bookkeeping grows with the square of the requests waiting in it.
+        sem = gate.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(2 * slots))
 
         async def one(seed):
-            r = await client.post(url + "/completion", json={"prompt": prompt, "n_predict": 160, "seed": seed,
-                                                             "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                                                             "min_p": 0.0, "cache_prompt": True})  # fmt: skip
+            async with sem:
+                r = await client.post(url + "/completion", json={"prompt": prompt, "n_predict": 160, "seed": seed,
+                                                                 "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                                                 "min_p": 0.0, "cache_prompt": True})  # fmt: skip
             return extract_answer(r.json().get("content", "")) if r.status_code == 200 else None
 
         from edgetts.strategies.aggregate import majority_vote
@@ -134,6 +144,8 @@ async def run_level(url, call, arrivals, work) -> dict:
         "error_kinds": sorted({r[0][6:] for r in results if r[0].startswith("error")}),
         "goodput_per_s": round(len(good) / span, 3), "accuracy_answered": round(len(good) / max(1, len(answered)), 4),
         "deadline_met_admitted": round(len(on_time) / max(1, len(answered)), 4),
+        "late_by_deadline": {str(d): n for d in sorted({r[3] for r in answered})
+                             if (n := sum(r[3] == d and r[4] > d for r in answered))},
         # what the server counts, from the request's first byte (None: a server that does not say)
         "server_deadline_met": round(sum(bool(r[5]) for r in answered) / max(1, len(answered)), 4)
         if answered and answered[0][5] is not None else None,
@@ -188,13 +200,17 @@ def main() -> None:
         print(json.dumps({"sequential_capacity_per_s": round(capacity, 2), "deadlines_ms": deadlines}), flush=True)
         if args.llama_server:
             port = free_port()
-            model = front[-1]["artifact"]
+            from edgetts.models import resolve_model
+
+            artifact = front[-1]["artifact"]  # relative paths are relative to the config's folder
+            model = str(resolve_model(artifact if artifact == "tiny" else str(Path(config).parent / artifact)))
+            log = tmp / "llama-server.log"  # it logs every request
             lp = subprocess.Popen([args.llama_server, "-m", model, "--port", str(port), "-np", "16", "-t",
                                    str(args.threads), "-c", str(16 * 512)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-            wait_up(f"http://127.0.0.1:{port}/health", lp)
+                                  stdout=subprocess.DEVNULL, stderr=log.open("wb"))  # fmt: skip
+            wait_up(f"http://127.0.0.1:{port}/health", lp, log)
             procs["llama-server"] = (lp, f"http://127.0.0.1:{port}")
-            calls["llama-server"] = llama_server_call(max(p["n"] for p in front))
+            calls["llama-server"] = llama_server_call(max(p["n"] for p in front), 16)
         levels = {}
         for level in LEVELS:
             rate = level * capacity

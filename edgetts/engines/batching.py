@@ -252,7 +252,7 @@ class Scheduler:
                 if not starting:  # the earliest prompt always moves on: paces are estimates, a wait is not
                     starting = True
                     chosen.append((entry, width))
-                    tokens += width
+                    tokens, pace = tokens + width, min(pace, own)
                     continue
             if chosen and self.step_cost(tokens + width) > min(pace, own):
                 continue
