@@ -59,7 +59,7 @@ class Plan:
     predicted_ms: float = 0.0  # at admission, beside the requests already running (with the margin)
     due: float = math.inf  # when the request's deadline falls (perf_counter seconds)
     alone: bool = False  # nothing else was admitted when it was
-    admitted: float = 0.0  # when (perf_counter seconds)
+    order: int = 0  # requests the server admitted before it
 
 
     @property

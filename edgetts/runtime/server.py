@@ -166,7 +166,7 @@ class Server:
         # One thread per admitted request: it runs the strategy and waits on the engine's batch.
         self.workers = ThreadPoolExecutor(max_queue, thread_name_prefix="edgetts-request")
         self.pending: dict[str, Plan] = {}  # admitted and not finished
-        self.admitted = 0  # ever: a request that saw it unchanged at its end ran alone
+        self.admitted = 0  # ever: a request admitted last that ends alone in the batch ran alone
         self.lock = threading.Lock()
         self.metrics = Metrics()
 
@@ -205,7 +205,7 @@ class Server:
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} beside {len(busy)} admitted "
                                f"request(s): {why}", code="deadline_unmeetable", kind="rate_limit_error",
                                headers={"Retry-After": str(retry)})  # fmt: skip
-            plan = replace(plan, due=due, alone=not busy, admitted=now)
+            plan = replace(plan, due=due, alone=not busy, order=self.admitted)
             self.admitted += 1
             self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
@@ -225,7 +225,6 @@ class Server:
             plan = self.admit(rid, req, started)
         except StrategyError as e:
             raise APIError(400, str(e), "edgetts") from None
-        mark = self.admitted
         try:
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(self.workers, self.executor.run, req, plan, started)
@@ -249,7 +248,7 @@ class Server:
             self.metrics.request("cancelled", result.total_ms / 1000)
             raise APIError(499, "client disconnected", code="cancelled")
         trace, plan = result.trace, result.plan
-        if plan.as_profiled and plan.alone and self.admitted == mark:
+        if plan.as_profiled and plan.alone and self.admitted == plan.order + 1:
             # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
             # model's error would pass for the device's speed.
             self.policy.observe_run(plan.point["id"], 1000 * trace.wall_s)
