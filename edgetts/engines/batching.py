@@ -45,9 +45,6 @@ from edgetts.engines.spec import FORCED_SLACK
 
 ANSWER_ROUNDS = 9  # rounds a queued job still needs to force and state an answer
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
-# A job's pace is its time left over PACE_MARGIN times the steps it expects: rows run longer than
-# usual and rounds cost more than predicted, and a job paced to finish exactly on time would not.
-PACE_MARGIN = 1.0
 
 
 @dataclass
@@ -242,7 +239,8 @@ class Scheduler:
         chosen, tokens, pace, starting = [], 0, math.inf, False
         for entry in jobs:
             job = entry.job
-            own = (entry.due - now) / (PACE_MARGIN * (job.remaining_steps() + (0 if job.live else 1)))
+            # its pace: the time left over the steps it expects (1.5x that margin measured no better)
+            own = (entry.due - now) / (job.remaining_steps() + (0 if job.live else 1))
             if job.live:
                 width = job.pending_tokens()
             else:  # the prompt chunk that keeps the round within the pace of the jobs in it
