@@ -142,3 +142,25 @@ def test_a_round_admits_later_deadlines_only_while_the_earliest_keep_their_pace(
     assert chosen == [urgent, wider, small]
     sched.step_cost = lambda tokens: 0.0
     assert [e for e, _ in sched._compose(now)] == [urgent, wider, wide, small]  # free steps: everyone
+
+
+def test_the_online_step_cost_recovers_a_known_line_and_stays_non_negative():
+    import random
+
+    from edgetts.engines.batching import StepCost
+
+    cost, rng = StepCost(), random.Random(0)
+    for _ in range(2000):
+        x = rng.choice([1, 3, 8, 16, 40])
+        cost.add(x, 0.00012 + 0.000075 * x + rng.gauss(0, 0.00002))
+    a, b = cost.fit()
+    assert a == pytest.approx(0.00012, rel=0.1) and b == pytest.approx(0.000075, rel=0.05)
+    for _ in range(3000):  # the machine slows down: the old rounds fade
+        x = rng.choice([1, 8, 40])
+        cost.add(x, 2 * (0.00012 + 0.000075 * x))
+    assert cost.fit()[1] == pytest.approx(0.00015, rel=0.05)
+    falling = StepCost()
+    falling.add(1, 0.002)
+    falling.add(10, 0.001)  # more tokens, less time: noise, not a negative slope
+    assert falling.fit() == (pytest.approx(0.0015, rel=0.01), 0.0)  # their weighted mean, flat
+    assert StepCost().fit() == (0.0, 0.0)

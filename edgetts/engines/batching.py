@@ -56,6 +56,36 @@ class _Entry:
     due: float = math.inf  # when its caller needs it done (perf_counter seconds)
 
 
+class StepCost:
+    """``a + b x tokens`` seconds for a round, fitted online by least squares over exponentially
+    weighted sums (about the last ``window`` rounds count), both parts kept non-negative: an update
+    is a few float operations, where a solve over hundreds of kept samples cost the scheduler's
+    thread 5% of its time under load."""
+
+    def __init__(self, window: int = 400):
+        self.keep = 1.0 - 1.0 / window
+        self.n = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        k = self.keep
+        self.n, self.x, self.y = k * self.n + 1.0, k * self.x + x, k * self.y + y
+        self.xx, self.xy = k * self.xx + x * x, k * self.xy + x * y
+
+    def fit(self) -> tuple[float, float]:
+        if self.n <= 0:
+            return 0.0, 0.0
+        spread = self.n * self.xx - self.x * self.x
+        if spread <= 1e-9 * self.n * self.xx:  # one width only: no slope to see
+            return self.y / self.n, 0.0
+        b = (self.n * self.xy - self.x * self.y) / spread
+        a = (self.y - b * self.x) / self.n
+        if b < 0:
+            return self.y / self.n, 0.0
+        if a < 0:
+            return 0.0, self.xy / self.xx
+        return a, b
+
+
 class Scheduler:
     def __init__(self, engine, prefill_chunk: int = 64):
         self.engine = engine
@@ -66,8 +96,7 @@ class Scheduler:
         self.running: list[_Entry] = []
         self.cond = threading.Condition()
         self.closed = False
-        self.samples: deque[tuple[int, float]] = deque(maxlen=400)  # (tokens in a decode, seconds)
-        self.recorded = 0
+        self.cost = StepCost()  # seconds of a round against the tokens decoded in it
         self._fit = (0.0, 0.0)
         self._calibrate()
         self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
@@ -81,16 +110,8 @@ class Scheduler:
             for width in (1, e.max_rows):
                 t = time.perf_counter()
                 e._decode([(bos, 0, s, True) for s in range(width)])
-                self.samples.append((width, time.perf_counter() - t))
+                self._record(width, time.perf_counter() - t)
                 e.lc.llama_memory_clear(e.mem, True)
-        self._refit()
-
-    def _refit(self) -> None:
-        from edgetts.profiling.latency import nonnegative_lstsq
-
-        if len({x for x, _ in self.samples}) > 1:
-            a, b = nonnegative_lstsq([[1.0, x] for x, _ in self.samples], [y for _, y in self.samples])
-            self._fit = (a, b)
 
     # -- the callers' side -----------------------------------------------------------------
     def submit(self, prompt: str, n: int, params: SamplingParams, controller: Controller | None = None,
@@ -260,10 +281,8 @@ class Scheduler:
         return chosen
 
     def _record(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
-        self.recorded += 1
-        if self.recorded % 20 == 0:  # refit now and then: cheap, and the machine's load drifts
-            self._refit()
+        self.cost.add(tokens, seconds)
+        self._fit = self.cost.fit()  # every round: a few float operations, and the machine's load drifts
 
     def _release(self, entry: _Entry) -> None:
         if entry in self.running:
