@@ -57,7 +57,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.concurrency) as pool:
             together = list(pool.map(run, [batched] * len(problems), [family] * len(problems), range(len(problems))))
         shared_s = time.perf_counter() - t
-        a, b = batched.scheduler.step_cost(0), batched.scheduler.step_cost(1) - batched.scheduler.step_cost(0)
+        a, b = batched.scheduler.step_fit()
         batched.close()
         pairs = [(x.text, y.text) for p, q in zip(alone, together) for x, y in zip(p.rows, q.rows)]
         print(json.dumps({

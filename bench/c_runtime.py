@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -62,20 +61,6 @@ def ask_c(proc: subprocess.Popen, question: str) -> dict:
     proc.stdin.write(question + "\n")
     proc.stdin.flush()
     return json.loads(proc.stdout.readline())
-
-
-def batched_bench(binary: str, threads: int, prompt_tokens: int) -> float:
-    """Seconds per generated token of llama-batched-bench for 8 sequences of 128 tokens."""
-    out = subprocess.run(
-        [binary, "-m", str(BUILTIN["tiny"]), "-c", str(N * 512), "-b", "512", "-ub", "512", "-npp",
-         str(prompt_tokens), "-ntg", str(BUDGET), "-npl", str(N), "-pps", "-t", str(threads)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    for line in (out.stdout + out.stderr).splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 10 and re.fullmatch(r"\d+", cells[0]) and int(cells[2]) == N:
-            return float(cells[8]) / (N * BUDGET)
-    raise RuntimeError("could not read llama-batched-bench output:\n" + out.stdout[-2000:])
 
 
 def main() -> None:
@@ -116,7 +101,10 @@ def main() -> None:
     print(f"C runtime:      {result['c_ms_per_question']:.1f} ms per question")
     print(f"Python runtime: {result['python_ms_per_question']:.1f} ms per question ({c_tokens} tokens each side)")
     if args.batched_bench:
-        native = batched_bench(args.batched_bench, args.threads, 40)
+        from parallel_sampling import TOKENS, batched_bench  # llama-batched-bench: 8 rows of 128 tokens
+        from parallel_sampling import N as NATIVE_ROWS
+
+        native = batched_bench(args.batched_bench, str(BUILTIN["tiny"]), 40, args.threads) / (NATIVE_ROWS * TOKENS)
         result["ratio_vs_native"] = round((c_ms / 1000 / c_tokens) / native, 3)
     print(json.dumps(result))
 

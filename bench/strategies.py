@@ -4,7 +4,7 @@
 
 Every strategy runs every problem at every budget with the same seeds (row ``i`` uses seed
 ``i``), so comparisons between strategies are paired.  Options: ``adaptive`` and ``esc`` use
-their defaults (start 4 / step 2 / threshold 0.95; window 4), ``budget-forcing`` extends
+their defaults (start 4 / step 2 / threshold 0.95; window a quarter of n, at least 2), ``budget-forcing`` extends
 once with "Wait", ``length-hint`` keeps its hard cap.
 
 Strategy options go after a colon: ``--strategies "majority;esc:window=2"``.

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the profiler, the Pareto config, quantization and the runtime.
+"""Small file helpers shared by the profiler, quantization manifests and model stand-ins.
 
 :func:`write_json_atomic` writes through a temporary sibling and a rename, so a reader (or a
 process killed mid-write) never sees half a file.

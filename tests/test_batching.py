@@ -130,7 +130,7 @@ def test_a_round_admits_later_deadlines_only_while_the_earliest_keep_their_pace(
 
     def entry(tokens, due, steps):
         job = SimpleNamespace(live=True, done=False, pending_tokens=lambda: tokens, remaining_steps=lambda: steps)
-        return _Entry(job, 0, None, now, due)
+        return _Entry(job, 0, None, due)
 
     urgent = entry(1, now + 0.020, 10)  # 2 ms a step is all it can afford
     wide, wider, small = entry(8, now + 10, 50), entry(8, now + 9, 50), entry(1, now + 11, 50)

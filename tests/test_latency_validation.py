@@ -1,6 +1,7 @@
 """Honest latencies: fit residuals, the direct check of a pooled profile, drift, the pareto gate, resuming."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -73,6 +74,8 @@ def test_a_profile_on_a_loaded_machine_is_right_or_flagged(tmp_path):
             h.kill()
             h.wait()
     v = summary["latency_validation"]
+    # the check ran under the load, against direct runs (it was not skipped or left empty)
+    assert v["cells_checked"] >= 1 and math.isfinite(v["mape"]) and math.isfinite(v["drift"])
     r = runner.invoke(app, ["pareto", str(tmp_path / "p"), "--out", str(tmp_path / "c.json"), "--no-plot"])
     if v["ok"]:  # the modelled latencies agree with direct runs under the same load
         assert v["mape"] <= MAPE_MAX and r.exit_code == 0, r.output

@@ -121,6 +121,9 @@ def test_streaming(client):
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["edgetts"]["point_id"]
     text = list(client.completions.create(model="edgetts", prompt=Q, stream=True))
     assert "".join(c.choices[0].text for c in text) == "29"
+    reasoned = list(client.chat.completions.create(model="edgetts", messages=[{"role": "user", "content": Q}],
+                                                   stream=True, extra_body={"include_reasoning": True}))  # fmt: skip
+    assert any((c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in reasoned)
 
 
 def test_stop_temperature_and_seed(client):
@@ -296,8 +299,8 @@ def test_a_chunked_body_is_cut_at_the_limit_while_it_arrives(server):
         r = httpx.post(live + "/v1/completions", content=body(), timeout=60,
                        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
         assert r.status_code == 413
-    except httpx.HTTPError:
-        pass  # the server may close the connection on the rest of the body: also a refusal
+    except (httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError):
+        pass  # the server may close the connection on the rest of the body: also a refusal (a timeout is not)
     assert _rss(proc.pid) < before + 32 * 2**20  # far less than the body
     assert httpx.get(live + "/healthz").status_code == 200
 
@@ -398,6 +401,8 @@ def test_a_client_that_disconnects_cancels_its_request(config):
 
     policy = Policy.load(config)
     ex = Waiting(policy, threads=1)
+    for point in policy.frontier:  # opened now, as create_app does: not inside the request's second
+        ex.engine(point)
     app = build_app(Server(policy, ex), None, 256 * 1024)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -413,7 +418,7 @@ def test_a_client_that_disconnects_cancels_its_request(config):
                 time.sleep(0.05)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/completions", json={"prompt": Q, "deadline_ms": 60000}, timeout=1.0)
-        assert seen.is_set()
+        assert seen.wait(60)  # the request reached the executor
         for _ in range(300):  # the server notices the closed socket and records the cancel
             if 'outcome="cancelled"} 1' in httpx.get(url + "/metrics").text:
                 break

@@ -52,7 +52,6 @@ class _Entry:
     job: Job
     cells: int  # planned cache cells
     future: Future
-    started: float
     due: float = math.inf  # when its caller needs it done (perf_counter seconds)
 
 
@@ -125,7 +124,7 @@ class Scheduler:
         if cells > self.engine.n_ctx:
             raise EngineError(f"this request needs {cells} cache cells; the engine has {self.engine.n_ctx}")
         due = getattr(controller, "due", None)
-        entry = _Entry(job, cells, Future(), time.perf_counter(), (due() if due else None) or math.inf)
+        entry = _Entry(job, cells, Future(), (due() if due else None) or math.inf)
         with self.cond:
             if self.closed:
                 raise EngineError("the engine is closed")
@@ -137,6 +136,10 @@ class Scheduler:
         """(rows running, rows queued) right now."""
         with self.cond:
             return sum(e.job.n for e in self.running), sum(e.job.n for e in self.queue)
+
+    def step_fit(self) -> tuple[float, float]:
+        """(seconds a round costs, seconds each token adds), as fitted online."""
+        return self._fit
 
     def step_cost(self, tokens: int) -> float:
         """Predicted seconds of one decode carrying ``tokens`` tokens (a + b x tokens, fitted online)."""
@@ -173,10 +176,11 @@ class Scheduler:
                 self.free_cells = self.engine.n_ctx
 
     def _admit(self) -> None:
-        for entry in [x for x in self.queue if self._expired(x.job)]:
-            self.queue.remove(entry)
-            entry.job.stop_live(self._expired(entry.job) or "deadline")  # never started: no cells, no samplers
-            entry.future.set_result(entry.job.result())
+        for entry, reason in [(x, self._expired(x.job)) for x in self.queue]:
+            if reason:
+                self.queue.remove(entry)
+                entry.job.stop_live(reason)  # never started: no cells, no samplers
+                entry.future.set_result(entry.job.result())
         while self.queue:
             entry = min(self.queue, key=lambda x: x.due)  # earliest deadline first (ties: first come)
             if len(self.free_seqs) < entry.job.n or self.free_cells < entry.cells:
@@ -192,7 +196,8 @@ class Scheduler:
         check = getattr(job.controller, "expired", None)
         if check is None:
             return None
-        return check(ANSWER_ROUNDS * self.step_cost(len(self.running) + job.n) if min_s is None else min_s)
+        rows = sum(x.job.n for x in self.running) + job.n  # a round's tokens: about one a row
+        return check(ANSWER_ROUNDS * self.step_cost(rows) if min_s is None else min_s)
 
     def _round(self) -> None:
         e = self.engine
@@ -211,7 +216,7 @@ class Scheduler:
                 except Exception as err:  # a controller's failure is its own call's
                     self._fail(entry, err)
         entries: list = []
-        decoded, prefills = [], []
+        decoded, fed, prefills = [], [], []  # jobs with rows, jobs with prompt, in this decode
         chosen = self._compose(begin)
         for entry, _ in chosen:  # decoding rows first: a prompt chunk must never crowd them out
             job = entry.job
@@ -227,6 +232,7 @@ class Scheduler:
             room = min(room if entries else e.n_batch, e._batch_cap - len(entries))
             if room > 0:
                 entries += job.prefill_entries(room)
+                fed.append(job)
                 if job.prompt_done:
                     prefills.append((job, len(entries) - 1))
         for entry in [x for x in self.running if x.job.live and x.job.done]:
@@ -238,8 +244,8 @@ class Scheduler:
         for job in decoded:
             job.steps += 1
             job.sampled = False
-        if status != 0:  # no free cell after all: end the rows of this round, never the loop
-            for entry in list(self.running):
+        if status != 0:  # no free cell after all: end the jobs of this round, never the loop
+            for entry in [x for x in self.running if x.job in decoded or x.job in fed]:
                 entry.job.stop_live("length")
                 if entry.job.live:
                     self._finish(entry)

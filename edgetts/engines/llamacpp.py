@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgetts.engines.base import Controller, Engine, EngineError, Row, SampleResult, SamplingParams
+from edgetts.engines.base import Controller, Engine, EngineError, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
 
@@ -196,8 +196,14 @@ class LlamaCppEngine(Engine):
         if not _backend_ready:
             lc.llama_backend_init()
             _backend_ready = True
-        if not 1 <= 2 * max_rows <= MAX_SEQUENCES:
-            raise EngineError(f"at most {MAX_SEQUENCES // 2} rows fit one llama.cpp context, asked for {max_rows}")
+        # Unified: rows share the prompt's cells and one pool of free cells, and there is one scratch
+        # sequence per row for probes.  Split: each row its own stream of n_ctx / max_rows cells, so
+        # a row attends over its own cells only (cheaper when many requests share a batch); no probes.
+        n_seq = 2 * max_rows if kv_unified else max_rows
+        if not 1 <= n_seq <= MAX_SEQUENCES:
+            most = MAX_SEQUENCES // 2 if kv_unified else MAX_SEQUENCES
+            raise EngineError(f"at most {most} rows fit one llama.cpp context, asked for {max_rows}")
+        self.probes = kv_unified
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         with _holding_errors() as reason:
@@ -212,10 +218,7 @@ class LlamaCppEngine(Engine):
         cp.n_ctx = n_ctx
         cp.n_batch = batch_cap
         cp.n_ubatch = n_batch
-        # Unified: rows share the prompt's cells and one pool of free cells, and there is one scratch
-        # sequence per row for probes.  Split: each row its own stream of n_ctx / max_rows cells, so
-        # a row attends over its own cells only (cheaper when many requests share a batch).
-        cp.n_seq_max = 2 * max_rows if kv_unified else max_rows
+        cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
         cp.kv_unified = kv_unified
         cp.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
@@ -415,9 +418,6 @@ class LlamaCppEngine(Engine):
         rows[p["row"]].probes[p["label"]] = (p["text"] + text, len(p["toks"]))
         self.lc.llama_memory_seq_rm(self.mem, p["seq"], -1, -1)
         self.lc.llama_sampler_free(p["smp"])
-
-    def _append(self, r: Row, tok: int, dec, forced: bool, t: float) -> None:
-        r.add(tok, dec.decode(self.piece(tok)), forced, t)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -14,8 +14,6 @@ import json
 import os
 from pathlib import Path
 
-from edgetts.fileio import write_json_atomic  # noqa: F401 - kept importable from here
-
 # Deleting a line loses nothing that cannot be measured again: a resumed run measures every missing key.
 REPAIR = "delete the line(s) named and run the same command again (a query left without a record is measured again)"
 

@@ -43,7 +43,6 @@ class Outcome:
     trace: Trace
     plan: Plan
     total_ms: float  # from the request's arrival
-    service_ms: float  # from the start of its run (queueing inside the engine included)
     deadline_met: bool
 
 
@@ -63,19 +62,14 @@ class SerialEngine(Engine):
         self.inner, self.lock = engine, threading.Lock()
         for cap in ("name", "parallel_rows", "forced_tokens", "logprobs", "steppable", "probes"):
             setattr(self, cap, getattr(engine, cap))
-        self.waiting = 0
 
     def sample(self, prompt, n, params, controller=None, seeds=None) -> SampleResult:
-        self.waiting += 1
-        try:
-            with self.lock:
-                expired = getattr(controller, "expired", None)
-                reason = expired() if expired else None
-                if reason:
-                    return unstarted(n, reason)
-                return self.inner.sample(prompt, n, params, controller, seeds)
-        finally:
-            self.waiting -= 1
+        with self.lock:
+            expired = getattr(controller, "expired", None)
+            reason = expired() if expired else None
+            if reason:
+                return unstarted(n, reason)
+            return self.inner.sample(prompt, n, params, controller, seeds)
 
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)
@@ -96,6 +90,7 @@ class Executor:
         self.policy = policy
         self.threads, self.gpu_layers, self.batching = threads, gpu_layers, batching
         self.engines: dict[str, tuple[Engine, Family]] = {}
+        self.by_point: dict[str, tuple[dict, tuple[Engine, Family]]] = {}  # point id -> (that point, its engine)
         self.max_n = max(p["n"] for p in policy.frontier)
         self.max_budget = max(p["budget"] for p in policy.frontier)
         # Rows in the running batch: room for several requests of the widest point side by side (a
@@ -104,6 +99,9 @@ class Executor:
 
     def engine(self, point: dict) -> tuple[Engine, Family]:
         """The engine (and reasoning family) of a frontier point, opened once per engine spec."""
+        known = self.by_point.get(point["id"])  # admission asks for every point of every plan: no spec work
+        if known is not None and known[0] is point:
+            return known[1]
         # A shared batch of many requests attends best over a stream per row (no other row's cells).
         split = {"kv_unified": False} if self.batching else {}
         spec = point_spec(point).with_options(threads=self.threads, gpu_layers=self.gpu_layers, **split)
@@ -118,6 +116,7 @@ class Executor:
             elif not getattr(engine, "thread_safe", False) or not self.batching:
                 engine = SerialEngine(engine)
             self.engines[key] = (engine, family)
+        self.by_point[point["id"]] = (point, self.engines[key])
         return self.engines[key]
 
     def plan(self, req: Request, budget_ms: float | None = None, cost=None) -> Plan:
@@ -131,17 +130,18 @@ class Executor:
         round's pace to the earliest deadlines), and beyond the engine's rows requests wait their turn."""
         solo = self.policy.predicted_ms(point)
         engine, _ = self.engine(point)
+        busy = [p for p in busy if self.engine(p.point)[0] is engine]  # requests on other engines run apart
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is not None:
             n = point["n"]
             ahead = sum(p.n for p in busy if p.due <= due)
             waves = math.ceil((sum(p.n for p in busy) + n) / self.rows)
-            a, b = scheduler.step_cost(0), scheduler.step_cost(1) - scheduler.step_cost(0)
+            a, b = scheduler.step_fit()
             if a + b <= 0:  # nothing measured yet: compute-bound guess, a step costs its rows
                 return solo * waves * min(ahead + n, self.rows) / n
             return solo * waves * (a + b * min(ahead + n, self.rows)) / (a + b * n)
-        if isinstance(engine, SerialEngine):
-            return solo + sum(p.predicted_ms for p in busy)
+        if isinstance(engine, SerialEngine):  # the queue ahead: each runs alone, one after another
+            return solo + sum(p.solo_ms for p in busy)
         return solo
 
     def feasible(self, point: dict, busy: list[Plan], due: float, now: float) -> bool:
@@ -157,7 +157,8 @@ class Executor:
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is None:
             return True
-        a, b = scheduler.step_cost(0), scheduler.step_cost(1) - scheduler.step_cost(0)
+        a, b = scheduler.step_fit()
+        busy = [p for p in busy if self.engine(p.point)[0] is engine]
 
         def work(solo_ms: float, n: int) -> float:
             return solo_ms if a + b <= 0 else solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
@@ -182,8 +183,7 @@ class Executor:
 
     def run(self, req: Request, plan: Plan, started: float) -> Outcome:
         """Run ``plan`` for ``req`` (which arrived at ``started``); :class:`Late` if it was dropped unstarted."""
-        begin = time.perf_counter()
-        left = req.deadline_ms - 1000 * (begin - started)
+        left = req.deadline_ms - 1000 * (time.perf_counter() - started)
         engine, family = self.engine(plan.point)
         reserve = RESERVE_MS + RESERVE_SHARE * max(left, 0.0)
         sampling = SamplingParams(temperature=req.temperature, seed=req.seed)
@@ -195,7 +195,7 @@ class Executor:
         if not trace.generated_tokens and trace.early_stop == "deadline":
             raise Late(1000 * (now - started))  # dropped while queued: nothing was computed
         total_ms = 1000 * (now - started)
-        return Outcome(trace, plan, total_ms, 1000 * (now - begin), total_ms <= req.deadline_ms)
+        return Outcome(trace, plan, total_ms, total_ms <= req.deadline_ms)
 
     def close(self) -> None:
         for e, _ in self.engines.values():

@@ -165,17 +165,22 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
 def _stream(rid: str, created: int, out: dict, info: dict, chat: bool):
     """Server-sent events in OpenAI's chunk format; the answer is known once the votes are in."""
     base = {"id": rid, "created": created, "model": out["model"]}
+    end = out["finish_reason"]
     if chat:
         obj = "chat.completion.chunk"
+        delta = {"content": out["text"]}
+        if "reasoning" in out:
+            delta["reasoning_content"] = out["reasoning"]
         yield sse(dict(base, object=obj, choices=[{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]))
-        yield sse(
-            dict(base, object=obj, choices=[{"index": 0, "delta": {"content": out["text"]}, "finish_reason": None}])
-        )
-        yield sse(dict(base, object=obj, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}], edgetts=info))
+        yield sse(dict(base, object=obj, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
+        yield sse(dict(base, object=obj, choices=[{"index": 0, "delta": {}, "finish_reason": end}], edgetts=info))
     else:
         obj = "text_completion"
-        yield sse(dict(base, object=obj, choices=[{"index": 0, "text": out["text"], "finish_reason": None}]))
-        yield sse(dict(base, object=obj, choices=[{"index": 0, "text": "", "finish_reason": "stop"}], edgetts=info))
+        choice = {"index": 0, "text": out["text"], "finish_reason": None}
+        if "reasoning" in out:
+            choice["reasoning_content"] = out["reasoning"]
+        yield sse(dict(base, object=obj, choices=[choice]))
+        yield sse(dict(base, object=obj, choices=[{"index": 0, "text": "", "finish_reason": end}], edgetts=info))
     yield "data: [DONE]\n\n"
 
 

@@ -2,11 +2,11 @@
 
 :func:`make_plan` is the one place a request is planned: the policy picks the most accurate
 frontier point whose predicted latency fits the time given, and expert overrides (strategy,
-n, budget) and ``max_tokens`` are applied on top.  Admission plans with the time left after
-the queue; the executor re-plans only when the queue ran later than admission predicted
-(a downgrade through this same function, or :class:`Late` when nothing fits).
+n, budget) and ``max_tokens`` are applied on top.  Admission plans with the time left since
+the request arrived, each point's latency predicted where it would run; a request the engine
+drops unstarted, because its deadline passed while it waited, ends in :class:`Late`.
 
-The tuning constants of the deadline path live here, each with why it has its value.
+The margins of the deadline path live here, each with why it has its value.
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ class Plan:
 
 
 class Late(Exception):
-    """The request waited so long that not even the fastest point can answer it in time."""
+    """The engine dropped the request unstarted: it waited until its deadline left no room to answer."""
 
     def __init__(self, waited_ms: float):
-        super().__init__(f"waited {waited_ms:.0f} ms in the queue; no point can answer before the deadline")
+        super().__init__(f"waited {waited_ms:.0f} ms in the engine's queue; too little time was left to answer")
         self.waited_ms = waited_ms
 
 

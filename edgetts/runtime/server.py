@@ -4,14 +4,15 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or
 ``GET /v1/models``, ``GET /healthz`` (no key needed), ``GET /metrics`` (Prometheus text).
 
 Per request: the deadline is the body's ``deadline_ms`` extension or the server default,
-counted from the request's first byte.  Admission knows the batch: a point's latency is
-predicted beside the requests already admitted (the executor's occupancy model: the engine's
-measured step cost at the rows they add up to, or the queue ahead on a serial engine).  With
+counted from when the server has its headers.  Admission knows the batch: a point's latency is
+predicted beside the requests already admitted on its engine (the executor's occupancy model:
+the engine's measured step cost at the rows due before it, and the work due by each admitted
+deadline, which must still fit; or the queue ahead on a serial engine).  With
 ``overload="downgrade"`` a request takes the most accurate point that still fits, a cheaper one
 before a refusal; with ``"refuse"`` it keeps the point its deadline alone would get, or is
-refused.  When nothing fits, or ``max_queue`` requests are in, the answer is 429 with
-``Retry-After``, and the policy's slowdown relaxes one step (a refusal measures nothing, so an
-old factor must not refuse forever).  Every admitted request runs on its own thread; on a
+refused.  When nothing fits, the answer is 429 with ``Retry-After``, and the policy's slowdown
+relaxes one step (a refusal measures nothing, so an old factor must not refuse forever); when
+``max_queue`` requests are in, 429 as well.  Every admitted request runs on its own thread; on a
 llama.cpp engine its rows join the one running batch (:mod:`edgetts.engines.batching`), where a
 request whose deadline can no longer be met is dropped while still queued (429).  A client that
 disconnects cancels its request, queued or running.  The latencies of requests that ran alone
@@ -185,21 +186,22 @@ class Server:
                     return math.inf  # it would make the batch late: a cheaper point, or 429 (experts run)
                 return self.executor.predict_ms(point, busy, due) * MARGIN + OVERHEAD_MS
 
+            left = req.deadline_ms - 1000 * (now - (arrived if arrived is not None else now))  # reading it took some
             if req.expert:  # experts get what they ask for; they count in the batch at their real cost
-                plan = self.executor.plan(req, cost=cost)
+                plan = self.executor.plan(req, left, cost=cost)
             elif self.overload == "refuse":  # the point the deadline alone gets, or nothing
-                plan = self.executor.plan(req)
+                plan = self.executor.plan(req, left)
                 plan = replace(plan, predicted_ms=cost(plan.point))
-                miss = plan.choice.miss or plan.predicted_ms > req.deadline_ms
+                miss = plan.choice.miss or plan.predicted_ms > left
             else:  # the most accurate point that fits beside the others: a downgrade before a refusal
-                plan = self.executor.plan(req, cost=cost)
+                plan = self.executor.plan(req, left, cost=cost)
                 miss = plan.choice.miss
             if not req.expert and miss:
                 self.policy.relax()  # a refusal measures nothing: let an old slowdown fade
-                need = plan.choice.predicted_ms
+                need = plan.predicted_ms  # where it would have run: beside the others
                 if math.isfinite(need):
-                    retry = max(1, math.ceil((need - req.deadline_ms) / 1000))
-                    why = f"the fastest point needs about {need:.0f} ms"
+                    retry = max(1, math.ceil((need - left) / 1000))
+                    why = f"the point it would get needs about {need:.0f} ms"
                 else:
                     retry, why = 1, "the batch has no room for it before then without making others late"
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} beside {len(busy)} admitted "
@@ -217,7 +219,7 @@ class Server:
             self.metrics.queue_depth = len(self.pending)
 
     async def complete(self, request, body: object, chat: bool, arrived: float | None = None) -> tuple[dict, dict]:
-        """Answer one request; ``arrived`` is when its first byte came (deadlines count from there)."""
+        """Answer one request; ``arrived`` is when its headers were in (deadlines count from there)."""
         started = arrived if arrived is not None else time.perf_counter()
         req, opts = parse(body, chat, self.default_deadline_ms)
         rid = uuid.uuid4().hex[:24]
@@ -276,7 +278,6 @@ class Server:
                              else "no row stated an answer")  # fmt: skip
         out = {
             "text": text,
-            "edgetts": info,
             "model": opts["model"] or plan.point["model"],
             "prompt_tokens": trace.prompt_tokens,
             "stream": opts["stream"],
