@@ -241,8 +241,8 @@ def run(
     from edgetts.pareto.config import ParetoError
     from edgetts.runtime.oneshot import answer
 
-    if config and (model or url or engine != "auto"):
-        fail("--config names the engine and model of each point; drop --model, --engine and --url")
+    if config and (model or url or engine != "auto" or engine_option):
+        fail("--config names the engine and model of each point; drop --model, --engine, --url and --engine-option")
     spec = None if config else _spec(model, engine, url, engine_option)
     try:
         with user_errors():

@@ -262,6 +262,8 @@ def test_cli_pareto_export_and_run_with_config(profiles, tmp_path):
     r = runner.invoke(app, ["run", "--config", str(out), "--deadline-ms", "0.01", "8*4"])
     assert r.exit_code == 0 and "nothing fits" in r.stdout
     assert runner.invoke(app, ["run", "--config", str(out), "q"]).exit_code == 2
+    r = runner.invoke(app, ["run", "--config", str(out), "--engine-option", "threads=1", "8*4"])
+    assert r.exit_code == 2 and "--engine-option" in r.output  # the config's points name their own options
     assert runner.invoke(app, ["pareto", str(tmp_path), "--out", str(out)]).exit_code == 2
     assert runner.invoke(app, ["pareto", *map(str, profiles), "--constraints", "{oops"]).exit_code == 2
     assert runner.invoke(app, ["export-c", str(tmp_path / "missing.json")]).exit_code == 2
