@@ -363,7 +363,8 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         for rid in ["heavy", "c0", "c1"]:
             srv.release(rid)
         # One terrible measurement must not lock the server into refusing: refusals relax it.
-        policy.slowdown = 1e4
+        policy.observe(policy.frontier[0]["id"], 1e4 * policy.frontier[0]["latency_ms"])
+        assert policy.slowdown > 1e3
         outcomes = []
         for i in range(100):
             try:

@@ -131,6 +131,7 @@ def point_c(i: int, p: dict) -> str:
         "{" + ", ".join([_c(p["id"]), _c(str(path)), _c(p["strategy"]), str(p["n"]), str(p["budget"]),
                          _num(p["latency_ms"]), _num(p["accuracy"]), _num(p.get("energy_j")),
                          _num(p.get("memory_mb"))]) + "}",
+        _num((p.get("latency_quantiles_ms") or {}).get("p50") or p["latency_ms"]),
         str(int("threads" in o and o["threads"] is not None)), str(int(o.get("threads") or 0)),
         str(int("gpu_layers" in o and o["gpu_layers"] is not None)), str(int(o.get("gpu_layers") or 0)),
         str(int(o.get("n_ctx") or 0)), str(int(o.get("n_batch") or 0)), str(flash),

@@ -136,7 +136,8 @@ edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *que
 /* The policy alone: the index of the most accurate point whose latency, times the current
  * slowdown, fits; *miss (when not NULL) says nothing fitted and this is the fastest fallback. */
 int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double energy_j, int *miss);
-/* Feeds a measured latency of a point back: slowdown = 0.8 slowdown + 0.2 measured/profiled. */
+/* Feeds a measured latency of a point back: the slowdown becomes the median, over the last 15 runs,
+ * of measured latency over the point's profiled median latency, never below 1. */
 void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms);
 double edgetts_policy_slowdown(const edgetts_runtime *rt);
 

@@ -11,10 +11,12 @@
 #define ETT_ANSWER_STEPS 8   /* decode steps reserved for a forced answer (strategies/base.py) */
 #define ETT_PROMPT_RESERVE 512
 #define ETT_FORCED_SLACK 32
+#define ETT_RUNS 15 /* runs whose median is the policy's slowdown (edgetts.runtime.Policy.RUNS) */
 
 /* A frontier point as build-c embeds it (frontier.c is generated). */
 typedef struct ett_point {
     edgetts_point_info info;
+    double typical_ms;                                    /* its profiled median latency (recalibration) */
     int has_threads, threads, has_gpu_layers, gpu_layers; /* engine options the point names */
     int n_ctx, n_batch, flash_attn;                       /* 0 (flash_attn: -1, auto) when absent */
     const char *think_start, *think_end, *answer_prefix;  /* the reasoning family */

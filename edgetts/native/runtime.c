@@ -5,8 +5,11 @@
  * its engines when it does not batch requests together).  edgetts_answer asks the policy for a point (the most accurate whose
  * profiled latency times the slowdown fits the deadline; ties to the faster point; when
  * nothing fits, the fastest point within the energy limit), runs the point's strategy with
- * the deadline, and feeds the measured latency back (slowdown moves by an exponentially
- * weighted average with alpha 0.2, as edgetts.runtime.Policy.observe).
+ * the deadline, and feeds the measured latency back: the slowdown is the median, over the last
+ * ETT_RUNS runs, of latency over the point's profiled median, never below 1 (as
+ * edgetts.runtime.Policy.observe; against the median an ordinary run counts about 1 whatever the
+ * spread of the point's latencies, where an average against the p95 sinks below 1 and picks
+ * points that run late).
  */
 #include <math.h>
 #include <pthread.h>
@@ -17,14 +20,14 @@
 
 #include "internal.h"
 
-#define ALPHA 0.2
-
 struct edgetts_runtime {
     ett_engine *engines;
     int n_engines;
     int *engine_of; /* per point */
     int max_n, max_budget;
     double slowdown;
+    double runs[ETT_RUNS]; /* the last runs' latency over their point's median, oldest first */
+    int n_runs;
     volatile int cancel;
     char err[1024];
 };
@@ -249,12 +252,27 @@ int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double 
 
 void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms)
 {
-    if (rt == NULL || index < 0 || index >= ett_n_frontier || !(latency_ms > 0)) {
+    if (rt == NULL || index < 0 || index >= ett_n_frontier || !(latency_ms > 0) || isinf(latency_ms)) {
         return;
     }
-    double lat = ett_frontier[index].info.latency_ms;
-    double ratio = latency_ms / (lat > 1e-9 ? lat : 1e-9);
-    rt->slowdown = (1 - ALPHA) * rt->slowdown + ALPHA * ratio;
+    double typical = ett_frontier[index].typical_ms;
+    if (rt->n_runs == ETT_RUNS) {
+        memmove(rt->runs, rt->runs + 1, (ETT_RUNS - 1) * sizeof rt->runs[0]);
+        rt->n_runs--;
+    }
+    rt->runs[rt->n_runs++] = latency_ms / (typical > 1e-9 ? typical : 1e-9);
+    double sorted[ETT_RUNS];
+    int n = rt->n_runs;
+    for (int i = 0; i < n; i++) { /* insertion sort: at most ETT_RUNS values */
+        double v = rt->runs[i];
+        int j = i;
+        for (; j > 0 && sorted[j - 1] > v; j--) {
+            sorted[j] = sorted[j - 1];
+        }
+        sorted[j] = v;
+    }
+    double median = n % 2 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+    rt->slowdown = median > 1.0 ? median : 1.0;
 }
 
 double edgetts_policy_slowdown(const edgetts_runtime *rt)

@@ -10,16 +10,21 @@ deadline (and whose energy and memory fit, when limits are given); ties go to th
 point.  When nothing fits it returns the fastest point that satisfies the other limits (or
 the fastest point at all), flagged ``miss=True``.
 
-Predicted latency is the profiled quantile times a device-wide slowdown factor: every
-:meth:`observe` moves an exponentially weighted average of observed/profiled latency
-(``alpha`` per observation), so a throttled device drifts to cheaper points and drifts back
-once observations return to their profiled values (the C runtime does the same).  The server
-uses :meth:`observe_run` instead: the median of recent runs against each point's profiled
-median, which the spread of a point's latencies cannot bias.
+Predicted latency is the profiled quantile (p95 by default) times a device-wide slowdown
+factor.  :meth:`observe` keeps the last ``RUNS`` runs' latencies over their point's profiled
+*median*, and the slowdown is the median of those ratios, never below 1.  Against the median,
+an ordinary run of any point counts about 1 on the profiled device, whatever the spread of its
+latencies (an average against the p95 would sink far below 1 on ordinary runs: Early-Stopping
+Consistency's median is a quarter of its p95, and the policy would then pick points that run
+late); one long run cannot move a median; a throttled device is followed within a few runs,
+and a recovered one as soon as half of the kept runs are back.  :meth:`relax` counts a run at
+the profile (a server's refusal, which measures nothing).  The C runtime
+(``edgetts_policy_observe``) keeps the same runs and takes the same median.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -37,19 +42,18 @@ class Selection:
 
 
 class Policy:
-    RUNS = 15  # runs whose median is the slowdown in :meth:`observe_run`
+    RUNS = 15  # runs whose median is the slowdown (edgetts/native/runtime.c: ETT_RUNS)
 
-    def __init__(self, config: dict, alpha: float = 0.2):
+    def __init__(self, config: dict):
         self.config = validate(config)
         self.frontier = config["frontier"]
         self.by_id = {p["id"]: i for i, p in enumerate(self.frontier)}
-        self.alpha = alpha
         self.slowdown = 1.0
         self.runs: deque[float] = deque(maxlen=self.RUNS)
 
     @classmethod
-    def load(cls, path: str | Path, alpha: float = 0.2) -> Policy:
-        return cls(load_config(path), alpha)
+    def load(cls, path: str | Path) -> Policy:
+        return cls(load_config(path))
 
     def predicted_ms(self, point: dict) -> float:
         return point["latency_ms"] * self.slowdown
@@ -78,39 +82,24 @@ class Policy:
         return Selection(fallback, p, predict(p), True)
 
     def observe(self, point_id: str, latency_ms: float) -> None:
-        """Report a measured latency of a point; updates the slowdown factor."""
+        """Report a measured latency of a point: the slowdown becomes the median, over the last
+        ``RUNS`` runs, of latency over the point's profiled median (its ``latency_ms`` when the
+        config has no quantiles), and never below 1: the device was profiled as it is."""
         i = self.by_id.get(point_id)
-        if i is None or latency_ms <= 0:
-            return
-        ratio = latency_ms / max(self.frontier[i]["latency_ms"], 1e-9)
-        self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * ratio
-
-    def observe_run(self, point_id: str, latency_ms: float) -> None:
-        """Report one run of a point, robustly: the slowdown becomes the median, over the last
-        ``RUNS`` runs, of latency over the point's profiled median (at least 1).
-
-        :meth:`observe` compares with the frontier's quantile (p95 by default), which a typical run
-        stays well under (Early-Stopping Consistency's median is a quarter of its p95), so a steady
-        stream of ordinary runs would pull the factor far below 1 and admit points that then run
-        late; and one long run moves an average a lot.  The median of ratios to the median is 1 on
-        the profiled device whatever the spread, and follows a real slowdown within a few runs.
-        """
-        i = self.by_id.get(point_id)
-        if i is None or latency_ms <= 0:
+        if i is None or not 0 < latency_ms < math.inf:  # also NaN
             return
         p = self.frontier[i]
         typical = (p.get("latency_quantiles_ms") or {}).get("p50") or p["latency_ms"]
-        self.runs.append(latency_ms / max(typical, 1e-9))
-        # Never below the profile: the device was profiled as it is, and a server sees its short runs
-        # alone more often than its long ones (a long run is likelier to overlap another request).
-        self.slowdown = max(1.0, statistics.median(self.runs))
+        self._count(latency_ms / max(typical, 1e-9))
 
     def relax(self) -> None:
-        """Move the slowdown one step back toward the profile (a refusal, which measures nothing).
+        """Count a run at the profile (a refusal, which measures nothing).
 
         Without it a factor raised by a few slow requests would refuse every later request, and
         refused requests never run to measure that the device is fast again.
         """
-        self.slowdown = (1 - self.alpha) * self.slowdown + self.alpha * 1.0
-        if self.runs:
-            self.runs.append(1.0)  # and the runs' median with it
+        self._count(1.0)
+
+    def _count(self, ratio: float) -> None:
+        self.runs.append(ratio)
+        self.slowdown = max(1.0, statistics.median(self.runs))

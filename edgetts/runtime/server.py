@@ -10,13 +10,13 @@ the engine's measured step cost at the rows due before it, and the work due by e
 deadline, which must still fit; or the queue ahead on a serial engine).  With
 ``overload="downgrade"`` a request takes the most accurate point that still fits, a cheaper one
 before a refusal; with ``"refuse"`` it keeps the point its deadline alone would get, or is
-refused.  When nothing fits, the answer is 429 with ``Retry-After``, and the policy's slowdown
-relaxes one step (a refusal measures nothing, so an old factor must not refuse forever); when
+refused.  When nothing fits, the answer is 429 with ``Retry-After``, and the policy counts a run
+at the profile (a refusal measures nothing, so an old factor must not refuse forever); when
 ``max_queue`` requests are in, 429 as well.  Every admitted request runs on its own thread; on a
 llama.cpp engine its rows join the one running batch (:mod:`edgetts.engines.batching`), where a
 request whose deadline can no longer be met is dropped while still queued (429).  A client that
 disconnects cancels its request, queued or running.  The latencies of requests that ran alone
-recalibrate the policy (:meth:`Policy.observe_run`: the median against each point's median).
+recalibrate the policy (:meth:`Policy.observe`: the median against each point's median).
 
 Chat requests render the whole ``messages`` list (system prompt, earlier turns) through the
 model's chat template; ``include_reasoning: true`` returns the reasoning of the first row that
@@ -259,7 +259,7 @@ class Server:
         if plan.as_profiled and plan.alone and self.admitted == plan.order + 1:
             # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
             # model's error would pass for the device's speed.
-            self.policy.observe_run(plan.point["id"], 1000 * trace.wall_s)
+            self.policy.observe(plan.point["id"], 1000 * trace.wall_s)
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
