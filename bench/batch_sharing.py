@@ -7,13 +7,16 @@ another on a plain engine, then ``--concurrency`` at a time through a
 :class:`~edgetts.engines.batching.BatchedEngine` (every request's rows in one running batch),
 once with one unified KV cache and once with a cache stream per row.  Each line is one JSON
 object: the wall time of each side, how many rows came out identical token for token, and the
-scheduler's fitted step cost (seconds per decode round, plus seconds per token in it).
+scheduler's fitted step cost (seconds per decode round, plus seconds per token in it).  The
+first line is what batching can buy on this device at all: one decode step of 1 to 32 rows
+(a cache stream each, 40 tokens of context), in ms per step and per row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,32 @@ from edgetts.strategies import RunConfig, create
 from edgetts.tasks.datasets import load_dataset
 
 
+def decode_widths(threads: int, widths=(1, 2, 4, 8, 16, 32), steps: int = 150) -> dict:
+    """ms of one llama_decode carrying one token of each of ``widths`` rows (best of three runs)."""
+    from edgetts.engines.llamacpp import LlamaCppEngine
+    from edgetts.models import resolve_model
+
+    most = max(widths)
+    e = LlamaCppEngine(resolve_model("tiny"), n_ctx=most * 256, n_threads=threads, max_rows=most, kv_unified=False)
+    tok = e.lc.llama_vocab_bos(e.vocab)
+    out = {}
+    try:
+        for w in widths:
+            best = math.inf
+            for _ in range(3):
+                e.lc.llama_memory_clear(e.mem, True)
+                e._decode([(tok, pos, s, False) for s in range(w) for pos in range(40)])
+                t = time.perf_counter()
+                for k in range(steps):
+                    if e._decode([(tok, 40 + k, s, True) for s in range(w)]) != 0:
+                        raise RuntimeError("llama_decode failed")
+                best = min(best, (time.perf_counter() - t) / steps)
+            out[w] = round(1000 * best, 4)
+    finally:
+        e.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=40)
@@ -35,6 +64,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    step = decode_widths(args.threads)
+    print(json.dumps({"decode_ms_by_rows": step, "ms_per_row": {w: round(ms / w, 4) for w, ms in step.items()},
+                      "threads": args.threads}), flush=True)  # fmt: skip
     problems = load_dataset("arith", limit=args.requests, seed=0)
     rows = args.concurrency * args.n  # room for every concurrent request at once
     max_tokens = args.budget + RunConfig().answer_tokens
