@@ -1,7 +1,8 @@
-"""Small file helpers shared by the profiler, quantization manifests and model stand-ins.
+"""Small file helpers shared by the profiler, quantization manifests, command outputs and model stand-ins.
 
-:func:`write_json_atomic` writes through a temporary sibling and a rename, so a reader (or a
-process killed mid-write) never sees half a file.
+:func:`write_atomic` writes through a temporary sibling and a rename, so a reader (or a process
+killed mid-write) never sees half a file, and removes the temporary file when the write fails,
+so a failure leaves no ``.tmp`` behind; :func:`write_json_atomic` writes JSON that way.
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ import os
 from pathlib import Path
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write ``obj`` as JSON through a temporary file and a rename: readers never see half a file."""
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename; ``OSError`` if it fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also a KeyboardInterrupt mid-write: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename: readers never see half a file."""
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")

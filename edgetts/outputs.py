@@ -10,9 +10,10 @@ fails, so a failed command leaves neither a partial file nor a ``.tmp`` behind.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
+
+from edgetts.fileio import write_atomic
 
 
 class OutputError(ValueError):
@@ -39,19 +40,12 @@ def check_output(path: str | Path, ours: Callable[[Path], bool] | None = None, m
 def write_text(path: str | Path, text: str, make_parents: bool = True) -> Path:
     """Write ``text`` to ``path`` through a temporary sibling and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         if make_parents:
             path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return write_atomic(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
 
 
 def starts_with(marker: str) -> Callable[[Path], bool]:
