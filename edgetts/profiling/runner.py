@@ -69,7 +69,7 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
             if entry.is_file() and entry.name != "records.jsonl" and _derived(entry.name):
                 entry.unlink()
     elif sweep.exists():
-        old, why = _read_object(sweep)
+        old, why = _read_object(sweep, key="digest")
         if why:
             raise ProfileError(
                 f"{sweep} is damaged ({why}) while records.jsonl holds measured queries; if they belong to this "
@@ -92,13 +92,13 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
     write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved()})
 
 
-def _read_object(path: Path) -> tuple[dict, str | None]:
-    """(the JSON object in ``path``, None), or ({}, why it is not one)."""
+def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
+    """(the JSON object in ``path``, None), or ({}, why it is not one, or has no string ``key``)."""
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return {}, f"not JSON: {getattr(e, 'msg', None) or e}"
-    if not isinstance(value, dict) or (path.name == "sweep.json" and not isinstance(value.get("digest"), str)):
+    if not isinstance(value, dict) or (key is not None and not isinstance(value.get(key), str)):
         return {}, "not the object edgetts writes"
     return value, None
 
