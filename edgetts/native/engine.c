@@ -285,7 +285,7 @@ typedef struct loop_state {
     struct llama_sampler **samplers;
     int *in_kv, *out_idx, *limit, *stepped;
     int **pending_tok;
-    int *n_pending;
+    int *n_pending, *pending_cap;
     char **pending_text;
     int *extra;
 } loop_state;
@@ -310,6 +310,7 @@ static void loop_free(loop_state *s, int n)
     free(s->stepped);
     free(s->pending_tok);
     free(s->n_pending);
+    free(s->pending_cap);
     free(s->pending_text);
     free(s->extra);
 }
@@ -323,15 +324,20 @@ static void put(struct llama_batch *b, int i, int tok, int pos, int seq, int out
     b->logits[i] = (int8_t)out;
 }
 
-/* Appends tok to the row's undecoded tokens; each row holds at most max_tokens + forced text. */
+/* Appends tok to the row's undecoded tokens (one a step, more with forced text); the buffer
+ * grows by doubling, so a step does not reallocate. */
 static int push_pending(loop_state *s, int i, int tok)
 {
-    int *p = realloc(s->pending_tok[i], sizeof(int) * (size_t)(s->n_pending[i] + 1));
-    if (p == NULL) {
-        return 0;
+    if (s->n_pending[i] == s->pending_cap[i]) {
+        int cap = s->pending_cap[i] ? 2 * s->pending_cap[i] : 16;
+        int *p = realloc(s->pending_tok[i], sizeof(int) * (size_t)cap);
+        if (p == NULL) {
+            return 0;
+        }
+        s->pending_tok[i] = p;
+        s->pending_cap[i] = cap;
     }
-    s->pending_tok[i] = p;
-    p[s->n_pending[i]++] = tok;
+    s->pending_tok[i][s->n_pending[i]++] = tok;
     return 1;
 }
 
@@ -373,10 +379,11 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
     s.stepped = calloc((size_t)n, sizeof(int));
     s.pending_tok = calloc((size_t)n, sizeof(int *));
     s.n_pending = calloc((size_t)n, sizeof(int));
+    s.pending_cap = calloc((size_t)n, sizeof(int));
     s.pending_text = calloc((size_t)n, sizeof(char *));
     s.extra = calloc((size_t)n, sizeof(int));
     if (!s.rows || !s.samplers || !s.in_kv || !s.out_idx || !s.limit || !s.stepped || !s.pending_tok
-        || !s.n_pending || !s.pending_text || !s.extra) {
+        || !s.n_pending || !s.pending_cap || !s.pending_text || !s.extra) {
         st = EDGETTS_E_MEMORY;
         goto oom;
     }

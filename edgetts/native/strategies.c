@@ -148,34 +148,46 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
 }
 
 /* -- aggregation ---------------------------------------------------------------------------- */
-static void tally(edgetts_result *res)
+/* The vote over the rows order[0..k): each adds one to its answer's count and its weight
+ * (exp(confidence) when weighted, else 1) to the answer's weight; the answer of the largest
+ * weight wins, ties to the answer seen first. */
+static void vote(edgetts_result *res, const int *order, int k, int weighted)
 {
     res->n_votes = 0;
-    for (int i = 0; i < res->rows_used; i++) {
-        const char *a = res->rows[i].answer;
+    for (int m = 0; m < k; m++) {
+        const edgetts_row *r = &res->rows[order[m]];
         int j;
-        if (a == NULL) {
-            continue;
-        }
-        for (j = 0; j < res->n_votes && strcmp(res->votes[j].answer, a) != 0; j++) {
+        for (j = 0; j < res->n_votes && strcmp(res->votes[j].answer, r->answer) != 0; j++) {
         }
         if (j == res->n_votes) {
-            snprintf(res->votes[j].answer, EDGETTS_ANSWER_MAX, "%s", a);
+            snprintf(res->votes[j].answer, EDGETTS_ANSWER_MAX, "%s", r->answer);
             res->votes[j].count = 0;
             res->votes[j].weight = 0.0;
             res->n_votes++;
         }
         res->votes[j].count++;
-        res->votes[j].weight += 1.0;
+        res->votes[j].weight += weighted ? exp(r->confidence) : 1.0;
     }
     int best = -1;
-    for (int j = 0; j < res->n_votes; j++) { /* ties: the answer seen first */
-        if (best < 0 || res->votes[j].count > res->votes[best].count) {
+    for (int j = 0; j < res->n_votes; j++) {
+        if (best < 0 || res->votes[j].weight > res->votes[best].weight) {
             best = j;
         }
     }
     res->has_answer = best >= 0;
     snprintf(res->answer, EDGETTS_ANSWER_MAX, "%s", best >= 0 ? res->votes[best].answer : "");
+}
+
+/* Majority vote over the rows with an answer, in row order (weights of 1 are the counts). */
+static void tally(edgetts_result *res)
+{
+    int order[EDGETTS_MAX_ROWS], k = 0;
+    for (int i = 0; i < res->rows_used; i++) {
+        if (res->rows[i].answer != NULL) {
+            order[k++] = i;
+        }
+    }
+    vote(res, order, k, 0);
 }
 
 /* DeepConf's lowest group confidence: the lowest mean log-probability over 16 consecutive tokens. */
@@ -213,29 +225,7 @@ static void weighted_tally(edgetts_result *res)
         }
         order[j] = i;
     }
-    res->n_votes = 0;
-    for (int m = 0; m < k; m++) {
-        const edgetts_row *r = &res->rows[order[m]];
-        int j;
-        for (j = 0; j < res->n_votes && strcmp(res->votes[j].answer, r->answer) != 0; j++) {
-        }
-        if (j == res->n_votes) {
-            snprintf(res->votes[j].answer, EDGETTS_ANSWER_MAX, "%s", r->answer);
-            res->votes[j].count = 0;
-            res->votes[j].weight = 0.0;
-            res->n_votes++;
-        }
-        res->votes[j].count++;
-        res->votes[j].weight += exp(r->confidence);
-    }
-    int best = -1;
-    for (int j = 0; j < res->n_votes; j++) {
-        if (best < 0 || res->votes[j].weight > res->votes[best].weight) {
-            best = j;
-        }
-    }
-    res->has_answer = best >= 0;
-    snprintf(res->answer, EDGETTS_ANSWER_MAX, "%s", best >= 0 ? res->votes[best].answer : "");
+    vote(res, order, k, 1);
 }
 
 /* P(leader truly leads) under Beta(a + 1, b + 1): a binomial tail (aggregate.beta_prob_leader). */
