@@ -180,6 +180,20 @@ int main(int argc, char **argv)
         edgetts_result_free(&r);
     }
 
+    /* a call that fails its checks clears a pending cancel too: the next call runs */
+    for (int k = 0; k < 3; k++) {
+        edgetts_result r;
+        edgetts_cancel(rt);
+        edgetts_status st = k == 0   ? edgetts_answer(rt, questions[0], -1, 0, 1, &r)
+                            : k == 1 ? edgetts_run_point(rt, 99, questions[0], 0, 0, 100, 1, &r)
+                                     : edgetts_run_point(rt, 0, " \n", 0, 0, 100, 1, &r);
+        expect(st == EDGETTS_E_ARGUMENT, "failed call after a cancel", edgetts_last_error(rt));
+        edgetts_result_free(&r);
+        st = edgetts_run_point(rt, 0, questions[k], 0, 0, EDGETTS_NO_DEADLINE, 1, &r);
+        expect(st == EDGETTS_OK && r.rows_used >= 1, "cancel cleared by a failed call", edgetts_last_error(rt));
+        edgetts_result_free(&r);
+    }
+
     /* two runtimes in two threads give what one runtime gives alone */
     job alone = {rt, last, {{0}}, {0}, EDGETTS_OK};
     answer_eight(&alone);

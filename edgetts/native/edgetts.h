@@ -4,10 +4,11 @@
  * `edgetts build-c CONFIG --out DIR`.  A runtime opens every model the frontier names
  * (llama.cpp GGUF files), then answers questions: the policy picks the most accurate point
  * whose predicted latency fits the deadline (and energy limit), and the point's strategy
- * (single, majority, esc, adaptive, first-finish) runs its rows in one batch on one shared
- * prefill, forcing the end of thinking and the answer prefix at the thinking budget and
- * answering early when the deadline comes close.  With the same config and seed and no
- * binding deadline, the rows are token for token those of the Python runtime.
+ * (single, majority, esc, adaptive, first-finish, weighted) runs its rows batched over one
+ * prefill of the prompt (esc and adaptive: one batch and prefill per round), forcing the end of
+ * thinking and the answer prefix at the thinking budget and answering early when the deadline
+ * comes close.  With the same config and seed and no binding deadline, the rows are token for
+ * token those of the Python runtime.
  *
  * Errors: every function returns an edgetts_status; the message of the last failure on a
  * runtime is edgetts_last_error(rt) (or the `err` buffer of edgetts_open).  The library never
@@ -93,8 +94,8 @@ typedef struct edgetts_vote {
 typedef struct edgetts_result {
     int has_answer;
     char answer[EDGETTS_ANSWER_MAX];
-    int point_index;        /* -1 for an explicit run that is no frontier point */
-    const char *point_id;   /* NULL for such a run */
+    int point_index;        /* the frontier point that ran (run_point: with its n and budget as given) */
+    const char *point_id;   /* its id */
     const char *strategy;
     int n, budget;
     int predicted_miss;     /* the policy found no point that fits: this is the fastest fallback */

@@ -176,7 +176,7 @@ static struct llama_sampler *make_sampler(const ett_sampling *sp, unsigned seed)
 
 static int row_add(const ett_engine *e, ett_row *r, int tok, int forced)
 {
-    char piece[256];
+    char buf[256], *piece = buf;
     if (r->n_tokens == r->cap) {
         int cap = r->cap ? 2 * r->cap : 64;
         int *t = realloc(r->tokens, sizeof(int) * (size_t)cap);
@@ -195,14 +195,22 @@ static int row_add(const ett_engine *e, ett_row *r, int tok, int forced)
     r->forced[r->n_tokens] = (unsigned char)(forced != 0);
     r->n_tokens++;
     r->n_generated += !forced;
-    int n = llama_token_to_piece(e->vocab, tok, piece, (int)sizeof piece, 0, false);
-    if (n < 0) {
-        n = 0; /* a piece over 256 bytes: no such token in the models this runs */
+    int n = llama_token_to_piece(e->vocab, tok, buf, (int)sizeof buf, 0, false);
+    if (n < 0) { /* a longer piece: -n is its length */
+        piece = malloc((size_t)-n);
+        if (piece == NULL) {
+            return 0;
+        }
+        n = llama_token_to_piece(e->vocab, tok, piece, -n, 0, false);
+        n = n > 0 ? n : 0;
     }
     if (r->text_len + (size_t)n + 1 > r->text_cap) {
         size_t cap = 2 * (r->text_len + (size_t)n + 1) + 64;
         char *t = realloc(r->text, cap);
         if (t == NULL) {
+            if (piece != buf) {
+                free(piece);
+            }
             return 0;
         }
         r->text = t;
@@ -211,6 +219,9 @@ static int row_add(const ett_engine *e, ett_row *r, int tok, int forced)
     memcpy(r->text + r->text_len, piece, (size_t)n);
     r->text_len += (size_t)n;
     r->text[r->text_len] = '\0';
+    if (piece != buf) {
+        free(piece);
+    }
     return 1;
 }
 
@@ -284,8 +295,7 @@ typedef struct loop_state {
     ett_row *rows;
     struct llama_sampler **samplers;
     int *in_kv, *out_idx, *limit, *stepped;
-    int **pending_tok;
-    int *n_pending, *pending_cap;
+    int *n_pending; /* the row's last n_pending tokens are not decoded yet (one a step, more when forced) */
     char **pending_text;
     int *extra;
 } loop_state;
@@ -296,9 +306,6 @@ static void loop_free(loop_state *s, int n)
         if (s->samplers && s->samplers[i]) {
             llama_sampler_free(s->samplers[i]);
         }
-        if (s->pending_tok) {
-            free(s->pending_tok[i]);
-        }
         if (s->pending_text) {
             free(s->pending_text[i]);
         }
@@ -308,9 +315,7 @@ static void loop_free(loop_state *s, int n)
     free(s->out_idx);
     free(s->limit);
     free(s->stepped);
-    free(s->pending_tok);
     free(s->n_pending);
-    free(s->pending_cap);
     free(s->pending_text);
     free(s->extra);
 }
@@ -322,23 +327,6 @@ static void put(struct llama_batch *b, int i, int tok, int pos, int seq, int out
     b->n_seq_id[i] = 1;
     b->seq_id[i][0] = seq;
     b->logits[i] = (int8_t)out;
-}
-
-/* Appends tok to the row's undecoded tokens (one a step, more with forced text); the buffer
- * grows by doubling, so a step does not reallocate. */
-static int push_pending(loop_state *s, int i, int tok)
-{
-    if (s->n_pending[i] == s->pending_cap[i]) {
-        int cap = s->pending_cap[i] ? 2 * s->pending_cap[i] : 16;
-        int *p = realloc(s->pending_tok[i], sizeof(int) * (size_t)cap);
-        if (p == NULL) {
-            return 0;
-        }
-        s->pending_tok[i] = p;
-        s->pending_cap[i] = cap;
-    }
-    s->pending_tok[i][s->n_pending[i]++] = tok;
-    return 1;
 }
 
 edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sampling *sp, const unsigned *seeds,
@@ -377,13 +365,11 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
     s.out_idx = calloc((size_t)n, sizeof(int));
     s.limit = calloc((size_t)n, sizeof(int));
     s.stepped = calloc((size_t)n, sizeof(int));
-    s.pending_tok = calloc((size_t)n, sizeof(int *));
     s.n_pending = calloc((size_t)n, sizeof(int));
-    s.pending_cap = calloc((size_t)n, sizeof(int));
     s.pending_text = calloc((size_t)n, sizeof(char *));
     s.extra = calloc((size_t)n, sizeof(int));
-    if (!s.rows || !s.samplers || !s.in_kv || !s.out_idx || !s.limit || !s.stepped || !s.pending_tok
-        || !s.n_pending || !s.pending_cap || !s.pending_text || !s.extra) {
+    if (!s.rows || !s.samplers || !s.in_kv || !s.out_idx || !s.limit || !s.stepped || !s.n_pending
+        || !s.pending_text || !s.extra) {
         st = EDGETTS_E_MEMORY;
         goto oom;
     }
@@ -405,7 +391,6 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
         llama_memory_seq_cp(e->mem, 0, i, -1, -1);
     }
     for (int i = 0; i < n; i++) {
-        s.rows[i].index = i;
         s.samplers[i] = make_sampler(sp, seeds[i]);
         s.in_kv[i] = np;
         s.out_idx[i] = -1;
@@ -429,9 +414,10 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
                 r->finish_reason = "stop";
                 continue;
             }
-            if (!row_add(e, r, tok, 0) || !push_pending(&s, i, tok)) {
+            if (!row_add(e, r, tok, 0)) {
                 goto oom;
             }
+            s.n_pending[i]++;
         }
         if (ctl_fn != NULL) {
             ctl_fn(ctl_self, &ctl, s.stepped, n_stepped);
@@ -445,10 +431,11 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
                     goto oom;
                 }
                 for (int k = 0; k < nf; k++) {
-                    if (!row_add(e, &s.rows[i], ft[k], 1) || !push_pending(&s, i, ft[k])) {
+                    if (!row_add(e, &s.rows[i], ft[k], 1)) {
                         free(ft);
                         goto oom;
                     }
+                    s.n_pending[i]++;
                 }
                 free(ft);
                 s.limit[i] += s.extra[i];
@@ -476,8 +463,9 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
                 r->finish_reason = "length";
                 continue;
             }
+            const int *toks = r->tokens + r->n_tokens - len;
             for (int j = 0; j < len; j++) {
-                put(&e->batch, n_entries++, s.pending_tok[i][j], s.in_kv[i] + j, i, j == len - 1);
+                put(&e->batch, n_entries++, toks[j], s.in_kv[i] + j, i, j == len - 1);
             }
             s.out_idx[i] = n_entries - 1;
             s.in_kv[i] += len;

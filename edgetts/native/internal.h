@@ -39,7 +39,6 @@ typedef struct ett_engine {
 } ett_engine;
 
 typedef struct ett_row {
-    int index;
     int *tokens;
     unsigned char *forced;
     int n_tokens, cap, n_generated, finished;

@@ -73,9 +73,20 @@ const char *edgetts_last_error(const edgetts_runtime *rt)
     return rt != NULL ? rt->err : "no runtime";
 }
 
+static void clear_cancel(edgetts_runtime *rt)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    __atomic_store_n(&rt->cancel, 0, __ATOMIC_RELEASE);
+#else
+    rt->cancel = 0;
+#endif
+}
+
+/* A call that fails its checks: the message, and a pending cancel cleared as on every return. */
 static edgetts_status fail(edgetts_runtime *rt, edgetts_status st, const char *fmt, ...)
 {
     va_list ap;
+    clear_cancel(rt);
     va_start(ap, fmt);
     vsnprintf(rt->err, sizeof rt->err, fmt, ap);
     va_end(ap);
@@ -208,15 +219,6 @@ void edgetts_cancel(edgetts_runtime *rt)
         rt->cancel = 1;
 #endif
     }
-}
-
-static void clear_cancel(edgetts_runtime *rt)
-{
-#if defined(__GNUC__) || defined(__clang__)
-    __atomic_store_n(&rt->cancel, 0, __ATOMIC_RELEASE);
-#else
-    rt->cancel = 0;
-#endif
 }
 
 /* -- policy ---------------------------------------------------------------------------------- */

@@ -37,10 +37,11 @@ typedef struct budget_ctl {
     const ett_point *pt;
     int budget;
     double started, deadline_s; /* deadline_s < 0: none */
-    int end_ids[16], n_end;
+    int end_ids[16], n_end;     /* the end-of-thinking tokens */
+    char forced[512];           /* the forced text: end of thinking and answer prefix */
     int forced_len, prompt_tokens;
     double token_s, last_step, step_s;
-    int has_token_s, has_last;
+    int has_last;
     int *answer_start, *think_count, *forced_answer; /* per row; answer_start -1: still thinking */
     int first_finish, winner;
     volatile int *cancel;
@@ -55,9 +56,7 @@ static void stop_all(ett_ctl *ctl, const char *reason)
 
 static void force_answer(budget_ctl *b, ett_ctl *ctl, int i)
 {
-    char text[512];
-    snprintf(text, sizeof text, "%s%s", b->pt->think_end, b->pt->answer_prefix);
-    ett_force(ctl, i, text, ETT_ANSWER_TOKENS);
+    ett_force(ctl, i, b->forced, ETT_ANSWER_TOKENS);
     b->forced_answer[i] = 1;
     b->answer_start[i] = ctl->rows[i].n_tokens + b->n_end;
     b->think_count[i] = ctl->rows[i].n_generated;
@@ -85,7 +84,6 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
         b->step_s = b->step_s == 0 ? dt : 0.7 * b->step_s + 0.3 * dt;
     } else {
         b->token_s = now / b->prompt_tokens; /* the first call follows the prefill */
-        b->has_token_s = 1;
     }
     b->last_step = now;
     b->has_last = 1;
@@ -117,7 +115,7 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
         for (int i = 0; i < ctl->n; i++) {
             thinking += !ctl->rows[i].finished && b->answer_start[i] < 0 && ctl->pending[i] == NULL;
         }
-        double forced_decode = thinking * b->forced_len * (b->has_token_s ? b->token_s : 0.0);
+        double forced_decode = thinking * b->forced_len * b->token_s; /* token_s is set: a step came */
         int answer_steps = ETT_ANSWER_TOKENS < ETT_ANSWER_STEPS ? ETT_ANSWER_TOKENS : ETT_ANSWER_STEPS;
         if (thinking && left < forced_decode + (answer_steps + 1) * b->step_s) {
             if (left < forced_decode + b->step_s) { /* not even the forced text fits: stop on time */
@@ -333,59 +331,76 @@ static edgetts_status add_rows(edgetts_result *res, const ett_point *pt, const b
     return EDGETTS_OK;
 }
 
-static edgetts_status run_round(const ett_run *run, const char *prompt, int start, int size, double t0,
-                                int first_finish, edgetts_result *res, int *winner, char *err, size_t err_len)
+/* One round: `size` rows from overall index `start`, under a copy of the call's controller `base`. */
+static edgetts_status run_round(const ett_run *run, const budget_ctl *base, const char *prompt, int start, int size,
+                                edgetts_result *res, int *winner, char *err, size_t err_len)
 {
-    const ett_point *pt = run->point;
-    budget_ctl b;
+    budget_ctl b = *base;
     unsigned seeds[EDGETTS_MAX_ROWS];
     int ans[EDGETTS_MAX_ROWS], think[EDGETTS_MAX_ROWS], forced[EDGETTS_MAX_ROWS];
-    int *ids = NULL, np = 0;
-    char text[512];
+    int np = 0;
     ett_row *rows = NULL;
-    memset(&b, 0, sizeof b);
-    b.pt = pt;
-    b.budget = run->budget;
-    b.started = t0;
-    b.deadline_s = run->deadline_ms > 0 ? run->deadline_ms / 1000.0 : -1.0;
     b.answer_start = ans;
     b.think_count = think;
     b.forced_answer = forced;
-    b.first_finish = first_finish;
-    b.winner = -1;
-    b.cancel = run->cancel;
     for (int i = 0; i < size; i++) {
         seeds[i] = run->seed + (unsigned)(start + i);
         ans[i] = -1;
         think[i] = forced[i] = 0;
     }
-    b.n_end = pt->think_end[0] ? ett_tokenize(run->engine, pt->think_end, 0, &ids) : 0;
-    if (b.n_end < 0 || b.n_end > 16) {
-        free(ids);
-        snprintf(err, err_len, "the end-of-thinking delimiter is too long");
-        return EDGETTS_E_ARGUMENT;
-    }
-    if (b.n_end > 0) {
-        memcpy(b.end_ids, ids, sizeof(int) * (size_t)b.n_end);
-    }
-    free(ids);
-    ids = NULL;
-    snprintf(text, sizeof text, "%s%s", pt->think_end, pt->answer_prefix);
-    b.forced_len = ett_tokenize(run->engine, text, 0, &ids);
-    free(ids);
-    ids = NULL;
-    b.prompt_tokens = ett_tokenize(run->engine, prompt, 0, &ids) + 1;
-    free(ids);
     ett_sampling sp = {1.0f, 1.0f, 0.0f, 0, run->budget + ETT_ANSWER_TOKENS, strcmp(run->strategy, "weighted") == 0};
     edgetts_status st = ett_sample(run->engine, prompt, size, &sp, seeds, budget_step, &b, &rows, &np, err, err_len);
     if (st != EDGETTS_OK) {
         return st;
     }
     res->prompt_tokens = np;
-    st = add_rows(res, pt, &b, rows, size);
+    st = add_rows(res, run->point, &b, rows, size);
     ett_rows_free(rows, size);
     *winner = b.winner;
     return st;
+}
+
+/* The number of tokens of `text` (no BOS), or -1 when out of memory. */
+static int count_tokens(const ett_engine *e, const char *text)
+{
+    int *ids = NULL;
+    int n = ett_tokenize(e, text, 0, &ids);
+    free(ids);
+    return n;
+}
+
+/* The controller's settings for every round of a call: the end-of-thinking tokens, the forced
+ * text and its length, and the prompt's length (without BOS, plus one, as in Python). */
+static edgetts_status budget_init(const ett_run *run, const char *prompt, int first_finish, double t0, budget_ctl *b,
+                                  char *err, size_t err_len)
+{
+    const ett_point *pt = run->point;
+    int *ids = NULL;
+    memset(b, 0, sizeof *b);
+    b->pt = pt;
+    b->budget = run->budget;
+    b->started = t0;
+    b->deadline_s = run->deadline_ms > 0 ? run->deadline_ms / 1000.0 : -1.0;
+    b->first_finish = first_finish;
+    b->winner = -1;
+    b->cancel = run->cancel;
+    snprintf(b->forced, sizeof b->forced, "%s%s", pt->think_end, pt->answer_prefix);
+    b->n_end = pt->think_end[0] ? ett_tokenize(run->engine, pt->think_end, 0, &ids) : 0;
+    if (b->n_end > 0 && b->n_end <= 16) {
+        memcpy(b->end_ids, ids, sizeof(int) * (size_t)b->n_end);
+    }
+    free(ids);
+    if (b->n_end > 16) {
+        snprintf(err, err_len, "the end-of-thinking delimiter is too long");
+        return EDGETTS_E_ARGUMENT;
+    }
+    b->forced_len = count_tokens(run->engine, b->forced);
+    b->prompt_tokens = count_tokens(run->engine, prompt) + 1;
+    if (b->n_end < 0 || b->forced_len < 0 || b->prompt_tokens < 1) {
+        snprintf(err, err_len, "out of memory");
+        return EDGETTS_E_MEMORY;
+    }
+    return EDGETTS_OK;
 }
 
 static int any_reason(const edgetts_result *res, int from, const char *reason)
@@ -407,6 +422,7 @@ edgetts_status ett_run_strategy(const ett_run *run, const char *question, edgett
     double t0 = ett_now();
     edgetts_status st = EDGETTS_OK;
     int weighted = strcmp(s, "weighted") == 0;
+    budget_ctl base;
     if (strcmp(s, "single") && strcmp(s, "majority") && strcmp(s, "esc") && strcmp(s, "adaptive") && !first_finish
         && !weighted) {
         snprintf(err, err_len, "strategy %s is not in the C runtime (single, majority, esc, adaptive, first-finish, "
@@ -422,6 +438,11 @@ edgetts_status ett_run_strategy(const ett_run *run, const char *question, edgett
         return EDGETTS_E_MEMORY;
     }
     sprintf(prompt, "%s%s%s", run->point->prompt_prefix, question, run->point->prompt_suffix);
+    st = budget_init(run, prompt, first_finish, t0, &base, err, err_len);
+    if (st != EDGETTS_OK) {
+        free(prompt);
+        return st;
+    }
     n_rounds = round_sizes(s, run->n, sizes);
     for (int k = 0; k < n_rounds; k++) {
         int from = res->rows_used;
@@ -432,7 +453,7 @@ edgetts_status ett_run_strategy(const ett_run *run, const char *question, edgett
                 break;
             }
         }
-        st = run_round(run, prompt, from, sizes[k], t0, first_finish, res, &winner, err, err_len);
+        st = run_round(run, &base, prompt, from, sizes[k], res, &winner, err, err_len);
         if (st != EDGETTS_OK) {
             break;
         }
