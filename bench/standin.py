@@ -129,7 +129,8 @@ def memory(model: str, rows: list[int], budgets: list[int], threads: int) -> dic
                   f"{p['predicted_total_mb']} vs peak {p['measured_peak_mb']} MB", file=sys.stderr)  # fmt: skip
     big = [p for p in points if p["kv_growth_measured_mb"] > 8]  # below that, allocator noise dominates
     return {"points": points, "kv_memory_error": max((p["kv_error"] for p in big), default=None),
-            "kv_log_error": max(abs(p["predicted_kv_mb"] - p["kv_log_mb"]) / p["kv_log_mb"] for p in points),
+            "kv_log_error": max((abs(p["predicted_kv_mb"] - p["kv_log_mb"]) / p["kv_log_mb"] for p in points
+                                 if p["kv_log_mb"]), default=None),  # points whose log had no KV line are left out
             "total_error_max": max(p["total_error"] for p in points),
             "total_error_min": min(p["total_error"] for p in points)}  # fmt: skip
 
@@ -226,9 +227,11 @@ def main() -> None:
         engine_s = result["speed"]["engine_s"]
         if args.batched_bench:
             native = batched_bench(args.batched_bench, model, result["speed"]["prompt_tokens"] + 1, args.threads)
+            result["speed"]["native_s"] = round(native, 4)
             result["speed"]["ratio_vs_native"] = round(engine_s / native, 3)
         if args.llama_server:
             server = llama_server(args.llama_server, model, PROMPT, args.threads, args.reps) / args.reps
+            result["speed"]["server_s"] = round(server, 4)
             result["speed"]["ratio_vs_llama_server"] = round(engine_s / server, 3)
     result["load_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))

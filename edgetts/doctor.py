@@ -35,7 +35,7 @@ def _engine(name: str, module: str, dist: str) -> dict:
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name.split(".")[0]):
+        if e.name and e.name.split(".")[0] == module.split(".")[0]:  # the engine's own package is missing
             return {"name": name, "available": False, "detail": f"not installed: {INSTALL[name]}"}
         return {"name": name, "available": False, "detail": f"{dist} needs {e.name}: {INSTALL[name]}"}
     except Exception as e:  # a broken native library can raise anything on import

@@ -59,3 +59,16 @@ def starts_with(marker: str) -> Callable[[Path], bool]:
             return False
 
     return ours
+
+
+def contains(marker: str, within: int) -> Callable[[Path], bool]:
+    """An ``ours`` test: ``marker`` occurs in the file's first ``within`` bytes (a header edgetts writes)."""
+
+    def ours(path: Path) -> bool:
+        try:
+            with path.open("rb") as f:
+                return marker.encode() in f.read(within)
+        except OSError:
+            return False
+
+    return ours

@@ -221,7 +221,7 @@ def write_standin(shape_name: str, out: str | Path, seed: int = 0, dtype: str = 
     import gguf
 
     if shape_name not in SHAPES:
-        raise StandinError(f"unknown stand-in shape {shape_name!r}; choose one of: {', '.join(SHAPES)}")
+        raise StandinError(f"unknown shape {shape_name!r}; choose one of: {', '.join(SHAPES)}")
     if dtype not in ("f16", "f32"):
         raise StandinError(f"dtype must be f16 or f32, got {dtype!r}")
     from edgetts.outputs import OutputError, check_output
@@ -244,10 +244,10 @@ def write_standin(shape_name: str, out: str | Path, seed: int = 0, dtype: str = 
 
 
 def _is_standin(path: Path) -> bool:
-    with contextlib.suppress(OSError), path.open("rb") as f:
-        head = f.read(1 << 12)
-        return head[:4] == b"GGUF" and NAME_MARK.encode() in head
-    return False
+    """A GGUF file this module wrote: its name, in the header, carries :data:`NAME_MARK`."""
+    from edgetts.outputs import contains, starts_with
+
+    return starts_with("GGUF")(path) and contains(NAME_MARK, within=1 << 12)(path)
 
 
 def _write(gguf, s: Shape, tmp: Path, tokens, types, merges, seed: int, dtype: str) -> None:

@@ -193,13 +193,12 @@ def write_config(config: dict, path: str | Path) -> Path:
     validate(config, str(path))
     try:
         path = check_output(path, ours=_is_config)
-        # The folder is created first so that relative artifact paths are computed against its real location.
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Artifact paths are made relative to the folder's resolved location; write_text creates the folder.
         text = json.dumps(_paths(config, path.parent.resolve(), relative=True), indent=1, sort_keys=True) + "\n"
         return write_text(path, text)
     except OutputError as e:
         raise ParetoError(str(e)) from None
-    except OSError as e:
+    except OSError as e:  # looking at the path (a folder that cannot be searched)
         raise ParetoError(f"cannot write {path}: {e.strerror or e}") from None
 
 

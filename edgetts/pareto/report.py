@@ -31,6 +31,7 @@ from pathlib import Path
 
 PNG_TITLE = "edgetts Pareto frontier"
 
+
 def plot(config: dict, candidates: list[dict], path: str | Path) -> Path:
     import matplotlib
 

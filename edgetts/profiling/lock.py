@@ -25,7 +25,7 @@ from pathlib import Path
 
 LOCK_NAME = ".edgetts-lock"
 
-_held: dict[Path, list] = {}  # resolved directory -> [descriptor, depth]
+_held: set[Path] = set()  # resolved directories whose lock this process holds
 
 
 class LockError(ValueError):
@@ -51,12 +51,8 @@ def describe(info: dict | None) -> str:
 def hold(directory: str | Path):
     """Hold the lock of ``directory`` (which must exist) for the ``with`` block."""
     key = Path(directory).resolve()
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
+    if key in _held:  # held further out in this process: the outer block releases it
+        yield
         return
     fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -75,8 +71,8 @@ def hold(directory: str | Path):
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        _held[key] = [fd, 1]
+        _held.add(key)
         yield
     finally:
-        _held.pop(key, None)
+        _held.discard(key)
         os.close(fd)  # releases the lock

@@ -231,8 +231,10 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress) -> dict:
             (r, ex) for r in range(cfg.repeats) for ex in examples
             if any(record_key(model, s, n, b, r, ex.id) not in done for s, n, b in pooled)
         ]  # fmt: skip
-        validated = out / f"latency-validation-{_safe(model)}.json"
-        check = bool(pooled) and not validated.exists()  # also after a run killed during the check
+        # Checked also after a run killed during the check; not when every pooled record predates this
+        # run and their step-time model was lost, as there is nothing to compare them with.
+        check = (bool(pooled) and not _latency_file(out, "validation", model).exists()
+                 and (bool(todo_pool) or latency_model(out, model) is not None))  # fmt: skip
         if not todo and not todo_pool and not check:
             continue
         answer = RunConfig().answer_tokens
@@ -340,7 +342,7 @@ def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> N
     steps = latency_model(out, model)  # a resumed profile keeps the model its records were made with
     if steps is None:
         steps = calibrate(engine, family, todo[0][1].question, n_max, tokens=min(max(budgets) + 32, 256))
-        write_json_atomic(out / f"latency-model-{_safe(model)}.json", steps.to_dict())
+        write_json_atomic(_latency_file(out, "model", model), steps.to_dict())
     forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
     for r, ex in todo:
         sampling = SamplingParams(temperature=ctx.cfg.temperature, seed=ctx.cfg.seed + 1000 * r)
@@ -371,10 +373,12 @@ def latency_model(out: Path, model: str):
     """The step-time model saved for ``model`` in ``out``, or None."""
     from edgetts.profiling.latency import StepModel
 
-    path = out / f"latency-model-{_safe(model)}.json"
+    saved, why = _read_object(_latency_file(out, "model", model))
+    if why:  # missing or damaged: calibrate again
+        return None
     try:
-        return StepModel.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):  # missing or damaged: calibrate again
+        return StepModel.from_dict(saved)
+    except (ValueError, TypeError):  # an object without the model's fields
         return None
 
 
@@ -383,18 +387,21 @@ def check_latencies(ctx: Context, model, engine, family, cells, examples, out: P
     from edgetts.profiling.validation import validate
 
     steps = latency_model(out, model)
-    if steps is None:  # every pooled record was there before this run, its model was lost: nothing to compare
+    if steps is None:  # no step-time model to compare with (the caller skips the check then)
         return
     records = {k: r for k, r in RecordLog(out / "records.jsonl").load().items() if r["model"] == model}
     if ctx.progress:
         ctx.progress(ctx.count, ctx.total, f"{model}: checking modelled latencies against direct runs")
     result = validate(engine, family, model, cells, examples, records, steps, ctx.cfg,
                       lambda *cell: record_key(model, *cell))  # fmt: skip
-    write_json_atomic(out / f"latency-validation-{_safe(model)}.json", result)
+    write_json_atomic(_latency_file(out, "validation", model), result)
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+def _latency_file(out: Path, kind: str, model: str) -> Path:
+    """``latency-model-<model>.json`` or ``latency-validation-<model>.json`` in ``out``, the model's name
+    made safe for a file name."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name)
+    return out / f"latency-{kind}-{safe}.json"
 
 
 def write_summary(out: str | Path) -> dict:
@@ -403,10 +410,9 @@ def write_summary(out: str | Path) -> dict:
     summary = summarize(RecordLog(out / "records.jsonl").load())
     checks = []
     for path in sorted(out.glob("latency-validation-*.json")):
-        try:
-            checks.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+        check, why = _read_object(path)
+        if not why:  # a damaged check is left out
+            checks.append(check)
     if checks:
         from edgetts.profiling.validation import combine
 

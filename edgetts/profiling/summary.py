@@ -50,7 +50,6 @@ def summarize(records: dict[str, dict]) -> dict:
         lat = [r["latency_s"] for r in recs]
         energies = [r["energy_j"] for r in recs if r["energy_j"] is not None]
         sources = sorted({r["energy_source"] for r in recs})
-        gpu = [r["peak_gpu_mb"] for r in recs if r.get("peak_gpu_mb") is not None]
         entry = {
             "model": model, "engine": recs[0].get("engine") or {"engine": "llama.cpp", "artifact": model},
             "strategy": strategy, "n": n, "budget": budget, "queries": len(recs),
@@ -66,7 +65,7 @@ def summarize(records: dict[str, dict]) -> dict:
             "avg_power_w": mean(r["avg_power_w"] for r in recs if r["avg_power_w"] is not None) if energies else None,
             "energy_source": sources[0] if len(sources) == 1 else "mixed:" + ",".join(sources),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in recs),
-            "peak_gpu_mb": max(gpu) if gpu else None,
+            "peak_gpu_mb": _max_known(r.get("peak_gpu_mb") for r in recs),
             "kv_bytes": _max_known(r.get("kv_bytes") for r in recs),
             "memory_mb": _max_known(r.get("memory_mb") for r in recs),
         }  # fmt: skip

@@ -56,6 +56,7 @@ def validate(engine, family, model: str, cells, examples, records: dict, steps, 
     from edgetts.strategies import RunConfig, create
 
     problems = examples[:PROBLEMS]
+    sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)  # the pool's seeds of repeat 0
     checked = []
     for s, n, b in choose_cells(cells):
         direct, modelled = [], []
@@ -63,7 +64,6 @@ def validate(engine, family, model: str, cells, examples, records: dict, steps, 
             rec = records.get(key(s, n, b, 0, ex.id))
             if rec is None:
                 continue
-            sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)
             trace = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling)).run(ex.question)
             direct.append(trace.wall_s)
             modelled.append(rec["latency_s"])
