@@ -137,3 +137,12 @@ def test_probes_branch_a_row_without_disturbing_it(engine):
     # A probe answers like a direct cut at the same point, up to the sampler's draw.
     cut = engine.sample(p, 1, SamplingParams(seed=3, max_tokens=10))
     assert cut.rows[0].text == plain.rows[0].text[: len(cut.rows[0].text)]
+    # A cache stream per row has no scratch sequences: a probe is a clear error, not an abort.
+    split = LlamaCppEngine(engine.path, n_ctx=1024, n_threads=1, max_rows=4, kv_unified=False)
+    try:
+        assert not split.probes
+        with pytest.raises(EngineError, match="probes need a unified cache"):
+            split.sample(p, 4, params, controller=probe_at_10_and_30)
+        assert split.sample(p, 4, params).texts == plain.texts  # and the engine goes on
+    finally:
+        split.close()

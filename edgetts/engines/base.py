@@ -195,7 +195,11 @@ class Engine(ABC):
     steppable: ClassVar[bool] = False  # the controller is called after every step
     needs_url: ClassVar[bool] = False  # runs behind a server (the spec's url), not on a local artifact
     options: ClassVar[dict[str, type]] = {}  # spec options the engine takes, with their types
-    memory = None  # what open_engine planned for this engine (engine.memory), when it could
+
+    @classmethod
+    def probes_for(cls, spec) -> bool:
+        """Whether an engine opened from ``spec`` can probe (its options may take that away)."""
+        return cls.probes
 
     @classmethod
     def open(cls, spec, plan) -> Engine:

@@ -36,6 +36,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -53,6 +54,9 @@ class _Entry:
     cells: int  # planned cache cells
     future: Future
     due: float = math.inf  # when its caller needs it done (perf_counter seconds)
+    # The controller's ``expired(min_s)``: why the call should not run on (cancelled, or its
+    # deadline leaves less than ``min_s``), or None; looked up once, asked every round.
+    expired: Callable[[float], str | None] | None = None
 
 
 class StepCost:
@@ -124,7 +128,7 @@ class Scheduler:
         if cells > self.engine.n_ctx:
             raise EngineError(f"this request needs {cells} cache cells; the engine has {self.engine.n_ctx}")
         due = getattr(controller, "due", None)
-        entry = _Entry(job, cells, Future(), (due() if due else None) or math.inf)
+        entry = _Entry(job, cells, Future(), (due() if due else None) or math.inf, getattr(controller, "expired", None))
         with self.cond:
             if self.closed:
                 raise EngineError("the engine is closed")
@@ -142,7 +146,8 @@ class Scheduler:
         return self._fit
 
     def step_cost(self, tokens: int) -> float:
-        """Predicted seconds of one decode carrying ``tokens`` tokens (a + b x tokens, fitted online)."""
+        """Predicted seconds of one round carrying ``tokens`` tokens: its sampling, controllers and decode
+        (a + b x tokens, fitted online on whole rounds, from bare decodes timed at start)."""
         a, b = self._fit
         return a + b * tokens
 
@@ -176,7 +181,10 @@ class Scheduler:
                 self.free_cells = self.engine.n_ctx
 
     def _admit(self) -> None:
-        for entry, reason in [(x, self._expired(x.job)) for x in self.queue]:
+        rows = sum(x.job.n for x in self.running)  # a round's tokens: about one a row
+        for entry in list(self.queue):
+            # a queued job needs the rounds that state an answer still ahead of its deadline
+            reason = entry.expired and entry.expired(ANSWER_ROUNDS * self.step_cost(rows + entry.job.n))
             if reason:
                 self.queue.remove(entry)
                 entry.job.stop_live(reason)  # never started: no cells, no samplers
@@ -190,20 +198,11 @@ class Scheduler:
             self.free_cells -= entry.cells
             self.running.append(entry)
 
-    def _expired(self, job: Job, min_s: float | None = None) -> str | None:
-        """Why ``job`` should not run on: cancelled, or its deadline leaves less than ``min_s``
-        (default: the rounds a queued job needs to state an answer)."""
-        check = getattr(job.controller, "expired", None)
-        if check is None:
-            return None
-        rows = sum(x.job.n for x in self.running) + job.n  # a round's tokens: about one a row
-        return check(ANSWER_ROUNDS * self.step_cost(rows) if min_s is None else min_s)
-
     def _round(self) -> None:
         e = self.engine
         begin = time.perf_counter()  # the whole round is what a request waits for: sampling and controllers too
         for entry in list(self.running):
-            reason = self._expired(entry.job, 0.0)
+            reason = entry.expired and entry.expired(0.0)
             if reason and (not entry.job.live or entry.job.sampled):  # left out of rounds until too late:
                 entry.job.stop_live(reason)  # its controller never ran to stop it, so stop it here
                 self._finish(entry)
@@ -262,7 +261,7 @@ class Scheduler:
         urgent row late); a job left out keeps its sampled tokens for a later round.  A job still
         prefilling gets a prompt chunk the round can afford (at least a few tokens, so it starts).
         Returns (entry, prompt tokens it may prefill)."""
-        jobs = sorted((x for x in self.running if not x.job.done or not x.job.live), key=lambda x: x.due)
+        jobs = sorted((x for x in self.running if not x.job.done), key=lambda x: x.due)
         chosen, tokens, pace, starting = [], 0, math.inf, False
         for entry in jobs:
             job = entry.job
@@ -335,10 +334,6 @@ class BatchedEngine(Engine):
 
     def model_name(self) -> str | None:
         return self.inner.model_name()
-
-    @property
-    def max_rows(self) -> int:
-        return self.inner.max_rows
 
     def close(self) -> None:
         self.scheduler.close()

@@ -36,7 +36,6 @@ import numpy as np
 
 from edgetts.engines.base import Controller, Engine, EngineError, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
-from edgetts.engines.spec import FORCED_SLACK
 
 GGUF_MAGIC = b"GGUF"
 _backend_ready = False
@@ -96,9 +95,7 @@ def context_size(spec, plan) -> int:
     o = spec.options
     if o.get("n_ctx"):
         return o["n_ctx"]
-    if not o.get("kv_unified", True):
-        return plan.max_rows * (plan.prompt_tokens + plan.max_tokens + FORCED_SLACK + plan.probe_tokens)
-    return plan.n_ctx
+    return plan.n_ctx if o.get("kv_unified", True) else plan.split_n_ctx
 
 
 def default_threads() -> int:
@@ -158,6 +155,10 @@ class LlamaCppEngine(Engine):
                    kv_unified=o.get("kv_unified", True))  # fmt: skip
 
     @classmethod
+    def probes_for(cls, spec) -> bool:
+        return cls.probes and spec.options.get("kv_unified", True)  # branches need a unified cache
+
+    @classmethod
     def memory_plan(cls, spec, plan):
         """What :meth:`open` will allocate for ``plan``, from the GGUF header alone (nothing loaded)."""
         from edgetts.engines.memory import gguf_info, plan_memory
@@ -169,11 +170,11 @@ class LlamaCppEngine(Engine):
             raise EngineError(str(e)) from None
         try:
             info = gguf_info(path)
-        except (ValueError, KeyError, IndexError, OverflowError):  # a header this reader does not know:
-            return None  # llama.cpp may still load it; its memory is then unknown, not refused
+        except EngineError:  # a header this reader does not know: llama.cpp may still load it,
+            return None  # and its memory is then unknown, not refused
         o = spec.options
         return plan_memory(info, context_size(spec, plan), plan.max_rows, o.get("n_batch") or 512,
-                           cpu=not o.get("gpu_layers"))  # fmt: skip
+                           cpu=not o.get("gpu_layers"), kv_unified=o.get("kv_unified", True))  # fmt: skip
 
     def __init__(
         self,

@@ -37,13 +37,12 @@ class Job:
         self.ptoks = engine.tokenize(prompt, add_bos=engine.add_bos)
         if not self.ptoks:
             raise EngineError("the prompt is empty")
-        need, room = len(self.ptoks) + n * params.max_tokens, engine.n_ctx
-        if not engine.kv_unified:  # a stream per row, each with the prompt
-            need, room = len(self.ptoks) + params.max_tokens, engine.n_ctx_seq
-        if need > room:
+        rows = n if engine.kv_unified else 1  # a stream per row holds its own prompt and row
+        if len(self.ptoks) + rows * params.max_tokens > (room := engine.n_ctx_seq):
+            of = "" if engine.kv_unified else ", one row's stream"
             raise EngineError(
-                f"prompt ({len(self.ptoks)} tokens) plus {n} rows x {params.max_tokens} tokens exceeds the "
-                f"context of {engine.n_ctx}; raise n_ctx or lower n or max_tokens"
+                f"prompt ({len(self.ptoks)} tokens) plus {rows} row(s) x {params.max_tokens} tokens exceeds the "
+                f"context ({room} tokens{of}); raise n_ctx or lower n or max_tokens"
             )
         self.n, self.params, self.controller, self.seqs = n, params, controller, seqs
         seeds = seeds if seeds is not None else [params.seed + i for i in range(n)]
@@ -60,7 +59,10 @@ class Job:
         self.steps = 0
         self.live = False  # prefilled, rows sampling
         self.sampled = False  # stepped since its last decode: its pending tokens wait for the next batch
-        self.allow_probes = True  # a scheduler sharing the batch cannot let a branch decode on its own
+        # Probes branch a row into scratch sequences: only a unified cache has them, and a scheduler
+        # sharing the batch cannot let a branch decode on its own (it turns this off).
+        self.allow_probes = engine.probes
+        self.expected_tokens = getattr(controller, "expected_tokens", None)  # rows' usual length, if known
 
     # -- prefill ------------------------------------------------------------------------
     def prefill_entries(self, room: int) -> list[tuple[int, int, int, bool]]:
@@ -126,7 +128,8 @@ class Job:
         ctl.extra.clear()
         if ctl.probes:
             if not self.allow_probes:
-                raise EngineError("probes need the engine to themselves; this engine shares its batch")
+                raise EngineError("probes need a unified cache and the engine to themselves (this engine has a cache "
+                                  "stream per row, or shares its batch)")
             e._run_probes(ctl.probes, rows, self.seqs, self.in_kv, self.pending, self.params)
             ctl.probes.clear()
 
@@ -136,7 +139,7 @@ class Job:
     def remaining_steps(self) -> int:
         """Decode steps the job still expects: its rows' usual length (the controller's
         ``expected_tokens``), or their hard limit once a row has run past it."""
-        expected = getattr(self.controller, "expected_tokens", None)
+        expected = self.expected_tokens
         left = 1
         for r in self.rows:
             if not r.finished:
@@ -186,9 +189,7 @@ class Job:
 
     def result(self) -> SampleResult:
         self.stop_live("length")
-        for s in self.samplers:
-            self.lc.llama_sampler_free(s)
-        self.samplers = []
+        self._free_samplers()
         for r, d in zip(self.rows, self.decoders):
             tail = d.decode(b"", final=True)
             if tail:
@@ -198,7 +199,10 @@ class Job:
 
     def close(self) -> None:
         """Free native resources of a job abandoned mid-way (an error)."""
+        self._free_samplers()
+        self.stop_live("stopped")
+
+    def _free_samplers(self) -> None:
         for s in self.samplers:
             self.lc.llama_sampler_free(s)
         self.samplers = []
-        self.stop_live("stopped")

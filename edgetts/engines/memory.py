@@ -13,7 +13,8 @@ arrays), so planning a 151,936-token model costs a fraction of a second.
   then no longer read, but they were paged in to be copied);
 - ``kv``: ``n_ctx`` cells (rounded up to llama.cpp's 256-cell padding) times the f16 K and V
   bytes per token of all layers: ``2 x layers x kv_heads x (key_length + value_length)``;
-- ``output``: one float logit vector per sequence (rows and their probe branches);
+- ``output``: one float logit vector per sequence (the engine's ``n_seq_max``: rows and their
+  probe branches with a unified cache, the rows alone with a cache stream per row);
 - ``compute``: the scratch of one micro-batch of ``n_ubatch`` tokens, dominated by the
   logits of a micro-batch whose tokens all want outputs (``n_ubatch x n_vocab`` floats) plus its
   activations.
@@ -29,7 +30,7 @@ import functools
 import math
 import mmap
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgetts.engines.base import EngineError
@@ -66,7 +67,7 @@ def gguf_info(path: str | Path) -> GGUFInfo:
     st = Path(path).stat()
     try:
         return _gguf_info(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-    except (struct.error, KeyError) as e:  # a truncated header, or a value type this reader does not know
+    except (struct.error, KeyError, IndexError, OverflowError) as e:  # truncated, or a type this reader does not know
         raise EngineError(f"{path}: unreadable GGUF header ({e})") from None
 
 
@@ -152,18 +153,16 @@ class MemoryPlan:
     def total_mb(self) -> float:
         return self.total / MB
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
-
     def describe(self) -> str:
         return (f"{self.total_mb:.0f} MB: weights {self.weights / MB:.0f}, KV cache {self.kv / MB:.0f} "
                 f"({self.n_ctx} tokens), compute {(self.compute + self.output) / MB:.0f}")  # fmt: skip
 
 
-def plan_memory(info: GGUFInfo, n_ctx: int, max_rows: int, n_ubatch: int = 512, cpu: bool = True) -> MemoryPlan:
+def plan_memory(info: GGUFInfo, n_ctx: int, max_rows: int, n_ubatch: int = 512, cpu: bool = True,
+                kv_unified: bool = True) -> MemoryPlan:  # fmt: skip
     """What llama.cpp allocates for ``info``'s model with a context of ``n_ctx`` cells (see the module doc)."""
     cells = KV_PAD * math.ceil(n_ctx / KV_PAD)
-    seqs = 2 * max_rows  # rows, then one probe branch per row (the engine's n_seq_max)
+    seqs = 2 * max_rows if kv_unified else max_rows  # the engine's n_seq_max (probe branches need a unified cache)
     activations = n_ubatch * 4 * (3 * info.hidden + 2 * info.ffn)
     return MemoryPlan(
         n_ctx=cells, weights=info.weight_bytes + (info.repack_bytes if cpu else 0), kv=cells * info.kv_bytes_per_token,
@@ -194,9 +193,9 @@ def available_mb(gpu: bool = False) -> float | None:
     return None
 
 
-def check_fits(plan: MemoryPlan, what: str, gpu: bool = False, available: float | None = None) -> None:
+def check_fits(plan: MemoryPlan, what: str, gpu: bool = False) -> None:
     """Refuse (one line) a plan that needs more memory than the device has free."""
-    free = available if available is not None else available_mb(gpu)
+    free = available_mb(gpu)
     if free is not None and plan.total_mb > free:
         raise EngineError(
             f"{what} needs {plan.describe()}; the device has {free:.0f} MB free. Lower n or the budget, "

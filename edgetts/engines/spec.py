@@ -16,8 +16,7 @@ so whatever engine a Pareto point names can be opened again anywhere.
    plus every row's sampled tokens, forced text and probe branches),
 4. refuses, before loading anything, a plan that needs more memory than the device has free
    (:mod:`edgetts.engines.memory`, for engines whose class has ``memory_plan``), then opens the
-   engine through its class's :meth:`~edgetts.engines.base.Engine.open` (the engine's ``memory``
-   attribute keeps the plan, None when the engine cannot tell), and
+   engine through its class's :meth:`~edgetts.engines.base.Engine.open`, and
 5. guesses the reasoning family from the model (name, GGUF ``general.name``, chat template).
 """
 
@@ -55,6 +54,12 @@ class ContextPlan:
         """Cache cells: the shared prompt once, then each row's own tokens and its probe branch."""
         per_row = self.max_tokens + FORCED_SLACK + self.probe_tokens
         return int(64 * math.ceil((self.prompt_tokens + self.max_rows * per_row) / 64))
+
+    @property
+    def split_n_ctx(self) -> int:
+        """Cache cells with a stream per row: each stream its own copy of the prompt and its row's
+        tokens (no probe branches: they need a unified cache)."""
+        return self.max_rows * (self.prompt_tokens + self.max_tokens + FORCED_SLACK)
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,6 @@ def open_engine(spec: EngineSpec | dict | str, max_rows: int = 1, max_tokens: in
         check_fits(memory, f"{spec.label} for {max_rows} row(s) x {max_tokens} tokens",
                    gpu=bool(spec.options.get("gpu_layers")))  # fmt: skip
     engine = cls.open(spec, plan)
-    engine.memory = memory
     family = spec.options.get("family")
     if family is None:
         return engine, guess_family(spec.artifact or "", engine.chat_template(), engine.model_name())

@@ -220,7 +220,7 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress) -> dict:
     ctx.count = count
     for spec in specs:
         model = spec.label
-        can_pool = cfg.mode == "pooled" and engine_class(spec.engine).probes
+        can_pool = cfg.mode == "pooled" and engine_class(spec.engine).probes_for(spec)
         pooled = [c for c in cells if can_pool and STRATEGIES[c[0]].pooled]
         direct = [c for c in cells if c not in pooled]
         todo = [
