@@ -106,7 +106,8 @@ def test_completion_deadline_picks_cheaper_points_and_experts_override(client, c
     tight, roomy = 3 * front[0]["latency_ms"] + 20, 10 * front[-1]["latency_ms"] + 2000
     fast = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": tight})
     slow = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": roomy})
-    assert fast.model_extra["edgetts"]["point_index"] <= slow.model_extra["edgetts"]["point_index"]
+    assert slow.model_extra["edgetts"]["point_index"] == len(front) - 1  # room for all: the most accurate
+    assert front[fast.model_extra["edgetts"]["point_index"]]["latency_ms"] <= tight  # one that fits the deadline
     forced = client.completions.create(model="edgetts", prompt=Q, max_tokens=20,
                                        extra_body={"edgetts": {"strategy": "majority", "n": 3,
                                                                "budget": 64}})  # fmt: skip
@@ -363,6 +364,11 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         engine, _ = ex.engine(alone.point)
         engine.scheduler._fit = (1e-3, 1e-4)  # a known step cost: the measured one is noise on a busy machine
         assert ex.predict_ms(alone.point, crowd) > alone.solo_ms  # experts count at their real cost
+        # ...scaled by the rows and budget they ask beyond their point (here the fastest, the only one in time)
+        wide = ex.plan(Request(Q, deadline_ms=front[0]["latency_ms"], n=ex.max_n, budget=ex.max_budget))
+        scale = ex.max_n / wide.point["n"] * ex.max_budget / wide.point["budget"]
+        assert wide.point is front[0] and scale > 1
+        assert wide.solo_ms == pytest.approx(policy.predicted_ms(front[0]) * scale)
         beside = srv.admit("b", Request(Q, deadline_ms=roomy))
         assert beside.choice.index <= alone.choice.index
         srv.release("b")

@@ -41,7 +41,6 @@ SHARE_ROWS = 8
 @dataclass(frozen=True)
 class Outcome:
     trace: Trace
-    plan: Plan
     total_ms: float  # from the request's arrival
     deadline_met: bool
 
@@ -82,6 +81,13 @@ class SerialEngine(Engine):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def _step_fit(scheduler) -> tuple[float, float]:
+    """The scheduler's (seconds a round, seconds a token); before anything is measured, the
+    compute-bound guess that a step costs its rows."""
+    a, b = scheduler.step_fit()
+    return (a, b) if a + b > 0 else (0.0, 1.0)
 
 
 class Executor:
@@ -129,16 +135,13 @@ class Executor:
         due at ``due``: on a batched engine only rows due earlier slow it (the scheduler gives a
         round's pace to the earliest deadlines), and beyond the engine's rows requests wait their turn."""
         solo = self.policy.predicted_ms(point)
-        engine, _ = self.engine(point)
-        busy = [p for p in busy if self.engine(p.point)[0] is engine]  # requests on other engines run apart
+        engine, busy = self._beside(point, busy)
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is not None:
             n = point["n"]
             ahead = sum(p.n for p in busy if p.due <= due)
             waves = math.ceil((sum(p.n for p in busy) + n) / self.rows)
-            a, b = scheduler.step_fit()
-            if a + b <= 0:  # nothing measured yet: compute-bound guess, a step costs its rows
-                return solo * waves * min(ahead + n, self.rows) / n
+            a, b = _step_fit(scheduler)
             return solo * waves * (a + b * min(ahead + n, self.rows)) / (a + b * n)
         if isinstance(engine, SerialEngine):  # the queue ahead: each runs alone, one after another
             return solo + sum(p.solo_ms for p in busy)
@@ -153,15 +156,14 @@ class Executor:
         the new one) must fit in the time left, with the admission margin.  A request's work is
         its time alone scaled to its rows' share of a batch of ``SHARE_ROWS`` rows.
         """
-        engine, _ = self.engine(point)
+        engine, busy = self._beside(point, busy)
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is None:
             return True
-        a, b = scheduler.step_fit()
-        busy = [p for p in busy if self.engine(p.point)[0] is engine]
+        a, b = _step_fit(scheduler)
 
         def work(solo_ms: float, n: int) -> float:
-            return solo_ms if a + b <= 0 else solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
+            return solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
 
         mine = work(self.policy.predicted_ms(point), point["n"])
         # An admitted request counts whole until it ends: under earliest-deadline-first rounds its
@@ -174,6 +176,11 @@ class Executor:
             if at >= due and total * MARGIN + OVERHEAD_MS > (at - now) * 1000:
                 return False
         return True
+
+    def _beside(self, point: dict, busy: list[Plan]) -> tuple[Engine, list[Plan]]:
+        """The engine of ``point`` and the ``busy`` plans on it (requests on other engines run apart)."""
+        engine, _ = self.engine(point)
+        return engine, [p for p in busy if self.engine(p.point)[0] is engine]
 
     def expected_tokens(self, plan: Plan) -> float | None:
         """Tokens a row of ``plan`` usually takes: the longest per-row figure of the frontier's points
@@ -195,7 +202,7 @@ class Executor:
         if not trace.generated_tokens and trace.early_stop == "deadline":
             raise Late(1000 * (now - started))  # dropped while queued: nothing was computed
         total_ms = 1000 * (now - started)
-        return Outcome(trace, plan, total_ms, total_ms <= req.deadline_ms)
+        return Outcome(trace, total_ms, total_ms <= req.deadline_ms)
 
     def close(self) -> None:
         for e, _ in self.engines.values():

@@ -55,12 +55,11 @@ class Plan:
     strategy: str
     n: int
     budget: int
-    solo_ms: float = 0.0  # the policy's prediction for the point run alone
+    solo_ms: float = 0.0  # the policy's prediction for what runs, alone (an expert's larger n or budget scale it)
     predicted_ms: float = 0.0  # at admission, beside the requests already running (with the margin)
     due: float = math.inf  # when the request's deadline falls (perf_counter seconds)
     alone: bool = False  # nothing else was admitted when it was
     order: int = 0  # requests the server admitted before it
-
 
     @property
     def point(self) -> dict:
@@ -99,4 +98,7 @@ def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_bu
         raise StrategyError(f"budget must be at most {max_budget} on this server, got {budget}")
     if req.max_tokens:
         budget = min(budget, req.max_tokens)
-    return Plan(choice, strategy, n, budget, policy.predicted_ms(p), choice.predicted_ms)
+    # What others wait for: the point's time alone, scaled up by the budget and rows an expert asks
+    # beyond it (never down: rows that stop early and fixed costs per step do not shrink with them).
+    solo = policy.predicted_ms(p) * max(1.0, budget / p["budget"]) * max(1.0, n / p["n"])
+    return Plan(choice, strategy, n, budget, solo, choice.predicted_ms)

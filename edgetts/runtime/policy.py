@@ -69,17 +69,22 @@ class Policy:
                 return False
             return not (memory_mb is not None and (p.get("memory_mb") is None or p["memory_mb"] > memory_mb))
 
+        known: dict[int, float] = {}  # a server's prediction weighs the whole batch: once per point
+
+        def ms(i: int) -> float:
+            if i not in known:
+                known[i] = predict(self.frontier[i])
+            return known[i]
+
         best = None
         for i, p in enumerate(self.frontier):
-            fits = within_limits(p) and predict(p) <= deadline_ms
+            fits = within_limits(p) and ms(i) <= deadline_ms
             if fits and (best is None or p["accuracy"] > self.frontier[best]["accuracy"]):
                 best = i
         if best is not None:
-            p = self.frontier[best]
-            return Selection(best, p, predict(p), False)
+            return Selection(best, self.frontier[best], ms(best), False)
         fallback = next((i for i, p in enumerate(self.frontier) if within_limits(p)), 0)
-        p = self.frontier[fallback]
-        return Selection(fallback, p, predict(p), True)
+        return Selection(fallback, self.frontier[fallback], ms(fallback), True)
 
     def observe(self, point_id: str, latency_ms: float) -> None:
         """Report a measured latency of a point: the slowdown becomes the median, over the last

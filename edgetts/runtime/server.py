@@ -175,6 +175,7 @@ class Server:
         """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
         now = time.perf_counter()
         due = (arrived if arrived is not None else now) + req.deadline_ms / 1000
+        left = 1000 * (due - now)  # reading the request took some of its deadline
         with self.lock:
             if len(self.pending) >= self.max_queue:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
@@ -186,17 +187,14 @@ class Server:
                     return math.inf  # it would make the batch late: a cheaper point, or 429 (experts run)
                 return self.executor.predict_ms(point, busy, due) * MARGIN + OVERHEAD_MS
 
-            left = req.deadline_ms - 1000 * (now - (arrived if arrived is not None else now))  # reading it took some
-            if req.expert:  # experts get what they ask for; they count in the batch at their real cost
-                plan = self.executor.plan(req, left, cost=cost)
-            elif self.overload == "refuse":  # the point the deadline alone gets, or nothing
-                plan = self.executor.plan(req, left)
+            # "refuse": the point the deadline alone gets, or nothing; "downgrade" (and experts, who get
+            # what they ask for and count in the batch by their plan): the most accurate point that
+            # fits beside the others, a cheaper one before a refusal.
+            refuse = self.overload == "refuse" and not req.expert
+            plan = self.executor.plan(req, left, cost=None if refuse else cost)
+            if refuse:
                 plan = replace(plan, predicted_ms=cost(plan.point))
-                miss = plan.choice.miss or plan.predicted_ms > left
-            else:  # the most accurate point that fits beside the others: a downgrade before a refusal
-                plan = self.executor.plan(req, left, cost=cost)
-                miss = plan.choice.miss
-            if not req.expert and miss:
+            if not req.expert and (plan.choice.miss or plan.predicted_ms > left):
                 self.policy.relax()  # a refusal measures nothing: let an old slowdown fade
                 need = plan.predicted_ms  # where it would have run: beside the others
                 if math.isfinite(need):
@@ -255,7 +253,7 @@ class Server:
         if req.cancel.is_set():
             self.metrics.request("cancelled", result.total_ms / 1000)
             raise APIError(499, "client disconnected", code="cancelled")
-        trace, plan = result.trace, result.plan
+        trace = result.trace
         if plan.as_profiled and plan.alone and self.admitted == plan.order + 1:
             # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
             # model's error would pass for the device's speed.
