@@ -13,6 +13,42 @@ os.environ.setdefault("EDGETTS_THREADS", "1")
 
 from edgetts.models import BUILTIN, BUILTIN_HF
 
+# A small sweep of the tiny model (five problems, one budget, one strategy), pooled; DIRECT runs
+# every cell directly, with no latency model to calibrate and check: quicker for fresh runs.
+SMALL = ["--limit", "5", "--budgets", "16", "--strategies", "single", "--quiet"]
+DIRECT = [*SMALL, "--mode", "direct"]
+
+
+def one_line_error(r):
+    """The one line a refused command printed (``error: ...``, on stderr, exit status 2)."""
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def _profile(tmp_path_factory, name, args):
+    from typer.testing import CliRunner
+
+    from edgetts.cli import app
+
+    d = tmp_path_factory.mktemp(name) / "profile"
+    r = CliRunner().invoke(app, ["profile", "--out", str(d), *args])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_profile(tmp_path_factory):
+    """A profile directory of SMALL (pooled: latency model and its check); copy it before changing it."""
+    return _profile(tmp_path_factory, "small", SMALL)
+
+
+@pytest.fixture(scope="module")
+def direct_profile(tmp_path_factory):
+    """A profile directory of DIRECT; copy it before changing it."""
+    return _profile(tmp_path_factory, "direct", DIRECT)
+
 
 @pytest.fixture(scope="session")
 def tiny_gguf():

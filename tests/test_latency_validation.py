@@ -4,11 +4,13 @@ import json
 import math
 import subprocess
 import sys
+from statistics import mean
 
+import pytest
 from typer.testing import CliRunner
 
 from edgetts.cli import app
-from edgetts.profiling.validation import MAPE_MAX, choose_cells
+from edgetts.profiling.validation import DRIFT_MAX, MAPE_MAX, choose_cells
 
 runner = CliRunner()
 SMALL = ["--limit", "5", "--strategies", "single,majority", "--budgets", "16,32", "--n", "2,4", "--threads", "1",
@@ -19,6 +21,20 @@ def _profile(out, *extra):
     r = runner.invoke(app, ["profile", "--out", str(out), *SMALL, *extra])
     assert r.exit_code == 0, r.output
     return json.loads((out / "summary.json").read_text())
+
+
+def _check_validation(v):
+    """``latency_validation`` agrees with the cells it reports, by the definitions in validation.py."""
+    for m in v["models"]:
+        errors = [abs(c["modelled_s"] - c["direct_s"]) / c["direct_s"] for c in m["cells"]]
+        assert [c["error"] for c in m["cells"]] == pytest.approx(errors)
+        assert m["cells_checked"] == len(m["cells"]) >= 1 and m["mape"] == pytest.approx(mean(errors))
+        assert m["ok"] == (m["mape"] <= MAPE_MAX and (m["drift"] is None or abs(m["drift"]) <= DRIFT_MAX))
+        assert (m["mape_max"], m["drift_max"]) == (MAPE_MAX, DRIFT_MAX)
+    assert v["cells_checked"] == sum(m["cells_checked"] for m in v["models"])
+    assert v["mape"] == max(m["mape"] for m in v["models"])
+    assert v["ok"] == all(m["ok"] for m in v["models"])
+    assert v["ok"] == (v["mape"] <= MAPE_MAX and abs(v["drift"]) <= DRIFT_MAX)
 
 
 def test_choose_cells_spreads_over_n_and_budget():
@@ -32,11 +48,13 @@ def test_choose_cells_spreads_over_n_and_budget():
 def test_pooled_profile_reports_residuals_validation_and_drift(tmp_path):
     summary = _profile(tmp_path)
     model = json.loads((tmp_path / "latency-model-tiny.json").read_text())
-    assert model["step_mape"] >= 0 and model["call_mape"] >= 0 and model["reference_s"] > 0
+    assert math.isfinite(model["step_mape"]) and math.isfinite(model["call_mape"]) and model["reference_s"] > 0
     assert min(model[k] for k in ("a", "b", "c", "token_s", "round_s", "row_s")) >= 0
     v = summary["latency_validation"]
-    assert v["cells_checked"] >= 3 and v["mape"] >= 0 and isinstance(v["ok"], bool) and v["drift"] is not None
-    assert v["ok"] == (v["mape"] <= MAPE_MAX and abs(v["drift"]) <= v["models"][0]["drift_max"])
+    assert v["cells_checked"] >= 3 and isinstance(v["ok"], bool) and v["drift"] is not None
+    # the fit's residuals, as the check reports them, are the saved model's
+    assert (v["models"][0]["step_mape"], v["models"][0]["call_mape"]) == (model["step_mape"], model["call_mape"])
+    _check_validation(v)
     assert all(c["direct_s"] > 0 and c["modelled_s"] > 0 for c in v["models"][0]["cells"])
     assert min(c["latency_s"]["p50"] for c in summary["cells"]) > 0
 
@@ -76,8 +94,9 @@ def test_a_profile_on_a_loaded_machine_is_right_or_flagged(tmp_path):
     v = summary["latency_validation"]
     # the check ran under the load, against direct runs (it was not skipped or left empty)
     assert v["cells_checked"] >= 1 and math.isfinite(v["mape"]) and math.isfinite(v["drift"])
+    _check_validation(v)  # ok means the modelled latencies agree with direct runs under the same load
     r = runner.invoke(app, ["pareto", str(tmp_path / "p"), "--out", str(tmp_path / "c.json"), "--no-plot"])
-    if v["ok"]:  # the modelled latencies agree with direct runs under the same load
-        assert v["mape"] <= MAPE_MAX and r.exit_code == 0, r.output
+    if v["ok"]:  # and then the frontier is built from them
+        assert r.exit_code == 0, r.output
     else:  # or the profile says so, and the frontier is not built from it silently
         assert r.exit_code == 2 and "failed the direct check" in r.output

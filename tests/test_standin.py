@@ -89,8 +89,12 @@ def test_budget_forcing_appends_the_real_end_token_and_prefix(engines, shape):
         assert row.tokens[at + 1 : at + 1 + len(prefix)] == prefix
         answer = row.text.split(family.think_end)[-1]
         assert answer.startswith(family.answer_prefix)
-        assert extract_answer(row.text, family.think_start, family.think_end) == extract_answer(
-            family.think_end + answer, family.think_start, family.think_end)  # fmt: skip
+        # the answer is read after the forced end token: a reasoning that states another answer
+        # ("####" outranks every other form) does not change what is read
+        read = extract_answer(row.text, family.think_start, family.think_end)
+        cut = row.text.rindex(family.think_end)
+        decoy = f"{row.text[:cut]} #### 987654321\n{row.text[cut:]}"
+        assert read != "987654321" and extract_answer(decoy, family.think_start, family.think_end) == read
 
 
 def test_run_cli_on_both_families(standins):

@@ -8,28 +8,13 @@ import sys
 
 import pytest
 import typer
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 from edgetts.cli import app
 from edgetts.models import BUILTIN
 
 runner = CliRunner()
-SMALL = ["--limit", "5", "--budgets", "16", "--strategies", "single", "--mode", "direct", "--quiet"]
-
-
-def _one_line_error(r):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trust") / "profile"
-    r = runner.invoke(app, ["profile", "--out", str(d), *SMALL])
-    assert r.exit_code == 0, r.output
-    return d
 
 
 @pytest.mark.parametrize(
@@ -45,7 +30,7 @@ def profile(tmp_path_factory):
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args, says):
-    assert says in _one_line_error(runner.invoke(app, args))
+    assert says in one_line_error(runner.invoke(app, args))
 
 
 def test_help_and_version_stay_normal():
@@ -66,7 +51,7 @@ def test_family_defaults_agree_across_commands():
     defaults = {name: next(p.default for p in group.commands[name].params if p.name == "family")
                 for name in ("run", "evaluate")}  # fmt: skip
     assert defaults == {"run": "auto", "evaluate": "auto"}
-    assert "auto" in _one_line_error(runner.invoke(app, ["evaluate", "--family", "gpt5"]))
+    assert "auto" in one_line_error(runner.invoke(app, ["evaluate", "--family", "gpt5"]))
 
 
 def test_profile_table_shows_whole_model_names(tmp_path):
@@ -79,41 +64,42 @@ def test_profile_table_shows_whole_model_names(tmp_path):
     assert model.name in r.stdout
 
 
-def test_pareto_outputs_are_checked_and_never_partial(profile, tmp_path):
-    under_file = str(profile / "pareto.json" / "c.json")
-    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", under_file, "--accept-unvalidated"]))
+def test_pareto_outputs_are_checked_and_never_partial(direct_profile, tmp_path):
+    under_file = str(direct_profile / "pareto.json" / "c.json")
+    args = ["pareto", str(direct_profile), "--out", under_file, "--accept-unvalidated"]
+    msg = one_line_error(runner.invoke(app, args))
     assert "is a file, not a directory" in msg
     out_dir = tmp_path / "userdir"
     out_dir.mkdir()
-    args = ["pareto", str(profile), "--out", str(out_dir), "--accept-unvalidated"]
-    assert "is a directory" in _one_line_error(runner.invoke(app, args))
+    args = ["pareto", str(direct_profile), "--out", str(out_dir), "--accept-unvalidated"]
+    assert "is a directory" in one_line_error(runner.invoke(app, args))
     assert not list(tmp_path.rglob("*.tmp")) and not list(out_dir.iterdir())
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "config"}')
-    msg = _one_line_error(runner.invoke(app, ["pareto", str(profile), "--out", str(mine), "--no-plot",
+    msg = one_line_error(runner.invoke(app, ["pareto", str(direct_profile), "--out", str(mine), "--no-plot",
                                               "--accept-unvalidated"]))  # fmt: skip
     assert "not written by edgetts" in msg and mine.read_text() == '{"my": "config"}'
     ok = tmp_path / "configs" / "pareto.json"
     for _ in range(2):  # a config edgetts wrote is replaced
-        args = ["pareto", str(profile), "--out", str(ok), "--no-plot", "--accept-unvalidated"]
+        args = ["pareto", str(direct_profile), "--out", str(ok), "--no-plot", "--accept-unvalidated"]
         assert runner.invoke(app, args).exit_code == 0
 
 
-def test_export_c_outputs_are_checked(profile, tmp_path):
-    config = str(profile / "pareto.json")
-    msg = _one_line_error(runner.invoke(app, ["export-c", config, "--out", str(tmp_path / "nodir" / "x.h")]))
+def test_export_c_outputs_are_checked(direct_profile, tmp_path):
+    config = str(direct_profile / "pareto.json")
+    msg = one_line_error(runner.invoke(app, ["export-c", config, "--out", str(tmp_path / "nodir" / "x.h")]))
     assert "no directory" in msg and not (tmp_path / "nodir").exists()
     mine = tmp_path / "mine.h"
     mine.write_text("int my_code;\n")
-    assert "not written by edgetts" in _one_line_error(runner.invoke(app, ["export-c", config, "--out", str(mine)]))
+    assert "not written by edgetts" in one_line_error(runner.invoke(app, ["export-c", config, "--out", str(mine)]))
     assert mine.read_text() == "int my_code;\n"
     for _ in range(2):
         assert runner.invoke(app, ["export-c", config, "--out", str(tmp_path / "p.h")]).exit_code == 0
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def _config_with(profile, tmp_path, name, **changes):
-    config = json.loads((profile / "pareto.json").read_text())
+def _config_with(direct_profile, tmp_path, name, **changes):
+    config = json.loads((direct_profile / "pareto.json").read_text())
     for p in config["frontier"]:
         p.update(changes)
         if "artifact" not in changes:
@@ -135,36 +121,36 @@ def _config_with(profile, tmp_path, name, **changes):
         ("beam", {"strategy": "beam"}, "strategy 'beam' is not one of"),
     ],
 )
-def test_serve_refuses_bad_configs_in_one_line(profile, tmp_path, name, changes, says):
+def test_serve_refuses_bad_configs_in_one_line(direct_profile, tmp_path, name, changes, says):
     pytest.importorskip("uvicorn")
-    config = _config_with(profile, tmp_path, name, **changes)
-    assert says in _one_line_error(runner.invoke(app, ["serve", "--config", config, "--port", "0"]))
+    config = _config_with(direct_profile, tmp_path, name, **changes)
+    assert says in one_line_error(runner.invoke(app, ["serve", "--config", config, "--port", "0"]))
 
 
 def test_serve_and_export_c_refuse_a_config_that_is_not_json(tmp_path):
     pytest.importorskip("uvicorn")
     binary = tmp_path / "binary.json"
     binary.write_bytes(bytes(range(256)))
-    assert "not a text file" in _one_line_error(runner.invoke(app, ["serve", "--config", str(binary), "--port", "0"]))
-    assert "not a text file" in _one_line_error(runner.invoke(app, ["export-c", str(binary)]))
+    assert "not a text file" in one_line_error(runner.invoke(app, ["serve", "--config", str(binary), "--port", "0"]))
+    assert "not a text file" in one_line_error(runner.invoke(app, ["export-c", str(binary)]))
 
 
-def test_serve_on_a_busy_port_says_so(profile):
+def test_serve_on_a_busy_port_says_so(direct_profile):
     pytest.importorskip("uvicorn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = runner.invoke(app, ["serve", "--config", str(profile / "pareto.json"), "--port", str(port)])
-    msg = _one_line_error(r)
+        r = runner.invoke(app, ["serve", "--config", str(direct_profile / "pareto.json"), "--port", str(port)])
+    msg = one_line_error(r)
     assert f"127.0.0.1:{port}" in msg and "in use" in msg
 
 
-def test_serve_prints_where_it_listens(profile):
+def test_serve_prints_where_it_listens(direct_profile):
     pytest.importorskip("uvicorn")
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", str(profile / "pareto.json"),
+    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", str(direct_profile / "pareto.json"),
                              "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     try:
@@ -186,12 +172,13 @@ def test_doctor_names_the_extra_to_install():
     assert "edgetts[http]" in _engine("openai-http", "edgetts_no_such_module", "httpx")["detail"]
 
 
-def test_pictures_never_replace_a_users_file(profile, tmp_path):
+def test_pictures_never_replace_a_users_file(direct_profile, tmp_path):
     mine = tmp_path / "c.png"
     mine.write_text("my own picture")
-    r = runner.invoke(app, ["pareto", str(profile), "--out", str(tmp_path / "c.json"), "--accept-unvalidated"])
+    args = ["pareto", str(direct_profile), "--out", str(tmp_path / "c.json"), "--accept-unvalidated"]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0 and "no pictures" in r.output and mine.read_text() == "my own picture"
     mine.unlink()
     for _ in range(2):  # pictures edgetts wrote are replaced
-        r = runner.invoke(app, ["pareto", str(profile), "--out", str(tmp_path / "c.json"), "--accept-unvalidated"])
+        r = runner.invoke(app, args)
         assert r.exit_code == 0 and "no pictures" not in r.output and mine.read_bytes().startswith(b"\x89PNG")
