@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,15 +41,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from parallel_sampling import free_port  # noqa: E402
+
 from edgetts.pareto.config import load_config  # noqa: E402
 from edgetts.tasks.datasets import load_dataset  # noqa: E402
 from edgetts.tasks.grading import extract_answer, is_equivalent  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, proc, log: Path) -> None:
@@ -65,12 +60,14 @@ def wait_up(url: str, proc, log: Path) -> None:
     raise RuntimeError(f"{url} did not start")
 
 
-def start_edgetts(config: str, threads: int, *extra: str):
+def start_edgetts(config: str, threads: int, *extra: str, max_queue: int | None = 256):
+    """``edgetts serve`` on a free port, once it answers; ``max_queue=None`` keeps the server's own default."""
     port = free_port()
     # Logs go to a file: a pipe nobody reads fills up and stalls the server writing to it.
     log = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
+    queue = () if max_queue is None else ("--max-queue", str(max_queue))
     proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", config, "--port", str(port),
-                             "--threads", str(threads), "--max-queue", "256", *extra],
+                             "--threads", str(threads), *queue, *extra],
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/healthz", proc, log)
@@ -167,10 +164,10 @@ def sequential_capacity(url: str, work, count: int = 60) -> float:
         return count / (time.perf_counter() - t)
 
 
-def default_config(tmp: Path, threads: int) -> str:
-    out = tmp / "profile"
-    subprocess.run([sys.executable, "-m", "edgetts", "profile", "--out", str(out), "--quiet", "--threads",
-                    str(threads)], check=True)  # fmt: skip
+def default_config(out: Path, threads: int | None = None) -> str:
+    """The Pareto config of a profile with the default grid, written to ``out`` (``threads``: profile's own default)."""
+    extra = () if threads is None else ("--threads", str(threads))
+    subprocess.run([sys.executable, "-m", "edgetts", "profile", "--out", str(out), "--quiet", *extra], check=True)
     return str(out / "pareto.json")
 
 
@@ -185,7 +182,7 @@ def main() -> None:
     ap.add_argument("--levels", default="0.5,1,2,4", help="loads, as multiples of the sequential capacity")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    config = args.config or default_config(tmp, args.threads)
+    config = args.config or default_config(tmp / "profile", args.threads)
     front = load_config(config)["frontier"]  # artifact paths resolved against the config's folder
     fast, slow = front[0]["latency_ms"], front[-1]["latency_ms"]
     deadlines = [round(3 * fast + 5, 1), round((fast + slow) * 1.5 + 5, 1), round(4 * slow + 20, 1)]

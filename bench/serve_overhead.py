@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve_load import default_config, start_edgetts
 
 from edgetts.runtime import Policy
 from edgetts.runtime.executor import Executor, Request
@@ -41,41 +41,18 @@ def main() -> None:
         help="llama.cpp threads on both sides (the server's default: all cores but one)",
     )
     args = ap.parse_args()
-    config = args.config
-    if config is None:
-        out = Path("runs/serve-bench-profile")
-        subprocess.run([sys.executable, "-m", "edgetts", "profile", "--out", str(out), "--quiet"], check=True)
-        config = str(out / "pareto.json")
+    config = args.config or default_config(Path("runs/serve-bench-profile"))
     questions = [ex.question for ex in load_dataset("arith", limit=50, seed=1)]
     mix = [(questions[i % len(questions)], DEADLINES[i % len(DEADLINES)]) for i in range(args.requests)]
 
     import openai
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgetts",
-        "serve",
-        "--config",
-        config,
-        "--port",
-        str(port),
-        "--threads",
-        str(args.threads),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    for _ in range(300):
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            time.sleep(0.05)
+    proc, url = start_edgetts(config, args.threads, max_queue=None)  # the server's own queue limit
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     policy = Policy.load(config)
     executor = Executor(policy, threads=args.threads)
+    for point in policy.frontier:  # engines open before timing, as the server opens its own at start
+        executor.engine(point)
     local, remote, refused = [], [], 0
     try:
         for start in range(0, len(mix), 20):
