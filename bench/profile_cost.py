@@ -1,6 +1,9 @@
 """Benchmark: the cost and the fidelity of pooled profiling against direct profiling.
 
-    python bench/profile_cost.py [--limit 100] [--threads 2]
+    python bench/profile_cost.py [--limit 100] [--threads T]
+
+``--threads`` defaults to the product's own (all cores but one, or ``EDGETTS_THREADS``), the
+setting ``edgetts profile`` runs with.
 
 Profiles the tiny model twice in one process over the same grid (majority, esc and
 first-finish x n 2, 4, 6, 8 x budgets 24, 48, 72, 96, on ``--limit`` arith problems): once
@@ -30,6 +33,8 @@ from statistics import mean, pstdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgetts.engines.llamacpp import default_threads
+from edgetts.engines.spec import serving_threads
 from edgetts.profiling.config import SweepConfig
 from edgetts.profiling.records import RecordLog
 from edgetts.profiling.runner import run_profile
@@ -45,7 +50,8 @@ def by_cell(directory: Path) -> dict[tuple, list[dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    # Default: the product's own (all cores but one, or EDGETTS_THREADS), as `edgetts profile` runs.
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     grid = {"limit": args.limit, "strategies": ["majority", "esc", "first-finish"], "n": [2, 4, 6, 8],
             "budgets": [24, 48, 72, 96], "warmup": 3}  # fmt: skip
@@ -53,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("pooled", "direct"):
             cfg = SweepConfig(mode=mode, **grid)
-            cfg.engine.threads = args.threads
+            cfg.engine.threads = args.threads  # None: the product's default
             t0 = time.perf_counter()
             run_profile(cfg, Path(tmp) / mode)
             walls[mode] = time.perf_counter() - t0
@@ -73,7 +79,7 @@ def main() -> None:
               f"{'ok ' if ok else 'OUT'}  latency pooled {1000 * pl:6.2f} ms direct {1000 * dl:6.2f} ms",
               file=sys.stderr)  # fmt: skip
     print(json.dumps({
-        "problems": args.limit, "cells": len(within), "threads": args.threads,
+        "problems": args.limit, "cells": len(within), "threads": args.threads or serving_threads() or default_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "pooled_s": round(walls["pooled"], 2), "direct_s": round(walls["direct"], 2),
         "pooled_over_direct": round(walls["pooled"] / walls["direct"], 4),

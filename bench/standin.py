@@ -1,19 +1,22 @@
 """Benchmark: memory planning and per-step cost on a Qwen3-0.6B-shaped stand-in (151,936-token vocabulary).
 
     python bench/standin.py [--model PATH] [--threads 1] [--rows 1,4,8,16] [--budgets 256,1024]
-        [--reps 3] [--batched-bench PATH] [--llama-server PATH] [--skip-memory] [--skip-speed]
+        [--reps 3] [--layouts unified,split] [--batched-bench PATH] [--llama-server PATH] [--skip-memory]
+        [--skip-speed]
 
 Without ``--model`` it writes the ``qwen3-0.6b`` stand-in (``edgetts standin``) and quantizes it
 to Q4_K_M with ``edgetts quantize``, into ``$EDGETTS_CACHE/standins`` (default
 ``~/.cache/edgetts/standins``), once.
 
-Memory: for every n x budget, a fresh process opens the engine exactly as ``open_engine`` sizes
-it (n rows of budget + 32 answer tokens after a 512-token prompt reserve), decodes 8 tokens on
+Memory: for every layout x n x budget, a fresh process opens the engine exactly as ``open_engine``
+sizes it (n rows of budget + 32 answer tokens after a 512-token prompt reserve; ``unified``: one
+cache, as run and profile open it; ``split``: a stream per row with its own copy of the prompt
+reserve, each stream padded to 256 cells, as serve opens it), decodes 8 tokens on
 every row, and reports its peak resident memory above what the process held before loading;
 llama.cpp's own log gives the KV buffer it allocated.  The prediction is
 :func:`edgetts.engines.memory.plan_memory` from the GGUF header.  ``kv_memory_error`` compares
 the KV part: predicted growth against measured peak growth between each point and the
-smallest context (same model, same process recipe, so weights and compute cancel out; the
+smallest context of the same layout (same model, same process recipe, so weights and compute cancel out; the
 per-row logit buffers that grow with n are part of the prediction); the
 largest relative error over the points is reported (target within 0.10).  ``total_error`` is
 the same comparison for the whole plan against the whole measured peak: the plan counts what
@@ -79,7 +82,7 @@ def _status(key: str) -> float:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")) / MB
 
 
-def child_memory(model: str, rows: int, budget: int, threads: int) -> None:
+def child_memory(model: str, rows: int, budget: int, threads: int, unified: bool) -> None:
     """One point, in its own process: peak memory above the pre-load baseline, and llama.cpp's KV log line."""
     import llama_cpp  # noqa: F401 - loaded before the baseline, like the engine's own imports
 
@@ -89,7 +92,8 @@ def child_memory(model: str, rows: int, budget: int, threads: int) -> None:
     base = _status("VmRSS")
     log, sys.stderr = sys.stderr, io.StringIO()
     try:
-        engine = LlamaCppEngine(model, n_ctx=plan.n_ctx, n_threads=threads, max_rows=rows, verbose=True)
+        engine = LlamaCppEngine(model, n_ctx=plan.n_ctx if unified else plan.split_n_ctx, n_threads=threads,
+                                max_rows=rows, verbose=True, kv_unified=unified)  # fmt: skip
         text = sys.stderr.getvalue()
     finally:
         sys.stderr = log
@@ -100,39 +104,52 @@ def child_memory(model: str, rows: int, budget: int, threads: int) -> None:
     engine.close()
 
 
-def memory(model: str, rows: list[int], budgets: list[int], threads: int) -> dict:
+def memory(model: str, rows: list[int], budgets: list[int], threads: int, layouts: list[str]) -> dict:
     info = gguf_info(model)
 
-    def measure(n, b):
-        out = subprocess.run([sys.executable, __file__, "--child-memory", model, str(n), str(b), str(threads)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+    def measure(n, b, layout):
+        out = subprocess.run([sys.executable, __file__, "--child-memory", model, str(n), str(b), str(threads),
+                              layout], capture_output=True, text=True, check=True)  # fmt: skip
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    base_plan = plan_memory(info, ContextPlan(1, 1).n_ctx, 1)
-    base = measure(1, 1 - ANSWER)
+    def planned(n, tokens, layout):
+        plan = ContextPlan(n, tokens)
+        if layout == "unified":
+            return plan_memory(info, plan.n_ctx, n)
+        return plan_memory(info, plan.split_n_ctx, n, kv_unified=False)  # a stream per row, as serve runs
+
     points = []
-    for n in rows:
-        for b in budgets:
-            plan = plan_memory(info, ContextPlan(n, b + ANSWER).n_ctx, n)
-            m = measure(n, b)
-            grown = m["peak_mb"] - base["peak_mb"]
-            predicted = (plan.total - base_plan.total) / MB  # the cache, and the per-row output buffers
-            p = {"n": n, "budget": b, "n_ctx": plan.n_ctx, "measured_n_ctx": m["n_ctx"],
-                 "predicted_kv_mb": round(plan.kv / MB, 1), "kv_log_mb": m["kv_log_mb"],
-                 "predicted_total_mb": round(plan.total_mb, 1), "measured_peak_mb": round(m["peak_mb"], 1),
-                 "kv_growth_predicted_mb": round(predicted, 1), "kv_growth_measured_mb": round(grown, 1),
-                 "kv_error": round(abs(predicted - grown) / max(grown, 1e-9), 4),
-                 "total_error": round((plan.total_mb - m["peak_mb"]) / m["peak_mb"], 4)}  # fmt: skip
-            points.append(p)
-            print(f"n={n:2d} b={b:4d}: KV predicted {p['predicted_kv_mb']} MB (llama.cpp {p['kv_log_mb']}), growth "
-                  f"{p['kv_growth_predicted_mb']} vs {p['kv_growth_measured_mb']} measured; plan "
-                  f"{p['predicted_total_mb']} vs peak {p['measured_peak_mb']} MB", file=sys.stderr)  # fmt: skip
+    for layout in layouts:
+        base_plan, base = planned(1, 1, layout), measure(1, 1 - ANSWER, layout)
+        points += _layout_points(layout, rows, budgets, base_plan, base, planned, measure)
     big = [p for p in points if p["kv_growth_measured_mb"] > 8]  # below that, allocator noise dominates
     return {"points": points, "kv_memory_error": max((p["kv_error"] for p in big), default=None),
             "kv_log_error": max((abs(p["predicted_kv_mb"] - p["kv_log_mb"]) / p["kv_log_mb"] for p in points
                                  if p["kv_log_mb"]), default=None),  # points whose log had no KV line are left out
             "total_error_max": max(p["total_error"] for p in points),
             "total_error_min": min(p["total_error"] for p in points)}  # fmt: skip
+
+
+def _layout_points(layout, rows, budgets, base_plan, base, planned, measure) -> list[dict]:
+    points = []
+    for n in rows:
+        for b in budgets:
+            plan = planned(n, b + ANSWER, layout)
+            m = measure(n, b, layout)
+            grown = m["peak_mb"] - base["peak_mb"]
+            predicted = (plan.total - base_plan.total) / MB  # the cache, and the per-row output buffers
+            p = {"layout": layout, "n": n, "budget": b, "n_ctx": plan.n_ctx, "measured_n_ctx": m["n_ctx"],
+                 "predicted_kv_mb": round(plan.kv / MB, 1), "kv_log_mb": m["kv_log_mb"],
+                 "predicted_total_mb": round(plan.total_mb, 1), "measured_peak_mb": round(m["peak_mb"], 1),
+                 "kv_growth_predicted_mb": round(predicted, 1), "kv_growth_measured_mb": round(grown, 1),
+                 "kv_error": round(abs(predicted - grown) / max(grown, 1e-9), 4),
+                 "total_error": round((plan.total_mb - m["peak_mb"]) / m["peak_mb"], 4)}  # fmt: skip
+            points.append(p)
+            print(f"{layout:7s} n={n:2d} b={b:4d}: KV predicted {p['predicted_kv_mb']} MB "
+                  f"(llama.cpp {p['kv_log_mb']}), growth "
+                  f"{p['kv_growth_predicted_mb']} vs {p['kv_growth_measured_mb']} measured; plan "
+                  f"{p['predicted_total_mb']} vs peak {p['measured_peak_mb']} MB", file=sys.stderr)  # fmt: skip
+    return points
 
 
 def bare_loop(engine, prompt: str, n: int, tokens: int) -> tuple[float, list[float]]:
@@ -197,8 +214,8 @@ def speed(model: str, threads: int, reps: int) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--child-memory":
-        child_memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--child-memory":
+        child_memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "unified")
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model")
@@ -208,6 +225,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batched-bench")
     ap.add_argument("--llama-server")
+    ap.add_argument("--layouts", default="unified,split", help="KV layouts: unified (run, profile), split (serve)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
@@ -216,7 +234,8 @@ def main() -> None:
               "load": round(os.getloadavg()[0], 2)}  # fmt: skip
     if not args.skip_memory:
         result["memory"] = memory(model, [int(v) for v in args.rows.split(",")],
-                                  [int(v) for v in args.budgets.split(",")], args.threads)  # fmt: skip
+                                  [int(v) for v in args.budgets.split(",")], args.threads,
+                                  args.layouts.split(","))  # fmt: skip
         result["kv_memory_error"] = result["memory"]["kv_memory_error"]
     if not args.skip_speed:
         result["speed"] = speed(model, args.threads, args.reps)

@@ -96,6 +96,29 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+GPU_LAYERS_HELP = ("Layers llama.cpp offloads to the GPU: auto (every layer where llama.cpp can offload, none "
+                   "otherwise), -1 (all) or a number.")  # fmt: skip
+MEMORY_HELP = "Cap, in MB, on the memory an engine may plan for (default: what the device has free)."
+
+
+def _gpu_layers(text: str | None) -> int | None:
+    """``--gpu-layers`` as the engine option: None for auto, else an integer >= -1 (exit 2 otherwise)."""
+    from edgetts.engines.offload import parse_gpu_layers
+
+    try:
+        return parse_gpu_layers(text)
+    except EngineError as e:
+        fail(f"--gpu-layers: {e}")
+
+
+def _memory_mb(value: float | None) -> float | None:
+    import math
+
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        fail(f"--memory-mb must be a positive number of megabytes, got {value}")
+    return value
+
+
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Show what this machine offers: engines, accelerators, energy sources, built-in model and benchmark."""
@@ -119,6 +142,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
     c.print("[bold]accelerators[/]")
     c.print(f"  cuda (nvml)        {escape(acc['cuda_nvml']['detail'])}")
     c.print(f"  jetson             {escape(acc['jetson'])}")
+    c.print(f"  llama.cpp offload  {escape(acc['llama_cpp']['detail'])}")
     c.print("[bold]energy sources[/]")
     for s in rep["energy_sources"]:
         mark = "[green]yes[/]" if s["available"] else "[yellow]no[/]"
@@ -145,6 +169,8 @@ def evaluate(
     ),
     cut_probe: bool = typer.Option(True, help="On the hardest level, also cut reasoning at half its median."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
+    memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Accuracy per level: one sample, majority of N, and the cost of cutting reasoning short."""
@@ -161,8 +187,8 @@ def evaluate(
         params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
         if pool < n:
             fail(f"--pool ({pool}) must be at least --n ({n})")
-        spec = EngineSpec(artifact=model).with_options(threads=threads)
-        engine, guessed = open_engine(spec, max_rows=pool, max_tokens=max_tokens)
+        spec = EngineSpec(artifact=model).with_options(threads=threads, gpu_layers=_gpu_layers(gpu_layers))
+        engine, guessed = open_engine(spec, max_rows=pool, max_tokens=max_tokens, memory_mb=_memory_mb(memory_mb))
         path = spec.resolved().artifact
     fam = guessed if family == "auto" else FAMILIES[family]
     levels = {ex.level for ex in examples}
@@ -228,7 +254,8 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed (row i uses seed + i)."),
     family: str = typer.Option("auto", help="Reasoning format: auto, tiny, deepseek-r1, qwen3, plain."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
-    gpu_layers: int = typer.Option(None, min=0, help="Layers to offload to the GPU (llama.cpp built with CUDA)."),
+    gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
+    memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Ignore the model's chat template."),
     config: str = typer.Option(
         None, help="Pareto config: the policy picks engine, model, strategy, n and budget for --deadline-ms "
@@ -247,10 +274,12 @@ def run(
     try:
         with user_errors():
             out = answer(question, spec, config, strategy, n, budget, deadline_ms, energy_j, temperature, seed,
-                         raw_prompt, None if family == "auto" else family, threads=threads,
-                         gpu_layers=gpu_layers)  # fmt: skip
+                         raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb),
+                         threads=threads, gpu_layers=_gpu_layers(gpu_layers))  # fmt: skip
     except ParetoError as e:
         fail(str(e))
+    for note in out.notes:
+        typer.echo(note, err=True)
     trace, chosen = out.trace, out.selection
     if as_json:
         d = trace.to_dict()
@@ -302,6 +331,8 @@ def profile(
         f"direct (every cell run as in production). Default: {GRID['mode']}."
     ),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one, as serve)."),
+    gpu_layers: str = typer.Option(None, help=GPU_LAYERS_HELP + " Default: the sweep's, else auto."),
+    memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),
     force: bool = typer.Option(False, help="Reuse a directory of another sweep (its files move to replaced-*/)."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -323,6 +354,8 @@ def profile(
             strategies=[s.strip() for s in strategies.split(",") if s.strip()] if strategies else None,
             budgets=ints("--budgets", budgets) if budgets else None, n=ints("--n", n) if n else None,
             repeats=repeats, mode=mode, threads=threads, engine=engine, url=url,
+            gpu_layers=("auto" if _gpu_layers(gpu_layers) is None else _gpu_layers(gpu_layers))
+            if gpu_layers is not None else None,
             engine_options=_spec(None, "auto", None, engine_option).options if engine_option else None,
         )  # fmt: skip
     except ConfigError as e:
@@ -330,7 +363,7 @@ def profile(
     with _progress_bar(quiet) as progress:
         try:
             with user_errors():
-                summary = run_profile(cfg, out, force=force, progress=progress)
+                summary = run_profile(cfg, out, force=force, progress=progress, memory_mb=_memory_mb(memory_mb))
         except (ConfigError, ProfileError, RecordsError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -350,7 +383,7 @@ def profile(
         fail(f"{out} is measured, but its Pareto config could not be written: {e}")
     if not quiet:
         typer.echo(f"wrote {path} ({len(config['frontier'])} frontier points)")
-        _pictures(config, candidates, Path(out) / "pareto.png", Path(out) / "report.html")
+    _pictures(config, candidates, Path(out) / "pareto.png", Path(out) / "report.html", quiet=quiet)
 
 
 @app.command()
@@ -384,11 +417,13 @@ def pareto(
         _pictures(config, candidates, path.with_suffix(".png"), path.with_name(path.stem + "-report.html"))
 
 
-def _pictures(config, candidates, png, html) -> None:
+def _pictures(config, candidates, png, html, quiet: bool = False) -> None:
+    """``png`` and ``html`` of the config; ``quiet`` silences the terminal, not the files."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        typer.echo("no plot: matplotlib is not installed (pip install 'edgetts[report]')", err=True)
+        if not quiet:
+            typer.echo("no plot: matplotlib is not installed (pip install 'edgetts[report]')", err=True)
         return
     from edgetts.outputs import OutputError, check_output, contains
     from edgetts.pareto.report import PNG_TITLE, plot, report
@@ -401,7 +436,8 @@ def _pictures(config, candidates, png, html) -> None:
         return
     plot(config, candidates, png)
     report(config, png, html, candidates=candidates)
-    typer.echo(f"wrote {png} and {html}")
+    if not quiet:
+        typer.echo(f"wrote {png} and {html}")
 
 
 @app.command()
@@ -456,12 +492,15 @@ def build_c_cmd(
 ) -> None:
     """Build the runtime in C (libedgetts and edgetts-answer) with the config's frontier compiled in."""
     from edgetts.export.build_c import BuildError, build_c
-    from edgetts.pareto.config import ParetoError
+    from edgetts.pareto.config import ParetoError, load_config, validation_note
 
     try:
         paths = build_c(config, out, cc=cc, llama_include=llama_include, llama_lib=llama_lib, sanitize=sanitize)
+        note = validation_note(load_config(config), config)
     except (BuildError, ParetoError, EngineError) as e:
         fail(str(e))
+    if note:
+        typer.echo(note, err=True)
     typer.echo(f"wrote {paths['header']}, {paths['shared']} and {paths['binary']}")
 
 
@@ -476,10 +515,13 @@ def serve(
     overload: str = typer.Option("downgrade", help="When the queue makes a deadline unmeetable: downgrade or refuse."),
     max_body_kb: int = typer.Option(256, min=1, help="Largest request body accepted."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
+    gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
+    memory_mb: float = typer.Option(None, help=MEMORY_HELP + " Sizes the default --batch-rows."),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(
         None, min=1, max=256, help="Rows a llama.cpp engine holds in its running batch, over all requests "
-        "(default: max(64, eight times the frontier's largest n)); each round decodes those it can afford."
+        "(default: the most that fit in the memory the device has free, with headroom, up to max(64, eight "
+        "times the frontier's largest n)); each round decodes those it can afford."
     ),
     read_timeout: float = typer.Option(
         10.0, min=0.1, max=3600, help="Seconds a client may take to send a request's headers, or to send the "
@@ -522,14 +564,18 @@ def serve(
     try:
         with user_errors():
             app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads,
-                              batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout)  # fmt: skip
+                              batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout,
+                              gpu_layers=_gpu_layers(gpu_layers), memory_mb=_memory_mb(memory_mb),
+                              notify=lambda line: typer.echo(line, err=True))  # fmt: skip
     except ParetoError as e:
         sock.close()
         fail(str(e))
     address = sock.getsockname()
     where = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
     points = len(app_.state.server.policy.frontier)
-    typer.echo(f"edgetts serve: listening on http://{where}:{address[1]} ({config}: {points} frontier point(s))")
+    rows = app_.state.server.executor.rows
+    typer.echo(f"edgetts serve: listening on http://{where}:{address[1]} ({config}: {points} frontier point(s), "
+               f"{rows} batch rows)")
     # Idle keep-alive connections close after 20 s; stalled headers or body get 408.
     run_server(app_, sock, header_timeout_s=read_timeout)
 

@@ -1,7 +1,8 @@
 """``edgetts doctor``: what this machine offers edgetts.
 
-Engines are reported as importable or not, with versions; accelerators through NVML and the
-Jetson release file; energy sources through :mod:`edgetts.telemetry.energy`; and the
+Engines are reported as importable or not, with versions; accelerators through NVML, the
+Jetson release file and llama.cpp's own answer to whether it can offload (with the devices
+ggml registered); energy sources through :mod:`edgetts.telemetry.energy`; and the
 built-in model and benchmark with their sizes, so a broken install shows at once.
 """
 
@@ -14,6 +15,8 @@ from importlib import metadata
 
 from edgetts.models import BUILTIN, BUILTIN_HF
 from edgetts.tasks.datasets import BUILTIN as BUILTIN_DATA
+from edgetts.telemetry import sysfs
+from edgetts.telemetry.device import llama_devices
 from edgetts.telemetry.energy import probe_all, probe_nvml
 
 ENGINE_MODULES = {
@@ -49,11 +52,21 @@ def _engine(name: str, module: str, dist: str) -> dict:
 
 
 def jetson_release() -> str | None:
-    try:
-        with open("/etc/nv_tegra_release") as f:
-            return f.readline().strip()
-    except OSError:
-        return None
+    text = sysfs.read_text(sysfs.path("/etc/nv_tegra_release"))
+    return text.splitlines()[0].strip() if text else None
+
+
+def llama_offload() -> dict:
+    """Whether llama.cpp can offload layers (its own answer), and the devices it registered."""
+    devices = llama_devices()
+    if devices is None:
+        return {"offload": False, "devices": [], "detail": "llama-cpp-python is not importable"}
+    names = ", ".join(f"{d['name']} ({d['type']})" for d in devices["devices"]) or "none listed"
+    if devices["offload"]:
+        detail = f"can offload: gpu_layers auto puts every layer on the GPU; devices {names}"
+    else:
+        detail = f"cannot offload (no GPU backend in this build): runs on the CPU; devices {names}"
+    return {**devices, "detail": detail}
 
 
 def _file(path) -> dict:
@@ -73,6 +86,7 @@ def report() -> dict:
         "accelerators": {
             "cuda_nvml": nvml.to_dict(),
             "jetson": jetson_release() or "not a Jetson (/etc/nv_tegra_release absent)",
+            "llama_cpp": llama_offload(),
         },
         "energy_sources": [p.to_dict() for p in probe_all()],
         "builtin": {

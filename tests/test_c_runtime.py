@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgetts.cli import app
-from edgetts.engines import open_engine
+from edgetts.engines import offload, open_engine
 from edgetts.engines.base import SamplingParams
 from edgetts.export.build_c import BuildError, build_c
 from edgetts.pareto.config import build_config, load_config, point_spec, write_config
@@ -219,6 +219,27 @@ def test_command_line_errors(built, config, tmp_path):
     bad.write_text(json.dumps(cfg))
     with pytest.raises(BuildError, match=r"frontier\[0\].*kv_unified"):
         build_c(bad, tmp_path / "o")
+    for args in (["--threads", "1e12"], ["--threads", "0"], ["--gpu-layers", "-2"], ["--gpu-layers", "2.5"]):
+        proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --"), (args, proc.stderr)
+
+
+def test_the_callers_settings_run_and_a_difference_is_said(built, config):
+    """The points were profiled on one thread; edgetts-answer runs what it is told and says so."""
+    exe = str(built / "bin" / "edgetts-answer")
+
+    def answer(*args):
+        return subprocess.run([exe, *args], input="Evaluate left to right: 8*4-3\n", capture_output=True, text=True)
+
+    same = answer("--threads", "1")
+    assert same.returncode == 0 and "note:" not in same.stderr and json.loads(same.stdout)["answer"] is not None
+    other = answer("--threads", "2")
+    assert other.returncode == 0 and json.loads(other.stdout)["answer"] is not None
+    notes = [ln for ln in other.stderr.splitlines() if ln.startswith("note:")]
+    assert notes and all("profiled with threads=1, gpu_layers=0; running with threads=2" in n for n in notes)
+    if not offload.supports_offload():  # asked of a CPU-only build: runs on the CPU, and says so once
+        gpu = answer("--threads", "1", "--gpu-layers", "99")
+        assert gpu.returncode == 0 and gpu.stderr.count("warning: gpu_layers=99") == 1
 
 
 def test_sanitizers_on_200_calls_with_bad_inputs(config, tmp_path, tiny_gguf):

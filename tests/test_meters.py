@@ -38,10 +38,8 @@ def fake_pynvml(counter_step_mj=None, power_mw=50_000):
 
 @pytest.fixture
 def no_sysfs(monkeypatch, tmp_path):
-    """No Jetson rails and no RAPL domains, whatever this machine has."""
-    monkeypatch.setattr(energy, "HWMON", str(tmp_path / "hwmon"))
-    monkeypatch.setattr(energy, "POWERCAP", str(tmp_path / "powercap"))
-    monkeypatch.setattr(energy, "jetson_rails", lambda: [])
+    """No Jetson rails and no RAPL domains, whatever this machine has: an empty sysfs root."""
+    monkeypatch.setenv("EDGETTS_SYSFS_ROOT", str(tmp_path))
     return tmp_path
 
 
@@ -91,7 +89,7 @@ def test_rapl_counter_wraps_and_none_says_why(monkeypatch, no_sysfs):
     assert m.energy_j is None and m.avg_power_w is None and m.energy_source == "none"
     assert "nvml: NVML found no GPU" in m.energy_reason and "rapl: no RAPL domains" in m.energy_reason
 
-    domain = no_sysfs / "powercap" / "intel-rapl:0"
+    domain = no_sysfs / "sys/class/powercap" / "intel-rapl:0"
     domain.mkdir(parents=True)
     (domain / "max_energy_range_uj").write_text("10000000\n")
     (domain / "energy_uj").write_text("9000000\n")

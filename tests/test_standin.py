@@ -195,6 +195,27 @@ def test_memory_plan_matches_what_llama_cpp_allocates(standins, capsys):
     assert abs(float(compute.split("=")[1].split("MiB")[0]) - plan.compute / 2**20) < 0.02 * plan.compute / 2**20
 
 
+@pytest.mark.parametrize("rows,n_ctx", [(5, 3500), (3, 700 * 3), (7, 7 * 300)])
+def test_memory_plan_pads_each_stream_as_llama_cpp_does(standins, capsys, rows, n_ctx):
+    """With a cache stream per row each stream is padded to 256 cells on its own (llama.cpp's
+    ``n_ctx_seq``): 5 streams of 3,500 cells are 5 x 768 = 3,840 cells, not 3,584."""
+    from edgetts.engines.llamacpp import LlamaCppEngine
+    from edgetts.engines.memory import gguf_info, plan_memory
+
+    path = standins["narrow-qwen3"]
+    plan = plan_memory(gguf_info(path), n_ctx, rows, kv_unified=False)
+    capsys.readouterr()
+    LlamaCppEngine(path, n_ctx=n_ctx, n_threads=1, max_rows=rows, verbose=True, kv_unified=False).close()
+    log = capsys.readouterr().err
+    line = next(x for x in log.splitlines() if "llama_kv_cache: size =" in x)
+    per_stream = int(line.split("(")[1].split()[0])  # the log counts the cells of one stream
+    assert f"{rows}/{rows} seqs" in line and plan.n_ctx == rows * per_stream
+    assert per_stream % 256 == 0 and plan.n_ctx >= n_ctx
+    assert abs(float(line.split("=")[1].split("MiB")[0]) - plan.kv / 2**20) < 0.01
+    compute = next(x for x in log.splitlines() if "compute buffer size =" in x)
+    assert abs(float(compute.split("=")[1].split("MiB")[0]) - plan.compute / 2**20) < 0.02 * plan.compute / 2**20
+
+
 def test_a_point_that_cannot_fit_is_refused_before_loading(standins):
     from edgetts.engines import EngineError
 

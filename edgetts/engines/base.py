@@ -236,6 +236,11 @@ class Engine(ABC):
         """The model's own name (GGUF ``general.name``), if it states one."""
         return None
 
+    def settings(self) -> dict:
+        """The run-time settings this engine runs under (threads, layers on the GPU...), as it resolved
+        them: what profiles record as ``profiled_with`` and the runtime compares with it."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - engines without native resources need nothing here
         """Release native resources; the engine is unusable afterwards."""
 

@@ -335,6 +335,9 @@ class BatchedEngine(Engine):
     def model_name(self) -> str | None:
         return self.inner.model_name()
 
+    def settings(self) -> dict:
+        return self.inner.settings()
+
     def close(self) -> None:
         self.scheduler.close()
         self.inner.close()

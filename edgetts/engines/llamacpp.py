@@ -36,6 +36,7 @@ import numpy as np
 
 from edgetts.engines.base import Controller, Engine, EngineError, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
+from edgetts.engines.offload import llama_gpu_layers
 
 GGUF_MAGIC = b"GGUF"
 _backend_ready = False
@@ -150,7 +151,7 @@ class LlamaCppEngine(Engine):
             raise EngineError(str(e)) from None
         o = spec.options
         return cls(path, n_ctx=context_size(spec, plan), n_threads=o.get("threads"),
-                   n_gpu_layers=o.get("gpu_layers") or 0, flash_attn=o.get("flash_attn"),
+                   n_gpu_layers=o.get("gpu_layers"), flash_attn=o.get("flash_attn"),
                    max_rows=plan.max_rows, n_batch=o.get("n_batch") or 512,
                    kv_unified=o.get("kv_unified", True))  # fmt: skip
 
@@ -162,6 +163,7 @@ class LlamaCppEngine(Engine):
     def memory_plan(cls, spec, plan):
         """What :meth:`open` will allocate for ``plan``, from the GGUF header alone (nothing loaded)."""
         from edgetts.engines.memory import gguf_info, plan_memory
+        from edgetts.engines.offload import offloaded_layers
         from edgetts.models import ModelNotFound, resolve_model
 
         try:
@@ -174,14 +176,15 @@ class LlamaCppEngine(Engine):
             return None  # and its memory is then unknown, not refused
         o = spec.options
         return plan_memory(info, context_size(spec, plan), plan.max_rows, o.get("n_batch") or 512,
-                           cpu=not o.get("gpu_layers"), kv_unified=o.get("kv_unified", True))  # fmt: skip
+                           gpu_layers=offloaded_layers(o.get("gpu_layers"), info.layers),
+                           kv_unified=o.get("kv_unified", True))  # fmt: skip
 
     def __init__(
         self,
         model_path: str | Path,
         n_ctx: int = 4096,
         n_threads: int | None = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | None = None,
         flash_attn: bool | None = None,
         max_rows: int = 16,
         n_batch: int = 512,
@@ -206,7 +209,7 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"at most {most} rows fit one llama.cpp context, asked for {max_rows}")
         self.probes = kv_unified
         mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
+        mp.n_gpu_layers = llama_gpu_layers(n_gpu_layers)  # auto: every layer where llama.cpp can offload
         with _holding_errors() as reason:
             self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
             if not self.model:
@@ -220,7 +223,8 @@ class LlamaCppEngine(Engine):
         cp.n_batch = batch_cap
         cp.n_ubatch = n_batch
         cp.n_seq_max = n_seq
-        cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
+        threads = n_threads or default_threads()
+        cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = kv_unified
         cp.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
         cp.no_perf = True
@@ -231,6 +235,10 @@ class LlamaCppEngine(Engine):
                 why = reason() or " (out of memory?)"
                 raise EngineError(f"{path}: could not create a context of {n_ctx} tokens{why}")
         self.path = path
+        layers = lc.llama_model_n_layer(self.model)
+        on_gpu = layers + 1 if mp.n_gpu_layers < 0 else min(mp.n_gpu_layers, layers + 1)
+        self._settings = {"threads": threads, "gpu_layers": on_gpu, "flash_attn": flash_attn,
+                          "offload": "gpu" if on_gpu else "none"}  # fmt: skip
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.kv_unified = kv_unified
         self.n_ctx_seq = self.n_ctx if kv_unified else self.n_ctx // max_rows  # cells one row can use
@@ -245,6 +253,11 @@ class LlamaCppEngine(Engine):
         self._pieces: dict[int, bytes] = {}
         self._eog: list[int] | None = None
         self._warm_up()
+
+    def settings(self) -> dict:
+        """How this engine runs: threads, layers on the GPU (of ``layers + 1``), flash attention
+        (None: llama.cpp decides) and ``offload`` (``gpu`` or ``none``)."""
+        return dict(self._settings)
 
     def _warm_up(self) -> None:
         """Decode one token once, so the first request does not pay for buffer allocation."""

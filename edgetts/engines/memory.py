@@ -19,9 +19,15 @@ arrays), so planning a 151,936-token model costs a fraction of a second.
   logits of a micro-batch whose tokens all want outputs (``n_ubatch x n_vocab`` floats) plus its
   activations.
 
-:func:`available_mb` is the memory the device can give: MemAvailable for the CPU, NVML's free
-memory of GPU 0 when layers are offloaded.  :func:`check_fits` refuses a plan that exceeds it
-with one line naming every part, before anything is loaded.
+With a cache stream per row (``kv_unified`` false) each stream is padded to 256 cells on its own
+(:func:`cache_cells`, as the pinned llama.cpp's ``llama_context`` does).  Offloaded layers
+(:mod:`edgetts.engines.offload`) put their share of the weights and cache, and the compute
+scratch, in GPU memory; only the layers kept on the CPU are repacked.
+
+:func:`available_mb` is the memory the device can give: MemAvailable for the CPU (and a
+Jetson, whose GPU shares it), NVML's free memory of GPU 0 for offloaded parts on a discrete GPU,
+never more than the user's cap (``--memory-mb`` or ``EDGETTS_MEMORY_MB``).  :func:`check_fits`
+refuses a plan that exceeds it with one line naming every part, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +151,7 @@ class MemoryPlan:
     kv: int
     output: int
     compute: int
+    gpu: int = 0  # of the total, the bytes in GPU memory (offloaded layers' weights and cache, compute)
 
     @property
     def total(self) -> int:
@@ -153,36 +161,76 @@ class MemoryPlan:
     def total_mb(self) -> float:
         return self.total / MB
 
+    @property
+    def host(self) -> int:
+        return self.total - self.gpu
+
     def describe(self) -> str:
+        on_gpu = f"; {self.gpu / MB:.0f} MB of it on the GPU" if self.gpu else ""
         return (f"{self.total_mb:.0f} MB: weights {self.weights / MB:.0f}, KV cache {self.kv / MB:.0f} "
-                f"({self.n_ctx} tokens), compute {(self.compute + self.output) / MB:.0f}")  # fmt: skip
+                f"({self.n_ctx} tokens), compute {(self.compute + self.output) / MB:.0f}{on_gpu}")  # fmt: skip
 
 
-def plan_memory(info: GGUFInfo, n_ctx: int, max_rows: int, n_ubatch: int = 512, cpu: bool = True,
-                kv_unified: bool = True) -> MemoryPlan:  # fmt: skip
-    """What llama.cpp allocates for ``info``'s model with a context of ``n_ctx`` cells (see the module doc)."""
+def cache_cells(n_ctx: int, n_seq: int, kv_unified: bool = True) -> int:
+    """The cells llama.cpp allocates for ``n_ctx`` (``llama_context``'s constructor): the context is
+    padded to 256; with a stream per sequence each stream gets ``n_ctx / n_seq`` cells padded to 256
+    again, so every stream may carry up to 255 cells more than it asked for."""
     cells = KV_PAD * math.ceil(n_ctx / KV_PAD)
+    if kv_unified:
+        return cells
+    return n_seq * KV_PAD * math.ceil((cells // n_seq) / KV_PAD)
+
+
+def plan_memory(info: GGUFInfo, n_ctx: int, max_rows: int, n_ubatch: int = 512, gpu_layers: int = 0,
+                kv_unified: bool = True) -> MemoryPlan:  # fmt: skip
+    """What llama.cpp allocates for ``info``'s model with a context of ``n_ctx`` cells (see the module doc),
+    ``gpu_layers`` of its ``layers + 1`` offloaded (:func:`edgetts.engines.offload.offloaded_layers`)."""
     seqs = 2 * max_rows if kv_unified else max_rows  # the engine's n_seq_max (probe branches need a unified cache)
+    cells = cache_cells(n_ctx, seqs, kv_unified)
     activations = n_ubatch * 4 * (3 * info.hidden + 2 * info.ffn)
+    share = min(gpu_layers, info.layers + 1) / (info.layers + 1)  # of the weights, by layer
+    kv = cells * info.kv_bytes_per_token
+    compute = n_ubatch * info.n_vocab * 4 + activations
+    # The CPU back end repacks only the matrices it keeps; offloaded layers' cache and the compute
+    # scratch live on the GPU, the logits of every sequence in host memory.
+    gpu = int(info.weight_bytes * share + kv * min(gpu_layers, info.layers) / info.layers) + (compute if share else 0)
     return MemoryPlan(
-        n_ctx=cells, weights=info.weight_bytes + (info.repack_bytes if cpu else 0), kv=cells * info.kv_bytes_per_token,
-        output=seqs * info.n_vocab * 4, compute=n_ubatch * info.n_vocab * 4 + activations,
+        n_ctx=cells, weights=info.weight_bytes + int(info.repack_bytes * (1 - share)), kv=kv,
+        output=seqs * info.n_vocab * 4, compute=compute, gpu=gpu,
     )  # fmt: skip
 
 
-def available_mb(gpu: bool = False) -> float | None:
-    """Memory the device can still give (MB): free GPU memory when offloading, else MemAvailable."""
-    if gpu:
-        try:
-            import pynvml
+def memory_cap_mb(cap: float | None = None) -> float | None:
+    """A user's cap on the memory any command may plan for (``--memory-mb``, else ``EDGETTS_MEMORY_MB``)."""
+    if cap is not None:
+        return cap
+    env = os.environ.get("EDGETTS_MEMORY_MB", "").strip()
+    if not env:
+        return None
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise EngineError(f"EDGETTS_MEMORY_MB must be a positive number of megabytes, got {env!r}")
+    return value
 
-            pynvml.nvmlInit()
-            try:
-                return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free / MB
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception:  # no NVML: fall back to host memory (unified memory on a Jetson)
-            pass
+
+def _gpu_free_mb() -> float | None:
+    """Free memory of GPU 0 through NVML, or None (no NVML: a Jetson's GPU shares host memory)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free / MB
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver, no GPU
+        return None
+
+
+def _host_available_mb() -> float | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -193,11 +241,35 @@ def available_mb(gpu: bool = False) -> float | None:
     return None
 
 
-def check_fits(plan: MemoryPlan, what: str, gpu: bool = False) -> None:
-    """Refuse (one line) a plan that needs more memory than the device has free."""
-    free = available_mb(gpu)
-    if free is not None and plan.total_mb > free:
-        raise EngineError(
-            f"{what} needs {plan.describe()}; the device has {free:.0f} MB free. Lower n or the budget, "
-            "or pass a smaller n_ctx engine option"
-        )
+def available_mb(gpu: bool = False, cap: float | None = None) -> float | None:
+    """Memory the device can still give (MB): free GPU memory when offloading to a GPU with memory of
+    its own, else MemAvailable (which a Jetson's GPU shares); never more than the user's cap."""
+    free = (_gpu_free_mb() if gpu else None) or _host_available_mb()
+    cap = memory_cap_mb(cap)
+    if cap is not None:
+        free = cap if free is None else min(free, cap)
+    return free
+
+
+def shortfall(plan: MemoryPlan, cap: float | None = None, share: float = 1.0) -> tuple[float, float] | None:
+    """(MB needed, MB free) of the first memory ``plan`` does not fit in (``share`` of it), or None.
+
+    With a discrete GPU (NVML answers) the offloaded part is weighed against the GPU's free memory
+    and the rest against host memory; otherwise the whole plan against host memory.
+    """
+    gpu_free = _gpu_free_mb() if plan.gpu else None
+    parts = [(plan.gpu, True), (plan.host, False)] if gpu_free is not None else [(plan.total, False)]
+    for need, on_gpu in parts:
+        free = available_mb(on_gpu, cap)
+        if free is not None and need / MB > free * share:
+            return need / MB, free
+    return None
+
+
+def check_fits(plan: MemoryPlan, what: str, cap: float | None = None,
+               hint: str = "Lower n or the budget, or pass a smaller n_ctx engine option") -> None:  # fmt: skip
+    """Refuse (one line) a plan that needs more memory than the device has free (or the cap allows)."""
+    short = shortfall(plan, cap)
+    if short is not None:
+        where = "the cap allows" if memory_cap_mb(cap) is not None and short[1] >= memory_cap_mb(cap) else "free"
+        raise EngineError(f"{what} needs {plan.describe()}; the device has {short[1]:.0f} MB {where}. {hint}")

@@ -32,6 +32,10 @@ from edgetts.models.families import FAMILIES, Family, guess_family
 PROMPT_RESERVE = 512  # tokens of the largest prompt a planned engine expects (chat template included)
 FORCED_SLACK = 32  # forced tokens per row: end of thinking, answer prefix, a "Wait" or two
 GENERIC_OPTIONS = {"family": str}  # options every engine takes
+# Run-time settings of a device: how an engine runs there, not what it computes.  A profile records
+# them (with flash attention and the power mode) as ``profiled_with``; Pareto points carry the
+# options without them, and the runtime takes the user's, or this device's defaults.
+SETTINGS = ("threads", "gpu_layers")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,28 @@ class EngineSpec:
         return EngineSpec(spec.engine, spec.artifact, spec.url, {**spec.options, **extra}) if extra else spec
 
 
+def split_settings(spec: EngineSpec) -> tuple[EngineSpec, dict]:
+    """``spec`` without its run-time settings, and those settings."""
+    settings = {k: v for k, v in spec.options.items() if k in SETTINGS}
+    if not settings:
+        return spec, {}
+    options = {k: v for k, v in spec.options.items() if k not in SETTINGS}
+    return EngineSpec(spec.engine, spec.artifact, spec.url, options), settings
+
+
+def settings_note(what: str, profiled: dict | None, running: dict) -> str | None:
+    """One line saying where ``running`` differs from the settings ``what`` was profiled with, or None."""
+    if not profiled:
+        return None
+    keys = [k for k in (*SETTINGS, "offload", "flash_attn", "power_mode") if k in profiled and k in running]
+    diff = [k for k in keys if profiled[k] != running[k]]
+    if not diff:
+        return None
+    was = ", ".join(f"{k}={profiled[k]}" for k in diff)
+    now = ", ".join(f"{k}={running[k]}" for k in diff)
+    return f"note: {what}: latencies were profiled with {was}; running with {now}"
+
+
 def serving_threads() -> int | None:
     """Threads for llama.cpp where Python works beside it (serve, profile): all cores but one.
 
@@ -195,8 +221,13 @@ def engine_memory(spec: EngineSpec | dict | str, plan: ContextPlan):
 
 
 def open_engine(spec: EngineSpec | dict | str, max_rows: int = 1, max_tokens: int = 256,
-                prompt_tokens: int = PROMPT_RESERVE, probe_tokens: int = 0) -> tuple[Engine, Family]:  # fmt: skip
-    """The engine a spec names, sized for ``max_rows`` rows of ``max_tokens`` sampled tokens, and its family."""
+                prompt_tokens: int = PROMPT_RESERVE, probe_tokens: int = 0, memory_mb: float | None = None,
+                hint: str | None = None) -> tuple[Engine, Family]:  # fmt: skip
+    """The engine a spec names, sized for ``max_rows`` rows of ``max_tokens`` sampled tokens, and its family.
+
+    ``memory_mb`` caps the memory the plan may take (default: what the device has free); ``hint``
+    replaces the advice of the one-line refusal when it does not fit.
+    """
     from edgetts.engines import engine_class
 
     if not isinstance(spec, EngineSpec):
@@ -213,8 +244,8 @@ def open_engine(spec: EngineSpec | dict | str, max_rows: int = 1, max_tokens: in
     if memory is not None:
         from edgetts.engines.memory import check_fits
 
-        check_fits(memory, f"{spec.label} for {max_rows} row(s) x {max_tokens} tokens",
-                   gpu=bool(spec.options.get("gpu_layers")))  # fmt: skip
+        check_fits(memory, f"{spec.label} for {max_rows} row(s) x {max_tokens} tokens", memory_mb,
+                   **({"hint": hint} if hint else {}))  # fmt: skip
     engine = cls.open(spec, plan)
     family = spec.options.get("family")
     if family is None:

@@ -9,7 +9,9 @@ How a build goes:
    the C policy choose differently from the Python one;
 2. per point, everything C needs is written into a generated ``frontier.c``: the resolved
    model path, strategy, n, budget, profiled latency, accuracy, energy and memory, the engine
-   options, the reasoning family's delimiters and answer prefix, and the prompt, rendered by
+   options, the settings it was profiled with (``profiled_with``: compared with the runtime's
+   own threads and GPU layers, never applied), the reasoning family's delimiters and answer
+   prefix, and the prompt, rendered by
    :func:`edgetts.models.families.build_prompt` around a placeholder and split there, so C
    only concatenates prefix, question and suffix (no Jinja in C); also the FNV-1a 64 digest of
    the config file's bytes, which ``edgetts-answer --config`` checks;
@@ -36,7 +38,7 @@ from edgetts.export.c_header import _c_string_or_null as _c
 from edgetts.export.c_header import _comment, _num
 from edgetts.models import ModelNotFound, resolve_model
 from edgetts.models.families import FAMILIES, build_prompt, guess_family
-from edgetts.pareto.config import load_config, point_spec
+from edgetts.pareto.config import load_config, point_spec, profiled_with
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
 SOURCES = ("engine.c", "extract.c", "strategies.c", "runtime.c")
@@ -115,6 +117,7 @@ def point_c(i: int, p: dict) -> str:
     if prompt.count(PLACEHOLDER) != 1:
         raise BuildError(f"{where}: the chat template does not place the question exactly once")
     prefix, suffix = prompt.split(PLACEHOLDER)
+    was = profiled_with(p)  # compared with the settings the runtime runs under, never applied
     flash = {None: -1, True: 1, False: 0}[o.get("flash_attn")]
 
     def num(key, v):
@@ -125,8 +128,8 @@ def point_c(i: int, p: dict) -> str:
                          num("latency_ms", p["latency_ms"]), num("accuracy", p["accuracy"]),
                          num("energy_j", p.get("energy_j")), num("memory_mb", p.get("memory_mb"))]) + "}",
         num("p50", (p.get("latency_quantiles_ms") or {}).get("p50") or p["latency_ms"]),
-        str(int("threads" in o and o["threads"] is not None)), str(int(o.get("threads") or 0)),
-        str(int("gpu_layers" in o and o["gpu_layers"] is not None)), str(int(o.get("gpu_layers") or 0)),
+        str(int(isinstance(was.get("threads"), int))), str(int(was.get("threads") or 0)),
+        str(int(isinstance(was.get("gpu_layers"), int))), str(int(was.get("gpu_layers") or 0)),
         str(int(o.get("n_ctx") or 0)), str(int(o.get("n_batch") or 0)), str(flash),
         _c(family.think_start), _c(family.think_end), _c(family.answer_prefix), _c(prefix), _c(suffix),
     ]  # fmt: skip

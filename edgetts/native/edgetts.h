@@ -10,6 +10,9 @@
  * comes close.  With the same config and seed and no binding deadline, the rows are token for
  * token those of the Python runtime.
  *
+ * Settings: the caller's threads and GPU layers (edgetts_options) run every engine; the ones a
+ * point was profiled with are only compared (edgetts_notes), never applied.
+ *
  * Errors: every function returns an edgetts_status; the message of the last failure on a
  * runtime is edgetts_last_error(rt) (or the `err` buffer of edgetts_open).  The library never
  * aborts or exits.
@@ -67,9 +70,12 @@ typedef struct edgetts_point_info {
 typedef struct edgetts_options {
     const char *config_path; /* optional: checked against the embedded config (same bytes) */
     const char *model_dir;   /* optional: look for each model's file name in this directory */
-    int threads;             /* for points whose engine options name none; 0: all online cores */
-    int gpu_layers;          /* likewise; -1 or 0: none (CPU) */
+    int threads;             /* llama.cpp threads; 0: $EDGETTS_THREADS, else all online cores but one */
+    int gpu_layers;          /* EDGETTS_GPU_LAYERS_AUTO (the default): every layer where llama.cpp can
+                                offload, none otherwise; -1: all layers; N >= 0: that many */
 } edgetts_options;
+
+#define EDGETTS_GPU_LAYERS_AUTO (-2)
 
 /* One row of a result (for inspection and tests). */
 typedef struct edgetts_row {
@@ -146,6 +152,10 @@ double edgetts_policy_slowdown(const edgetts_runtime *rt);
 void edgetts_cancel(edgetts_runtime *rt);
 
 const char *edgetts_last_error(const edgetts_runtime *rt);
+/* One line per engine whose settings (threads, GPU layers) differ from those its points were
+ * profiled with, or "" (the runtime runs the caller's settings; the profile's latencies may then
+ * be off).  Also, once, a warning that offload was asked of a build that cannot offload. */
+const char *edgetts_notes(const edgetts_runtime *rt);
 const char *edgetts_status_name(edgetts_status status);
 void edgetts_result_free(edgetts_result *res);
 void edgetts_close(edgetts_runtime *rt);

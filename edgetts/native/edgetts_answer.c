@@ -1,7 +1,7 @@
 /* edgetts-answer: one question per line on stdin, one JSON object per line on stdout.
  *
  *   edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S]
- *                  [--model-dir DIR] [--threads T] [--gpu-layers L]
+ *                  [--model-dir DIR] [--threads T] [--gpu-layers auto|-1|L]
  *                  [--point ID] [--n N] [--budget B] [--rows]
  *
  * The frontier is compiled in; --config, when given, must be the file it was built from.
@@ -9,6 +9,9 @@
  * --point runs one frontier point (its id or index) without the policy; --rows adds every
  * row's tokens and text.  A question that fails prints {"error": ...} and the next line goes
  * on; a bad command line or a runtime that cannot open exits 2 with one line on stderr.
+ * --threads and --gpu-layers run every engine (default: all cores but one, every layer where
+ * llama.cpp can offload); where they differ from the settings the points were profiled with, a
+ * note on stderr says so.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -147,6 +150,8 @@ int main(int argc, char **argv)
                 fprintf(stderr, "error: no frontier point %s\n", val);
                 return 2;
             }
+        } else if (strcmp(a, "--gpu-layers") == 0 && strcmp(val, "auto") == 0) {
+            opts.gpu_layers = EDGETTS_GPU_LAYERS_AUTO;
         } else if (!number(val, &v)) {
             fprintf(stderr, "error: %s needs a number, got %s\n", a, val);
             return 2;
@@ -161,8 +166,16 @@ int main(int argc, char **argv)
         } else if (strcmp(a, "--seed") == 0 && v >= 0 && v <= 4294967295.0) {
             seed = (unsigned)v;
         } else if (strcmp(a, "--threads") == 0) {
+            if (!(v >= 1 && v <= 4096) || v != (int)v) {
+                fprintf(stderr, "error: --threads must be a whole number from 1 to 4096, got %s\n", val);
+                return 2;
+            }
             opts.threads = (int)v;
         } else if (strcmp(a, "--gpu-layers") == 0) {
+            if (!(v >= -1 && v <= 100000) || v != (int)v) {
+                fprintf(stderr, "error: --gpu-layers must be auto, -1 (all) or a number of layers, got %s\n", val);
+                return 2;
+            }
             opts.gpu_layers = (int)v;
         } else if (strcmp(a, "--n") == 0) {
             n = (int)v;
@@ -179,6 +192,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "error: %s\n", err);
         return 2;
     }
+    fputs(edgetts_notes(rt), stderr);
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;

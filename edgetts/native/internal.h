@@ -17,7 +17,7 @@
 typedef struct ett_point {
     edgetts_point_info info;
     double typical_ms;                                    /* its profiled median latency (recalibration) */
-    int has_threads, threads, has_gpu_layers, gpu_layers; /* engine options the point names */
+    int has_threads, threads, has_gpu_layers, gpu_layers; /* profiled_with: the settings it was measured under */
     int n_ctx, n_batch, flash_attn;                       /* 0 (flash_attn: -1, auto) when absent */
     const char *think_start, *think_end, *answer_prefix;  /* the reasoning family */
     const char *prompt_prefix, *prompt_suffix;            /* the prompt around the question */

@@ -11,12 +11,14 @@
  * spread of the point's latencies, where an average against the p95 sinks below 1 and picks
  * points that run late).
  */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -30,6 +32,7 @@ struct edgetts_runtime {
     int n_runs;
     volatile int cancel;
     char err[1024];
+    char notes[1024];
 };
 
 static pthread_once_t backend_once = PTHREAD_ONCE_INIT;
@@ -58,7 +61,57 @@ const char *edgetts_config_digest(void)
 void edgetts_options_init(edgetts_options *opts)
 {
     memset(opts, 0, sizeof *opts);
-    opts->gpu_layers = -1;
+    opts->gpu_layers = EDGETTS_GPU_LAYERS_AUTO;
+}
+
+const char *edgetts_notes(const edgetts_runtime *rt)
+{
+    return rt != NULL ? rt->notes : "";
+}
+
+static void add_note(edgetts_runtime *rt, const char *fmt, ...)
+{
+    size_t used = strlen(rt->notes);
+    if (used + 2 >= sizeof rt->notes) {
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rt->notes + used, sizeof rt->notes - used - 1, fmt, ap);
+    va_end(ap);
+    used = strlen(rt->notes);
+    rt->notes[used] = '\n';
+    rt->notes[used + 1] = '\0';
+}
+
+/* Threads when the caller names none: EDGETTS_THREADS, else every online core but one (the
+ * Python runtime's default, under which profiles measure). */
+static int default_threads(void)
+{
+    const char *env = getenv("EDGETTS_THREADS");
+    if (env != NULL && *env != '\0') {
+        char *end;
+        long v = strtol(env, &end, 10);
+        if (*end == '\0' && v >= 1 && v <= 4096) {
+            return (int)v;
+        }
+    }
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    return cores > 1 ? (int)cores - 1 : 1;
+}
+
+/* The n_gpu_layers llama.cpp gets: auto is every layer (-1) where it can offload, none otherwise;
+ * an explicit request a CPU-only build cannot honour runs on the CPU, said once in the notes. */
+static int gpu_layers_for(edgetts_runtime *rt, int requested)
+{
+    if (llama_supports_gpu_offload()) {
+        return requested == EDGETTS_GPU_LAYERS_AUTO ? -1 : requested;
+    }
+    if (requested != EDGETTS_GPU_LAYERS_AUTO && requested != 0) {
+        add_note(rt, "warning: gpu_layers=%d asks for GPU offload, but this llama.cpp build has no GPU backend: "
+                     "running on the CPU", requested);
+    }
+    return 0;
 }
 
 const char *edgetts_status_name(edgetts_status status)
@@ -168,11 +221,16 @@ edgetts_status edgetts_open(const edgetts_options *opts, edgetts_runtime **out, 
         rt->max_budget = p->budget > rt->max_budget ? p->budget : rt->max_budget;
     }
     pthread_once(&backend_once, backend_init);
+    if (opts->threads < 0 || opts->gpu_layers < EDGETTS_GPU_LAYERS_AUTO) {
+        edgetts_close(rt);
+        snprintf(err, err_len, "threads must be >= 0 and gpu_layers >= -1 (or EDGETTS_GPU_LAYERS_AUTO)");
+        return EDGETTS_E_ARGUMENT;
+    }
+    /* The caller's settings run every engine; the ones a point was profiled with are compared only. */
+    int threads = opts->threads > 0 ? opts->threads : default_threads();
+    int gpu = gpu_layers_for(rt, opts->gpu_layers);
     for (int i = 0; i < ett_n_frontier && st == EDGETTS_OK; i++) {
         const ett_point *p = &ett_frontier[i];
-        /* A point's own engine options win over the runtime's defaults, as in the Python executor. */
-        int threads = p->has_threads ? p->threads : opts->threads;
-        int gpu = p->has_gpu_layers ? p->gpu_layers : (opts->gpu_layers > 0 ? opts->gpu_layers : 0);
         model_path(opts, p->info.model, path, sizeof path);
         snprintf(key, sizeof key, "%s|%d|%d|%d|%d|%d", path, threads, gpu, p->n_ctx, p->n_batch, p->flash_attn);
         int j;
@@ -186,6 +244,12 @@ edgetts_status edgetts_open(const edgetts_options *opts, edgetts_runtime **out, 
             }
             snprintf(rt->engines[j].key, sizeof rt->engines[j].key, "%s", key);
             rt->n_engines++;
+            int layers = llama_model_n_layer(rt->engines[j].model);
+            int on_gpu = gpu < 0 ? layers + 1 : (gpu < layers + 1 ? gpu : layers + 1);
+            if ((p->has_threads && p->threads != threads) || (p->has_gpu_layers && p->gpu_layers != on_gpu)) {
+                add_note(rt, "note: %s: latencies were profiled with threads=%d, gpu_layers=%d; running with "
+                             "threads=%d, gpu_layers=%d", p->info.model, p->threads, p->gpu_layers, threads, on_gpu);
+            }
         }
         rt->engine_of[i] = j;
     }

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from edgetts.engines import REGISTRY
 from edgetts.engines.base import EngineError
-from edgetts.engines.spec import EngineSpec
+from edgetts.engines.spec import EngineSpec, split_settings
 from edgetts.models import BUILTIN
 from edgetts.outputs import OutputError, check_output, write_text
 
@@ -94,8 +94,17 @@ def _short_name(spec: EngineSpec) -> str:
 
 
 def point_spec(point: dict) -> EngineSpec:
-    """The engine spec a frontier point names."""
-    return EngineSpec(point["engine"], point["artifact"], point.get("url"), dict(point.get("engine_options") or {}))
+    """The engine spec a frontier point names, without run-time settings (a config written before
+    settings moved to ``profiled_with`` still carries them in its options)."""
+    spec = EngineSpec(point["engine"], point["artifact"], point.get("url"), dict(point.get("engine_options") or {}))
+    return split_settings(spec)[0]
+
+
+def profiled_with(point: dict) -> dict:
+    """The run-time settings a point's latencies were measured under (older configs: its options')."""
+    if isinstance(point.get("profiled_with"), dict):
+        return point["profiled_with"]
+    return split_settings(EngineSpec.from_dict({"engine": "auto", "options": point.get("engine_options") or {}}))[1]
 
 
 def _point(cell: dict, quantile: str) -> dict:
@@ -103,7 +112,7 @@ def _point(cell: dict, quantile: str) -> dict:
     # What the point needs (weights, KV cache and compute of an engine planned for it); the measured
     # peak where the engine cannot tell (a server), since pages never touched do not show in a peak.
     memory = cell.get("memory_mb") or cell.get("peak_gpu_mb") or cell.get("peak_rss_mb")
-    spec = _cell_spec(cell)
+    spec, settings = split_settings(_cell_spec(cell))
     return {
         "id": f"{_short_name(spec)}/{cell['strategy']}/n{cell['n']}/b{cell['budget']}",
         "model": cell["model"], "artifact": spec.artifact or "", "engine": spec.engine,
@@ -111,8 +120,10 @@ def _point(cell: dict, quantile: str) -> dict:
         "strategy": cell["strategy"],
         "n": cell["n"], "budget": cell["budget"], "latency_ms": q[quantile], "latency_quantiles_ms": q,
         "accuracy": cell["accuracy"], "accuracy_ci95": cell["accuracy_ci95"], "queries": cell["queries"],
-        "energy_j": cell.get("energy_j"), "energy_source": cell.get("energy_source"), "memory_mb": memory,
-        "tokens": cell["tokens"]["generated"],
+        "energy_j": cell.get("energy_j"), "energy_source": cell.get("energy_source"),
+        "energy_rail": cell.get("energy_rail"), "energy_per_correct_j": cell.get("energy_per_correct_j"),
+        "memory_mb": memory,
+        "tokens": cell["tokens"]["generated"], "profiled_with": cell.get("profiled_with") or settings,
     }  # fmt: skip
 
 
@@ -186,6 +197,18 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
     if checks:
         config["latency_validation"] = checks
     return config, candidates
+
+
+def validation_note(config: dict, where: str) -> str | None:
+    """One line when a profile behind ``config`` failed its direct latency check, else None."""
+    failed = {d: c for d, c in (config.get("latency_validation") or {}).items() if isinstance(c, dict)
+              and c.get("ok") is False}  # fmt: skip
+    if not failed:
+        return None
+    off = {d: "n/a" if c.get("mape") is None else f"{100 * c['mape']:.0f}%" for d, c in failed.items()}
+    parts = [f"{d} (off by {o})" for d, o in off.items()]
+    return (f"note: {where}: the modelled latencies of {', '.join(parts)} failed their direct check; its "
+            "deadlines may be missed")
 
 
 def write_config(config: dict, path: str | Path) -> Path:

@@ -115,15 +115,16 @@ def deadlines(config: dict, count: int = 5) -> list[float]:
 def _frontier_table(config: dict) -> str:
     q = config["objective"]["latency_quantile"]
     head = _row(["#", "id", "engine", "strategy", "n", "budget", "accuracy", "95% CI", f"latency {q} ms",
-                 "p50 ms", "p99 ms", "energy J", "memory MB", "tokens/query", "within CI"],
+                 "p50 ms", "p99 ms", "energy J", "J per correct", "memory MB", "tokens/query", "within CI"],
                 header=True)  # fmt: skip
     rows = []
     for i, p in enumerate(config["frontier"]):
         lq = p.get("latency_quantiles_ms") or {}
         rows.append(_row([i, p["id"], p.get("engine"), p["strategy"], p["n"], p["budget"], _pct(p), _ci(p),
                           _num(p["latency_ms"], ".2f"), _num(lq.get("p50"), ".2f"), _num(lq.get("p99"), ".2f"),
-                          _num(p.get("energy_j"), ".3f"), _num(p.get("memory_mb"), ".0f"),
-                          _num(p.get("tokens"), ".1f"), "yes" if p.get("dominated_within_ci") else ""]))  # fmt: skip
+                          _num(p.get("energy_j"), ".3f"), _num(p.get("energy_per_correct_j"), ".3f"),
+                          _num(p.get("memory_mb"), ".0f"), _num(p.get("tokens"), ".1f"),
+                          "yes" if p.get("dominated_within_ci") else ""]))  # fmt: skip
     return f'<table id="frontier"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -170,13 +171,14 @@ def _cells_table(config: dict, candidates: list[dict]) -> str:
 
     q = config["objective"]["latency_quantile"]
     head = _row(["model", "engine", "strategy", "n", "budget", "queries", "accuracy", "95% CI", f"latency {q} ms",
-                 "energy J", "memory MB", "tokens/query", "status"], "head", header=True)  # fmt: skip
+                 "energy J", "J per correct", "memory MB", "tokens/query", "status"], "head", header=True)  # fmt: skip
     rows = []
     for c in sorted(candidates, key=lambda c: (c["latency_ms"], -c["accuracy"], c["id"])):
         text, cls = status(c)
         rows.append(_row([c["model"], c.get("engine"), c["strategy"], c["n"], c["budget"], c.get("queries"), _pct(c),
                           _ci(c), _num(c["latency_ms"], ".2f"), _num(c.get("energy_j"), ".3f"),
-                          _num(c.get("memory_mb"), ".0f"), _num(c.get("tokens"), ".1f"), text], cls))  # fmt: skip
+                          _num(c.get("energy_per_correct_j"), ".3f"), _num(c.get("memory_mb"), ".0f"),
+                          _num(c.get("tokens"), ".1f"), text], cls))  # fmt: skip
     return f'<table id="cells"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 

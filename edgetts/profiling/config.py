@@ -13,8 +13,8 @@ YAML shape (every key optional)::
       name: auto                   # auto (from the artifact), llama.cpp, onnx-genai, openai-http, tensorrt
       url: null                    # an OpenAI-compatible server (openai-http); models then name its model
       n_ctx: 0                     # 0: sized from the largest cell
-      threads: 2
-      gpu_layers: 0
+      threads: 2                   # default: all cores but one (EDGETTS_THREADS when set)
+      gpu_layers: auto             # auto: every layer where llama.cpp can offload; -1 all; N layers
       options: {}                  # engine options, e.g. {provider: cuda} or {parallel: n}
     dataset: arith
     limit: 50                      # problems, spread evenly over levels
@@ -51,15 +51,16 @@ class EngineOptions:
     url: str | None = None
     n_ctx: int = 0  # 0: sized from the largest cell
     threads: int | None = None
-    gpu_layers: int = 0
+    gpu_layers: int | str | None = None  # None or "auto": every layer where llama.cpp can offload
     options: dict = field(default_factory=dict)
 
     def defaults(self) -> dict:
         """Options applied to every model whose engine takes them."""
+        from edgetts.engines.offload import parse_gpu_layers
         from edgetts.engines.spec import serving_threads
 
         return {"n_ctx": self.n_ctx or None, "threads": self.threads or serving_threads(),
-                "gpu_layers": self.gpu_layers or None, **self.options}  # fmt: skip
+                "gpu_layers": parse_gpu_layers(self.gpu_layers), **self.options}  # fmt: skip
 
 
 @dataclass
@@ -99,6 +100,12 @@ class SweepConfig:
             raise ConfigError(f"engine.url: expected an http:// or https:// URL, got {e.url!r}")
         if not isinstance(e.options, dict):
             raise ConfigError(f"engine.options: expected a mapping, got {e.options!r}")
+        try:
+            from edgetts.engines.offload import parse_gpu_layers
+
+            parse_gpu_layers(e.gpu_layers)
+        except EngineError as err:
+            raise ConfigError(f"engine.{err}") from None
         for i, m in enumerate(self.models):
             try:
                 EngineSpec.from_dict(m, f"models[{i}]")
@@ -129,7 +136,8 @@ class SweepConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     def override(self, threads: int | None = None, engine: str | None = None, url: str | None = None,
-                 engine_options: dict | None = None, **fields) -> SweepConfig:  # fmt: skip
+                 engine_options: dict | None = None, gpu_layers: int | str | None = None,
+                 **fields) -> SweepConfig:  # fmt: skip
         """This sweep with every given (not None) field replaced, as command-line flags do; validated."""
         for name, value in fields.items():
             if name not in self.__dataclass_fields__:
@@ -138,6 +146,7 @@ class SweepConfig:
                 setattr(self, name, value)
         e = self.engine
         e.threads = threads or e.threads
+        e.gpu_layers = e.gpu_layers if gpu_layers is None else gpu_layers
         e.name = engine or e.name
         e.url = url or e.url
         e.options = {**e.options, **(engine_options or {})}

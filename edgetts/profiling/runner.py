@@ -180,20 +180,22 @@ def run_profile(
     out: str | Path,
     force: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    memory_mb: float | None = None,
 ) -> dict:
-    """Measure every missing query of ``cfg`` into ``out``, holding its lock; returns the summary."""
+    """Measure every missing query of ``cfg`` into ``out``, holding its lock; returns the summary.
+    ``memory_mb`` caps the memory an engine may plan for (default: what the device has free)."""
     try:
         with profile_dir(Path(out)):
-            return _measure(cfg, out, force, progress)
+            return _measure(cfg, out, force, progress, memory_mb)
     except LockError as e:
         raise ProfileError(str(e)) from None
 
 
-def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress) -> dict:
+def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb: float | None) -> dict:
     from edgetts.engines import engine_class, open_engine
     from edgetts.strategies import STRATEGIES, RunConfig, create
     from edgetts.tasks.datasets import load_dataset
-    from edgetts.telemetry.device import fingerprint
+    from edgetts.telemetry.device import fingerprint, power_mode
     from edgetts.telemetry.meters import QueryMeter
 
     out = Path(out)
@@ -216,6 +218,7 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress) -> dict:
     count = len(done)
     if progress:
         progress(count, total, "resuming" if count else "starting")
+    mode = power_mode()
     ctx = Context(cfg, log, done, QueryMeter(), progress, total)
     ctx.count = count
     for spec in specs:
@@ -239,8 +242,9 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress) -> dict:
             continue
         answer = RunConfig().answer_tokens
         engine, family = open_engine(spec, max_rows=max(n for _, n, _ in cells), max_tokens=max(cfg.budgets) + answer,
-                                     probe_tokens=answer if pooled else 0)  # fmt: skip
+                                     probe_tokens=answer if pooled else 0, memory_mb=memory_mb)  # fmt: skip
         ctx.spec = spec.to_dict()
+        ctx.settings = {**engine.settings(), **({"power_mode": mode} if mode else {})}
         try:
             for ex in examples[: cfg.warmup]:  # untimed: caches, allocations, clocks ramping up
                 s, n, b = cells[0]
@@ -263,9 +267,11 @@ class Context:
         self.cfg, self.log, self.done, self.meter, self.progress, self.total = cfg, log, done, meter, progress, total
         self.count = 0
         self.spec: dict = {}  # the engine spec of the model being measured, carried by every record
+        self.settings: dict = {}  # the run-time settings it runs under (``profiled_with``)
 
     def write(self, record: dict, what: str) -> None:
         record["engine"] = self.spec
+        record["profiled_with"] = self.settings
         record.update(cell_memory(self.spec, record["n"], record["budget"], record["prompt_tokens"]))
         self.log.append(record)
         self.count += 1
@@ -295,6 +301,7 @@ def _energy(m, seconds: float) -> dict:
         "energy_j": joules,
         "avg_power_w": m.avg_power_w,
         "energy_source": m.energy_source,
+        "energy_rail": m.energy_rail,
         "energy_reason": m.energy_reason,
         "peak_rss_mb": round(m.peak_rss_mb, 2),
         "peak_gpu_mb": m.peak_gpu_mb,

@@ -6,7 +6,10 @@ Fields per cell: ``model`` (the engine spec's label), ``engine`` (the spec), ``s
 (nearest-rank over queries) and mean; ``ttft_s`` and ``tpot_s`` means; ``tokens``: mean
 generated, thinking and answer tokens per query and mean rows used; ``energy_j`` (mean per
 query, null without a source), ``avg_power_w``, ``energy_source`` (and ``energy_reason`` when it is
-``none``); ``peak_rss_mb`` and ``peak_gpu_mb`` (max over queries); ``kv_bytes`` and
+``none``), ``energy_rail`` (what was read: ``VDD_IN``, ``package-0``...), ``energy_per_correct_j`` (the
+cell's joules over its correct answers; null when energy is unknown or nothing was right);
+``profiled_with``: the run-time settings the cell was measured under (threads, GPU layers...);
+``peak_rss_mb`` and ``peak_gpu_mb`` (max over queries); ``kv_bytes`` and
 ``memory_mb``: the KV cache and the whole memory (weights, cache, compute) an engine planned
 for the cell needs (max over queries; null for engines that cannot tell).  Because it depends
 only on the records, a resumed profile summarizes exactly like an uninterrupted one (timings aside).
@@ -40,6 +43,11 @@ def _max_known(values) -> float | None:
     return max(known) if known else None
 
 
+def _one_or_mixed(values) -> str | None:
+    known = sorted({v for v in values if v})
+    return None if not known else known[0] if len(known) == 1 else "mixed:" + ",".join(known)
+
+
 def summarize(records: dict[str, dict]) -> dict:
     cells: dict[tuple, list[dict]] = {}
     for rec in records.values():
@@ -64,10 +72,14 @@ def summarize(records: dict[str, dict]) -> dict:
             "energy_j": mean(energies) if energies else None,
             "avg_power_w": mean(r["avg_power_w"] for r in recs if r["avg_power_w"] is not None) if energies else None,
             "energy_source": sources[0] if len(sources) == 1 else "mixed:" + ",".join(sources),
+            "energy_rail": _one_or_mixed(r.get("energy_rail") for r in recs),
+            # Energy spent per correct answer: all the cell's joules over its correct answers.
+            "energy_per_correct_j": sum(energies) / ok if energies and ok and len(energies) == len(recs) else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in recs),
             "peak_gpu_mb": _max_known(r.get("peak_gpu_mb") for r in recs),
             "kv_bytes": _max_known(r.get("kv_bytes") for r in recs),
             "memory_mb": _max_known(r.get("memory_mb") for r in recs),
+            "profiled_with": recs[0].get("profiled_with"),
         }  # fmt: skip
         if entry["energy_source"] == "none":
             entry["energy_reason"] = recs[0].get("energy_reason")

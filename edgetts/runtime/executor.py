@@ -24,14 +24,37 @@ import time
 from dataclasses import dataclass
 
 from edgetts.engines import Engine, open_engine
-from edgetts.engines.base import Row, SampleResult, SamplingParams
+from edgetts.engines.base import EngineError, Row, SampleResult, SamplingParams
+from edgetts.engines.spec import ContextPlan, engine_memory, settings_note
 from edgetts.models.families import Family
-from edgetts.pareto.config import point_spec
+from edgetts.pareto.config import point_spec, profiled_with
+from edgetts.runtime.oneshot import running_settings
 from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, RESERVE_MS, RESERVE_SHARE, Late, Plan, Request, make_plan
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
 
 __all__ = ["Executor", "Late", "Outcome", "Request", "SerialEngine"]
+
+# Share of the free memory the default batch may plan for: the rest is for the process and the
+# device's other work (allocations llama.cpp makes beside its plan, a camera pipeline...).
+HEADROOM = 0.85
+
+
+def rows_that_fit(spec, most: int, tokens: int, cap: float | None, headroom: float) -> int:
+    """The most rows (0..``most``) an engine of ``spec`` for ``tokens`` tokens a row fits in memory with
+    (``headroom`` of what is free, under the cap); ``most`` when its engine cannot tell its memory."""
+    from edgetts.engines.memory import shortfall
+
+    def fits(rows: int) -> bool:
+        plan = engine_memory(spec, ContextPlan(rows, tokens))
+        return plan is None or shortfall(plan, cap, headroom) is None
+
+    lo, hi = 0, most  # memory grows with rows: the largest that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
 
 # Rows a batched round holds when work is judged (:meth:`Executor.feasible`): rounds are kept
 # small while an urgent request runs, so each row pays a share of a small round's fixed cost.
@@ -79,6 +102,9 @@ class SerialEngine(Engine):
     def chat_template(self) -> str | None:
         return self.inner.chat_template()
 
+    def settings(self) -> dict:
+        return self.inner.settings()
+
     def close(self) -> None:
         self.inner.close()
 
@@ -91,30 +117,72 @@ def _step_fit(scheduler) -> tuple[float, float]:
 
 
 class Executor:
+    """Opens and runs the engines of a Pareto config's points (see the module doc).
+
+    ``threads`` and ``gpu_layers`` are the user's run-time settings (None: this device's defaults,
+    never the ones the points were profiled with; ``notify`` gets one line per engine whose settings
+    differ from its points' ``profiled_with``).  ``rows`` is the running batch's size; by default the
+    most that fit in ``memory_mb`` (else what the device has free) with headroom, at most
+    max(64, 8 x the widest point's n).
+    """
+
     def __init__(self, policy: Policy, threads: int | None = None, gpu_layers: int | None = None,
-                 batching: bool = True, rows: int | None = None):  # fmt: skip
+                 batching: bool = True, rows: int | None = None, memory_mb: float | None = None,
+                 notify=None):  # fmt: skip
         self.policy = policy
         self.threads, self.gpu_layers, self.batching = threads, gpu_layers, batching
+        self.memory_mb, self.notify = memory_mb, notify or (lambda line: None)
         self.engines: dict[str, tuple[Engine, Family]] = {}
         self.by_point: dict[str, tuple[dict, tuple[Engine, Family]]] = {}  # point id -> (that point, its engine)
         self.max_n = max(p["n"] for p in policy.frontier)
         self.max_budget = max(p["budget"] for p in policy.frontier)
+        self.tokens = self.max_budget + RunConfig().answer_tokens  # what a row may decode at most
         # Rows in the running batch: room for several requests of the widest point side by side (a
-        # round decodes only those it can afford; the others hold their cells and wait a round).
-        self.rows = rows or (max(64, 8 * self.max_n) if batching else self.max_n)
+        # round decodes only those it can afford; the others hold their cells and wait a round), as
+        # many as the device's memory holds.
+        self.rows = rows or (self._fitting_rows(max(64, 8 * self.max_n)) if batching else self.max_n)
+
+    def _spec(self, point: dict):
+        # A shared batch of many requests attends best over a stream per row (no other row's cells).
+        split = {"kv_unified": False} if self.batching else {}
+        return point_spec(point).with_options(threads=self.threads, gpu_layers=self.gpu_layers, **split)
+
+    def _fitting_rows(self, most: int, headroom: float = HEADROOM) -> int:
+        """The most rows (up to ``most``) every engine of the frontier fits in memory with; refuses
+        (one line naming ``--batch-rows``) when even the widest point's rows do not fit."""
+        specs = {json.dumps(s.to_dict(), sort_keys=True): s for s in map(self._spec, self.policy.frontier)}
+        fit = most
+        for spec in specs.values():
+            rows = rows_that_fit(spec, fit, self.tokens, self.memory_mb, headroom)
+            if rows < self.max_n:
+                most = f"--batch-rows {rows} would" if rows else "not even --batch-rows 1 does"
+                raise EngineError(
+                    f"{spec.label}: {self.max_n} row(s) of {self.tokens} tokens (the frontier's widest point) do not "
+                    f"fit in the memory the device has{' under --memory-mb' if self.memory_mb else ''} ({most}): "
+                    "lower the frontier's n or budget, or free memory"
+                )
+            fit = rows
+        return fit
 
     def engine(self, point: dict) -> tuple[Engine, Family]:
         """The engine (and reasoning family) of a frontier point, opened once per engine spec."""
         known = self.by_point.get(point["id"])  # admission asks for every point of every plan: no spec work
         if known is not None and known[0] is point:
             return known[1]
-        # A shared batch of many requests attends best over a stream per row (no other row's cells).
-        split = {"kv_unified": False} if self.batching else {}
-        spec = point_spec(point).with_options(threads=self.threads, gpu_layers=self.gpu_layers, **split)
+        spec = self._spec(point)
         key = json.dumps(spec.to_dict(), sort_keys=True)
         if key not in self.engines:
-            answer = RunConfig().answer_tokens
-            engine, family = open_engine(spec, max_rows=self.rows, max_tokens=self.max_budget + answer)
+            try:
+                engine, family = open_engine(spec, max_rows=self.rows, max_tokens=self.tokens,
+                                             memory_mb=self.memory_mb, hint="Lower --batch-rows")  # fmt: skip
+            except EngineError as e:
+                if not self.batching or "needs" not in str(e):
+                    raise
+                fit = rows_that_fit(spec, self.rows, self.tokens, self.memory_mb, 1.0)
+                raise EngineError(f"{e} (at most {fit} rows fit: --batch-rows {max(fit, 1)})") from None
+            note = settings_note(spec.label, profiled_with(point), running_settings(engine))
+            if note:
+                self.notify(note)
             if self.batching and engine.name == "llama.cpp":
                 from edgetts.engines.batching import BatchedEngine
 

@@ -197,12 +197,15 @@ def _check_strategies(config: str, frontier: list[dict]) -> None:
 
 def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
                overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None,
-               batching: bool = True, rows: int | None = None, read_timeout_s: float = 10.0):  # fmt: skip
+               batching: bool = True, rows: int | None = None, read_timeout_s: float = 10.0,
+               gpu_layers: int | None = None, memory_mb: float | None = None, notify=None):  # fmt: skip
     """The app serving ``config``; every engine its frontier names is opened before it returns.
 
     ``batching=False`` runs one request at a time per engine (the sequential server); ``rows``
     is how many rows a batched engine holds at once (default: room for several requests);
-    ``read_timeout_s`` is how long a request's body may stall (408).
+    ``read_timeout_s`` is how long a request's body may stall (408); ``threads``, ``gpu_layers`` and
+    ``memory_mb`` are the user's settings (:class:`~edgetts.runtime.executor.Executor`), and ``notify``
+    gets the one-line notes (settings that differ from the profile's, a failed latency check).
     """
     import sys
 
@@ -211,9 +214,15 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     sys.setswitchinterval(0.0005)
     policy = Policy.load(config)
     _check_strategies(config, policy.frontier)
+    from edgetts.pareto.config import validation_note
+
+    note = validation_note(policy.config, config)
+    if note and notify:
+        notify(note)
     # One core stays with the HTTP loop: llama.cpp's worker threads spin at every graph barrier,
     # and on a small CPU an extra busy thread makes each decode step several times slower.
-    executor = Executor(policy, threads=threads or serving_threads(), batching=batching, rows=rows)
+    executor = Executor(policy, threads=threads or serving_threads(), gpu_layers=gpu_layers, batching=batching,
+                        rows=rows, memory_mb=memory_mb, notify=notify)  # fmt: skip
     try:
         for point in policy.frontier:
             executor.engine(point)  # open every engine now: the first request must not pay for it

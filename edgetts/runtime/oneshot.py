@@ -26,25 +26,35 @@ class Answer:
     n: int
     budget: int
     selection: Selection | None = None  # the policy's pick, with a config
+    notes: tuple[str, ...] = ()  # one line each: settings that differ from the profile's, a failed check
 
 
 def answer(question: str, spec: EngineSpec | None = None, config: str | None = None, strategy: str | None = None,
            n: int | None = None, budget: int | None = None, deadline_ms: float | None = None,
            energy_j: float | None = None, temperature: float = 1.0, seed: int = 0, raw_prompt: bool = False,
-           family: str | None = None, **engine_defaults) -> Answer:  # fmt: skip
-    """Answer ``question``; ``engine_defaults`` (threads, gpu_layers) apply where the engine takes them."""
+           family: str | None = None, memory_mb: float | None = None, **engine_defaults) -> Answer:  # fmt: skip
+    """Answer ``question``; ``engine_defaults`` (threads, gpu_layers) apply where the engine takes them.
+
+    With a config, the point's engine runs under the caller's settings, else this device's defaults
+    (threads: all cores but one, as the profile measured; GPU layers: auto), never the settings the
+    point was profiled with; where they differ, a note says so.
+    """
     if not question.strip():
         raise StrategyError("the question is empty")
-    selection = None
+    selection, notes, profiled = None, [], None
     if config is not None:
-        from edgetts.pareto.config import point_spec
+        from edgetts.engines.spec import serving_threads
+        from edgetts.pareto.config import point_spec, profiled_with, validation_note
 
         if deadline_ms is None:
             raise StrategyError("a Pareto config needs a deadline: the policy picks the point that fits it")
-        selection = Policy.load(config).select(deadline_ms, energy_j=energy_j)
+        policy = Policy.load(config)
+        selection = policy.select(deadline_ms, energy_j=energy_j)
         p = selection.point
-        spec = point_spec(p)
+        spec, profiled = point_spec(p), profiled_with(p)
+        engine_defaults["threads"] = engine_defaults.get("threads") or serving_threads()
         strategy, n, budget = strategy or p["strategy"], n or p["n"], budget or p["budget"]
+        notes += [line for line in [validation_note(policy.config, config)] if line]
     if spec is None:
         raise StrategyError("nothing to run: give an engine spec (a model) or a Pareto config")
     strategy = strategy or DEFAULTS["strategy"]
@@ -57,10 +67,23 @@ def answer(question: str, spec: EngineSpec | None = None, config: str | None = N
     cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms, raw_prompt=raw_prompt,
                     sampling=SamplingParams(temperature=temperature, seed=seed))  # fmt: skip
     rows = 1 if STRATEGIES[strategy].single_row else n
-    engine, fam = open_engine(spec, max_rows=rows, max_tokens=budget + cfg.answer_tokens)
+    engine, fam = open_engine(spec, max_rows=rows, max_tokens=budget + cfg.answer_tokens, memory_mb=memory_mb)
+    if selection is not None:
+        from edgetts.engines.spec import settings_note
+
+        note = settings_note(selection.point["id"], profiled, running_settings(engine))
+        notes += [note] if note else []
     try:
         trace = create(strategy, engine, fam, cfg).run(question)
     finally:
         engine.close()
-    return Answer(trace, spec.resolved(), strategy, n, budget, selection)
+    return Answer(trace, spec.resolved(), strategy, n, budget, selection, tuple(notes))
+
+
+def running_settings(engine) -> dict:
+    """The engine's run-time settings, with this device's power mode where it has one."""
+    from edgetts.telemetry.device import power_mode
+
+    mode = power_mode()
+    return {**engine.settings(), **({"power_mode": mode} if mode else {})}
 

@@ -1,7 +1,9 @@
 """The device fingerprint written into every profile (``device.json``).
 
 CPU model, cores and memory from ``/proc``; GPU model, memory and driver through NVML when
-present; Jetson release, power mode (``nvpmodel -q``) and clocks where readable; versions of
+present; Jetson release, power mode (``nvpmodel -q``) and clocks where readable (under
+``EDGETTS_SYSFS_ROOT``, :mod:`edgetts.telemetry.sysfs`); llama.cpp's devices and whether it can
+offload; versions of
 Python, edgetts and the engines.  Everything unreadable is recorded as ``null``, not guessed.
 """
 
@@ -11,6 +13,8 @@ import os
 import platform
 import subprocess
 from importlib import metadata
+
+from edgetts.telemetry import sysfs
 
 
 def _read(path: str) -> str | None:
@@ -58,20 +62,41 @@ def gpus() -> list[dict]:
     return out
 
 
-def jetson() -> dict | None:
-    release = _read("/etc/nv_tegra_release")
-    if release is None:
+def power_mode() -> str | None:
+    """The Jetson's power mode as ``nvpmodel -q`` names it (``MAXN``, ``15W``...), or None where there
+    is no Jetson or nvpmodel cannot be read."""
+    if _read(sysfs.path("/etc/nv_tegra_release")) is None:
         return None
     try:
-        mode = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout.strip()
+        out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
-        mode = None
+        return None
+    for line in out.splitlines():
+        if "power mode" in line.lower() and ":" in line:
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def jetson() -> dict | None:
+    release = _read(sysfs.path("/etc/nv_tegra_release"))
+    if release is None:
+        return None
     clocks = {}
     for name, path in (("cpu0_khz", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq"),
                        ("gpu_hz", "/sys/devices/gpu.0/devfreq/17000000.ga10b/cur_freq")):  # fmt: skip
-        v = _read(path)
-        clocks[name] = int(v) if v and v.strip().isdigit() else None
-    return {"release": release.splitlines()[0].strip(), "power_mode": mode, "clocks": clocks}
+        clocks[name] = sysfs.read_int(sysfs.path(path))
+    return {"release": release.splitlines()[0].strip() if release.strip() else None, "power_mode": power_mode(),
+            "clocks": clocks}
+
+
+def llama_devices() -> dict | None:
+    """llama.cpp's answer to "can you offload", and the devices it registered (None without llama.cpp)."""
+    try:
+        from edgetts.engines import offload
+
+        return {"offload": offload.supports_offload(), "devices": offload.backends()}
+    except Exception:  # no llama-cpp-python, or a build without these calls: nothing to report
+        return None
 
 
 def _version(dist: str) -> str | None:
@@ -91,6 +116,7 @@ def fingerprint() -> dict:
         "memory_mb": memory_mb(),
         "gpus": gpus(),
         "jetson": jetson(),
+        "llama_cpp": llama_devices(),
         "versions": {
             "python": platform.python_version(),
             **{d: _version(d) for d in ("edgetts", "llama-cpp-python", "onnxruntime-genai", "nvidia-ml-py")},

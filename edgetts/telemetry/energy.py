@@ -4,8 +4,11 @@ Three sources are known, each probed without side effects:
 
 * ``nvml``: NVIDIA's management library (``nvidia-ml-py``): total energy counter since
   driver load on Volta and newer, else instantaneous power;
-* ``jetson``: the INA3221 power monitors of Jetson boards, exposed by hwmon in sysfs;
+* ``jetson``: the INA3221 power monitors of Jetson boards (hwmon or the older iio layout,
+  :mod:`edgetts.telemetry.rails`);
 * ``rapl``: Intel/AMD RAPL package energy counters in ``/sys/class/powercap``.
+
+Sysfs paths are read under ``EDGETTS_SYSFS_ROOT`` (:mod:`edgetts.telemetry.sysfs`).
 
 A probe returns a :class:`Probe` saying whether the source works, how a working one is read
 (:class:`Reading`: a cumulative energy counter read before and after, or instantaneous power
@@ -23,8 +26,9 @@ import os
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+from edgetts.telemetry import rails, sysfs
+
 POWERCAP = "/sys/class/powercap"
-HWMON = "/sys/class/hwmon"
 
 
 class Reading(str, Enum):
@@ -77,46 +81,29 @@ def probe_nvml() -> Probe:
             pynvml.nvmlShutdown()
 
 
-def jetson_rails() -> list[str]:
-    """sysfs files of INA3221 power readings (in mW) on a Jetson."""
-    rails = []
-    for d in glob.glob(os.path.join(HWMON, "hwmon*")):
-        try:
-            with open(os.path.join(d, "name")) as f:
-                if f.read().strip() != "ina3221":
-                    continue
-        except OSError:
-            continue
-        rails += sorted(glob.glob(os.path.join(d, "in*_input")))
-    rails += sorted(glob.glob("/sys/bus/i2c/drivers/ina3221x/*/iio:device*/in_power*_input"))
-    return rails
-
-
 def probe_jetson() -> Probe:
-    rails = jetson_rails()
-    if not rails:
-        return Probe("jetson", False, "no INA3221 power monitor in sysfs (not a Jetson)")
-    readable = [r for r in rails if os.access(r, os.R_OK)]
-    if not readable:
-        return Probe("jetson", False, f"{len(rails)} INA3221 rails found but none readable (run as root?)")
-    return Probe("jetson", True, f"{len(readable)} INA3221 rails", Reading.POWER)
+    found = rails.all_rails()
+    if not found:
+        return Probe("jetson", False, f"no INA3221 power monitor under {sysfs.root()} (not a Jetson)")
+    total = rails.find_rails()
+    if total is None:
+        return Probe("jetson", False, f"{len(found)} INA3221 rails found but none readable (run as root?)")
+    return Probe("jetson", True, f"INA3221 ({total.layout}) rail {total.name} of {len(found)}", Reading.POWER)
 
 
 def rapl_domains() -> list[str]:
-    return sorted(glob.glob(os.path.join(POWERCAP, "intel-rapl:*", "energy_uj")))
+    """``energy_uj`` of every package domain (``intel-rapl:N``; their sub-domains are parts of them)."""
+    found = glob.glob(os.path.join(sysfs.path(POWERCAP), "intel-rapl:*", "energy_uj"))
+    return sorted(f for f in found if os.path.basename(os.path.dirname(f)).count(":") == 1)
 
 
 def probe_rapl() -> Probe:
     domains = rapl_domains()
     if not domains:
-        return Probe("rapl", False, f"no RAPL domains under {POWERCAP} (virtual machine or unsupported CPU)")
-    for d in domains:
-        try:
-            with open(d) as f:
-                int(f.read())
-            return Probe("rapl", True, f"{len(domains)} RAPL domain(s), first {d}", Reading.COUNTER)
-        except (OSError, ValueError):
-            continue
+        return Probe("rapl", False, f"no RAPL domains under {sysfs.path(POWERCAP)} (virtual machine or unsupported "
+                     "CPU)")  # fmt: skip
+    if all(sysfs.read_int(d) is not None for d in domains):
+        return Probe("rapl", True, f"{len(domains)} RAPL package domain(s), first {domains[0]}", Reading.COUNTER)
     return Probe("rapl", False, f"{len(domains)} RAPL domain(s) found but energy_uj is not readable (needs root)")
 
 

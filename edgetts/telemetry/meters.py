@@ -13,9 +13,13 @@ Sources, first that works wins (probed by :mod:`edgetts.telemetry.energy`, whose
 
 * ``nvml``: the GPU's total-energy counter (millijoules since driver load, Volta and newer);
   without it, power sampled by a background thread and integrated over time;
-* ``jetson``: the INA3221 rails in sysfs (milliwatts), sampled and integrated;
-* ``rapl``: the CPU package counter ``energy_uj`` (microjoules, wraps at
-  ``max_energy_range_uj``).
+* ``jetson``: the board's input rail of the INA3221 monitors (bus voltage x current per
+  channel in hwmon, milliwatts in the older iio layout; :mod:`edgetts.telemetry.rails`),
+  sampled and integrated;
+* ``rapl``: the CPU package counters ``energy_uj`` (microjoules, wrapping at
+  ``max_energy_range_uj``), read at every tick so that a wrap is seen.
+
+``Measurement.energy_rail`` names what was read (``VDD_IN``, ``package-0``, ``gpu0``).
 
 When none works the result says ``energy_source: "none"`` and why, never a silent zero.
 The same background thread samples the process's resident memory (``/proc/self/statm``)
@@ -30,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from edgetts.telemetry import energy
+from edgetts.telemetry import energy, rails, sysfs
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -54,10 +58,12 @@ class Measurement:
     peak_rss_mb: float
     peak_gpu_mb: float | None
     seconds: float
+    energy_rail: str | None = None  # what was read: the Jetson rail(s), the RAPL package(s), the GPU
 
 
 class _Source:
     name = "none"
+    rail: str | None = None
 
     def start(self) -> None: ...
     def sample(self) -> None: ...
@@ -65,43 +71,56 @@ class _Source:
 
 
 class _Rapl(_Source):
+    """The package counters (microjoules), summed over packages; read at every tick of the meter's
+    thread so that a counter wrapping at ``max_energy_range_uj`` is caught between two readings."""
+
     name = "rapl"
 
-    def __init__(self, path: str):
-        self.path = path
-        self.wrap = None
-        try:
-            with open(os.path.join(os.path.dirname(path), "max_energy_range_uj")) as f:
-                self.wrap = int(f.read())
-        except (OSError, ValueError):
-            pass
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.wraps = [sysfs.read_int(os.path.join(os.path.dirname(p), "max_energy_range_uj")) for p in paths]
+        names = [sysfs.read_text(os.path.join(os.path.dirname(p), "name")) for p in paths]
+        self.rail = "+".join(n or os.path.basename(os.path.dirname(p)) for n, p in zip(names, paths))
 
-    def _read(self) -> int:
-        with open(self.path) as f:
-            return int(f.read())
+    def _read(self) -> list[int | None]:
+        return [sysfs.read_int(p) for p in self.paths]
 
     def start(self) -> None:
-        self.e0 = self._read()
+        self.last = self._read()
+        self.total_uj = 0
+
+    def sample(self) -> None:
+        now = self._read()
+        for i, (a, b) in enumerate(zip(self.last, now)):
+            if a is None or b is None:
+                continue  # a failed read: the next one covers the interval
+            d = b - a
+            if d < 0 and self.wraps[i]:
+                d += self.wraps[i]
+            self.total_uj += max(d, 0)
+            self.last[i] = b
 
     def stop(self) -> float:
-        d = self._read() - self.e0
-        if d < 0 and self.wrap:
-            d += self.wrap
-        return d / 1e6
+        self.sample()
+        return self.total_uj / 1e6
 
 
 class _Sampled(_Source):
-    """Integrates power readings (watts) taken by the meter's thread."""
+    """Integrates power readings (watts) taken by the meter's thread (trapezoids between samples;
+    a reading that failed is skipped)."""
 
-    def __init__(self, name: str, read_watts):
-        self.name, self.read_watts = name, read_watts
+    def __init__(self, name: str, read_watts, rail: str | None = None):
+        self.name, self.read_watts, self.rail = name, read_watts, rail
         self.samples: list[tuple[float, float]] = []
 
     def start(self) -> None:
-        self.samples = [(time.perf_counter(), self.read_watts())]
+        self.samples = []
+        self.sample()
 
     def sample(self) -> None:
-        self.samples.append((time.perf_counter(), self.read_watts()))
+        w = self.read_watts()
+        if w is not None:
+            self.samples.append((time.perf_counter(), w))
 
     def stop(self) -> float:
         self.sample()
@@ -110,6 +129,7 @@ class _Sampled(_Source):
 
 class _NvmlCounter(_Source):
     name = "nvml"
+    rail = "gpu0"
 
     def __init__(self, pynvml, handle):
         self.nv, self.h = pynvml, handle
@@ -133,32 +153,25 @@ def _pick_source() -> tuple[_Source | None, str, object]:
         nv_handle = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
         if p.reading is energy.Reading.COUNTER:
             return _NvmlCounter(*nv_handle), "", nv_handle
-        return _Sampled("nvml", lambda: pynvml.nvmlDeviceGetPowerUsage(nv_handle[1]) / 1000), "", nv_handle
+        return _Sampled("nvml", lambda: pynvml.nvmlDeviceGetPowerUsage(nv_handle[1]) / 1000, "gpu0"), "", nv_handle
     reasons.append(f"nvml: {p.detail}")
     p = energy.probe_jetson()
-    if p.available:
-        rails = [r for r in energy.jetson_rails() if os.access(r, os.R_OK)]
-
-        def watts():
-            total = 0.0
-            for r in rails:
-                with open(r) as f:
-                    total += int(f.read())
-            return total / 1000
-
-        return _Sampled("jetson", watts), "", None
+    total = rails.find_rails() if p.available else None
+    if total is not None:
+        return _Sampled("jetson", total.watts, total.name), "", None
     reasons.append(f"jetson: {p.detail}")
     p = energy.probe_rapl()
     if p.available:
-        return _Rapl(energy.rapl_domains()[0]), "", None
+        return _Rapl(energy.rapl_domains()), "", None
     reasons.append(f"rapl: {p.detail}")
     return None, "; ".join(reasons), None
 
 
 class QueryMeter:
-    """Measures energy, power and peak memory around each query, sampling every ``interval`` s."""
+    """Measures energy, power and peak memory around each query, sampling every ``interval`` s
+    (100 Hz by default: a request of 30 ms still gets a few power readings)."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.01):
         self.interval = interval
         self.source, self.reason, self.nvml = _pick_source()
 
@@ -202,6 +215,7 @@ class QueryMeter:
                 peak_rss_mb=peak["rss"] / 2**20,
                 peak_gpu_mb=peak["gpu"] / 2**20 if peak["gpu"] is not None else None,
                 seconds=secs,
+                energy_rail=self.source.rail if self.source else None,
             )
 
     def _gpu_bytes(self) -> int | None:

@@ -1,0 +1,165 @@
+"""Jetson power rails, NVML sampled power and RAPL wrap-around on fake trees (``EDGETTS_SYSFS_ROOT``).
+
+The energy a meter reports is checked against the integral of what a writer thread put in the
+fake files along a scripted waveform, and a whole direct profile on a fake Orin records the
+board's input rail.
+"""
+
+import json
+import sys
+import time
+
+import pytest
+from conftest import DIRECT
+from fake_sysfs import Waveform, legacy_iio, orin_hwmon, sine, write
+from test_meters import fake_pynvml
+from typer.testing import CliRunner
+
+from edgetts.cli import app
+from edgetts.profiling.records import RecordLog
+from edgetts.telemetry import energy, meters, rails
+
+ORIN = {"VDD_IN": (5000, 2000), "VDD_CPU_GPU_CV": (5000, 700), "VDD_SOC": (5000, 300)}
+
+
+@pytest.fixture
+def root(monkeypatch, tmp_path):
+    """An empty device tree as the sysfs root, and no NVML, whatever this machine has."""
+    monkeypatch.setenv("EDGETTS_SYSFS_ROOT", str(tmp_path))
+    monkeypatch.setattr(energy, "probe_nvml", lambda: energy.Probe("nvml", False, "no NVML here"))
+    return tmp_path
+
+
+def test_hwmon_power_is_voltage_times_current_of_the_input_rail(root):
+    orin_hwmon(root, ORIN)
+    found = rails.hwmon_rails()
+    # Channels 1..3 only: the shunt voltages (in4..6) and the summing channel (in7, curr4) are not rails.
+    assert [r.name for r in found] == ["VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC"]
+    total = rails.find_rails()
+    assert total.name == "VDD_IN" and total.watts() == pytest.approx(10.0)  # 5,000 mV x 2,000 mA
+    p = energy.probe_jetson()
+    assert p.available and p.reading is energy.Reading.POWER and "VDD_IN" in p.detail
+
+
+def test_without_an_input_rail_the_rails_add_up_and_off_channels_are_skipped(root):
+    d = orin_hwmon(root, {"VDD_CPU": (5000, 400), "VDD_GPU": (5000, 600), "VDD_DDR": (1100, 1000)})
+    write(d / "in3_enable", 0)  # switched off: its reads fail with ENODATA on a device
+    total = rails.find_rails()
+    assert total.name == "VDD_CPU+VDD_GPU" and total.watts() == pytest.approx(5.0)
+    write(d / "curr2_input", "")  # a read that fails skips that sample (None), never adds a zero
+    assert total.watts() is None
+
+
+def test_legacy_iio_reads_milliwatts_and_does_not_count_the_input_twice(root):
+    legacy_iio(root, {"POM_5V_IN": 9800, "POM_5V_GPU": 2100, "POM_5V_CPU": 3300})
+    total = rails.find_rails()
+    assert total.layout == "iio" and total.name == "POM_5V_IN" and total.watts() == pytest.approx(9.8)
+    legacy_iio(root, {"VDD_SYS_GPU": 2100, "VDD_SYS_CPU": 3300})  # no input rail: the sum
+    (root / "sys/bus/i2c/drivers/ina3221x/1-0040/iio:device0/rail_name_2").unlink()
+    (root / "sys/bus/i2c/drivers/ina3221x/1-0040/iio:device0/in_power2_input").unlink()
+    assert rails.find_rails().name == "VDD_SYS_GPU+VDD_SYS_CPU"
+
+
+def test_no_rails_and_unreadable_rails_say_why(root):
+    assert not energy.probe_jetson().available
+    d = orin_hwmon(root, {"VDD_IN": (5000, 2000)})
+    write(d / "in1_input", "")
+    p = energy.probe_jetson()
+    assert not p.available and "none readable" in p.detail
+
+
+def _metered(meter, seconds: float):
+    with meter.measure() as measured:
+        time.sleep(seconds)  # a query: its native decoding runs without the GIL, as this sleep does
+    return measured()
+
+
+@pytest.mark.parametrize("layout", ["hwmon", "iio"])
+def test_energy_follows_a_power_waveform_within_two_percent(root, layout):
+    if layout == "hwmon":
+        d = orin_hwmon(root, {"VDD_IN": (5000, 2000), "VDD_SOC": (5000, 300)})
+        path, to_file = d / "curr1_input", lambda w: round(w * 1000 / 5.0)  # mA at 5,000 mV
+    else:
+        d = legacy_iio(root, {"POM_5V_IN": 10000, "POM_5V_GPU": 2000})
+        path, to_file = d / "in_power0_input", lambda w: round(w * 1000)  # mW
+    with Waveform(path, sine(10.0, 4.0, 0.25), to_file) as wave:
+        meter = meters.QueryMeter()
+        m = _metered(meter, 0.6)
+    samples = meter.source.samples
+    truth = wave.integral(samples[0][0], samples[-1][0])
+    assert m.energy_source == "jetson" and m.energy_rail in ("VDD_IN", "POM_5V_IN")
+    assert len(samples) >= 30  # 100 Hz over 0.6 s, with room for a busy machine
+    assert m.energy_j == pytest.approx(truth, rel=0.02)
+
+
+def test_nvml_sampled_power_follows_a_waveform(monkeypatch, root):
+    wave_w = sine(60.0, 25.0, 0.2)
+    t0 = time.perf_counter()
+    log = []
+
+    def power_mw(h):
+        t = time.perf_counter()
+        log.append(t)
+        return round(1000 * wave_w(t - t0))
+
+    nv = fake_pynvml(counter_step_mj=None)
+    nv.nvmlDeviceGetPowerUsage = power_mw
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    monkeypatch.setattr(energy, "probe_nvml", energy.PROBES["nvml"])
+    meter = meters.QueryMeter()
+    m = _metered(meter, 0.5)
+    a, b = meter.source.samples[0][0], meter.source.samples[-1][0]
+    # The exact integral of the sine between the first and last reading (trapezoids at 100 Hz on a
+    # 5 Hz sine are within a fraction of a percent; the 2% leaves room for a late sampler).
+    import math
+
+    exact = 60.0 * (b - a) - 25.0 * 0.2 / (2 * math.pi) * (
+        math.cos(2 * math.pi * (b - t0) / 0.2) - math.cos(2 * math.pi * (a - t0) / 0.2))  # fmt: skip
+    assert m.energy_source == "nvml" and m.energy_rail == "gpu0"
+    assert m.energy_j == pytest.approx(exact, rel=0.02)
+
+
+def test_rapl_counters_sum_packages_and_survive_wraps(root):
+    pkg = root / "sys/class/powercap"
+    for i in (0, 1):
+        write(pkg / f"intel-rapl:{i}/name", f"package-{i}")
+        write(pkg / f"intel-rapl:{i}/max_energy_range_uj", 10_000_000)
+        write(pkg / f"intel-rapl:{i}/energy_uj", 9_000_000)
+        write(pkg / f"intel-rapl:{i}:0/energy_uj", 5)  # a sub-domain (core): part of its package
+    meter = meters.QueryMeter(interval=0.002)
+    assert isinstance(meter.source, meters._Rapl) and meter.source.rail == "package-0+package-1"
+    with meter.measure() as measured:
+        # package 0 wraps twice (each caught by a reading in between), package 1 moves 0.5 J
+        for value in (9_900_000, 500_000, 9_500_000, 1_000_000):
+            write(pkg / "intel-rapl:0/energy_uj", value)
+            time.sleep(0.03)
+        write(pkg / "intel-rapl:1/energy_uj", 9_500_000)
+        time.sleep(0.03)
+    m = measured()
+    # package 0: 0.9 + 0.6 + 9.0 + 1.5 = 12.0 J; package 1: 0.5 J
+    assert m.energy_source == "rapl" and m.energy_rail == "package-0+package-1"
+    assert m.energy_j == pytest.approx(12.5)
+
+
+@pytest.mark.parametrize("layout", ["hwmon", "iio"])
+def test_direct_profile_on_a_fake_orin_records_the_input_rail(root, tmp_path, layout):
+    if layout == "hwmon":
+        orin_hwmon(root, ORIN)
+        rail = "VDD_IN"
+    else:
+        legacy_iio(root, {"POM_5V_IN": 10000, "POM_5V_GPU": 2100, "POM_5V_CPU": 3300})
+        rail = "POM_5V_IN"
+    out = tmp_path / "profile"
+    r = CliRunner().invoke(app, ["profile", "--out", str(out), *DIRECT])
+    assert r.exit_code == 0, r.output
+    records = list(RecordLog(out / "records.jsonl").load().values())
+    assert records and all(rec["energy_source"] == "jetson" and rec["energy_rail"] == rail for rec in records)
+    assert all(rec["avg_power_w"] == pytest.approx(10.0, rel=0.05) for rec in records)
+    cell = json.loads((out / "summary.json").read_text())["cells"][0]
+    assert cell["energy_rail"] == rail and cell["energy_j"] > 0
+    if cell["accuracy"] > 0:  # joules per correct answer: all the cell's joules over its correct answers
+        assert cell["energy_per_correct_j"] == pytest.approx(cell["energy_j"] / cell["accuracy"])
+    point = json.loads((out / "pareto.json").read_text())["frontier"][0]
+    assert point["energy_rail"] == rail and "energy_per_correct_j" in point
+    device = json.loads((out / "device.json").read_text())
+    assert device["jetson"]["release"].startswith("# R3")
