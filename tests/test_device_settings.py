@@ -115,7 +115,7 @@ def test_serve_sizes_its_batch_to_the_memory_it_is_given(direct_profile, tmp_pat
     assert free.rows == 64  # the cap: max(64, 8 x n); this machine has room for it
     free.close()
     tokens = max(p["budget"] for p in policy.frontier) + 32
-    fit = rows_that_fit(spec, 64, tokens, 18.0, 0.85)
+    fit = rows_that_fit([spec], 64, tokens, 18.0, 0.85)
     assert 1 <= fit < 64
     capped = Executor(policy, threads=1, memory_mb=18.0)
     assert capped.rows == fit
@@ -124,8 +124,8 @@ def test_serve_sizes_its_batch_to_the_memory_it_is_given(direct_profile, tmp_pat
     with pytest.raises(EngineError, match=r"do not fit .* under --memory-mb \(not even --batch-rows 1 does\)"):
         Executor(policy, threads=1, memory_mb=2.0)
     too_many = Executor(policy, threads=1, rows=64, memory_mb=18.0)
-    with pytest.raises(EngineError, match=rf"Lower --batch-rows \(at most {rows_that_fit(spec, 64, tokens, 18.0, 1.0)} "
-                                          r"rows fit: --batch-rows \d+\)"):  # fmt: skip
+    most = rows_that_fit([spec], 64, tokens, 18.0, 1.0)  # an explicit --batch-rows gets all the cap, no headroom
+    with pytest.raises(EngineError, match=rf"Lower --batch-rows \(at most {most} rows fit: --batch-rows {most}\)"):
         too_many.engine(policy.frontier[0])
 
 

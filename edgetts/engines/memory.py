@@ -144,6 +144,10 @@ def _gguf_info(path: str, _mtime: int, _size: int) -> GGUFInfo:
     )  # fmt: skip
 
 
+class MemoryShortfall(EngineError):
+    """A plan that needs more memory than the device has free (or the cap allows)."""
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     n_ctx: int  # cache cells, as llama.cpp allocates them
@@ -156,6 +160,11 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.weights + self.kv + self.output + self.compute
+
+    def __add__(self, other: MemoryPlan) -> MemoryPlan:
+        """Two engines side by side (the cells are the larger context's)."""
+        return MemoryPlan(max(self.n_ctx, other.n_ctx), self.weights + other.weights, self.kv + other.kv,
+                          self.output + other.output, self.compute + other.compute, self.gpu + other.gpu)  # fmt: skip
 
     @property
     def total_mb(self) -> float:
@@ -272,4 +281,4 @@ def check_fits(plan: MemoryPlan, what: str, cap: float | None = None,
     short = shortfall(plan, cap)
     if short is not None:
         where = "the cap allows" if memory_cap_mb(cap) is not None and short[1] >= memory_cap_mb(cap) else "free"
-        raise EngineError(f"{what} needs {plan.describe()}; the device has {short[1]:.0f} MB {where}. {hint}")
+        raise MemoryShortfall(f"{what} needs {plan.describe()}; the device has {short[1]:.0f} MB {where}. {hint}")

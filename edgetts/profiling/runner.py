@@ -195,7 +195,7 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
     from edgetts.engines import engine_class, open_engine
     from edgetts.strategies import STRATEGIES, RunConfig, create
     from edgetts.tasks.datasets import load_dataset
-    from edgetts.telemetry.device import fingerprint, power_mode
+    from edgetts.telemetry.device import fingerprint, with_power_mode
     from edgetts.telemetry.meters import QueryMeter
 
     out = Path(out)
@@ -218,7 +218,6 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
     count = len(done)
     if progress:
         progress(count, total, "resuming" if count else "starting")
-    mode = power_mode()
     ctx = Context(cfg, log, done, QueryMeter(), progress, total)
     ctx.count = count
     for spec in specs:
@@ -244,7 +243,7 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
         engine, family = open_engine(spec, max_rows=max(n for _, n, _ in cells), max_tokens=max(cfg.budgets) + answer,
                                      probe_tokens=answer if pooled else 0, memory_mb=memory_mb)  # fmt: skip
         ctx.spec = spec.to_dict()
-        ctx.settings = {**engine.settings(), **({"power_mode": mode} if mode else {})}
+        ctx.settings = with_power_mode(engine.settings())
         try:
             for ex in examples[: cfg.warmup]:  # untimed: caches, allocations, clocks ramping up
                 s, n, b = cells[0]

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 from edgetts.engines import Engine, open_engine
 from edgetts.engines.base import EngineError, Row, SampleResult, SamplingParams
+from edgetts.engines.memory import MemoryShortfall
 from edgetts.engines.spec import ContextPlan, engine_memory, settings_note
 from edgetts.models.families import Family
 from edgetts.pareto.config import point_spec, profiled_with
-from edgetts.runtime.oneshot import running_settings
 from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, RESERVE_MS, RESERVE_SHARE, Late, Plan, Request, make_plan
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
+from edgetts.telemetry.device import with_power_mode
 
 __all__ = ["Executor", "Late", "Outcome", "Request", "SerialEngine"]
 
@@ -40,14 +41,15 @@ __all__ = ["Executor", "Late", "Outcome", "Request", "SerialEngine"]
 HEADROOM = 0.85
 
 
-def rows_that_fit(spec, most: int, tokens: int, cap: float | None, headroom: float) -> int:
-    """The most rows (0..``most``) an engine of ``spec`` for ``tokens`` tokens a row fits in memory with
-    (``headroom`` of what is free, under the cap); ``most`` when its engine cannot tell its memory."""
+def rows_that_fit(specs: list, most: int, tokens: int, cap: float | None, headroom: float) -> int:
+    """The most rows (0..``most``) with which the engines of ``specs``, side by side, for ``tokens``
+    tokens a row fit in memory (``headroom`` of what is free, under the cap); engines that cannot
+    tell their memory (a server) count for nothing."""
     from edgetts.engines.memory import shortfall
 
     def fits(rows: int) -> bool:
-        plan = engine_memory(spec, ContextPlan(rows, tokens))
-        return plan is None or shortfall(plan, cap, headroom) is None
+        plans = [p for p in (engine_memory(s, ContextPlan(rows, tokens)) for s in specs) if p is not None]
+        return not plans or shortfall(sum(plans[1:], plans[0]), cap, headroom) is None
 
     lo, hi = 0, most  # memory grows with rows: the largest that fits, by bisection
     while lo < hi:
@@ -147,22 +149,24 @@ class Executor:
         split = {"kv_unified": False} if self.batching else {}
         return point_spec(point).with_options(threads=self.threads, gpu_layers=self.gpu_layers, **split)
 
-    def _fitting_rows(self, most: int, headroom: float = HEADROOM) -> int:
-        """The most rows (up to ``most``) every engine of the frontier fits in memory with; refuses
-        (one line naming ``--batch-rows``) when even the widest point's rows do not fit."""
+    def _specs(self) -> list:
+        """The distinct engine specs of the frontier (each opens one engine)."""
         specs = {json.dumps(s.to_dict(), sort_keys=True): s for s in map(self._spec, self.policy.frontier)}
-        fit = most
-        for spec in specs.values():
-            rows = rows_that_fit(spec, fit, self.tokens, self.memory_mb, headroom)
-            if rows < self.max_n:
-                most = f"--batch-rows {rows} would" if rows else "not even --batch-rows 1 does"
-                raise EngineError(
-                    f"{spec.label}: {self.max_n} row(s) of {self.tokens} tokens (the frontier's widest point) do not "
-                    f"fit in the memory the device has{' under --memory-mb' if self.memory_mb else ''} ({most}): "
-                    "lower the frontier's n or budget, or free memory"
-                )
-            fit = rows
-        return fit
+        return list(specs.values())
+
+    def _fitting_rows(self, most: int, headroom: float = HEADROOM) -> int:
+        """The most rows (up to ``most``) with which every engine of the frontier fits in memory at once;
+        refuses (one line naming ``--batch-rows``) when even the widest point's rows do not fit."""
+        specs = self._specs()
+        rows = rows_that_fit(specs, most, self.tokens, self.memory_mb, headroom)
+        if rows < self.max_n:
+            fit = f"--batch-rows {rows} would" if rows else "not even --batch-rows 1 does"
+            raise EngineError(
+                f"{', '.join(s.label for s in specs)}: {self.max_n} row(s) of {self.tokens} tokens (the frontier's "
+                f"widest point) do not fit in the memory the device has{' under --memory-mb' if self.memory_mb else ''}"
+                f" ({fit}): lower the frontier's n or budget, or free memory"
+            )
+        return rows
 
     def engine(self, point: dict) -> tuple[Engine, Family]:
         """The engine (and reasoning family) of a frontier point, opened once per engine spec."""
@@ -175,12 +179,12 @@ class Executor:
             try:
                 engine, family = open_engine(spec, max_rows=self.rows, max_tokens=self.tokens,
                                              memory_mb=self.memory_mb, hint="Lower --batch-rows")  # fmt: skip
-            except EngineError as e:
-                if not self.batching or "needs" not in str(e):
+            except MemoryShortfall as e:
+                if not self.batching:
                     raise
-                fit = rows_that_fit(spec, self.rows, self.tokens, self.memory_mb, 1.0)
-                raise EngineError(f"{e} (at most {fit} rows fit: --batch-rows {max(fit, 1)})") from None
-            note = settings_note(spec.label, profiled_with(point), running_settings(engine))
+                fit = rows_that_fit(self._specs(), self.rows, self.tokens, self.memory_mb, 1.0)
+                raise MemoryShortfall(f"{e} (at most {fit} rows fit: --batch-rows {max(fit, 1)})") from None
+            note = settings_note(spec.label, profiled_with(point), with_power_mode(engine.settings()))
             if note:
                 self.notify(note)
             if self.batching and engine.name == "llama.cpp":

@@ -70,8 +70,9 @@ def answer(question: str, spec: EngineSpec | None = None, config: str | None = N
     engine, fam = open_engine(spec, max_rows=rows, max_tokens=budget + cfg.answer_tokens, memory_mb=memory_mb)
     if selection is not None:
         from edgetts.engines.spec import settings_note
+        from edgetts.telemetry.device import with_power_mode
 
-        note = settings_note(selection.point["id"], profiled, running_settings(engine))
+        note = settings_note(selection.point["id"], profiled, with_power_mode(engine.settings()))
         notes += [note] if note else []
     try:
         trace = create(strategy, engine, fam, cfg).run(question)
@@ -79,11 +80,4 @@ def answer(question: str, spec: EngineSpec | None = None, config: str | None = N
         engine.close()
     return Answer(trace, spec.resolved(), strategy, n, budget, selection, tuple(notes))
 
-
-def running_settings(engine) -> dict:
-    """The engine's run-time settings, with this device's power mode where it has one."""
-    from edgetts.telemetry.device import power_mode
-
-    mode = power_mode()
-    return {**engine.settings(), **({"power_mode": mode} if mode else {})}
 

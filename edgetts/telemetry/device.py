@@ -77,6 +77,12 @@ def power_mode() -> str | None:
     return None
 
 
+def with_power_mode(settings: dict) -> dict:
+    """An engine's run-time settings with this device's power mode, where it has one (a Jetson)."""
+    mode = power_mode()
+    return {**settings, **({"power_mode": mode} if mode else {})}
+
+
 def jetson() -> dict | None:
     release = _read(sysfs.path("/etc/nv_tegra_release"))
     if release is None:
