@@ -261,22 +261,30 @@ def run(
         None, help="Pareto config: the policy picks engine, model, strategy, n and budget for --deadline-ms "
         "(and --energy-j)."
     ),
-    energy_j: float = typer.Option(None, help="Energy limit per query, with --config."),
+    energy_j: float = typer.Option(None, help="Energy limit per query in joules (> 0), with --config."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
     from edgetts.pareto.config import ParetoError
     from edgetts.runtime.oneshot import answer
+    from edgetts.runtime.policy import DeadlineTooShort
+    from edgetts.strategies import STRATEGIES
 
     if config and (model or url or engine != "auto" or engine_option):
         fail("--config names the engine and model of each point; drop --model, --engine, --url and --engine-option")
+    if energy_j is not None and not config:
+        fail("--energy-j limits the policy's choice: it needs --config")
+    if energy_j is not None and not (energy_j > 0 and energy_j != float("inf")):
+        fail(f"--energy-j must be a positive number of joules, got {energy_j}")
+    if strategy in STRATEGIES and STRATEGIES[strategy].single_row and n is not None and n > 1:
+        fail(f"--strategy {strategy} runs one row; --n {n} would be ignored (drop it, or use majority, esc...)")
     spec = None if config else _spec(model, engine, url, engine_option)
     try:
         with user_errors():
             out = answer(question, spec, config, strategy, n, budget, deadline_ms, energy_j, temperature, seed,
                          raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb),
                          threads=threads, gpu_layers=_gpu_layers(gpu_layers))  # fmt: skip
-    except ParetoError as e:
+    except (ParetoError, DeadlineTooShort) as e:
         fail(str(e))
     for note in out.notes:
         typer.echo(note, err=True)
@@ -389,7 +397,9 @@ def profile(
 @app.command()
 def pareto(
     profiles: list[str] = typer.Argument(..., help="Profile directories (model variants merge into one frontier)."),
-    out: str = typer.Option("configs/pareto.json", help="Where to write the edgetts.pareto/v1 config."),
+    out: str = typer.Option(
+        None, help="Where to write the edgetts.pareto/v1 config (default: pareto.json in the first profile directory)."
+    ),
     quantile: str = typer.Option("p95", help="Latency quantile of the frontier: p50, p90, p95, p99."),
     constraints: str = typer.Option(
         None, help='JSON constraints, e.g. \'{"energy_j": {"max": 2}, "accuracy": {"min": 0.5}}\'.'
@@ -407,6 +417,9 @@ def pareto(
         spec = json.loads(constraints) if constraints else None
     except json.JSONDecodeError as e:
         fail(f"--constraints is not valid JSON ({e.msg})")
+    from pathlib import Path
+
+    out = out or str(Path(profiles[0]) / "pareto.json")
     try:
         config, candidates = build_config(profiles, quantile, spec, strict, require_validated=not accept_unvalidated)
         path = write_config(config, out)
@@ -628,6 +641,13 @@ def quantize(
         make_variants(out, gguf_src, plan["gguf"], hf_src, plan["onnx"], threads, imatrix, converter, typer.echo)
     except QuantizeError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        # The output directory has removed what it staged.  A native quantization may still run
+        # in its worker thread: leave at once rather than through the interpreter's shutdown.
+        typer.echo(f"interrupted: nothing was written to {out}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     typer.echo(f"manifest: {Path(out) / 'manifest.json'}")
 
 

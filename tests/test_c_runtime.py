@@ -308,3 +308,31 @@ def test_answer_extraction_matches_python(built, tmp_path):
     for t, g in zip(texts, got, strict=True):
         want = extract_answer(t)
         assert g == ("-" if want is None else "=" + want.replace("\n", "\x01")), t
+
+
+def test_build_c_never_overwrites_a_users_files(built, config, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    res = runner.invoke(app, ["build-c", str(config), "--out", str(notes)])
+    assert res.exit_code == 2 and res.stderr.startswith("error: --out") and "is a file" in res.stderr
+    assert notes.read_text() == "mine"
+    app_dir = tmp_path / "app"
+    (app_dir / "include").mkdir(parents=True)
+    (app_dir / "src").mkdir()
+    (app_dir / "obj").mkdir()
+    (app_dir / "include" / "edgetts.h").write_text("/* my own header */\n")
+    (app_dir / "src" / "frontier.c").write_text("int mine;\n")
+    (app_dir / "obj" / "keep.o").write_text("mine")
+    before = {p: p.read_bytes() for p in app_dir.rglob("*") if p.is_file()}
+    res = runner.invoke(app, ["build-c", str(config), "--out", str(app_dir)])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "edgetts.h exists and was not written by edgetts" in lines[0]
+    assert {p: p.read_bytes() for p in app_dir.rglob("*") if p.is_file()} == before
+    (app_dir / "include" / "edgetts.h").unlink()  # its own src/frontier.c still stops the build
+    assert runner.invoke(app, ["build-c", str(config), "--out", str(app_dir)]).exit_code == 2
+    # A folder build-c wrote is rebuilt in place; a folder of the user's beside its outputs is left alone.
+    (built / "obj").mkdir(exist_ok=True)
+    (built / "obj" / "keep.o").write_text("mine")
+    res = runner.invoke(app, ["build-c", str(config), "--out", str(built)])
+    assert res.exit_code == 0, res.output
+    assert (built / "obj" / "keep.o").read_text() == "mine"

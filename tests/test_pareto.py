@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 from edgetts.cli import app
@@ -252,8 +253,13 @@ def test_cli_pareto_export_and_run_with_config(profiles, tmp_path):
     assert t["point"]["id"] == best["id"] and not t["point"]["miss"]
     # A real answer, or (a machine too busy for the deadline) an honest "no answer" saying why.
     assert t["answer"] == "29" or (t["answer"] is None and t["early_stop"] == "deadline"), t
+    # A deadline no point meets even on an idle device is the caller's error, naming the fastest point.
+    fastest = load_config(out)["frontier"][0]
     r = runner.invoke(app, ["run", "--config", str(out), "--deadline-ms", "0.01", "8*4"])
-    assert r.exit_code == 0 and "nothing fits" in r.stdout
+    line = one_line_error(r)
+    assert "deadline_ms=0.01 is shorter than the fastest point needs" in line and fastest["id"] in line
+    r = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.json"), "8*4"])  # the file is named first
+    assert "nope.json" in one_line_error(r)
     assert runner.invoke(app, ["run", "--config", str(out), "q"]).exit_code == 2
     r = runner.invoke(app, ["run", "--config", str(out), "--engine-option", "threads=1", "8*4"])
     assert r.exit_code == 2 and "--engine-option" in r.output  # the config's points name their own options

@@ -389,3 +389,43 @@ def test_entries_give_every_format_with_its_entry(variants, tmp_path):
     with pytest.raises(QuantizeError, match="tiny-onnx-int4-cpu does not match its sha256"):
         entries(m, "onnx")
     assert entries(m, "onnx", verify=False)[0][0] == onnx
+
+
+def test_ctrl_c_during_a_native_quantization_exits_130_and_leaves_nothing(tmp_path):
+    """SIGINT while llama.cpp quantizes (inside the native call, its progress lines flowing): the
+    command stops at once with 130 and the output directory it created is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "narrow.gguf"
+    assert runner.invoke(app, ["standin", "--shape", "narrow-qwen3", "--out", str(src)]).exit_code == 0
+    out = tmp_path / "variants"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "quantize", str(src), "--to", "q6_k,q4_k_m,q3_k_m,q2_k",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    for line in proc.stdout:  # a progress line: llama.cpp is inside llama_model_quantize now
+        if "tensors (" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 5 and "interrupted" in err and "Exception ignored" not in err
+    assert not out.exists()  # nothing staged is left, and the folder this run created is removed
+
+
+def test_an_output_folder_of_other_files_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    _refused(runner.invoke(app, ["quantize", "tiny", "--to", "q8_0", "--out", str(mine)]), "holds files of its own")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_a_gguf_that_is_already_quantized_is_named_by_its_type(variants):
+    r = runner.invoke(app, ["quantize", str(variants / "tiny-q4_k_m.gguf"), "--to", "q4_0", "--out",
+                            str(variants.parent / "again")])  # fmt: skip
+    _refused(r, "is already q4_k_m")

@@ -115,6 +115,23 @@ def test_completion_deadline_picks_cheaper_points_and_experts_override(client, c
     assert (info["strategy"], info["n"], info["budget"]) == ("majority", 3, 20)  # max_tokens caps the budget
 
 
+def test_a_deadline_no_point_meets_is_the_callers_error(live, config):
+    """Shorter than the fastest point needs on an idle server: 400 naming it, which clients do not retry
+    (a 429 would send the official client back twice for a deadline that can never be met)."""
+    from edgetts.runtime.planning import MARGIN, OVERHEAD_MS
+
+    fastest = json.loads(config.read_text())["frontier"][0]
+    need = fastest["latency_ms"] * MARGIN + OVERHEAD_MS
+    calls = []
+    client = openai.OpenAI(base_url=live + "/v1", api_key=KEY, max_retries=2,
+                           http_client=httpx.Client(event_hooks={"request": [calls.append]}))  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": need * 0.9})
+    err = e.value.body
+    assert err["code"] == "deadline_too_short" and err["param"] == "deadline_ms" and fastest["id"] in err["message"]
+    assert len(calls) == 1  # not retried
+
+
 def test_streaming(client):
     chunks = list(client.chat.completions.create(model="edgetts", messages=[{"role": "user", "content": Q}],
                                                  stream=True))  # fmt: skip

@@ -46,16 +46,24 @@ MAX_SEQUENCES = 256  # llama.cpp's limit on sequences in one context (LLAMA_MAX_
 _held: list[str] | None = None  # while loading: llama.cpp's error lines, kept for our one-line error
 
 
-def _set_log(lc, verbose: bool) -> None:
+def _set_log(lc, verbose: bool, watch=None) -> None:
     """Route llama.cpp's log: everything when verbose, else errors only (and their continuations).
 
     While a model loads, errors are held back instead (:func:`_holding_errors`): a failed load
     becomes one line that quotes llama.cpp's reason, and a good load prints what it held.
+    ``watch`` sees every piece of text (a quantization's progress is in its info lines).  The
+    callback never raises: an exception in a ctypes callback is only printed, never propagated.
     """
     global _log_callback
     last = [0]
 
     def log(level, text, _user):
+        with contextlib.suppress(BaseException):  # see the docstring; Ctrl-C reaches the main thread instead
+            _route(level, text)
+
+    def _route(level, text):
+        if watch is not None:
+            watch(text.decode("utf-8", "replace"))
         level = last[0] if level == GGML_LOG_CONT else level
         last[0] = level
         if _held is not None and level == GGML_LOG_ERROR and not verbose:

@@ -49,7 +49,8 @@ typedef enum edgetts_status {
     EDGETTS_E_TOO_LONG = 5,   /* the question does not fit the context */
     EDGETTS_E_DECODE = 6,     /* llama_decode failed on the prompt */
     EDGETTS_E_MEMORY = 7,     /* an allocation failed */
-    EDGETTS_E_CANCELLED = 8   /* edgetts_cancel() stopped the call */
+    EDGETTS_E_CANCELLED = 8,  /* edgetts_cancel() stopped the call */
+    EDGETTS_E_DEADLINE = 9    /* edgetts_answer: no point meets the deadline even on an idle device */
 } edgetts_status;
 
 typedef struct edgetts_runtime edgetts_runtime;
@@ -131,7 +132,10 @@ edgetts_status edgetts_open(const edgetts_options *opts, edgetts_runtime **out, 
 
 /* The policy's point for the deadline and energy limit (energy_j <= 0: no limit), its run, and
  * the observed latency fed back to the policy.  deadline_ms must be > 0 (EDGETTS_NO_DEADLINE
- * for none).  `seed` seeds row i with seed + i, as the Python runtime does. */
+ * for none); a deadline shorter than the fastest point (within the energy limit) needs on an idle
+ * device is refused with EDGETTS_E_DEADLINE, running nothing (the caller's error, as `edgetts run
+ * --config` exits 2 and `edgetts serve` answers 400); a deadline only a slowdown prevents runs the
+ * fastest point and is cut at the deadline.  `seed` seeds row i with seed + i, as the Python runtime does. */
 edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double deadline_ms, double energy_j,
                               unsigned int seed, edgetts_result *res);
 

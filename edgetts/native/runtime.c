@@ -117,7 +117,8 @@ static int gpu_layers_for(edgetts_runtime *rt, int requested)
 const char *edgetts_status_name(edgetts_status status)
 {
     static const char *names[] = {"ok", "bad argument", "config mismatch", "bad model", "no context",
-                                  "question too long", "decode failed", "out of memory", "cancelled"};
+                                  "question too long", "decode failed", "out of memory", "cancelled",
+                                  "deadline too short"};
     return (unsigned)status < sizeof names / sizeof names[0] ? names[status] : "unknown";
 }
 
@@ -413,6 +414,25 @@ edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double 
     edgetts_status st = check(rt, question, deadline_ms, res);
     if (st != EDGETTS_OK) {
         return st;
+    }
+    /* The refusal rule of every runtime (edgetts.runtime.Policy.check_deadline): a deadline shorter
+     * than the fastest point (within the energy limit) needs on an idle device is the caller's. */
+    int fastest = -1, fastest_limited = -1;
+    for (int k = 0; k < ett_n_frontier; k++) {
+        const edgetts_point_info *q = &ett_frontier[k].info;
+        if (fastest < 0 || q->latency_ms < ett_frontier[fastest].info.latency_ms) {
+            fastest = k;
+        }
+        int within = energy_j <= 0.0 || (q->energy_j >= 0.0 && q->energy_j <= energy_j);
+        if (within && (fastest_limited < 0 || q->latency_ms < ett_frontier[fastest_limited].info.latency_ms)) {
+            fastest_limited = k;
+        }
+    }
+    fastest = fastest_limited >= 0 ? fastest_limited : fastest;
+    if (deadline_ms < ett_frontier[fastest].info.latency_ms) {
+        return fail(rt, EDGETTS_E_DEADLINE, "deadline_ms=%g is shorter than the fastest point needs on an idle device "
+                    "(%s: %.0f ms); give a deadline of at least that", deadline_ms, ett_frontier[fastest].info.id,
+                    ett_frontier[fastest].info.latency_ms);
     }
     int miss = 0;
     int i = edgetts_policy_select(rt, deadline_ms, energy_j, &miss);

@@ -57,6 +57,10 @@ def plot(config: dict, candidates: list[dict], path: str | Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel(f"latency {q} (ms, log scale)")
     ax.set_ylabel("accuracy (%)")
+    # Accuracy is a share: the axis starts at 0 (matplotlib would centre all-zero accuracies on 0,
+    # showing negative percentages) and leaves room above the best point.
+    top = max(100 * p["accuracy"] for p in candidates)
+    ax.set_ylim(0, min(100.0, max(10.0, top * 1.1 + 2)))
     ax.set_title(f"{config['task']['dataset']}: accuracy against {q} latency")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +72,23 @@ def inspect(path: Path) -> tuple[str, int, list[tuple[str, int]]]:
     ftype = int(f.parts[f.data[0]][0]) if f else 0
     params = sum(int(t.n_elements) for t in r.tensors)
     mats = [(t.name, int(t.shape[0])) for t in r.tensors if len(t.shape) >= 2]
-    return SOURCE_TYPES.get(ftype, f"type {ftype}"), params, mats
+    return SOURCE_TYPES.get(ftype) or ftype_name(ftype), params, mats
+
+
+def ftype_name(ftype: int) -> str:
+    """llama.cpp's name of a ``general.file_type`` value (15: ``q4_k_m``), or ``type N`` if unknown."""
+    import llama_cpp as lc
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    names = {getattr(lc, n): n[len(prefix):].lower() for n in dir(lc) if n.startswith(prefix)}
+    return names.get(ftype, f"type {ftype}")
 
 
 def _source(path: Path) -> tuple[int, list[tuple[str, int]]]:
     """(parameter count, matrices) of a GGUF that can be quantized."""
     ftype, params, mats = inspect(path)
     if ftype not in SOURCE_TYPES.values():
-        raise QuantizeError(f"{path}: is {ftype}; quantize from an f32, f16 or bf16 GGUF")
+        raise QuantizeError(f"{path}: is already {ftype}; quantize from an f32, f16 or bf16 GGUF")
     return params, mats
 
 
@@ -198,7 +210,8 @@ def run(job: GGUFJob, out, log=print) -> list[dict]:
 
     from edgetts.engines.llamacpp import _set_log
 
-    _set_log(lc, verbose=False)  # llama.cpp prints every tensor otherwise
+    tensors = Tensors(log)
+    _set_log(lc, verbose=False, watch=tensors.see)  # llama.cpp prints every tensor otherwise; we count them
     src, params, mats = job.model, job.params, job.mats
     if job.hf:
         src = out.scratch(f"{job.stem}-f16.gguf")
@@ -215,13 +228,68 @@ def run(job: GGUFJob, out, log=print) -> list[dict]:
         qp.nthread = job.threads
         if job.imat is not None:
             qp.imatrix = ctypes.cast(job.imat[0], type(qp.imatrix))
-        status = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(qp))
+        log(f"quantizing {job.model.name if not job.hf else job.stem} to {kind} ({params / 1e6:.0f}M parameters)")
+        tensors.start(kind)
+        args = (str(src).encode(), str(dst).encode(), ctypes.byref(qp))
+        status = interruptible(lambda args=args: lc.llama_model_quantize(*args))
         if status != 0 or not dst.is_file():
             raise QuantizeError(f"llama.cpp could not quantize {job.model} to {kind} (status {status})")
         entries.append(out.add(name, "gguf", kind, job.model, params,
                                {"imatrix": str(job.imatrix) if job.imatrix else None}))  # fmt: skip
         log(f"made {name} ({dst.stat().st_size / 2**20:.2f} MiB, {entries[-1]['bits_per_weight']} bits/weight)")
     return entries
+
+
+def interruptible(call):
+    """``call()`` in a worker thread, the main thread waiting in short joins.
+
+    A native call of a minute blocks the main thread, and Python runs a signal handler only
+    between bytecodes of that thread: Ctrl-C would be noticed in llama.cpp's log callback, where a
+    KeyboardInterrupt is printed and dropped, and the run would go on.  Waiting here, the main
+    thread gets the KeyboardInterrupt at once and unwinds (the output directory removes what was
+    staged); the worker is a daemon, left to the process's exit.
+    """
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="edgetts-quantize", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class Tensors:
+    """Progress of one quantization from llama.cpp's per-tensor info lines (``[ 12/ 311] name ...``):
+    a line every 10% with the time left, through ``log``."""
+
+    LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+
+    def __init__(self, log):
+        self.log, self.kind, self.t0, self.shown = log, "", 0.0, -1
+
+    def start(self, kind: str) -> None:
+        self.kind, self.t0, self.shown = kind, time.monotonic(), -1
+
+    def see(self, text: str) -> None:
+        m = self.LINE.search(text)
+        if not m:
+            return
+        done, total = int(m.group(1)), max(1, int(m.group(2)))
+        tenth = 10 * done // total
+        if tenth <= self.shown or done == total:
+            return
+        self.shown = tenth
+        spent = time.monotonic() - self.t0
+        left = spent * (total - done) / max(done, 1)
+        self.log(f"{self.kind}: {done}/{total} tensors ({100 * done // total}%), about {left:.0f} s left")
 
 
 def quantize(model: str | Path, out: str | Path, types: list[str], threads: int = 0, imatrix: str | None = None,

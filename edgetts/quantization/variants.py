@@ -29,6 +29,12 @@ class OutputDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise QuantizeError(f"{self.path}: exists and is not a directory; the output must be a directory")
+        if self.path.is_dir() and not (self.path / "manifest.json").exists():
+            foreign = [p.name for p in self.path.iterdir() if not _leftover(p.name)]
+            if foreign:
+                raise QuantizeError(f"{self.path}: holds files of its own ({', '.join(sorted(foreign)[:3])}"
+                                    f"{', ...' if len(foreign) > 3 else ''}) and no manifest.json; give a new or "
+                                    "empty folder, or one edgetts quantize made")  # fmt: skip
         if (self.path / "manifest.json").exists():
             load(self.path / "manifest.json")  # a broken manifest fails now, not after the work
         self._created: list[Path] = []
@@ -107,6 +113,11 @@ class OutputDir:
                 os.replace(tmp, final)
         if self._entries:
             record(self.path, self._entries)
+
+
+def _leftover(name: str) -> bool:
+    """A temporary of a run that was killed (``.NAME.partial``, ``.NAME.scratch``): removed when reused."""
+    return name.startswith(".") and name.endswith((".partial", ".scratch", ".old"))
 
 
 def _remove(p: Path) -> None:

@@ -46,9 +46,10 @@ def answer(question: str, spec: EngineSpec | None = None, config: str | None = N
         from edgetts.engines.spec import serving_threads
         from edgetts.pareto.config import point_spec, profiled_with, validation_note
 
+        policy = Policy.load(config)  # a missing or broken file is said first
         if deadline_ms is None:
             raise StrategyError("a Pareto config needs a deadline: the policy picks the point that fits it")
-        policy = Policy.load(config)
+        policy.check_deadline(deadline_ms, energy_j)
         selection = policy.select(deadline_ms, energy_j=energy_j)
         p = selection.point
         spec, profiled = point_spec(p), profiled_with(p)

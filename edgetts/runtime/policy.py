@@ -8,7 +8,9 @@
 :meth:`Policy.select` returns the most accurate point whose predicted latency fits the
 deadline (and whose energy and memory fit, when limits are given); ties go to the faster
 point.  When nothing fits it returns the fastest point that satisfies the other limits (or
-the fastest point at all), flagged ``miss=True``.
+the fastest point at all), flagged ``miss=True``.  :meth:`check_deadline` is the refusal rule
+every runtime applies first: a deadline the fastest point cannot meet even on an idle device is
+the caller's error.
 
 Predicted latency is the profiled quantile (p95 by default) times a device-wide slowdown
 factor.  :meth:`observe` keeps the last ``RUNS`` runs' latencies over their point's profiled
@@ -31,6 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetts.pareto.config import load_config, validate
+
+
+class DeadlineTooShort(ValueError):
+    """A deadline that no point meets even on an idle device: the caller's error, not load's.
+    ``fastest_ms`` is what the fastest point (within the limits) needs."""
+
+    def __init__(self, message: str, fastest_ms: float):
+        super().__init__(message)
+        self.fastest_ms = fastest_ms
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,22 @@ class Policy:
             return Selection(best, self.frontier[best], ms(best), False)
         fallback = next((i for i, p in enumerate(self.frontier) if within_limits(p)), 0)
         return Selection(fallback, self.frontier[fallback], ms(fallback), True)
+
+    def check_deadline(self, deadline_ms: float, energy_j: float | None = None, margin: float = 1.0,
+                       overhead_ms: float = 0.0) -> None:  # fmt: skip
+        """Refuse (:class:`DeadlineTooShort`) a deadline shorter than the fastest point needs on an idle
+        device: its profiled latency (``margin`` x it + ``overhead_ms`` where the caller predicts with
+        those, as the server does), whatever the slowdown.  One rule for ``run --config``, ``serve``
+        (400, not retried) and the C runtime (``EDGETTS_E_DEADLINE``); a deadline that only load or a
+        throttled device prevents is not refused here."""
+        limited = [p for p in self.frontier if not (energy_j is not None and energy_j > 0 and
+                                                    (p.get("energy_j") is None or p["energy_j"] > energy_j))]
+        fastest = min(limited or self.frontier, key=lambda p: p["latency_ms"])
+        need = fastest["latency_ms"] * margin + overhead_ms
+        if deadline_ms < need:
+            raise DeadlineTooShort(f"deadline_ms={deadline_ms:g} is shorter than the fastest point needs on an idle "
+                                   f"device ({fastest['id']}: {need:.0f} ms); give a deadline of at least that",
+                                   need)  # fmt: skip
 
     def observe(self, point_id: str, latency_ms: float) -> None:
         """Report a measured latency of a point: the slowdown becomes the median, over the last

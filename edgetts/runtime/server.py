@@ -46,7 +46,7 @@ from edgetts.engines import EngineError
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
 from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, Late, Plan, Request
-from edgetts.runtime.policy import Policy
+from edgetts.runtime.policy import DeadlineTooShort, Policy
 from edgetts.strategies import STRATEGIES, StrategyError
 
 
@@ -176,6 +176,11 @@ class Server:
         now = time.perf_counter()
         due = (arrived if arrived is not None else now) + req.deadline_ms / 1000
         left = 1000 * (due - now)  # reading the request took some of its deadline
+        try:  # a deadline no point meets on an idle server is the caller's error: 400, never retried
+            if not req.expert:  # experts get the point they ask for
+                self.policy.check_deadline(req.deadline_ms, margin=MARGIN, overhead_ms=OVERHEAD_MS)
+        except DeadlineTooShort as e:
+            raise APIError(400, str(e), "deadline_ms", code="deadline_too_short") from None
         with self.lock:
             if len(self.pending) >= self.max_queue:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
