@@ -404,8 +404,8 @@ def test_ctrl_c_during_a_native_quantization_exits_130_and_leaves_nothing(tmp_pa
     assert runner.invoke(app, ["standin", "--shape", "narrow-qwen3", "--out", str(src)]).exit_code == 0
     out = tmp_path / "variants"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edgetts", "quantize", str(src), "--to", "q6_k,q4_k_m,q3_k_m,q2_k",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    cmd = [sys.executable, "-m", "edgetts", "quantize", str(src), "--to", "q6_k,q4_k_m,q3_k_m,q2_k", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # a progress line: llama.cpp is inside llama_model_quantize now
         if "tensors (" in line:
             break
