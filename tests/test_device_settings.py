@@ -171,6 +171,7 @@ def test_serve_threads_2_on_a_config_profiled_with_1_says_so(direct_profile, tmp
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "latencies were profiled with threads=1; running with threads=2" in err
+    assert "edgetts serve: opening 1 engine(s)" in err and "edgetts serve: opened tiny in" in err
 
 
 def test_a_failed_latency_check_is_said_when_a_config_runs(direct_profile, tmp_path):

@@ -65,7 +65,8 @@ class StepModel:
         return asdict(self)
 
 
-def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -> StepModel:
+def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128, tick=None) -> StepModel:
+    """Fit the step-time model on ``engine``; ``tick(done, total)`` hears of each of its timed calls."""
     from edgetts.models.families import build_prompt
     from edgetts.strategies import create
 
@@ -73,6 +74,17 @@ def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -
     xs, ys, prefill = [], [], []
     n_prompt = engine.count_tokens(prompt) + 1
     levels = sorted({1, max(1, max_rows // 4), max(1, max_rows // 2), max_rows})
+    total = 2 * len(levels) + 6 + 3  # decode calls, whole strategy calls, reference calls
+    done = 0
+
+    def step():
+        nonlocal done
+        done += 1
+        if tick:
+            tick(done, total)
+
+    if tick:
+        tick(0, total)
     for rows in levels + levels:  # twice: the first pass also warms caches up
         cfg = RunConfig(n=rows, budget=10**6)
         t0 = time.perf_counter()
@@ -83,6 +95,7 @@ def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -
             xs.append([1.0, rows, rows * (n_prompt + s)])
             ys.append(times[s] - times[s - 1])
         prefill.append(res.ttft / n_prompt)
+        step()
     a, b, c = nonnegative_lstsq(xs, ys)
     model = StepModel(a, b, c, float(np.median(prefill)))
     # Single steps jitter by more than their own length on a busy CPU: residuals relative to the mean step.
@@ -96,15 +109,16 @@ def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128) -
         fx.append([1.0, rows])
         fy.append(trace.wall_s - model.latency(trace.ttft_s, trace.prompt_tokens, rounds, forced_len))
         walls.append(trace.wall_s)
+        step()
     model.round_s, model.row_s = nonnegative_lstsq(fx, fy)
     # The whole calls' residuals, relative to the calls' wall time (what a modelled latency is).
     model.call_mape = _mape(np.asarray(fx) @ np.array([model.round_s, model.row_s]), fy, scale=walls)
     model.reference_rows, model.reference_tokens = max_rows, tokens
-    model.reference_s = reference_time(engine, prompt, max_rows, tokens)
+    model.reference_s = reference_time(engine, prompt, max_rows, tokens, step=step)
     return model
 
 
-def reference_time(engine, prompt: str, rows: int, tokens: int, calls: int = 3) -> float:
+def reference_time(engine, prompt: str, rows: int, tokens: int, calls: int = 3, step=None) -> float:
     """Median seconds of a fixed call (``rows`` rows of exactly ``tokens`` tokens): the same call before and
     after a sweep tells whether the device slowed down or sped up in between (load, clocks)."""
     times = []
@@ -112,6 +126,8 @@ def reference_time(engine, prompt: str, rows: int, tokens: int, calls: int = 3) 
         t0 = time.perf_counter()
         engine.sample(prompt, rows, SamplingParams(max_tokens=tokens, ignore_eos=True))
         times.append(time.perf_counter() - t0)
+        if step:
+            step()
     return float(np.median(times))
 
 

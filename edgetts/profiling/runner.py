@@ -179,10 +179,14 @@ def run_profile(
     cfg: SweepConfig,
     out: str | Path,
     force: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Callable[..., None] | None = None,
     memory_mb: float | None = None,
 ) -> dict:
     """Measure every missing query of ``cfg`` into ``out``, holding its lock; returns the summary.
+
+    ``progress(done, total, what, phase)`` is told of every step of each phase: ``calibrating``
+    (the step-time model of a pooled profile), ``sweep`` (queries), ``validating`` (direct runs
+    checking the modelled latencies); each phase counts its own steps, so each has an ETA.
     ``memory_mb`` caps the memory an engine may plan for (default: what the device has free)."""
     try:
         with profile_dir(Path(out)):
@@ -217,7 +221,7 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
     total = len(specs) * len(cells) * cfg.repeats * len(examples)
     count = len(done)
     if progress:
-        progress(count, total, "resuming" if count else "starting")
+        progress(count, total, "resuming" if count else "starting", "sweep")
     ctx = Context(cfg, log, done, QueryMeter(), progress, total)
     ctx.count = count
     for spec in specs:
@@ -275,7 +279,14 @@ class Context:
         self.log.append(record)
         self.count += 1
         if self.progress:
-            self.progress(self.count, self.total, what)
+            self.progress(self.count, self.total, what, "sweep")
+
+    def ticker(self, model: str, phase: str):
+        """A ``tick(done, total)`` for a phase's own steps, or None without progress reporting."""
+        if not self.progress:
+            return None
+        name = short(model)
+        return lambda done, total: self.progress(done, total, name, phase)
 
 
 def cell_memory(spec: dict, n: int, budget: int, prompt_tokens: int) -> dict:
@@ -332,7 +343,7 @@ def run_direct(ctx: Context, model, engine, family, cell, r: int, ex) -> None:
         **_energy(m, trace.wall_s),
     }  # fmt: skip
     rec["energy_j"] = m.energy_j  # measured, not scaled
-    ctx.write(rec, f"{model} {s} n={n} b={b}")
+    ctx.write(rec, f"{short(model)} {s} n={n} b={b}")
 
 
 def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> None:
@@ -347,7 +358,8 @@ def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> N
     budgets = sorted({b for *_, b in cells})
     steps = latency_model(out, model)  # a resumed profile keeps the model its records were made with
     if steps is None:
-        steps = calibrate(engine, family, todo[0][1].question, n_max, tokens=min(max(budgets) + 32, 256))
+        steps = calibrate(engine, family, todo[0][1].question, n_max, tokens=min(max(budgets) + 32, 256),
+                          tick=ctx.ticker(model, "calibrating"))  # fmt: skip
         write_json_atomic(_latency_file(out, "model", model), steps.to_dict())
     forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
     for r, ex in todo:
@@ -372,7 +384,12 @@ def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> N
                 "answer_tokens": est["tokens"] - est["thinking"], "rows_used": est["rows_used"], "early_stop": None,
                 **_energy(m, latency),
             }  # fmt: skip
-            ctx.write(rec, f"{model} pooled {s} n={n} b={b}")
+            ctx.write(rec, f"{short(model)} pooled {s} n={n} b={b}")
+
+
+def short(model: str) -> str:
+    """A model's label for a progress line: the file name of a path (variants differ at the end)."""
+    return Path(model).name if "/" in model and "@" not in model else model
 
 
 def latency_model(out: Path, model: str):
@@ -396,10 +413,8 @@ def check_latencies(ctx: Context, model, engine, family, cells, examples, out: P
     if steps is None:  # no step-time model to compare with (the caller skips the check then)
         return
     records = {k: r for k, r in RecordLog(out / "records.jsonl").load().items() if r["model"] == model}
-    if ctx.progress:
-        ctx.progress(ctx.count, ctx.total, f"{model}: checking modelled latencies against direct runs")
     result = validate(engine, family, model, cells, examples, records, steps, ctx.cfg,
-                      lambda *cell: record_key(model, *cell))  # fmt: skip
+                      lambda *cell: record_key(model, *cell), tick=ctx.ticker(model, "validating"))  # fmt: skip
     write_json_atomic(_latency_file(out, "validation", model), result)
 
 

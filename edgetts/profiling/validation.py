@@ -48,8 +48,9 @@ def choose_cells(cells: list[tuple[str, int, int]], count: int = 3) -> list[tupl
     return sorted(set(picks), key=order.index)
 
 
-def validate(engine, family, model: str, cells, examples, records: dict, steps, cfg, key) -> dict:
-    """Run the check for one model; ``records`` are its records by key, ``key(s, n, b, r, id)`` their keys."""
+def validate(engine, family, model: str, cells, examples, records: dict, steps, cfg, key, tick=None) -> dict:
+    """Run the check for one model; ``records`` are its records by key, ``key(s, n, b, r, id)`` their keys;
+    ``tick(done, total)`` hears of each direct run and reference call."""
     from edgetts.engines.base import SamplingParams
     from edgetts.models.families import build_prompt
     from edgetts.profiling.latency import reference_time
@@ -58,15 +59,28 @@ def validate(engine, family, model: str, cells, examples, records: dict, steps, 
     problems = examples[:PROBLEMS]
     sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)  # the pool's seeds of repeat 0
     checked = []
-    for s, n, b in choose_cells(cells):
+    chosen = choose_cells(cells)
+    total, done = len(chosen) * len(problems) + (3 if steps.reference_s > 0 else 0), 0
+
+    def step():
+        nonlocal done
+        done += 1
+        if tick:
+            tick(done, total)
+
+    if tick:
+        tick(0, total)
+    for s, n, b in chosen:
         direct, modelled = [], []
         for ex in problems:
             rec = records.get(key(s, n, b, 0, ex.id))
             if rec is None:
+                step()
                 continue
             trace = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling)).run(ex.question)
             direct.append(trace.wall_s)
             modelled.append(rec["latency_s"])
+            step()
         if direct:
             d, m = median(direct), median(modelled)  # one call stalled by another process must not decide
             checked.append({"strategy": s, "n": n, "budget": b, "problems": len(direct), "direct_s": d,
@@ -74,7 +88,7 @@ def validate(engine, family, model: str, cells, examples, records: dict, steps, 
     drift = None
     if steps.reference_s > 0:
         prompt = build_prompt(family, examples[0].question, engine.chat_template())
-        after = reference_time(engine, prompt, steps.reference_rows, steps.reference_tokens)
+        after = reference_time(engine, prompt, steps.reference_rows, steps.reference_tokens, step=step)
         drift = after / steps.reference_s - 1
     mape = mean(c["error"] for c in checked) if checked else None
     ok = mape is not None and mape <= MAPE_MAX and (drift is None or abs(drift) <= DRIFT_MAX)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgetts.engines.spec import serving_threads
+from edgetts.pareto.config import point_spec
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.policy import Policy
 from edgetts.runtime.server import APIError, Server, sse
@@ -223,9 +224,15 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     # and on a small CPU an extra busy thread makes each decode step several times slower.
     executor = Executor(policy, threads=threads or serving_threads(), gpu_layers=gpu_layers, batching=batching,
                         rows=rows, memory_mb=memory_mb, notify=notify)  # fmt: skip
+    say = notify or (lambda line: None)
+    engines = len({json.dumps(point_spec(p).to_dict(), sort_keys=True) for p in policy.frontier})
+    say(f"edgetts serve: opening {engines} engine(s) of {config} ({executor.rows} batch rows each)")
     try:
         for point in policy.frontier:
+            opened, t0 = len(executor.engines), time.perf_counter()
             executor.engine(point)  # open every engine now: the first request must not pay for it
+            if len(executor.engines) > opened:
+                say(f"edgetts serve: opened {point_spec(point).label} in {time.perf_counter() - t0:.1f} s")
     except BaseException:
         executor.close()
         raise

@@ -1,0 +1,92 @@
+"""The workflow as a new user meets it: progress with phases, options never silently ignored, outputs
+where the user expects them."""
+
+import json
+import shutil
+
+from conftest import SMALL, one_line_error
+from typer.testing import CliRunner
+
+from edgetts.cli import PhaseLog, app
+
+runner = CliRunner()
+Q = "Evaluate left to right: 8*4-3"
+
+
+def test_a_pooled_profile_reports_each_phase_with_the_time_left(tmp_path):
+    args = [a for a in SMALL if a != "--quiet"]
+    r = runner.invoke(app, ["profile", "--out", str(tmp_path / "p"), *args])  # stderr is no terminal: log lines
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("profile: ")]
+    phases = [ln.split()[1] for ln in lines]
+    # calibration, then the sweep, then the direct check: none of them a silent stretch
+    assert phases.index("calibrating") < phases.index("sweep", 1) < phases.index("validating")
+    assert any("s left" in ln for ln in lines if ln.split()[1] == "calibrating")
+    assert all("tiny" in ln for ln in lines if ln.split()[1] in ("calibrating", "validating"))
+
+
+def test_phase_log_counts_each_phase_on_its_own_clock():
+    out = []
+    log = PhaseLog(out.append)
+    for k in range(0, 21):
+        log(k, 20, "m", "calibrating")
+    for k in range(0, 101):
+        log(k, 100, "m s n=1", "sweep")
+    cal = [ln for ln in out if " calibrating " in ln]
+    sweep = [ln for ln in out if " sweep " in ln]
+    assert len(cal) == 21 and len(sweep) == 21  # one line per 5% of each phase
+    assert cal[-1].startswith("profile: calibrating 20/20 (100%)") and "left" in sweep[10]
+
+
+def test_run_refuses_options_it_would_ignore(direct_profile, tmp_path):
+    line = one_line_error(runner.invoke(app, ["run", "--strategy", "single", "--n", "4", Q]))
+    assert "--strategy single runs one row; --n 4 would be ignored" in line
+    assert "needs --config" in one_line_error(runner.invoke(app, ["run", "--energy-j", "2", Q]))
+    cfg = tmp_path / "p"
+    shutil.copytree(direct_profile, cfg)
+    for bad in ("-1", "0", "nan"):
+        r = runner.invoke(app, ["run", "--config", str(cfg / "pareto.json"), "--deadline-ms", "1000", "--energy-j",
+                                bad, Q])  # fmt: skip
+        assert "--energy-j must be a positive number" in one_line_error(r)
+    r = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.json"), Q])
+    assert "nope.json" in one_line_error(r) and "deadline" not in one_line_error(r)
+
+
+def test_pareto_writes_beside_the_profile_by_default(direct_profile, tmp_path, monkeypatch):
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    (d / "pareto.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["pareto", str(d), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((d / "pareto.json").read_text())["schema"] == "edgetts.pareto/v1"
+    assert not (tmp_path / "configs").exists()  # never into the current folder's configs/
+
+
+def test_a_plot_of_zero_accuracies_starts_at_zero(direct_profile, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from edgetts.pareto.config import build_config
+    from edgetts.pareto.report import plot
+
+    config, candidates = build_config([direct_profile])
+    for p in [*candidates, *config["frontier"]]:
+        p["accuracy"] = 0.0
+    axes = []
+    real = plt.subplots
+
+    def keep(*a, **k):
+        fig, ax = real(*a, **k)
+        axes.append(ax)
+        return fig, ax
+
+    plt.subplots = keep
+    try:
+        plot(config, candidates, tmp_path / "zero.png")
+    finally:
+        plt.subplots = real
+    low, high = axes[0].get_ylim()
+    assert low == 0 and high > 0
