@@ -769,7 +769,8 @@ def _print_eval(res) -> None:
             cut = f"{100 * lv.cut_single:.1f}% @{lv.cut_budget}"
             cost = f"{100 * (lv.single - lv.cut_single):+.1f}"
         t.add_row(
-            "all" if lv.level is None else str(lv.level), str(lv.problems), f"{100 * lv.single:.1f}%", f"{100 * lv.majority:.1f}%",
+            "all" if lv.level is None else str(lv.level), str(lv.problems), f"{100 * lv.single:.1f}%",
+            f"{100 * lv.majority:.1f}%",
             f"{100 * (lv.majority - lv.single):+.1f}", f"{lv.mean_tokens:.0f}", cut, cost,
         )  # fmt: skip
     Console().print(t)
