@@ -342,6 +342,10 @@ def profile(
     gpu_layers: str = typer.Option(None, help=GPU_LAYERS_HELP + " Default: the sweep's, else auto."),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),
+    shard: str = typer.Option(
+        None, help="I/N: measure the I-th of N disjoint slices of the problems (from 0), for edgetts merge; N "
+        "alone takes I from JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID (Slurm)."
+    ),
     force: bool = typer.Option(False, help="Reuse a directory of another sweep (its files move to replaced-*/)."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
@@ -349,6 +353,7 @@ def profile(
     from edgetts.profiling.config import ConfigError
     from edgetts.profiling.records import RecordsError
     from edgetts.profiling.runner import ProfileError, run_profile, write_summary
+    from edgetts.profiling.shards import parse_shard
 
     def ints(flag, text):
         try:
@@ -366,12 +371,14 @@ def profile(
             if gpu_layers is not None else None,
             engine_options=_spec(None, "auto", None, engine_option).options if engine_option else None,
         )  # fmt: skip
-    except ConfigError as e:
+        slice_ = parse_shard(shard) if shard else None
+    except (ConfigError, ProfileError) as e:
         fail(str(e))
     with _progress_bar(quiet) as progress:
         try:
             with user_errors():
-                summary = run_profile(cfg, out, force=force, progress=progress, memory_mb=_memory_mb(memory_mb))
+                summary = run_profile(cfg, out, force=force, progress=progress, memory_mb=_memory_mb(memory_mb),
+                                      shard=slice_)  # fmt: skip
         except (ConfigError, ProfileError, RecordsError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -395,6 +402,67 @@ def profile(
 
 
 @app.command()
+def calibrate(
+    profile_dir: str = typer.Argument(..., help="A profile measured anywhere (another device, setting or a server)."),
+    out: str = typer.Option(..., help="New profile directory (with several --setting, one folder per setting)."),
+    setting: list[str] = typer.Option(
+        None, help="KEY=VALUE[,KEY=VALUE] of threads, gpu_layers, power_mode (repeatable: one calibration each). "
+        "Default: this device's defaults."
+    ),
+    switch: str = typer.Option(
+        None, help="Command that sets a power_mode, with {power_mode} in it, e.g. 'sudo nvpmodel -m {power_mode}'."
+    ),
+    model_dir: str = typer.Option(None, help="Folder holding the profiled model files here (found by file name)."),
+    memory_mb: float = typer.Option(None, help=MEMORY_HELP),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Re-time a profile for this device and setting: the source's accuracy, this device's latencies, checked."""
+    from pathlib import Path
+
+    from edgetts.pareto.config import ParetoError, build_config, write_config
+    from edgetts.profiling.calibrate import calibrate_settings, parse_setting
+    from edgetts.profiling.records import RecordsError
+    from edgetts.profiling.runner import ProfileError
+
+    try:
+        settings = [parse_setting(s) for s in setting or []]
+        with _progress_bar(quiet) as progress, user_errors():
+            done = calibrate_settings(profile_dir, out, settings, switch, model_dir, _memory_mb(memory_mb), progress,
+                                      say=lambda line: typer.echo(line, err=quiet is False))  # fmt: skip
+        for _, target, _ in done:
+            config, _ = build_config([target], require_validated=False)
+            write_config(config, Path(target) / "pareto.json")
+    except (ProfileError, RecordsError, ParetoError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {', '.join(str(Path(t) / 'pareto.json') for _, t, _ in done)}")
+
+
+@app.command()
+def merge(
+    shards: list[str] = typer.Argument(..., help="Profile directories of one sweep's shards (profile --shard)."),
+    out: str = typer.Option(..., help="New profile directory for the joined sweep."),
+) -> None:
+    """Join the shards of one sweep, measured on several machines, into one profile (and its Pareto config)."""
+    from pathlib import Path
+
+    from edgetts.pareto.config import ParetoError, build_config, write_config
+    from edgetts.profiling.records import RecordsError
+    from edgetts.profiling.runner import ProfileError
+    from edgetts.profiling.shards import describe
+    from edgetts.profiling.shards import merge as join
+
+    try:
+        result = join(shards, out)
+        config, _ = build_config([out])
+        path = write_config(config, Path(out) / "pareto.json")
+    except (ProfileError, RecordsError, ParetoError) as e:
+        fail(str(e))
+    if result["missing_shards"]:
+        typer.echo(f"warning: shard(s) {', '.join(result['missing_shards'])} of this sweep were not given", err=True)
+    typer.echo(f"merged {out}: {describe(result)}; wrote {path}")
+
+
+@app.command()
 def pareto(
     profiles: list[str] = typer.Argument(..., help="Profile directories (model variants merge into one frontier)."),
     out: str = typer.Option(
@@ -409,6 +477,9 @@ def pareto(
     accept_unvalidated: bool = typer.Option(
         False, "--accept-unvalidated", help="Use pooled profiles whose modelled latencies failed their direct check."
     ),
+    setting: str = typer.Option(
+        None, help="Keep the points of one device setting, e.g. threads=2 (profiles from edgetts calibrate --setting)."
+    ),
 ) -> None:
     """Build the Pareto config (accuracy against a latency quantile) from profile directories."""
     from edgetts.pareto.config import ParetoError, build_config, write_config
@@ -421,7 +492,15 @@ def pareto(
 
     out = out or str(Path(profiles[0]) / "pareto.json")
     try:
-        config, candidates = build_config(profiles, quantile, spec, strict, require_validated=not accept_unvalidated)
+        from edgetts.profiling.calibrate import parse_setting
+        from edgetts.profiling.runner import ProfileError
+
+        wanted = parse_setting(setting) if setting else None
+    except ProfileError as e:
+        fail(str(e))
+    try:
+        config, candidates = build_config(profiles, quantile, spec, strict, require_validated=not accept_unvalidated,
+                                          setting=wanted)  # fmt: skip
         path = write_config(config, out)
     except ParetoError as e:
         fail(str(e))
@@ -744,8 +823,18 @@ def _print_summary(summary: dict, out: str) -> None:
 
 @contextmanager
 def _progress(total: int, quiet: bool):
-    if quiet or not sys.stderr.isatty():
+    """``advance(k)`` over ``total`` problems: a bar on a terminal, log lines with the time left otherwise."""
+    if quiet:
         yield lambda k: None
+        return
+    if not sys.stderr.isatty():
+        log, done = PhaseLog(lambda line: typer.echo(line.replace("profile:", "evaluate:", 1), err=True)), [0]
+
+        def advance(k):
+            done[0] += k
+            log(done[0], total, "", "problems")
+
+        yield advance
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

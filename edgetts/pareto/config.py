@@ -149,12 +149,34 @@ def frontier(points: list[dict], strict: bool = False) -> list[dict]:
     return front
 
 
+# The settings that make a device setting (a calibration axis): the rest of profiled_with follows from them.
+SETTING_KEYS = ("threads", "gpu_layers", "power_mode")
+
+
+def setting_of(point: dict) -> str:
+    """A point's device setting as text (``threads=2,gpu_layers=0``), from what it was profiled with."""
+    was = profiled_with(point)
+    return ",".join(f"{k}={was[k]}" for k in SETTING_KEYS if was.get(k) is not None)
+
+
+def one_setting(config: dict, where: str) -> None:
+    """Refuse (one line) a config whose points were profiled under different settings: a runtime runs
+    under one, and the others' latencies do not hold there."""
+    seen = sorted({setting_of(p) for p in config["frontier"]})
+    if len(seen) > 1:
+        raise ParetoError(f"{where}: its points were profiled under {len(seen)} settings ({'; '.join(seen)}), and "
+                          "a runtime runs under one; build a config per setting (edgetts pareto --setting ...)")
+
+
 def build_config(profiles: list[str | Path], quantile: str = "p95", constraints: dict | None = None,
-                 strict: bool = False, require_validated: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
+                 strict: bool = False, require_validated: bool = False,
+                 setting: dict | None = None) -> tuple[dict, list[dict]]:  # fmt: skip
     """(config, every candidate point) from profile directories.
 
     ``require_validated`` refuses a pooled profile whose modelled latencies failed their direct
     check (``latency_validation`` in its summary); the config records every profile's check.
+    Profiles of several settings (``edgetts calibrate --setting``) merge with each point's setting
+    in its id (``...@threads=2``) and ``setting``; ``setting`` ({threads: 2}) keeps one.
     """
     if quantile not in QUANTILES:
         raise ParetoError(f"quantile must be one of {', '.join(QUANTILES)}, got {quantile!r}")
@@ -178,6 +200,15 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
         task = task or {"dataset": s["dataset"], "limit": s["limit"], "seed": s["seed"]}
         for cell in summary["cells"]:
             candidates.append(_point(cell, quantile))
+    if setting:
+        candidates = [p for p in candidates if all(profiled_with(p).get(k) == v for k, v in setting.items())]
+        if not candidates:
+            wanted = ", ".join(f"{k}={v}" for k, v in setting.items())
+            raise ParetoError(f"no profiled cell was measured under {wanted}")
+    if len({setting_of(p) for p in candidates}) > 1:  # one frontier over settings: each point says which
+        for p in candidates:
+            p["setting"] = setting_of(p)
+            p["id"] = f"{p['id']}@{p['setting']}"
     if not candidates:
         raise ParetoError("the profiles hold no measured cells")
     for metric in constraints:

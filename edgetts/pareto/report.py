@@ -186,6 +186,33 @@ def _cells_table(config: dict, candidates: list[dict]) -> str:
     return f'<table id="cells"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def _settings_table(candidates: list[dict] | None) -> str:
+    """Each device setting's own frontier side by side (profiles calibrated per setting), or nothing."""
+    from edgetts.pareto.config import frontier
+
+    by: dict[str, list[dict]] = {}
+    for c in candidates or []:
+        if c.get("setting"):
+            by.setdefault(c["setting"], []).append(c)
+    if len(by) < 2:
+        return ""
+    head = _row(["setting", "frontier points", "fastest ms", "its accuracy", "best accuracy", "its ms",
+                 "least J per correct", "at accuracy"], header=True)  # fmt: skip
+    rows = []
+    for name, cells in sorted(by.items()):
+        front = frontier(cells)
+        best = front[-1]
+        known = [p for p in front if p.get("energy_per_correct_j") is not None]
+        thrifty = min(known, key=lambda p: p["energy_per_correct_j"]) if known else None
+        rows.append(_row([name, len(front), _num(front[0]["latency_ms"], ".2f"), _pct(front[0]),
+                          _pct(best), _num(best["latency_ms"], ".2f"),
+                          _num(thrifty["energy_per_correct_j"] if thrifty else None, ".3f"),
+                          _pct(thrifty) if thrifty else ""]))  # fmt: skip
+    return (f'<h2>Settings compared ({len(by)})</h2>\n<table id="settings"><thead>{head}</thead><tbody>'
+            f'{"".join(rows)}</tbody></table>\n<p class="note">each setting\'s own frontier: the same accuracy '
+            "(one artifact), this device's latency and energy under each setting.</p>\n")
+
+
 def _value(v: object) -> str:
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=True)
@@ -250,7 +277,7 @@ def report(config: dict, png: str | Path, path: str | Path, candidates: list[dic
 cannot tell that it is more accurate (<code>--strict</code> drops such points).</p>
 <h2>Which point each deadline picks</h2>
 {_deadline_table(config)}
-{cells}<h2>Device</h2>
+{_settings_table(candidates)}{cells}<h2>Device</h2>
 {_fields(config.get("device") or {}, "device")}
 <h2>Settings</h2>
 {_fields(settings, "settings")}

@@ -53,15 +53,16 @@ from edgetts.profiling.summary import summarize
 # What edgetts writes into a profile directory (besides latency-model-*.json, latency-validation-*.json and
 # replaced-*/).
 PROFILE_FILES = ("sweep.json", "records.jsonl", "device.json", "summary.json", "pareto.json", "pareto.png",
-                 "report.html")  # fmt: skip
+                 "report.html", "models.json")  # fmt: skip
 
 
 class ProfileError(ValueError):
     """A profile directory that cannot be used for this sweep."""
 
 
-def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
-    """Make the locked directory ``out`` ready for ``cfg`` (see the module docstring)."""
+def prepare_dir(out: Path, cfg: SweepConfig, force: bool, shard: tuple[int, int] | None = None) -> None:
+    """Make the locked directory ``out`` ready for ``cfg`` (see the module docstring); a shard of a
+    sweep (``(i, n)``) resumes only into a directory of the same shard."""
     sweep, device = out / "sweep.json", out / "device.json"
     records = _has_records(out)
     if not records:  # new, or a stub left by a run that failed before its first record: nothing to keep
@@ -82,6 +83,10 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
                     f"{cfg.digest()}); use another --out, or --force to move its files aside"
                 )
             _move_aside(out, str(old.get("digest")))
+        elif old.get("shard") != (list(shard) if shard else None):
+            was = "/".join(map(str, old["shard"])) if old.get("shard") else "the whole sweep"
+            now = "/".join(map(str, shard)) if shard else "the whole sweep"
+            raise ProfileError(f"{out} holds shard {was} of this sweep, not {now}; use another --out")
     if device.exists():
         _, why = _read_object(device)
         if why:
@@ -89,7 +94,8 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool) -> None:
                 f"{device} is damaged ({why}); delete it and run the same command again: this machine's "
                 "fingerprint is written anew and the records are kept"
             )
-    write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved()})
+    write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved(),
+                              **({"shard": list(shard)} if shard else {})})  # fmt: skip
 
 
 def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
@@ -181,21 +187,44 @@ def run_profile(
     force: bool = False,
     progress: Callable[..., None] | None = None,
     memory_mb: float | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Measure every missing query of ``cfg`` into ``out``, holding its lock; returns the summary.
 
     ``progress(done, total, what, phase)`` is told of every step of each phase: ``calibrating``
     (the step-time model of a pooled profile), ``sweep`` (queries), ``validating`` (direct runs
     checking the modelled latencies); each phase counts its own steps, so each has an ETA.
-    ``memory_mb`` caps the memory an engine may plan for (default: what the device has free)."""
+    ``memory_mb`` caps the memory an engine may plan for (default: what the device has free).
+    ``shard=(i, n)`` measures the i-th of n disjoint slices of the problems (every n-th problem from
+    the i-th, so each slice spans the levels), for ``edgetts merge`` to join."""
     try:
         with profile_dir(Path(out)):
-            return _measure(cfg, out, force, progress, memory_mb)
+            return _measure(cfg, out, force, progress, memory_mb, shard)
     except LockError as e:
         raise ProfileError(str(e)) from None
 
 
-def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb: float | None) -> dict:
+def write_models(out: Path, specs) -> None:
+    """``models.json``: each local model's artifact and sha256 (what ``edgetts calibrate`` checks the
+    artifact it re-times against), written once per model."""
+    from edgetts.models import resolve_model
+    from edgetts.quantization.manifest import digest
+
+    path = out / "models.json"
+    known, _ = _read_object(path) if path.exists() else ({}, None)
+    for spec in specs:
+        if spec.url or spec.label in known:
+            continue
+        try:
+            artifact = resolve_model(spec.artifact)
+        except (OSError, ValueError):
+            continue
+        known[spec.label] = {"artifact": str(artifact), "sha256": digest(artifact)}
+    write_json_atomic(path, known)
+
+
+def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb: float | None,
+             shard: tuple[int, int] | None = None) -> dict:  # fmt: skip
     from edgetts.engines import engine_class, open_engine
     from edgetts.strategies import STRATEGIES, RunConfig, create
     from edgetts.tasks.datasets import load_dataset
@@ -204,6 +233,11 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
 
     out = Path(out)
     examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
+    if shard:
+        problems = len(examples)
+        examples = examples[shard[0] :: shard[1]]
+        if not examples:
+            raise ProfileError(f"shard {shard[0]}/{shard[1]} holds no problem: the sweep has {problems} problem(s)")
     specs = [s.resolved() for s in cfg.specs()]  # fail on a bad model before changing the directory's files
     cells = cfg.cells()
     for spec in specs:
@@ -213,9 +247,10 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
             if missing:
                 raise ProfileError(f"strategy {name!r} needs an engine with {', '.join(missing)}; "
                                    f"{spec.engine!r} ({spec.label}) lacks it")  # fmt: skip
-    prepare_dir(out, cfg, force)
+    prepare_dir(out, cfg, force, shard)
     if not (out / "device.json").exists():
         write_json_atomic(out / "device.json", fingerprint())
+    write_models(out, specs)
     log = RecordLog(out / "records.jsonl")
     done = log.load()
     total = len(specs) * len(cells) * cfg.repeats * len(examples)
@@ -339,11 +374,28 @@ def run_direct(ctx: Context, model, engine, family, cell, r: int, ex) -> None:
         "prompt_tokens": trace.prompt_tokens, "generated_tokens": trace.generated_tokens,
         "thinking_tokens": sum(rt.thinking_tokens for rt in trace.rows),
         "answer_tokens": sum(rt.answer_tokens for rt in trace.rows),
-        "rows_used": trace.rows_used, "early_stop": trace.early_stop,
+        "rows_used": trace.rows_used, "early_stop": trace.early_stop, "rounds": trace_rounds(s, n, trace),
         **_energy(m, trace.wall_s),
     }  # fmt: skip
     rec["energy_j"] = m.energy_j  # measured, not scaled
     ctx.write(rec, f"{short(model)} {s} n={n} b={b}")
+
+
+def trace_rounds(strategy: str, n: int, trace) -> list[list[tuple[int, bool]]]:
+    """The rounds of (sampled tokens, forced) of the rows a direct run decoded, in order: what a step-time
+    model needs to re-time the query on another device (:mod:`edgetts.profiling.calibrate`)."""
+    from edgetts.strategies import STRATEGIES
+
+    rows = [(r.thinking_tokens + r.answer_tokens, bool(r.forced_answer)) for r in trace.rows]
+    sizes = getattr(STRATEGIES[strategy], "round_sizes", None)
+    out, start = [], 0
+    for size in sizes(n) if sizes else [len(rows)]:
+        if start < len(rows):
+            out.append(rows[start : start + size])
+        start += size
+    if start < len(rows):
+        out.append(rows[start:])
+    return out or [[(0, False)]]
 
 
 def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> None:
@@ -382,7 +434,7 @@ def run_pooled(ctx: Context, model, engine, family, cells, todo, out: Path) -> N
                 "latency_s": latency, "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1),
                 "prompt_tokens": prompt_tokens, "generated_tokens": est["tokens"], "thinking_tokens": est["thinking"],
                 "answer_tokens": est["tokens"] - est["thinking"], "rows_used": est["rows_used"], "early_stop": None,
-                **_energy(m, latency),
+                "rounds": rounds, **_energy(m, latency),
             }  # fmt: skip
             ctx.write(rec, f"{short(model)} pooled {s} n={n} b={b}")
 

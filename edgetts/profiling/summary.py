@@ -50,7 +50,7 @@ def _one_or_mixed(values) -> str | None:
 
 def summarize(records: dict[str, dict]) -> dict:
     cells: dict[tuple, list[dict]] = {}
-    for rec in records.values():
+    for _, rec in sorted(records.items()):  # in key order: the same records give the same sums, whatever their order
         cells.setdefault((rec["model"], rec["strategy"], rec["n"], rec["budget"]), []).append(rec)
     out = []
     for (model, strategy, n, budget), recs in sorted(cells.items()):

@@ -215,7 +215,9 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     sys.setswitchinterval(0.0005)
     policy = Policy.load(config)
     _check_strategies(config, policy.frontier)
-    from edgetts.pareto.config import validation_note
+    from edgetts.pareto.config import one_setting, validation_note
+
+    one_setting(policy.config, config)
 
     note = validation_note(policy.config, config)
     if note and notify:

@@ -44,9 +44,10 @@ def answer(question: str, spec: EngineSpec | None = None, config: str | None = N
     selection, notes, profiled = None, [], None
     if config is not None:
         from edgetts.engines.spec import serving_threads
-        from edgetts.pareto.config import point_spec, profiled_with, validation_note
+        from edgetts.pareto.config import one_setting, point_spec, profiled_with, validation_note
 
         policy = Policy.load(config)  # a missing or broken file is said first
+        one_setting(policy.config, config)
         if deadline_ms is None:
             raise StrategyError("a Pareto config needs a deadline: the policy picks the point that fits it")
         policy.check_deadline(deadline_ms, energy_j)

@@ -1,0 +1,142 @@
+"""Benchmark: a profile calibrated to other settings of this machine against direct profiles there.
+
+    python bench/calibrate.py [--limit 50] [--keep DIR]
+
+1. The source: ``edgetts profile`` of the default grid (pooled, as users run it) with llama.cpp
+   on 1 thread.
+2. Per target setting, ``edgetts calibrate SOURCE --setting ...`` (timed: ``calibrate_s``) and a
+   direct profile of the same sweep on that setting (``edgetts profile --mode direct``), the
+   ground truth.  The settings: ``threads=2``; and a slower device, made with a CPU quota (a
+   cgroup v1 ``cpu`` group with ``cpu.cfs_period_us`` 2000 and ``cpu.cfs_quota_us`` 1000, which
+   both the calibration and the direct profile run inside) where the machine allows cgroups,
+   else a steady CPU-bound process beside them (``--slow hog``).
+3. Per setting: the per-cell error of the calibrated mean latency against the direct one (the
+   same problems and seeds, so the same rows), their mean (``latency_mape``), and the share of
+   deadlines, 40 of them log-spaced between the direct config's fastest and slowest point, for
+   which the calibrated and the direct Pareto configs choose the same (strategy, n, budget)
+   (``same_choice``).
+
+Each command runs as users run it (``python -m edgetts``); the last line is one JSON object with
+``latency_mape`` and ``same_choice`` (the worst setting each) and ``calibrate_s`` (the slowest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgetts.pareto.config import build_config  # noqa: E402
+from edgetts.runtime import Policy  # noqa: E402
+
+CGROUP = Path("/sys/fs/cgroup/cpu/edgetts-bench")
+
+
+def cli(*args, slow: str | None = None) -> float:
+    """Run ``edgetts ARGS`` (inside the quota group with ``slow='quota'``); returns its seconds."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGETTS_THREADS"}  # the command's own flags decide
+    procs = CGROUP / "cgroup.procs"
+
+    def enter():  # in the child, before exec: the whole command runs under the quota
+        procs.write_text(str(os.getpid()))
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "edgetts", *args], check=True, env=env, stdout=subprocess.DEVNULL,
+                   preexec_fn=enter if slow == "quota" else None)  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def make_quota() -> bool:
+    try:
+        CGROUP.mkdir(exist_ok=True)
+        (CGROUP / "cpu.cfs_period_us").write_text("2000")
+        (CGROUP / "cpu.cfs_quota_us").write_text("1000")
+        return True
+    except OSError:
+        return False
+
+
+def hog() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def cells(d: Path) -> dict:
+    summary = json.loads((d / "summary.json").read_text())
+    return {(c["strategy"], c["n"], c["budget"]): c for c in summary["cells"]}
+
+
+def compare(calibrated: Path, direct: Path) -> dict:
+    cal, ref = cells(calibrated), cells(direct)
+    errors = {k: abs(cal[k]["latency_s"]["mean"] - ref[k]["latency_s"]["mean"]) / ref[k]["latency_s"]["mean"]
+              for k in ref if k in cal}  # fmt: skip
+    cfg_cal, _ = build_config([calibrated])
+    cfg_ref, _ = build_config([direct])
+    lat = [p["latency_ms"] for p in cfg_ref["frontier"]]
+    lo, hi = min(lat), max(lat) * 1.5
+    grid = [lo * (hi / lo) ** (k / 39) for k in range(40)]
+    pick_cal, pick_ref = Policy(cfg_cal), Policy(cfg_ref)
+
+    def chosen(policy, d):
+        p = policy.select(d).point
+        return p["strategy"], p["n"], p["budget"]
+
+    same = sum(chosen(pick_cal, d) == chosen(pick_ref, d) for d in grid) / len(grid)
+    return {"latency_mape": sum(errors.values()) / len(errors), "same_choice": same,
+            "cells": {"/".join(map(str, k)): round(v, 4) for k, v in sorted(errors.items())},
+            "validation": json.loads((calibrated / "summary.json").read_text()).get("latency_validation", {}).get("ok")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--limit", type=int, default=50)
+    ap.add_argument("--slow", choices=["quota", "hog"], default=None, help="default: quota where cgroups allow")
+    ap.add_argument("--keep", help="keep the profiles in this folder")
+    args = ap.parse_args()
+    slow = args.slow or ("quota" if make_quota() else "hog")
+    if slow == "quota" and not make_quota():
+        sys.exit("error: cannot set a CPU quota here (cgroup v1 cpu controller); use --slow hog")
+    root = Path(args.keep or tempfile.mkdtemp(prefix="edgetts-calibrate-"))
+    root.mkdir(parents=True, exist_ok=True)
+    grid = ["--limit", str(args.limit), "--quiet"]
+    src = root / "source"
+    print(f"source: {cli('profile', '--threads', '1', '--out', str(src), *grid):.1f} s", file=sys.stderr)
+    results = {}
+    for name, setting, threads, how in (("threads=2", "threads=2", "2", None), (f"slow ({slow})", "threads=1", "1", slow)):
+        tag = name.split()[0]
+        beside = hog() if how == "hog" else None
+        try:
+            seconds = cli("calibrate", str(src), "--out", str(root / f"cal-{tag}"), "--setting", setting, "--quiet",
+                          slow=how)  # fmt: skip
+            cli("profile", "--mode", "direct", "--threads", threads, "--out", str(root / f"direct-{tag}"), *grid,
+                slow=how)  # fmt: skip
+        finally:
+            if beside:
+                beside.kill()
+        results[name] = {**compare(root / f"cal-{tag}", root / f"direct-{tag}"), "calibrate_s": round(seconds, 2)}
+        r = results[name]
+        print(f"{name}: latency error {r['latency_mape']:.3f} (worst cell {max(r['cells'].values()):.3f}), same "
+              f"choice {r['same_choice']:.2f}, calibrate {seconds:.1f} s, its check ok: {r['validation']}",
+              file=sys.stderr)  # fmt: skip
+    out = {
+        "latency_mape": round(max(r["latency_mape"] for r in results.values()), 4),
+        "same_choice": round(min(r["same_choice"] for r in results.values()), 4),
+        "calibrate_s": round(max(r["calibrate_s"] for r in results.values()), 2),
+        "settings": results, "slow": slow, "limit": args.limit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load": round(os.getloadavg()[0], 2),
+    }  # fmt: skip
+    print(json.dumps(out))
+    if not math.isfinite(out["latency_mape"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""``edgetts calibrate``: a profile measured anywhere, re-timed for this device and setting.
+
+For one model artifact, what each query's rows say and how many tokens they take does not
+depend on the device (same weights, seeds and sampling: the same distribution); only the time
+per decode step does.  So the source profile's records keep their answers, correctness, token
+counts and ``rounds`` (per round of rows, each row's sampled tokens and whether its answer was
+forced), and only time is measured here:
+
+1. the source is checked: its records must carry ``rounds`` (profiles made before they did
+   cannot be re-timed), and each model's artifact here must have the sha256 the source recorded
+   in ``models.json`` (another file would sample other tokens);
+2. per model, the engine opens under the requested settings (``threads``, ``gpu_layers``; a
+   ``power_mode`` is switched by the user's command and read back before anything is measured)
+   and the pooled profiler's step-time model is fitted (:func:`edgetts.profiling.latency.calibrate`,
+   fixed shapes, seconds on the tiny model), with the energy meter running where one exists;
+3. every record's latency is replayed from its rounds on that model (prefill at the fitted cost
+   per token, one step per token of the longest live row, the forced answer's tokens), and its
+   energy is the measured average power times that latency;
+4. a few cells are run directly and compared with their replayed latencies, as pooled profiles
+   check themselves (``latency_validation``; :mod:`edgetts.profiling.validation`).
+
+The result is a profile directory like any other: this device's ``device.json``, the source's
+sweep (with ``calibrated_from``), the re-timed records (``mode`` ``calibrated``, ``profiled_with``
+the settings measured here) and a summary whose accuracies and intervals are the source's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from edgetts.fileio import write_json_atomic
+from edgetts.profiling.runner import ProfileError, _latency_file, _read_object, profile_dir, record_key, write_summary
+
+SETTINGS = {"threads": int, "gpu_layers": int, "power_mode": str}
+
+
+def parse_setting(text: str) -> dict:
+    """``threads=2`` or ``threads=2,gpu_layers=0`` (also ``power_mode=15W``) as a dict; one-line errors."""
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or key not in SETTINGS or not value.strip():
+            raise ProfileError(f"--setting {text!r}: expected KEY=VALUE with KEY one of {', '.join(SETTINGS)}")
+        try:
+            out[key] = SETTINGS[key](value.strip())
+        except ValueError:
+            raise ProfileError(f"--setting {text!r}: {key} must be a whole number") from None
+        if (key == "threads" and out[key] < 1) or (key == "gpu_layers" and out[key] < -1):
+            raise ProfileError(f"--setting {text!r}: threads must be >= 1 and gpu_layers >= -1")
+    return out
+
+
+def setting_name(setting: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in setting.items()) or "default"
+
+
+def _source(src: Path) -> tuple[dict, dict, dict]:
+    """(sweep file, records by key, models.json) of the source profile, checked (see the module doc)."""
+    from edgetts.profiling.records import RecordLog
+
+    for name in ("sweep.json", "records.jsonl"):
+        if not (src / name).is_file():
+            raise ProfileError(f"{src}: not a profile directory (no {name})")
+    sweep, why = _read_object(src / "sweep.json", key="digest")
+    if why:
+        raise ProfileError(f"{src / 'sweep.json'} is damaged ({why})")
+    records = RecordLog(src / "records.jsonl").load()
+    if not records:
+        raise ProfileError(f"{src}: the profile holds no records to re-time")
+    lacking = sum(1 for r in records.values() if not isinstance(r.get("rounds"), list) or not r["rounds"])
+    if lacking:
+        raise ProfileError(f"{src}: {lacking} of {len(records)} records lack per-row token counts (rounds), which "
+                           "re-timing needs; profile the source again with this version of edgetts")  # fmt: skip
+    models, _ = _read_object(src / "models.json") if (src / "models.json").exists() else ({}, None)
+    return sweep, records, models
+
+
+def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
+    """The artifact to open here for the source's model ``label``: the same file (sha256), found at the
+    source's path or by its name in ``model_dir``."""
+    from edgetts.models import BUILTIN
+    from edgetts.quantization.manifest import digest
+
+    if spec.url:
+        return spec.artifact
+    want = models.get(label, {}).get("sha256")
+    if not want:
+        raise ProfileError(f"the source profile does not record the sha256 of {label} (models.json); profile it "
+                           "again with this version of edgetts")  # fmt: skip
+    path = Path(BUILTIN.get(spec.artifact, spec.artifact)).expanduser()
+    if model_dir is not None:
+        path = Path(model_dir) / path.name
+    if not path.exists():
+        raise ProfileError(f"{path}: no such model file here (give --model-dir, the folder that holds it)")
+    if digest(path) != want:
+        raise ProfileError(f"{path} is not the artifact the source profiled (sha256 differs): a different file "
+                           "samples different tokens, so its accuracy is not the source's")  # fmt: skip
+    return str(path) if model_dir is not None or spec.artifact not in BUILTIN else spec.artifact
+
+
+def switch_power_mode(mode: str, switch: str | None) -> None:
+    """Run the user's ``switch`` command for ``mode`` and read the mode back (``nvpmodel -q``)."""
+    from edgetts.telemetry.device import power_mode
+
+    if not switch:
+        raise ProfileError("a power_mode setting needs --switch, the command that sets it (e.g. 'sudo nvpmodel -m "
+                           "{power_mode}')")  # fmt: skip
+    proc = subprocess.run(switch.format(power_mode=mode), shell=True, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr or proc.stdout).strip().splitlines()
+        last = f": {why[-1]}" if why else ""
+        raise ProfileError(f"--switch for power_mode={mode} failed (exit {proc.returncode}){last}")
+    time.sleep(1)  # clocks settle after a mode change
+    now = power_mode()
+    if now != mode:
+        raise ProfileError(f"after --switch the device reports power mode {now!r}, not {mode!r}: nothing measured")
+
+
+def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = None, model_dir: str | None = None,
+                      switch: str | None = None, memory_mb: float | None = None, progress=None) -> dict:  # fmt: skip
+    """Re-time the profile ``src`` for this device under ``setting`` into ``out`` (new or empty); returns
+    the summary (see the module doc)."""
+    src, out, setting = Path(src), Path(out), dict(setting or {})
+    sweep_file, records, models = _source(src)
+    if out.resolve() == src.resolve():
+        raise ProfileError(f"--out {out} is the source profile: calibrate into a new directory")
+    from edgetts.profiling.config import SweepConfig
+    from edgetts.tasks.datasets import load_dataset
+
+    cfg = SweepConfig(**sweep_file["sweep"])
+    examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
+    if "power_mode" in setting:
+        switch_power_mode(setting["power_mode"], switch)
+    with profile_dir(out):
+        if any(p.name != ".edgetts-lock" for p in out.iterdir()):
+            raise ProfileError(f"{out} is not empty: calibrate into a new directory")
+        t0 = time.perf_counter()
+        retimed = {}
+        by_model: dict[str, dict] = {}
+        for key, rec in records.items():
+            by_model.setdefault(rec["model"], {})[key] = rec
+        for label, recs in by_model.items():
+            retimed.update(_retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress))
+        _write(out, src, sweep_file, models, retimed, setting, time.perf_counter() - t0)
+        return write_summary(out)
+
+
+def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress) -> dict:
+    from edgetts.engines import EngineSpec, open_engine
+    from edgetts.engines.spec import serving_threads, split_settings
+    from edgetts.profiling.latency import calibrate
+    from edgetts.profiling.runner import _energy
+    from edgetts.profiling.validation import validate
+    from edgetts.strategies import RunConfig
+    from edgetts.telemetry.device import with_power_mode
+    from edgetts.telemetry.meters import QueryMeter
+
+    spec, _ = split_settings(EngineSpec.from_dict(next(iter(recs.values()))["engine"]).resolved())
+    spec = EngineSpec(spec.engine, _artifact(label, spec, models, model_dir), spec.url, spec.options)
+    spec = spec.with_options(threads=setting.get("threads") or serving_threads(), gpu_layers=setting.get("gpu_layers"))
+    cells = sorted({(r["strategy"], r["n"], r["budget"]) for r in recs.values()})
+    n_max, budgets = max(n for _, n, _ in cells), sorted({b for *_, b in cells})
+    answer = RunConfig().answer_tokens
+    engine, family = open_engine(spec, max_rows=n_max, max_tokens=max(budgets) + answer, memory_mb=memory_mb)
+    name = Path(label).name
+
+    def tick(phase):
+        return (lambda done, total: progress(done, total, name, phase)) if progress else None
+
+    try:
+        meter = QueryMeter()
+        with meter.measure() as measured:
+            steps = calibrate(engine, family, examples[0].question, n_max, tokens=min(max(budgets) + 32, 256),
+                              tick=tick("calibrating"))  # fmt: skip
+        power = measured()
+        write_json_atomic(_latency_file(out, "model", label), steps.to_dict())
+        forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
+        settings = with_power_mode(engine.settings())
+        new = {}
+        for key, rec in recs.items():
+            ttft = steps.token_s * (rec["prompt_tokens"] + 1)
+            rounds = [[(int(s), bool(f)) for s, f in rnd] for rnd in rec["rounds"]]
+            latency = steps.latency(ttft, rec["prompt_tokens"], rounds, forced_len)
+            longest = max(s for rnd in rounds for s, _ in rnd)
+            new[key] = {**rec, "mode": "calibrated", "source_mode": rec.get("mode"), "latency_s": latency,
+                        "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1),
+                        **_energy(power, latency), "profiled_with": settings,
+                        "engine": spec.to_dict()}  # fmt: skip
+        result = validate(engine, family, label, cells, examples, new, steps, cfg,
+                          lambda *c: record_key(label, *c), tick=tick("validating"))  # fmt: skip
+        write_json_atomic(_latency_file(out, "validation", label), result)
+    finally:
+        engine.close()
+    return new
+
+
+def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, setting: dict, seconds: float) -> None:
+    from edgetts.profiling.records import RecordLog
+    from edgetts.telemetry.device import fingerprint
+
+    source_device, _ = _read_object(src / "device.json") if (src / "device.json").exists() else ({}, None)
+    write_json_atomic(out / "device.json", fingerprint())
+    write_json_atomic(out / "sweep.json", {
+        **sweep_file, "calibrated_from": {"profile": str(src), "device": source_device, "setting": setting,
+                                          "seconds": round(seconds, 2)},
+    })  # fmt: skip
+    write_json_atomic(out / "models.json", models)
+    log = RecordLog(out / "records.jsonl")
+    for key in sorted(records):
+        log.append(records[key])
+
+
+def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=None, memory_mb=None,
+                       progress=None, say=print) -> list[tuple[str, Path, dict]]:  # fmt: skip
+    """Each of ``settings`` into ``out/<setting>`` (or ``out`` itself for one setting); returns (name, dir,
+    summary) per setting."""
+    settings = settings or [{}]
+    done = []
+    for setting in settings:
+        name = setting_name(setting)
+        target = Path(out) if len(settings) == 1 else Path(out) / name
+        t0 = time.perf_counter()
+        summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress)
+        check = summary.get("latency_validation") or {}
+        say(f"calibrated {name} into {target} in {time.perf_counter() - t0:.1f} s"
+            + (f" (latency check {'ok' if check.get('ok') else 'FAILED'}: off by "
+               f"{100 * (check.get('mape') or 0):.0f}%)" if check else ""))  # fmt: skip
+        done.append((name, target, summary))
+    return done

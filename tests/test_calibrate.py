@@ -1,0 +1,179 @@
+"""Profile once, deploy anywhere: calibrate to a setting, settings as an axis, shards and merge."""
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+from conftest import DIRECT, SMALL, one_line_error
+from typer.testing import CliRunner
+
+from edgetts.cli import app
+from edgetts.profiling.records import RecordLog
+from edgetts.profiling.runner import ProfileError
+from edgetts.profiling.shards import parse_shard
+
+runner = CliRunner()
+Q = "Evaluate left to right: 8*4-3"
+UNTIMED = {"latency_s", "ttft_s", "tpot_s", "energy_j", "avg_power_w", "peak_rss_mb", "peak_gpu_mb"}
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".edgetts-lock"))
+    return dst
+
+
+def _accuracy(d):
+    return {(c["strategy"], c["n"], c["budget"]): (c["accuracy"], c["accuracy_ci95"], c["queries"])
+            for c in json.loads((d / "summary.json").read_text())["cells"]}  # fmt: skip
+
+
+def test_calibrate_keeps_the_accuracy_and_measures_this_setting(small_profile, tmp_path):
+    out = tmp_path / "cal"
+    r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(out), "--setting", "threads=1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert _accuracy(out) == _accuracy(small_profile)  # the source's accuracy and intervals, exactly
+    src, cal = RecordLog(small_profile / "records.jsonl").load(), RecordLog(out / "records.jsonl").load()
+    assert src.keys() == cal.keys()
+    for key, rec in cal.items():
+        assert rec["mode"] == "calibrated" and rec["latency_s"] > 0 and rec["profiled_with"]["threads"] == 1
+        assert {k: v for k, v in rec.items() if k in ("correct", "generated_tokens", "rounds")} == {
+            k: v for k, v in src[key].items() if k in ("correct", "generated_tokens", "rounds")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["latency_validation"]["cells_checked"] == 1  # checked directly, as pooled profiles are
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["calibrated_from"]["profile"] == str(small_profile) and (out / "pareto.json").is_file()
+
+
+def test_calibrate_refuses_what_it_cannot_re_time(small_profile, tmp_path):
+    src = _copy(small_profile, tmp_path / "src")
+    args = ["calibrate", str(src), "--quiet"]
+    assert "is the source profile" in one_line_error(runner.invoke(app, [*args, "--out", str(src)]))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert "not a profile directory" in one_line_error(runner.invoke(app, [*args, "--out", str(busy)]))
+    assert (busy / "notes.txt").read_text() == "mine"
+    for bad in ("threads=0", "cores=2", "threads=two", "threads"):
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--setting", bad])
+        assert "--setting" in one_line_error(r)
+    models = json.loads((src / "models.json").read_text())
+    models["tiny"]["sha256"] = "0" * 64
+    (src / "models.json").write_text(json.dumps(models))
+    assert "sha256 differs" in one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "o1")]))
+    (src / "models.json").unlink()
+    assert "does not record the sha256" in one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "o2")]))
+    lines = (src / "records.jsonl").read_text().splitlines()
+    old = [json.dumps({k: v for k, v in json.loads(line).items() if k != "rounds"}) for line in lines]
+    (src / "records.jsonl").write_text("\n".join(old) + "\n")
+    line = one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "o3")]))
+    assert f"{len(lines)} of {len(lines)} records lack per-row token counts" in line
+    assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3))  # nothing left behind
+
+
+@pytest.fixture
+def fake_jetson(tmp_path, monkeypatch):
+    """A Jetson whose ``nvpmodel -q`` reads the mode a switch command wrote into a state file."""
+    root, bin_ = tmp_path / "root", tmp_path / "bin"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")
+    bin_.mkdir()
+    state = tmp_path / "mode"
+    state.write_text("MAXN")
+    tool = bin_ / "nvpmodel"
+    tool.write_text(f'#!/bin/sh\nif [ "$1" = "-q" ]; then echo "NV Power Mode: $(cat {state})"; echo 0; fi\n')
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("EDGETTS_SYSFS_ROOT", str(root))
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    return state
+
+
+def test_settings_are_an_axis_power_modes_included(small_profile, tmp_path, fake_jetson):
+    out = tmp_path / "cal"
+    switch = f"echo {{power_mode}} > {fake_jetson}"
+    r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(out), "--setting", "power_mode=15W",
+                            "--setting", "threads=1,power_mode=MAXN", "--switch", switch, "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    first = next(iter(RecordLog(out / "power_mode=15W" / "records.jsonl").load().values()))
+    assert first["profiled_with"]["power_mode"] == "15W"  # read back from the device, not taken on trust
+    cfg = tmp_path / "both.json"
+    r = runner.invoke(app, ["pareto", str(out / "power_mode=15W"), str(out / "threads=1,power_mode=MAXN"), "--out",
+                            str(cfg), "--accept-unvalidated"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    front = json.loads(cfg.read_text())["frontier"]
+    assert all("@" in p["id"] and p["setting"] for p in front)
+    assert "Settings compared (2)" in (tmp_path / "both-report.html").read_text()
+    # a runtime runs under one setting: a config whose frontier mixes them is refused
+    mixed = json.loads(cfg.read_text())
+    mixed["frontier"] = [dict(mixed["frontier"][0], profiled_with={"threads": 1, "power_mode": m}, id=f"p{k}",
+                              latency_ms=mixed["frontier"][0]["latency_ms"] + k)
+                         for k, m in enumerate(("15W", "MAXN"))]  # fmt: skip
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "mixed.json"), "--deadline-ms",
+                                              "1000", Q]))  # fmt: skip
+    assert "profiled under 2 settings (threads=1,power_mode=15W; threads=1,power_mode=MAXN)" in line
+    one = tmp_path / "15w.json"
+    r = runner.invoke(app, ["pareto", str(out / "power_mode=15W"), str(out / "threads=1,power_mode=MAXN"), "--out",
+                            str(one), "--setting", "power_mode=15W", "--accept-unvalidated", "--no-plot"])  # fmt: skip
+    assert r.exit_code == 0 and all(p["profiled_with"]["power_mode"] == "15W"
+                                    for p in json.loads(one.read_text())["frontier"])  # fmt: skip
+    fake_jetson.write_text("MAXN")
+    r = runner.invoke(app, ["run", "--config", str(one), "--deadline-ms", "60000", Q])
+    assert r.exit_code == 0 and "profiled with power_mode=15W; running with power_mode=MAXN" in r.stderr
+
+
+def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_jetson):
+    args = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "power_mode=15W", "--quiet"]
+    assert "needs --switch" in one_line_error(runner.invoke(app, args))
+    assert "failed (exit 3)" in one_line_error(runner.invoke(app, [*args, "--switch", "exit 3"]))
+    line = one_line_error(runner.invoke(app, [*args, "--switch", "true"]))  # the mode did not change
+    assert "reports power mode 'MAXN', not '15W'" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_shard_indices():
+    assert parse_shard("1/3") == (1, 3)
+    assert parse_shard("3", {"JOB_COMPLETION_INDEX": "2"}) == (2, 3)
+    assert parse_shard("4", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3"}) == (2, 4)
+    for bad, env in (("3/3", {}), ("-1/2", {}), ("a/b", {}), ("3", {}), ("0/0", {})):
+        with pytest.raises(ProfileError, match="--shard"):
+            parse_shard(bad, env)
+
+
+def test_a_sweep_in_three_shards_merges_into_the_unsplit_sweep(direct_profile, tmp_path):
+    parts = []
+    for i in range(3):
+        d = tmp_path / f"shard{i}"
+        r = runner.invoke(app, ["profile", "--out", str(d), "--shard", f"{i}/3", *DIRECT])
+        assert r.exit_code == 0, r.output
+        parts.append(d)
+    merged = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", *map(str, parts), "--out", str(merged)])
+    assert r.exit_code == 0, r.output
+    whole = RecordLog(direct_profile / "records.jsonl").load()
+    joined = RecordLog(merged / "records.jsonl").load()
+    assert joined.keys() == whole.keys()  # record for record
+    for key in whole:
+        assert {k: v for k, v in joined[key].items() if k not in UNTIMED} == {
+            k: v for k, v in whole[key].items() if k not in UNTIMED}
+    assert _accuracy(merged) == _accuracy(direct_profile) and (merged / "pareto.json").is_file()
+    # a shard given twice counts once; a missing one is named; another sweep, or the same shard index
+    # resumed as another one, is refused
+    r = runner.invoke(app, ["merge", str(parts[0]), str(parts[0]), str(parts[1]), "--out", str(tmp_path / "m2")])
+    assert r.exit_code == 0 and "shard(s) 2/3 of this sweep were not given" in r.stderr
+    assert len(RecordLog(tmp_path / "m2" / "records.jsonl").load()) < len(whole)
+    other = tmp_path / "other"
+    assert runner.invoke(app, ["profile", "--out", str(other), "--shard", "0/3", *DIRECT, "--seed", "9"]).exit_code == 0
+    assert "another sweep" in one_line_error(runner.invoke(app, ["merge", str(parts[1]), str(other), "--out",
+                                                                 str(tmp_path / "m3")]))  # fmt: skip
+    line = one_line_error(runner.invoke(app, ["profile", "--out", str(parts[0]), "--shard", "1/3", *DIRECT]))
+    assert "holds shard 0/3 of this sweep, not 1/3" in line
+    assert "not empty" in one_line_error(runner.invoke(app, ["merge", *map(str, parts), "--out", str(merged)]))
+
+
+def test_the_shard_index_comes_from_the_scheduler(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    d = tmp_path / "k8s"
+    assert runner.invoke(app, ["profile", "--out", str(d), "--shard", "2", *SMALL, "--mode", "direct"]).exit_code == 0
+    assert json.loads((d / "sweep.json").read_text())["shard"] == [1, 2]
