@@ -14,10 +14,14 @@ forced), and only time is measured here:
    and the pooled profiler's step-time model is fitted (:func:`edgetts.profiling.latency.calibrate`,
    fixed shapes, seconds on the tiny model), with the energy meter running where one exists;
 3. every record's latency is replayed from its rounds on that model (prefill at the fitted cost
-   per token, one step per token of the longest live row, the forced answer's tokens), and its
-   energy is the measured average power times that latency;
-4. a few cells are run directly and compared with their replayed latencies, as pooled profiles
-   check themselves (``latency_validation``; :mod:`edgetts.profiling.validation`).
+   per token, one step per token of the longest live row, the forced answer's tokens);
+4. a few anchor cells (spread over n and budget) are run directly on the first problems, and
+   the median of their direct over replayed latencies scales every record (``correction``):
+   what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks) shows in
+   whole calls; energy is the measured average power times the corrected latency;
+5. other cells than the anchors are run directly and compared with their latencies, as pooled
+   profiles check themselves (``latency_validation``, with the anchors and the correction;
+   :mod:`edgetts.profiling.validation`).
 
 The result is a profile directory like any other: this device's ``device.json``, the source's
 sweep (with ``calibrated_from``), the re-timed records (``mode`` ``calibrated``, ``profiled_with``
@@ -29,6 +33,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from statistics import median
 
 from edgetts.fileio import write_json_atomic
 from edgetts.profiling.runner import ProfileError, _latency_file, _read_object, profile_dir, record_key, write_summary
@@ -152,7 +157,7 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
     from edgetts.engines.spec import serving_threads, split_settings
     from edgetts.profiling.latency import calibrate
     from edgetts.profiling.runner import _energy
-    from edgetts.profiling.validation import validate
+    from edgetts.profiling.validation import choose_cells, validate
     from edgetts.strategies import RunConfig
     from edgetts.telemetry.device import with_power_mode
     from edgetts.telemetry.meters import QueryMeter
@@ -178,22 +183,39 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
         write_json_atomic(_latency_file(out, "model", label), steps.to_dict())
         forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
         settings = with_power_mode(engine.settings())
-        new = {}
-        for key, rec in recs.items():
-            ttft = steps.token_s * (rec["prompt_tokens"] + 1)
-            rounds = [[(int(s), bool(f)) for s, f in rnd] for rnd in rec["rounds"]]
-            latency = steps.latency(ttft, rec["prompt_tokens"], rounds, forced_len)
-            longest = max(s for rnd in rounds for s, _ in rnd)
-            new[key] = {**rec, "mode": "calibrated", "source_mode": rec.get("mode"), "latency_s": latency,
-                        "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1),
-                        **_energy(power, latency), "profiled_with": settings,
-                        "engine": spec.to_dict()}  # fmt: skip
-        result = validate(engine, family, label, cells, examples, new, steps, cfg,
-                          lambda *c: record_key(label, *c), tick=tick("validating"))  # fmt: skip
+        def key(*cell):
+            return record_key(label, *cell)
+
+        new = {k: _replayed(rec, steps, forced_len, 1.0) for k, rec in recs.items()}
+        # Anchors: a few cells run directly give the factor by which whole calls here differ from the
+        # model (what the fixed-shape fit misses on this device: scheduling, a quota, clocks).
+        anchors = choose_cells(cells)
+        measured = validate(engine, family, label, anchors, examples, new, steps, cfg, key, tick=tick("anchoring"),
+                            warn=False)  # fmt: skip
+        ratios = [c["direct_s"] / c["modelled_s"] for c in measured["cells"] if c["modelled_s"] > 0]
+        factor = median(ratios) if ratios else 1.0
+        for k, rec in recs.items():
+            timed = _replayed(rec, steps, forced_len, factor)
+            new[k] = {**timed, **_energy(power, timed["latency_s"]), "profiled_with": settings,
+                      "engine": spec.to_dict()}  # fmt: skip
+        # The check: other cells than the anchors where the sweep has them, as pooled profiles check themselves.
+        held_out = [c for c in cells if c not in anchors] or anchors
+        result = validate(engine, family, label, held_out, examples, new, steps, cfg, key, tick=tick("validating"))
+        result.update({"anchors": measured["cells"], "correction": factor})
         write_json_atomic(_latency_file(out, "validation", label), result)
     finally:
         engine.close()
     return new
+
+
+def _replayed(rec: dict, steps, forced_len: int, factor: float) -> dict:
+    """``rec`` re-timed: its rounds replayed on the step-time model, times the anchors' ``factor``."""
+    ttft = steps.token_s * (rec["prompt_tokens"] + 1) * factor
+    rounds = [[(int(s), bool(f)) for s, f in rnd] for rnd in rec["rounds"]]
+    latency = steps.latency(ttft / factor, rec["prompt_tokens"], rounds, forced_len) * factor
+    longest = max(s for rnd in rounds for s, _ in rnd)
+    return {**rec, "mode": "calibrated", "source_mode": rec.get("source_mode", rec.get("mode")), "latency_s": latency,
+            "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1)}
 
 
 def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, setting: dict, seconds: float) -> None:
