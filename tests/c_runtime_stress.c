@@ -82,11 +82,15 @@ static edgetts_runtime *open_rt(const char *config)
     return rt;
 }
 
+static volatile int call_done;
+
 static void *cancel_soon(void *arg)
 {
-    struct timespec ts = {0, 2000000};
-    nanosleep(&ts, NULL);
-    edgetts_cancel(arg);
+    struct timespec ts = {0, 1000000};
+    while (!call_done) { /* every millisecond until the call returns: one of them finds it running */
+        nanosleep(&ts, NULL);
+        edgetts_cancel(arg);
+    }
     return NULL;
 }
 
@@ -175,18 +179,33 @@ int main(int argc, char **argv)
     }
     free(long_q);
 
-    /* cancel from another thread: the call ends early or finishes first; both are fine */
-    for (int k = 0; k < 3; k++) {
+    /* a cancel from another thread stops the running call: fewer tokens than its rows and budget */
+    int stopped = 0;
+    for (int k = 0; k < 5 && !stopped; k++) {
         pthread_t t;
         edgetts_result r;
+        const edgetts_point_info *p = edgetts_point_at(last);
+        call_done = 0;
         pthread_create(&t, NULL, cancel_soon, rt);
         edgetts_status st = edgetts_run_point(rt, last, questions[k], 0, 0, EDGETTS_NO_DEADLINE, 1, &r);
+        call_done = 1;
         pthread_join(t, NULL);
         expect(st == EDGETTS_OK || st == EDGETTS_E_CANCELLED, "cancel", edgetts_last_error(rt));
+        stopped = st == EDGETTS_E_CANCELLED && r.generated_tokens < p->n * p->budget;
+        edgetts_result_free(&r);
+    }
+    expect(stopped, "a cancel stops a running call short of its budget", NULL);
+
+    /* a cancel that comes while no call runs (a watchdog firing after the answer) touches no later call */
+    for (int k = 0; k < 3; k++) {
+        edgetts_result r;
+        edgetts_cancel(rt);
+        edgetts_status st = edgetts_run_point(rt, last, questions[k], 0, 0, EDGETTS_NO_DEADLINE, 1, &r);
+        expect(st == EDGETTS_OK && r.rows_used >= 1, "a late cancel leaves the next call alone", edgetts_last_error(rt));
         edgetts_result_free(&r);
     }
 
-    /* a call that fails its checks clears a pending cancel too: the next call runs */
+    /* a call that fails its checks, after a cancel: the next call runs */
     for (int k = 0; k < 3; k++) {
         edgetts_result r;
         edgetts_cancel(rt);

@@ -219,7 +219,8 @@ def test_command_line_errors(built, config, tmp_path):
     bad.write_text(json.dumps(cfg))
     with pytest.raises(BuildError, match=r"frontier\[0\].*kv_unified"):
         build_c(bad, tmp_path / "o")
-    for args in (["--threads", "1e12"], ["--threads", "0"], ["--gpu-layers", "-2"], ["--gpu-layers", "2.5"]):
+    for args in (["--threads", "1e12"], ["--threads", "0"], ["--gpu-layers", "-2"], ["--gpu-layers", "2.5"],
+                 ["--n", "1e12"], ["--budget", "nan"], ["--n", "-3"]):  # fmt: skip
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("error: --"), (args, proc.stderr)
 

@@ -21,8 +21,9 @@
  * close); different runtimes may run in different threads at once.  edgetts_cancel() may be
  * called from any thread while another thread runs answer or run_point on the same runtime:
  * every row stops at the next decode step and the call returns EDGETTS_CANCELLED with the rows
- * so far (a cancel that comes while no call runs stops the next call; every call clears it on
- * return).  The frontier functions (edgetts_n_points, edgetts_point_at, edgetts_config_digest)
+ * so far.  A cancel belongs to the call running when it comes: one that comes while no call runs,
+ * or after the call it was meant for returned, does nothing (a watchdog that cancels after 50 ms
+ * never stops a later call).  The frontier functions (edgetts_n_points, edgetts_point_at, edgetts_config_digest)
  * and edgetts_status_name are thread-safe.
  *
  * Results: call edgetts_result_free after every edgetts_answer or edgetts_run_point, whatever
@@ -152,7 +153,7 @@ int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double 
 void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms);
 double edgetts_policy_slowdown(const edgetts_runtime *rt);
 
-/* Thread-safe: stops the call running on `rt` at its next step (the next call, if none runs). */
+/* Thread-safe: stops the call running on `rt` at its next step; nothing when no call runs. */
 void edgetts_cancel(edgetts_runtime *rt);
 
 const char *edgetts_last_error(const edgetts_runtime *rt);

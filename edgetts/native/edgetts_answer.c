@@ -177,10 +177,13 @@ int main(int argc, char **argv)
                 return 2;
             }
             opts.gpu_layers = (int)v;
-        } else if (strcmp(a, "--n") == 0) {
-            n = (int)v;
-        } else if (strcmp(a, "--budget") == 0) {
-            budget = (int)v;
+        } else if (strcmp(a, "--n") == 0 || strcmp(a, "--budget") == 0) {
+            /* range-checked before the cast: a double beyond int is undefined behaviour in C */
+            if (!(v >= 1 && v <= 1000000) || v != (int)v) {
+                fprintf(stderr, "error: %s must be a whole number from 1 to 1000000, got %s\n", a, val);
+                return 2;
+            }
+            *(strcmp(a, "--n") == 0 ? &n : &budget) = (int)v;
         } else {
             fprintf(stderr, "error: unknown option %s (or bad value %s)\n", a, val);
             return 2;

@@ -92,7 +92,8 @@ typedef struct ett_run {
     int n, budget;
     double deadline_ms; /* <= 0: none */
     unsigned seed;
-    volatile int *cancel;
+    volatile int *cancel; /* holds the id of the call edgetts_cancel stopped */
+    int call;             /* this call's id (never 0) */
 } ett_run;
 
 edgetts_status ett_run_strategy(const ett_run *run, const char *question, edgetts_result *res, char *err,

@@ -30,7 +30,9 @@ struct edgetts_runtime {
     double slowdown;
     double runs[ETT_RUNS]; /* the last runs' latency over their point's median, oldest first */
     int n_runs;
-    volatile int cancel;
+    volatile int cancel;  /* the id of the call a cancel stopped (0: none) */
+    volatile int running; /* the id of the call running now (0: none) */
+    int calls;            /* ids handed out so far */
     char err[1024];
     char notes[1024];
 };
@@ -127,13 +129,27 @@ const char *edgetts_last_error(const edgetts_runtime *rt)
     return rt != NULL ? rt->err : "no runtime";
 }
 
-static void clear_cancel(edgetts_runtime *rt)
+static void store(volatile int *where, int value)
 {
 #if defined(__GNUC__) || defined(__clang__)
-    __atomic_store_n(&rt->cancel, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(where, value, __ATOMIC_RELEASE);
 #else
-    rt->cancel = 0;
+    *where = value;
 #endif
+}
+
+static int load(volatile int *where)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __atomic_load_n(where, __ATOMIC_ACQUIRE);
+#else
+    return *where;
+#endif
+}
+
+static void clear_cancel(edgetts_runtime *rt)
+{
+    store(&rt->cancel, 0);
 }
 
 /* A call that fails its checks: the message, and a pending cancel cleared as on every return. */
@@ -277,12 +293,14 @@ void edgetts_close(edgetts_runtime *rt)
 
 void edgetts_cancel(edgetts_runtime *rt)
 {
+    /* Cancellation belongs to a call: the id of the one running now, none when no call runs.  A
+     * cancel that loses a race with the call's return names a finished call: the next call has
+     * another id and is not touched. */
     if (rt != NULL) {
-#if defined(__GNUC__) || defined(__clang__)
-        __atomic_store_n(&rt->cancel, 1, __ATOMIC_RELEASE);
-#else
-        rt->cancel = 1;
-#endif
+        int call = load(&rt->running);
+        if (call != 0) {
+            store(&rt->cancel, call);
+        }
     }
 }
 
@@ -376,14 +394,17 @@ static edgetts_status run(edgetts_runtime *rt, int index, const char *question, 
     if (blank) {
         return fail(rt, EDGETTS_E_ARGUMENT, "the question is empty");
     }
+    rt->calls = rt->calls < 0x3fffffff ? rt->calls + 1 : 1;
     ett_run r = {&rt->engines[rt->engine_of[index]], p, p->info.strategy, n, budget,
-                 deadline_ms >= EDGETTS_NO_DEADLINE ? -1.0 : deadline_ms, seed, &rt->cancel};
+                 deadline_ms >= EDGETTS_NO_DEADLINE ? -1.0 : deadline_ms, seed, &rt->cancel, rt->calls};
+    store(&rt->running, rt->calls);
     res->point_index = index;
     res->point_id = p->info.id;
     res->strategy = p->info.strategy;
     res->n = n;
     res->budget = budget;
     edgetts_status st = ett_run_strategy(&r, question, res, rt->err, sizeof rt->err);
+    store(&rt->running, 0);
     clear_cancel(rt);
     if (st != EDGETTS_OK && st != EDGETTS_E_CANCELLED) {
         edgetts_result_free(res);

@@ -44,7 +44,8 @@ typedef struct budget_ctl {
     int has_last;
     int *answer_start, *think_count, *forced_answer; /* per row; answer_start -1: still thinking */
     int first_finish, winner;
-    volatile int *cancel;
+    volatile int *cancel; /* the id of the call a cancel is for (ett_run.call: this call's) */
+    int call;
 } budget_ctl;
 
 static void stop_all(ett_ctl *ctl, const char *reason)
@@ -65,9 +66,9 @@ static void force_answer(budget_ctl *b, ett_ctl *ctl, int i)
 static int cancelled(const budget_ctl *b)
 {
 #if defined(__GNUC__) || defined(__clang__)
-    return b->cancel != NULL && __atomic_load_n(b->cancel, __ATOMIC_ACQUIRE);
+    return b->cancel != NULL && __atomic_load_n(b->cancel, __ATOMIC_ACQUIRE) == b->call;
 #else
-    return b->cancel != NULL && *b->cancel;
+    return b->cancel != NULL && *b->cancel == b->call;
 #endif
 }
 
@@ -384,6 +385,7 @@ static edgetts_status budget_init(const ett_run *run, const char *prompt, int fi
     b->first_finish = first_finish;
     b->winner = -1;
     b->cancel = run->cancel;
+    b->call = run->call;
     snprintf(b->forced, sizeof b->forced, "%s%s", pt->think_end, pt->answer_prefix);
     b->n_end = pt->think_end[0] ? ett_tokenize(run->engine, pt->think_end, 0, &ids) : 0;
     if (b->n_end > 0 && b->n_end <= 16) {

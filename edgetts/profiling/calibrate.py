@@ -89,7 +89,8 @@ def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
     from edgetts.quantization.manifest import digest
 
     if spec.url:
-        return spec.artifact
+        raise ProfileError(f"{label} was measured through a server ({spec.url}): there is no local artifact to time "
+                           "here; calibrate a profile of the model file instead")  # fmt: skip
     want = models.get(label, {}).get("sha256")
     if not want:
         raise ProfileError(f"the source profile does not record the sha256 of {label} (models.json); profile it "
