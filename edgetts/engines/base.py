@@ -34,6 +34,12 @@ class EngineError(ValueError):
     """A user-facing engine problem (bad model file, context too small, bad option)."""
 
 
+class EngineFailure(EngineError):
+    """The engine could not do work it should have done (a failed decode, a closed engine, a batch
+    thread that is gone): the server's fault, not the request's; a server answers 503 and a client
+    may retry."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How each row samples; the defaults are plain sampling at temperature 1.

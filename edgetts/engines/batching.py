@@ -33,14 +33,16 @@ strategies run on it unchanged.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from edgetts.engines.base import Controller, Engine, EngineError, SampleResult, SamplingParams
+from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
 
@@ -100,6 +102,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.closed = False
         self.cost = StepCost()  # seconds of a round against the tokens decoded in it
+        self.dead: BaseException | None = None  # what stopped the batch thread, if anything did
         self._fit = (0.0, 0.0)
         self._calibrate()
         self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
@@ -131,7 +134,9 @@ class Scheduler:
         entry = _Entry(job, cells, Future(), (due() if due else None) or math.inf, getattr(controller, "expired", None))
         with self.cond:
             if self.closed:
-                raise EngineError("the engine is closed")
+                raise EngineFailure("the engine is closed")
+            if not self.thread.is_alive():
+                raise EngineFailure(f"the batch thread is gone ({self.dead!r})")
             self.queue.append(entry)
             self.cond.notify()
         return entry.future
@@ -159,13 +164,25 @@ class Scheduler:
 
     # -- the thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a fault outside any job's code: nothing may wait on this thread
+            self.dead = e
+            with self.cond:
+                for entry in list(self.queue) + self.running:
+                    self._fail(entry, EngineFailure(f"the batch thread stopped: {e!r}"))
+                self.queue.clear()
+                self.running = []
+            sys.stderr.write(f"edgetts: the batch thread stopped ({e!r}); requests to this engine get 503\n")
+
+    def _serve(self) -> None:
         while True:
             with self.cond:
                 while not self.closed and not self.queue and not self.running:
                     self.cond.wait()
                 if self.closed:
                     for entry in list(self.queue) + self.running:
-                        self._fail(entry, EngineError("the engine closed"))
+                        self._fail(entry, EngineFailure("the engine closed"))
                     self.queue.clear()
                     self.running = []
                     return
@@ -184,7 +201,12 @@ class Scheduler:
         rows = sum(x.job.n for x in self.running)  # a round's tokens: about one a row
         for entry in list(self.queue):
             # a queued job needs the rounds that state an answer still ahead of its deadline
-            reason = entry.expired and entry.expired(ANSWER_ROUNDS * self.step_cost(rows + entry.job.n))
+            try:
+                reason = entry.expired and entry.expired(ANSWER_ROUNDS * self.step_cost(rows + entry.job.n))
+            except Exception as e:  # its controller's fault: that job ends, the others go on
+                self.queue.remove(entry)
+                self._fail(entry, e)
+                continue
             if reason:
                 self.queue.remove(entry)
                 entry.job.stop_live(reason)  # never started: no cells, no samplers
@@ -249,7 +271,7 @@ class Scheduler:
                 if entry.job.live:
                     self._finish(entry)
                 else:
-                    self._fail(entry, EngineError("llama_decode failed on the prompt (the cache is full)"))
+                    self._fail(entry, EngineFailure("llama_decode failed on the prompt (the cache is full)"))
             return
         for job, idx in prefills:
             job.prefilled(idx)
@@ -324,7 +346,17 @@ class BatchedEngine(Engine):
         self.scheduler = Scheduler(engine, prefill_chunk)
 
     def sample(self, prompt, n, params, controller=None, seeds=None) -> SampleResult:
-        return self.scheduler.submit(prompt, n, params, controller, seeds).result()
+        future = self.scheduler.submit(prompt, n, params, controller, seeds)
+        while True:  # never wait on a thread that is gone
+            try:
+                return future.result(timeout=1.0)
+            except FutureTimeout:
+                if not self.scheduler.thread.is_alive() and not future.done():
+                    raise EngineFailure(f"the batch thread is gone ({self.scheduler.dead!r})") from None
+
+    def healthy(self) -> str | None:
+        """None while the batch thread runs, else why it is gone."""
+        return None if self.scheduler.thread.is_alive() else f"batch thread gone: {self.scheduler.dead!r}"
 
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgetts.engines.base import Controller, Engine, EngineError, SampleResult, SamplingParams
+from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.offload import llama_gpu_layers
 
@@ -382,7 +382,7 @@ class LlamaCppEngine(Engine):
         try:
             while not job.prompt_done:
                 if self._decode(job.prefill_entries(self.n_batch)) != 0:
-                    raise EngineError(f"llama_decode failed on the prompt ({len(job.ptoks)} tokens)")
+                    raise EngineFailure(f"llama_decode failed on the prompt ({len(job.ptoks)} tokens)")
             job.prefilled()
             while True:
                 job.step()

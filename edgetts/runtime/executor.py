@@ -276,6 +276,14 @@ class Executor:
         total_ms = 1000 * (now - started)
         return Outcome(trace, total_ms, total_ms <= req.deadline_ms)
 
+    def unhealthy(self) -> str | None:
+        """Why an engine cannot answer (its batch thread is gone), or None while every one can."""
+        for engine, _ in self.engines.values():
+            why = getattr(engine, "healthy", lambda: None)()
+            if why:
+                return why
+        return None
+
     def close(self) -> None:
         for e, _ in self.engines.values():
             e.close()

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from edgetts.engines.spec import serving_threads
 from edgetts.pareto.config import point_spec
@@ -50,10 +51,13 @@ class Guard:
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 failure = APIError(401, "invalid or missing API key", code="invalid_api_key",
-                                   kind="authentication_error")  # fmt: skip
+                                   kind="authentication_error", headers=CLOSE)  # fmt: skip
         length = headers.get(b"content-length")
         if failure is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
-            failure = APIError(413, f"request body larger than {self.max_body} bytes", code="too_large")
+            failure = APIError(413, f"request body larger than {self.max_body} bytes", code="too_large",
+                               headers=CLOSE)  # fmt: skip
+        # Refused before its body was read: the connection closes after the answer (Connection: close),
+        # or a client that goes on sending would hold it open with no timer left to close it.
         if failure is not None:
             return await self.reject(failure)(scope, receive, send)
         received, done = 0, False
@@ -106,7 +110,11 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
     app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, reject=error, read_timeout_s=read_timeout_s)
 
     async def read_json(request: Request):
-        raw = await request.body()  # Guard enforces the size limit and the read timeout while it arrives
+        try:
+            raw = await request.body()  # Guard enforces the size limit and the read timeout while it arrives
+        except ClientDisconnect:  # gone in the middle of its body: nobody to answer
+            server.metrics.request("cancelled")
+            raise APIError(499, "client disconnected", code="cancelled") from None
         try:
             return json.loads(raw)
         except (ValueError, RecursionError, UnicodeDecodeError):  # bad JSON, 4,300+ digit integers, deep nesting
@@ -153,8 +161,12 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "frontier_points": len(server.policy.frontier), "queue": len(server.pending),
+        body = {"status": "ok", "frontier_points": len(server.policy.frontier), "queue": len(server.pending),
                 "slowdown": round(server.policy.slowdown, 4)}  # fmt: skip
+        sick = server.executor.unhealthy()
+        if sick:
+            return JSONResponse({**body, "status": "unhealthy", "reason": sick}, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def metrics():

@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from edgetts.engines import EngineError
+from edgetts.engines.base import EngineFailure
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
 from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, Late, Plan, Request
@@ -225,6 +226,10 @@ class Server:
         """Answer one request; ``arrived`` is when its headers were in (deadlines count from there)."""
         started = arrived if arrived is not None else time.perf_counter()
         req, opts = parse(body, chat, self.default_deadline_ms)
+        sick = self.executor.unhealthy()
+        if sick:  # nothing would answer it: say so at once rather than after its deadline
+            raise APIError(503, f"the server cannot answer: {sick}", code="engine_unavailable", kind="server_error",
+                           headers={"Retry-After": "5"})  # fmt: skip
         rid = uuid.uuid4().hex[:24]
         try:
             plan = self.admit(rid, req, started)
@@ -251,12 +256,15 @@ class Server:
                     raise APIError(499, "client disconnected", code="cancelled") from None
                 raise APIError(429, f"deadline_ms={req.deadline_ms:g} cannot be met: {e}", code="deadline_unmeetable",
                                kind="rate_limit_error", headers={"Retry-After": "1"}) from None  # fmt: skip
+            except EngineFailure as e:  # the engine's fault, not the request's: a client may try again
+                raise APIError(503, f"the engine failed: {e}", code="engine_unavailable", kind="server_error",
+                               headers={"Retry-After": "1"}) from None  # fmt: skip
             except (EngineError, StrategyError) as e:  # the engine refused this request (too long for its context)
                 raise APIError(400, str(e)) from None
         finally:
             self.release(rid)
-        if req.cancel.is_set():
-            self.metrics.request("cancelled", result.total_ms / 1000)
+        if req.cancel.is_set():  # its tokens were decoded all the same: they count
+            self.metrics.request("cancelled", result.total_ms / 1000, tokens=result.trace.generated_tokens)
             raise APIError(499, "client disconnected", code="cancelled")
         trace = result.trace
         if plan.as_profiled and plan.alone and self.admitted == plan.order + 1:
@@ -266,14 +274,16 @@ class Server:
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
+        # An answer cut off before any row stated one is no answer: it never counts as on time.
+        met = result.deadline_met and trace.answer is not None
         self.metrics.request("ok", result.total_ms / 1000, plan.point["id"], trace.generated_tokens,
-                             missed=not result.deadline_met)  # fmt: skip
+                             missed=not met)  # fmt: skip
         info = {
             "point_id": plan.point["id"], "point_index": plan.choice.index, "engine": plan.point["engine"],
             "strategy": plan.strategy, "n": plan.n, "budget": plan.budget,
             "answer": trace.answer, "votes": trace.votes, "rows_used": trace.rows_used, "early_stop": trace.early_stop,
             "latency_ms": round(result.total_ms, 3), "deadline_ms": req.deadline_ms,
-            "deadline_met": result.deadline_met, "generated_tokens": trace.generated_tokens,
+            "deadline_met": met, "generated_tokens": trace.generated_tokens,
             "predicted_ms": round(plan.predicted_ms, 3),
         }  # fmt: skip
         if trace.answer is None:

@@ -1,0 +1,177 @@
+"""Failures contained: faults injected into the shared batch's thread, engine failures as 503, a
+thread that is gone seen at once, and the server's own answers to what a client leaves behind."""
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgetts.engines import SamplingParams, open_engine
+from edgetts.engines.base import EngineFailure
+from edgetts.engines.batching import BatchedEngine
+from edgetts.strategies import RunConfig, create
+from edgetts.strategies.base import BudgetController
+
+Q = "Evaluate left to right: 8*4-3"
+
+
+@pytest.fixture
+def batched():
+    inner, family = open_engine({"artifact": "tiny", "options": {"threads": 1, "kv_unified": False}}, max_rows=8,
+                                max_tokens=160)  # fmt: skip
+    engine = BatchedEngine(inner)
+    yield engine, family
+    engine.close()
+
+
+def _run(engine, family, n=2):
+    return create("majority", engine, family, RunConfig(n=n, budget=32, sampling=SamplingParams(seed=1))).run(Q)
+
+
+class RaisingExpiry(BudgetController):
+    def expired(self, need_s: float = 0.0):
+        raise RuntimeError("injected: admission fault")
+
+
+class RaisingStep(BudgetController):
+    def on_step(self, ctl, stepped):
+        raise RuntimeError("injected: round fault")
+
+
+def _submit_with(engine, family, controller):
+    prompt = "Q: " + Q
+    return engine.scheduler.submit(prompt, 2, SamplingParams(max_tokens=16, seed=1), controller)
+
+
+@pytest.mark.parametrize("fault", [RaisingExpiry, RaisingStep])
+def test_a_fault_in_the_batch_thread_fails_only_its_job(batched, fault):
+    engine, family = batched
+    ctl = fault(engine, family, RunConfig(n=2, budget=16), time.perf_counter(), None)
+    future = _submit_with(engine, family, ctl)
+    with pytest.raises(RuntimeError, match="injected"):
+        future.result(timeout=30)
+    assert engine.scheduler.thread.is_alive() and engine.healthy() is None  # the thread lives on
+    assert _run(engine, family).answer == "29"  # and the next request is answered
+
+
+def test_a_thread_that_is_gone_fails_waiters_at_once(batched, monkeypatch):
+    engine, family = batched
+    sched = engine.scheduler
+
+    def broken_round():
+        raise SystemExit("injected: the thread itself stops")  # not an Exception: nothing inside catches it
+
+    monkeypatch.setattr(sched, "_round", broken_round)
+    started = time.perf_counter()
+    with pytest.raises(EngineFailure, match="batch thread stopped"):
+        _run(engine, family)
+    assert time.perf_counter() - started < 10
+    sched.thread.join(5)
+    assert not sched.thread.is_alive() and "batch thread gone" in engine.healthy()
+    with pytest.raises(EngineFailure, match="batch thread is gone"):
+        _run(engine, family)  # refused at once, never queued behind a dead thread
+
+
+@pytest.fixture
+def app_and_server(direct_profile, tmp_path):
+    from edgetts.runtime.http import create_app
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    app = create_app(str(d / "pareto.json"), api_key="k", threads=1)
+    yield app, app.state.server
+    app.state.server.executor.close()
+
+
+def _post(app, body, headers=None):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k", **(headers or {})})
+
+    return asyncio.run(go())
+
+
+def test_an_answer_cut_before_any_row_answered_is_never_on_time(app_and_server, monkeypatch):
+    from edgetts.runtime.executor import Outcome
+
+    app, server = app_and_server
+    real = server.executor.run
+
+    def cut(req, plan, started):  # the run ends on time but with no row having stated an answer
+        out = real(req, plan, started)
+        out.trace.answer = None
+        return Outcome(out.trace, out.total_ms, True)
+
+    monkeypatch.setattr(server.executor, "run", cut)
+    r = _post(app, {"prompt": Q, "deadline_ms": 60000})
+    info = r.json()["edgetts"]
+    assert r.status_code == 200 and info["deadline_met"] is False and info["error"]
+    assert "edgetts_deadline_misses_total 1" in server.metrics.render()
+
+
+def test_engine_failures_are_503_with_retry_after_and_healthz_says_so(app_and_server, monkeypatch):
+    app, server = app_and_server
+
+    def failing(req, plan, started):
+        raise EngineFailure("llama_decode failed on the prompt (the cache is full)")
+
+    monkeypatch.setattr(server.executor, "run", failing)
+    r = _post(app, {"prompt": Q, "deadline_ms": 60000})
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "engine_unavailable"
+    monkeypatch.setattr(server.executor, "unhealthy", lambda: "batch thread gone: RuntimeError()")
+
+    async def health():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/healthz")
+
+    h = asyncio.run(health())
+    assert h.status_code == 503 and h.json()["status"] == "unhealthy"
+    r = _post(app, {"prompt": Q, "deadline_ms": 60000})
+    assert r.status_code == 503 and "batch thread gone" in r.json()["error"]["message"]
+
+
+def test_refused_connections_are_closed_and_a_mid_body_disconnect_is_quiet(direct_profile, tmp_path):
+    from test_server import _start, _stop
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    proc, url = _start(d / "pareto.json", "--api-key", "k", "--read-timeout", "2")
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        socks = []
+        for _ in range(50):  # no key, a body announced: 401, and then a byte more
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            socks.append(s)
+        for s in socks:
+            s.settimeout(10)
+            head = s.recv(4096)
+            assert head.startswith(b"HTTP/1.1 401") and b"connection: close" in head.lower()
+            with contextlib.suppress(OSError):  # the server may have closed it already
+                s.sendall(b"x")
+        for s in socks:  # every one closed by the server (end of stream, or a reset for the unread bytes)
+            with contextlib.suppress(ConnectionResetError):
+                while s.recv(4096):
+                    pass
+            s.close()
+        # a client that leaves in the middle of its body: no traceback, counted as cancelled
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 1000\r\n"
+                  b"Content-Type: application/json\r\n\r\n{\"prompt\": ")  # fmt: skip
+        time.sleep(0.3)
+        s.close()
+        time.sleep(0.5)
+        assert httpx.get(url + "/healthz").json()["status"] == "ok"
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
+        assert 'outcome="cancelled"} 1' in metrics
+    finally:
+        _stop(proc)
+    logs = sorted(Path(tempfile.gettempdir()).glob("edgetts-serve-*/stderr.log"), key=lambda p: p.stat().st_mtime)
+    assert logs and "Traceback" not in logs[-1].read_text(errors="replace")
