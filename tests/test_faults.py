@@ -175,3 +175,26 @@ def test_refused_connections_are_closed_and_a_mid_body_disconnect_is_quiet(direc
         _stop(proc)
     logs = sorted(Path(tempfile.gettempdir()).glob("edgetts-serve-*/stderr.log"), key=lambda p: p.stat().st_mtime)
     assert logs and "Traceback" not in logs[-1].read_text(errors="replace")
+
+
+def test_device_speed_follows_the_rounds_and_fades_with_time(monkeypatch):
+    from edgetts.engines import batching
+
+    clock = [100.0]
+    monkeypatch.setattr(batching.time, "perf_counter", lambda: clock[0])
+    speed = batching.DeviceSpeed()
+    fit = (0.001, 0.0001)  # a round of 10 tokens: 2 ms as serving began
+
+    def rounds(k, seconds, dt=0.002):
+        for _ in range(k):
+            clock[0] += dt
+            speed.add(10, seconds, fit)
+
+    rounds(speed.WARM, 0.002)
+    assert speed.slowdown() == 1.0  # the reference: the device as the server found it
+    rounds(2000, 0.003)  # 4 s of rounds 1.5 times slower (other work took a core)
+    assert 1.45 < speed.slowdown() < 1.55
+    clock[0] += 30  # nothing measured for 30 s: the slowdown fades with time, not with refusals
+    assert speed.slowdown() < 1.01
+    rounds(2000, 0.002)
+    assert speed.slowdown() < 1.05

@@ -132,6 +132,10 @@ class Control:
         self.retract: set[int] = set()
         self.probes: list[tuple[int, str, int, object, int]] = []
         self.all_stopped = False
+        # Seconds from the prompt's first decoded chunk to its last (None where the engine cannot
+        # tell): what a controller divides by the prompt's tokens for the cost of one, without the
+        # time the call waited in a shared batch's queue before its prefill began.
+        self.prefill_s: float | None = None
 
     def live(self) -> list[Row]:
         return [r for r in self.rows if not r.finished]

@@ -91,6 +91,42 @@ class StepCost:
         return a, b
 
 
+class DeviceSpeed:
+    """How much slower the device runs rounds now than it did when serving began (1: as fast).
+
+    Every round's seconds are compared with what a reference fit predicts for its tokens: the
+    online fit frozen after the first ``WARM`` rounds served (the device as the server found it,
+    which is how it was profiled).  The ratio is smoothed over time (time constant ``TAU_S``), so
+    a device that throttles, or that other work starts to share, is followed within a second or
+    two of rounds; with no rounds it fades back toward 1 (``IDLE_S``): a slowdown that nothing
+    measures any more is forgotten with time, never with refusals.
+    """
+
+    WARM, TAU_S, IDLE_S = 200, 1.0, 5.0
+
+    def __init__(self):
+        self.rounds, self.reference, self.value, self.last = 0, None, 1.0, time.perf_counter()
+
+    def add(self, tokens: int, seconds: float, fit: tuple[float, float]) -> None:
+        now = time.perf_counter()
+        self.rounds += 1
+        if self.reference is None:
+            if self.rounds >= self.WARM:
+                self.reference = fit
+            self.last = now
+            return
+        a, b = self.reference
+        expected = a + b * tokens
+        if expected > 0:
+            ratio = min(seconds / expected, 20.0)  # one round stalled by a page fault must not dominate
+            self.value += (ratio - self.value) * (1.0 - math.exp(-(now - self.last) / self.TAU_S))
+        self.last = now
+
+    def slowdown(self) -> float:
+        idle = time.perf_counter() - self.last
+        return 1.0 + max(0.0, self.value - 1.0) * math.exp(-max(0.0, idle - self.TAU_S) / self.IDLE_S)
+
+
 class Scheduler:
     def __init__(self, engine, prefill_chunk: int = 64):
         self.engine = engine
@@ -103,6 +139,7 @@ class Scheduler:
         self.closed = False
         self.cost = StepCost()  # seconds of a round against the tokens decoded in it
         self.dead: BaseException | None = None  # what stopped the batch thread, if anything did
+        self.speed = DeviceSpeed()
         self._fit = (0.0, 0.0)
         self._calibrate()
         self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
@@ -116,7 +153,7 @@ class Scheduler:
             for width in (1, e.max_rows):
                 t = time.perf_counter()
                 e._decode([(bos, 0, s, True) for s in range(width)])
-                self._record(width, time.perf_counter() - t)
+                self._record(width, time.perf_counter() - t, served=False)
                 e.lc.llama_memory_clear(e.mem, True)
 
     # -- the callers' side -----------------------------------------------------------------
@@ -307,9 +344,15 @@ class Scheduler:
             pace = min(pace, own)
         return chosen
 
-    def _record(self, tokens: int, seconds: float) -> None:
+    def _record(self, tokens: int, seconds: float, served: bool = True) -> None:
         self.cost.add(tokens, seconds)
         self._fit = self.cost.fit()  # every round: a few float operations, and the machine's load drifts
+        if served:
+            self.speed.add(tokens, seconds, self._fit)
+
+    def slowdown(self) -> float:
+        """The device's speed now against when serving began (:class:`DeviceSpeed`); at least 1."""
+        return self.speed.slowdown()
 
     def _release(self, entry: _Entry) -> None:
         if entry in self.running:

@@ -55,6 +55,7 @@ class Job:
         self.out_idx = [-1] * n  # batch output slot holding each row's next-token logits
         self.limit = [params.max_tokens] * n  # sampled-token budget per row (forcing may extend it)
         self.fed = 0  # prompt tokens handed out for prefill
+        self.prefill_began = self.t0
         self.ttft: float | None = None
         self.steps = 0
         self.live = False  # prefilled, rows sampling
@@ -68,6 +69,8 @@ class Job:
     def prefill_entries(self, room: int) -> list[tuple[int, int, int, bool]]:
         """The next chunk of at most ``room`` prompt tokens (logits only for the prompt's last)."""
         chunk = self.ptoks[self.fed : self.fed + room]
+        if self.fed == 0:
+            self.prefill_began = time.perf_counter()
         start, self.fed = self.fed, self.fed + len(chunk)
         last = self.fed == len(self.ptoks)
         return [(t, start + j, self.seqs[0], last and j == len(chunk) - 1) for j, t in enumerate(chunk)]
@@ -83,6 +86,7 @@ class Job:
         self.samplers = [self.engine._sampler(self.params, r.seed) for r in self.rows]
         self.out_idx = [logits_idx] * self.n
         self.live = True
+        self.ctl.prefill_s = time.perf_counter() - self.prefill_began
 
     # -- one round ------------------------------------------------------------------------
     def step(self) -> None:

@@ -206,8 +206,8 @@ class Executor:
         """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request
         due at ``due``: on a batched engine only rows due earlier slow it (the scheduler gives a
         round's pace to the earliest deadlines), and beyond the engine's rows requests wait their turn."""
-        solo = self.policy.predicted_ms(point)
         engine, busy = self._beside(point, busy)
+        solo = self.policy.predicted_ms(point) * self.slowdown(engine)
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is not None:
             n = point["n"]
@@ -216,7 +216,7 @@ class Executor:
             a, b = _step_fit(scheduler)
             return solo * waves * (a + b * min(ahead + n, self.rows)) / (a + b * n)
         if isinstance(engine, SerialEngine):  # the queue ahead: each runs alone, one after another
-            return solo + sum(p.solo_ms for p in busy)
+            return solo + sum(p.solo_ms for p in busy) * self.slowdown(engine)
         return solo
 
     def feasible(self, point: dict, busy: list[Plan], due: float, now: float) -> bool:
@@ -233,9 +233,10 @@ class Executor:
         if scheduler is None:
             return True
         a, b = _step_fit(scheduler)
+        slow = scheduler.slowdown()  # every request's work, at the device's speed now
 
         def work(solo_ms: float, n: int) -> float:
-            return solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
+            return slow * solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
 
         mine = work(self.policy.predicted_ms(point), point["n"])
         # An admitted request counts whole until it ends: under earliest-deadline-first rounds its
@@ -275,6 +276,17 @@ class Executor:
             raise Late(1000 * (now - started))  # dropped while queued: nothing was computed
         total_ms = 1000 * (now - started)
         return Outcome(trace, total_ms, total_ms <= req.deadline_ms)
+
+    @staticmethod
+    def slowdown(engine) -> float:
+        """The device's slowdown as a batched engine measures it every round (1 elsewhere: a serial
+        engine's runs recalibrate the policy instead)."""
+        scheduler = getattr(engine, "scheduler", None)
+        return scheduler.slowdown() if scheduler is not None else 1.0
+
+    def measures_speed(self, point: dict) -> bool:
+        """Whether the engine of ``point`` follows the device's speed itself (a shared batch does)."""
+        return getattr(self.engine(point)[0], "scheduler", None) is not None
 
     def unhealthy(self) -> str | None:
         """Why an engine cannot answer (its batch thread is gone), or None while every one can."""

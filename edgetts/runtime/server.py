@@ -267,9 +267,11 @@ class Server:
             self.metrics.request("cancelled", result.total_ms / 1000, tokens=result.trace.generated_tokens)
             raise APIError(499, "client disconnected", code="cancelled")
         trace = result.trace
-        if plan.as_profiled and plan.alone and self.admitted == plan.order + 1:
+        if plan.as_profiled and plan.alone and self.admitted == plan.order + 1 and not \
+                self.executor.measures_speed(plan.point):
             # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
-            # model's error would pass for the device's speed.
+            # model's error would pass for the device's speed.  A shared batch measures the device's
+            # speed every round instead (Executor.slowdown), for every request.
             self.policy.observe(plan.point["id"], 1000 * trace.wall_s)
         text = trace.answer or ""
         for s in opts["stop"]:

@@ -180,8 +180,9 @@ class BudgetController:
         if self.last_step is not None:
             dt = now - self.last_step
             self.step_s = dt if self.step_s == 0 else 0.7 * self.step_s + 0.3 * dt
-        else:
-            self.token_s = now / self.prompt_tokens  # the first call follows the prefill
+        else:  # the first call follows the prefill: its cost a token (without any wait in a queue before it)
+            prefill = ctl.prefill_s if getattr(ctl, "prefill_s", None) is not None else now
+            self.token_s = prefill / self.prompt_tokens
         self.last_step = now
         for i in stepped:
             r = ctl.rows[i]
