@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgetts.pareto.config import build_config  # noqa: E402
-from edgetts.runtime import Policy  # noqa: E402
+from edgetts.pareto.config import build_config
+from edgetts.runtime import Policy
 
 CGROUP = Path("/sys/fs/cgroup/cpu/edgetts-bench")
 
@@ -110,7 +110,8 @@ def main() -> None:
     src = root / "source"
     print(f"source: {cli('profile', '--threads', '1', '--out', str(src), *grid):.1f} s", file=sys.stderr)
     results = {}
-    for name, setting, threads, how in (("threads=2", "threads=2", "2", None), (f"slow ({slow})", "threads=1", "1", slow)):
+    targets = (("threads=2", "threads=2", "2", None), (f"slow ({slow})", "threads=1", "1", slow))
+    for name, setting, threads, how in targets:
         tag = name.split()[0]
         beside = hog() if how == "hog" else None
         try:
