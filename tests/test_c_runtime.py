@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -337,3 +338,15 @@ def test_build_c_never_overwrites_a_users_files(built, config, tmp_path):
     res = runner.invoke(app, ["build-c", str(config), "--out", str(built)])
     assert res.exit_code == 0, res.output
     assert (built / "obj" / "keep.o").read_text() == "mine"
+
+
+def test_the_constants_c_shares_with_python_come_from_python(built):
+    from edgetts.engines.spec import FORCED_SLACK, PROMPT_RESERVE
+    from edgetts.strategies.base import ANSWER_SAFETY, ANSWER_STEPS
+
+    text = (built / "src" / "edgetts_constants.h").read_text()
+    values = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define ETT_"))
+    assert values == {"ETT_ANSWER_TOKENS": str(RunConfig().answer_tokens), "ETT_ANSWER_STEPS": str(ANSWER_STEPS),
+                      "ETT_ANSWER_SAFETY": repr(float(ANSWER_SAFETY)), "ETT_PROMPT_RESERVE": str(PROMPT_RESERVE),
+                      "ETT_FORCED_SLACK": str(FORCED_SLACK), "ETT_RUNS": str(Policy.RUNS)}  # fmt: skip
+    assert "#define ETT_" not in (Path(__file__).parent.parent / "edgetts" / "native" / "internal.h").read_text()

@@ -118,10 +118,10 @@ def test_completion_deadline_picks_cheaper_points_and_experts_override(client, c
 def test_a_deadline_no_point_meets_is_the_callers_error(live, config):
     """Shorter than the fastest point needs on an idle server: 400 naming it, which clients do not retry
     (a 429 would send the official client back twice for a deadline that can never be met)."""
-    from edgetts.runtime.planning import MARGIN, OVERHEAD_MS
+    from edgetts.runtime.planning import MARGIN, deadline_for_ms
 
     fastest = json.loads(config.read_text())["frontier"][0]
-    need = fastest["latency_ms"] * MARGIN + OVERHEAD_MS
+    need = deadline_for_ms(fastest["latency_ms"] * MARGIN)
     calls = []
     client = openai.OpenAI(base_url=live + "/v1", api_key=KEY, max_retries=2,
                            http_client=httpx.Client(event_hooks={"request": [calls.append]}))  # fmt: skip

@@ -7,11 +7,10 @@
 #include "edgetts.h"
 #include "llama.h"
 
-#define ETT_ANSWER_TOKENS 32 /* room for the answer after the reasoning (RunConfig.answer_tokens) */
-#define ETT_ANSWER_STEPS 8   /* decode steps reserved for a forced answer (strategies/base.py) */
-#define ETT_PROMPT_RESERVE 512
-#define ETT_FORCED_SLACK 32
-#define ETT_RUNS 15 /* runs whose median is the policy's slowdown (edgetts.runtime.Policy.RUNS) */
+/* The constants the Python runtime and this one share (ETT_ANSWER_TOKENS, ETT_ANSWER_STEPS,
+ * ETT_ANSWER_SAFETY, ETT_PROMPT_RESERVE, ETT_FORCED_SLACK, ETT_RUNS), written by build-c from the
+ * Python values next to frontier.c (edgetts.export.build_c.constants_h): one source for both. */
+#include "edgetts_constants.h"
 
 /* A frontier point as build-c embeds it (frontier.c is generated). */
 typedef struct ett_point {

@@ -118,7 +118,7 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
         }
         double forced_decode = thinking * b->forced_len * b->token_s; /* token_s is set: a step came */
         int answer_steps = ETT_ANSWER_TOKENS < ETT_ANSWER_STEPS ? ETT_ANSWER_TOKENS : ETT_ANSWER_STEPS;
-        if (thinking && left < forced_decode + (answer_steps + 1) * b->step_s) {
+        if (thinking && left < forced_decode + (answer_steps + 1) * b->step_s * ETT_ANSWER_SAFETY) {
             if (left < forced_decode + b->step_s) { /* not even the forced text fits: stop on time */
                 stop_all(ctl, "deadline");
                 return;

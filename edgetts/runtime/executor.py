@@ -29,7 +29,7 @@ from edgetts.engines.memory import MemoryShortfall
 from edgetts.engines.spec import ContextPlan, engine_memory, settings_note
 from edgetts.models.families import Family
 from edgetts.pareto.config import point_spec, profiled_with
-from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, RESERVE_MS, RESERVE_SHARE, Late, Plan, Request, make_plan
+from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, Late, Plan, Request, make_plan, run_budget_ms
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
 from edgetts.telemetry.device import with_power_mode
@@ -265,9 +265,8 @@ class Executor:
         """Run ``plan`` for ``req`` (which arrived at ``started``); :class:`Late` if it was dropped unstarted."""
         left = req.deadline_ms - 1000 * (time.perf_counter() - started)
         engine, family = self.engine(plan.point)
-        reserve = RESERVE_MS + RESERVE_SHARE * max(left, 0.0)
         sampling = SamplingParams(temperature=req.temperature, seed=req.seed)
-        cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(left - reserve, 1.0), cancel=req.cancel,
+        cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(run_budget_ms(left), 1.0), cancel=req.cancel,
                         messages=req.messages, sampling=sampling,
                         expected_tokens=self.expected_tokens(plan))  # fmt: skip
         trace = create(plan.strategy, engine, family, cfg).run(req.question)

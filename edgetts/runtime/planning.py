@@ -28,6 +28,19 @@ OVERHEAD_MS = 2.0 + OUTSIDE_MS  # per request, outside the engine (HTTP parsing,
 RESERVE_MS, RESERVE_SHARE = 3.0 + OUTSIDE_MS, 0.1
 
 
+def run_budget_ms(left_ms: float) -> float:
+    """The time a request's strategy gets when ``left_ms`` of its deadline are left: what admission
+    weighs a point's predicted time (with ``MARGIN``) against, and the deadline the strategy then
+    runs under.  One function for both: admitting against more time than the strategy gets let
+    requests in whose rows were then cut before any answer."""
+    return left_ms - RESERVE_MS - RESERVE_SHARE * max(left_ms, 0.0)
+
+
+def deadline_for_ms(run_ms: float) -> float:
+    """The shortest deadline whose run budget is ``run_ms`` (the inverse of :func:`run_budget_ms`)."""
+    return (run_ms + RESERVE_MS) / (1.0 - RESERVE_SHARE)
+
+
 @dataclass
 class Request:
     question: str

@@ -97,17 +97,16 @@ class Policy:
         fallback = next((i for i, p in enumerate(self.frontier) if within_limits(p)), 0)
         return Selection(fallback, self.frontier[fallback], ms(fallback), True)
 
-    def check_deadline(self, deadline_ms: float, energy_j: float | None = None, margin: float = 1.0,
-                       overhead_ms: float = 0.0) -> None:  # fmt: skip
+    def check_deadline(self, deadline_ms: float, energy_j: float | None = None, require=None) -> None:
         """Refuse (:class:`DeadlineTooShort`) a deadline shorter than the fastest point needs on an idle
-        device: its profiled latency (``margin`` x it + ``overhead_ms`` where the caller predicts with
-        those, as the server does), whatever the slowdown.  One rule for ``run --config``, ``serve``
+        device: its profiled latency (``require(latency)`` where the caller adds what it adds, as the
+        server adds its margin and reserve), whatever the slowdown.  One rule for ``run --config``, ``serve``
         (400, not retried) and the C runtime (``EDGETTS_E_DEADLINE``); a deadline that only load or a
         throttled device prevents is not refused here."""
         limited = [p for p in self.frontier if not (energy_j is not None and energy_j > 0 and
                                                     (p.get("energy_j") is None or p["energy_j"] > energy_j))]
         fastest = min(limited or self.frontier, key=lambda p: p["latency_ms"])
-        need = fastest["latency_ms"] * margin + overhead_ms
+        need = require(fastest["latency_ms"]) if require else fastest["latency_ms"]
         if deadline_ms < need:
             raise DeadlineTooShort(f"deadline_ms={deadline_ms:g} is shorter than the fastest point needs on an idle "
                                    f"device ({fastest['id']}: {need:.0f} ms); give a deadline of at least that",

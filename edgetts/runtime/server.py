@@ -46,7 +46,7 @@ from edgetts.engines import EngineError
 from edgetts.engines.base import EngineFailure
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
-from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, Late, Plan, Request
+from edgetts.runtime.planning import MARGIN, Late, Plan, Request, deadline_for_ms, run_budget_ms
 from edgetts.runtime.policy import DeadlineTooShort, Policy
 from edgetts.strategies import STRATEGIES, StrategyError
 
@@ -179,7 +179,7 @@ class Server:
         left = 1000 * (due - now)  # reading the request took some of its deadline
         try:  # a deadline no point meets on an idle server is the caller's error: 400, never retried
             if not req.expert:  # experts get the point they ask for
-                self.policy.check_deadline(req.deadline_ms, margin=MARGIN, overhead_ms=OVERHEAD_MS)
+                self.policy.check_deadline(req.deadline_ms, require=lambda ms: deadline_for_ms(ms * MARGIN))
         except DeadlineTooShort as e:
             raise APIError(400, str(e), "deadline_ms", code="deadline_too_short") from None
         with self.lock:
@@ -191,20 +191,21 @@ class Server:
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
                 if not req.expert and not self.executor.feasible(point, busy, due, now):
                     return math.inf  # it would make the batch late: a cheaper point, or 429 (experts run)
-                return self.executor.predict_ms(point, busy, due) * MARGIN + OVERHEAD_MS
+                return self.executor.predict_ms(point, busy, due) * MARGIN
 
             # "refuse": the point the deadline alone gets, or nothing; "downgrade" (and experts, who get
             # what they ask for and count in the batch by their plan): the most accurate point that
             # fits beside the others, a cheaper one before a refusal.
             refuse = self.overload == "refuse" and not req.expert
-            plan = self.executor.plan(req, left, cost=None if refuse else cost)
+            budget = run_budget_ms(left)  # the time its strategy will get: the one the point must fit
+            plan = self.executor.plan(req, budget, cost=None if refuse else cost)
             if refuse:
                 plan = replace(plan, predicted_ms=cost(plan.point))
-            if not req.expert and (plan.choice.miss or plan.predicted_ms > left):
+            if not req.expert and (plan.choice.miss or plan.predicted_ms > budget):
                 self.policy.relax()  # a refusal measures nothing: let an old slowdown fade
                 need = plan.predicted_ms  # where it would have run: beside the others
                 if math.isfinite(need):
-                    retry = max(1, math.ceil((need - left) / 1000))
+                    retry = max(1, math.ceil((need - budget) / 1000))
                     why = f"the point it would get needs about {need:.0f} ms"
                 else:
                     retry, why = 1, "the batch has no room for it before then without making others late"

@@ -33,6 +33,9 @@ from edgetts.strategies.pooling import Estimate
 from edgetts.tasks.grading import extract_answer
 
 ANSWER_STEPS = 8  # decode steps reserved for a forced answer ("\boxed{42}", "The answer is 383")
+# Steps get slower when other requests join a shared batch, and the step estimate lags them: the
+# answer is forced while this many times the reserved steps still fit, so that it is stated in time.
+ANSWER_SAFETY = 1.5
 
 
 class StrategyError(ValueError):
@@ -211,7 +214,7 @@ class BudgetController:
             thinking = [r for r in ctl.live() if r.index not in self.answer_start and r.index not in ctl.pending]
             answer_steps = min(self.cfg.answer_tokens, ANSWER_STEPS)
             forced_decode = len(thinking) * self.forced_len * (self.token_s or 0)
-            if thinking and left < forced_decode + (answer_steps + 1) * self.step_s:
+            if thinking and left < forced_decode + (answer_steps + 1) * self.step_s * ANSWER_SAFETY:
                 if left < forced_decode + self.step_s:  # not even the forced text fits: stop on time
                     ctl.stop_all("deadline")
                     return
