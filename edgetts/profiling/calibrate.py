@@ -36,7 +36,15 @@ from pathlib import Path
 from statistics import median
 
 from edgetts.fileio import write_json_atomic
-from edgetts.profiling.runner import ProfileError, _latency_file, _read_object, profile_dir, record_key, write_summary
+from edgetts.profiling.runner import (
+    ProfileError,
+    _latency_file,
+    _read_object,
+    profile_dir,
+    read_profile,
+    record_key,
+    write_summary,  # fmt: skip
+)
 
 SETTINGS = {"threads": int, "gpu_layers": int, "power_mode": str}
 
@@ -65,12 +73,7 @@ def _source(src: Path) -> tuple[dict, dict, dict]:
     """(sweep file, records by key, models.json) of the source profile, checked (see the module doc)."""
     from edgetts.profiling.records import RecordLog
 
-    for name in ("sweep.json", "records.jsonl"):
-        if not (src / name).is_file():
-            raise ProfileError(f"{src}: not a profile directory (no {name})")
-    sweep, why = _read_object(src / "sweep.json", key="digest")
-    if why:
-        raise ProfileError(f"{src / 'sweep.json'} is damaged ({why})")
+    sweep, models = read_profile(src)
     records = RecordLog(src / "records.jsonl").load()
     if not records:
         raise ProfileError(f"{src}: the profile holds no records to re-time")
@@ -78,7 +81,6 @@ def _source(src: Path) -> tuple[dict, dict, dict]:
     if lacking:
         raise ProfileError(f"{src}: {lacking} of {len(records)} records lack per-row token counts (rounds), which "
                            "re-timing needs; profile the source again with this version of edgetts")  # fmt: skip
-    models, _ = _read_object(src / "models.json") if (src / "models.json").exists() else ({}, None)
     return sweep, records, models
 
 

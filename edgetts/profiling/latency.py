@@ -27,6 +27,20 @@ from edgetts.engines.base import SamplingParams
 from edgetts.strategies.base import BudgetController, RunConfig
 
 
+class Ticks:
+    """Counts a phase's steps for ``tick(done, total)`` (nothing without one); ``tick(0, total)`` at once."""
+
+    def __init__(self, total: int, tick=None):
+        self.total, self.tick, self.done = total, tick, 0
+        if tick:
+            tick(0, total)
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.tick:
+            self.tick(self.done, self.total)
+
+
 @dataclass
 class StepModel:
     a: float
@@ -74,17 +88,7 @@ def calibrate(engine, family, question: str, max_rows: int, tokens: int = 128, t
     xs, ys, prefill = [], [], []
     n_prompt = engine.count_tokens(prompt) + 1
     levels = sorted({1, max(1, max_rows // 4), max(1, max_rows // 2), max_rows})
-    total = 2 * len(levels) + 6 + 3  # decode calls, whole strategy calls, reference calls
-    done = 0
-
-    def step():
-        nonlocal done
-        done += 1
-        if tick:
-            tick(done, total)
-
-    if tick:
-        tick(0, total)
+    step = Ticks(2 * len(levels) + 6 + 3, tick)  # decode calls, whole strategy calls, reference calls
     for rows in levels + levels:  # twice: the first pass also warms caches up
         cfg = RunConfig(n=rows, budget=10**6)
         t0 = time.perf_counter()

@@ -109,6 +109,19 @@ def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
     return value, None
 
 
+def read_profile(d: Path) -> tuple[dict, dict]:
+    """(``sweep.json``, ``models.json`` or {}) of a profile directory another command reads (calibrate,
+    merge); a one-line :class:`ProfileError` for a folder that is not one or a damaged sweep file."""
+    for name in ("sweep.json", "records.jsonl"):
+        if not (d / name).is_file():
+            raise ProfileError(f"{d}: not a profile directory (no {name})")
+    sweep, why = _read_object(d / "sweep.json", key="digest")
+    if why:
+        raise ProfileError(f"{d / 'sweep.json'} is damaged ({why})")
+    models, _ = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
+    return sweep, models
+
+
 def _has_records(out: Path) -> bool:
     try:
         return any(line.strip() for line in (out / "records.jsonl").read_bytes().splitlines())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
 from edgetts.profiling.records import RecordLog
-from edgetts.profiling.runner import ProfileError, _read_object, profile_dir, write_summary
+from edgetts.profiling.runner import ProfileError, profile_dir, read_profile, write_summary
 
 ENV_INDEX = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
 
@@ -46,17 +46,6 @@ def parse_shard(text: str, env: dict | None = None) -> tuple[int, int]:
     return i, n
 
 
-def _shard_dir(d: Path) -> tuple[dict, dict]:
-    for name in ("sweep.json", "records.jsonl"):
-        if not (d / name).is_file():
-            raise ProfileError(f"{d}: not a profile directory (no {name})")
-    sweep, why = _read_object(d / "sweep.json", key="digest")
-    if why:
-        raise ProfileError(f"{d / 'sweep.json'} is damaged ({why})")
-    models, _ = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
-    return sweep, models
-
-
 def merge(dirs: list[str | Path], out: str | Path) -> dict:
     """Join the shard directories ``dirs`` of one sweep into ``out`` (new or empty); returns the summary
     with ``shards`` (those merged) and ``missing_shards``."""
@@ -68,7 +57,7 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
         raise ProfileError(f"--out {out} is one of the shards: merge into a new directory")
     sweeps, models = [], {}
     for d in dirs:
-        sweep, m = _shard_dir(d)
+        sweep, m = read_profile(d)
         if sweeps and sweep["digest"] != sweeps[0]["digest"]:
             raise ProfileError(f"{d} holds another sweep (digest {sweep['digest']}, {dirs[0]} has "
                                f"{sweeps[0]['digest']}): only shards of one sweep merge")  # fmt: skip

@@ -54,23 +54,14 @@ def validate(engine, family, model: str, cells, examples, records: dict, steps, 
     ``tick(done, total)`` hears of each direct run and reference call; ``warn`` logs a failed check."""
     from edgetts.engines.base import SamplingParams
     from edgetts.models.families import build_prompt
-    from edgetts.profiling.latency import reference_time
+    from edgetts.profiling.latency import Ticks, reference_time
     from edgetts.strategies import RunConfig, create
 
     problems = examples[:PROBLEMS]
     sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)  # the pool's seeds of repeat 0
     checked = []
     chosen = choose_cells(cells)
-    total, done = len(chosen) * len(problems) + (3 if steps.reference_s > 0 else 0), 0
-
-    def step():
-        nonlocal done
-        done += 1
-        if tick:
-            tick(done, total)
-
-    if tick:
-        tick(0, total)
+    step = Ticks(len(chosen) * len(problems) + (3 if steps.reference_s > 0 else 0), tick)
     for s, n, b in chosen:
         direct, modelled = [], []
         for ex in problems:
