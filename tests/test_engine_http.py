@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP engine against a live llama-cpp-python server on the tiny model."""
 
+import time
+
 import pytest
 
 from edgetts.engines import EngineError, SamplingParams, create
@@ -148,3 +150,50 @@ def test_serve_answers_from_points_that_name_a_server(server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_calls_run_concurrently_up_to_the_bound():
+    """A server in front of a batching upstream sends its requests' calls at once, up to
+    ``concurrency``: the upstream sees them together (one at a time wasted its batching)."""
+    import json as _json
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgetts.engines.openai_http import OpenAIHTTPEngine
+
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.2)
+            with lock:
+                state["now"] -= 1
+            body = _json.dumps({"choices": [{"text": " 29", "finish_reason": "stop"}],
+                                "usage": {"completion_tokens": 1}}).encode()  # fmt: skip
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        engine = OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}", concurrency=3)
+        assert engine.thread_safe
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: engine.sample("q", 1, SamplingParams(max_tokens=4)), range(8)))
+        assert all(r.rows[0].text == " 29" for r in results)
+        assert state["most"] == 3  # at once, and never more than the bound
+        engine.close()
+    finally:
+        httpd.shutdown()

@@ -27,6 +27,7 @@ imported when the engine is constructed.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
@@ -41,14 +42,20 @@ class OpenAIHTTPEngine(Engine):
     logprobs = False
     steppable = False
     needs_url = True
-    options: ClassVar[dict[str, type]] = {"parallel": str, "api_key_env": str, "timeout": float, "max_rounds": int}
+    # Calls keep their state to themselves and httpx's client pools connections for concurrent use:
+    # a server in front of vLLM or llama-server sends its requests' calls at once (up to
+    # ``concurrency``), so the upstream batches them, instead of one call at a time.
+    thread_safe = True
+    options: ClassVar[dict[str, type]] = {"parallel": str, "api_key_env": str, "timeout": float, "max_rounds": int,
+                                          "concurrency": int}  # fmt: skip
 
     @classmethod
     def open(cls, spec, plan) -> OpenAIHTTPEngine:
         o = spec.options
         key = os.environ.get(o.get("api_key_env") or "EDGETTS_UPSTREAM_API_KEY")  # secrets stay out of configs
         return cls(spec.url, model=spec.artifact or "", api_key=key, parallel=o.get("parallel") or "requests",
-                   timeout=float(o.get("timeout") or 600.0), max_rounds=o.get("max_rounds") or 8)  # fmt: skip
+                   timeout=float(o.get("timeout") or 600.0), max_rounds=o.get("max_rounds") or 8,
+                   concurrency=o.get("concurrency") or 16)  # fmt: skip
 
     def __init__(
         self,
@@ -58,6 +65,7 @@ class OpenAIHTTPEngine(Engine):
         parallel: str = "requests",
         timeout: float = 600.0,
         max_rounds: int = 8,
+        concurrency: int = 16,
     ):
         import httpx
 
@@ -67,11 +75,15 @@ class OpenAIHTTPEngine(Engine):
             raise EngineError(f"server URL must start with http:// or https://, got {base_url!r}")
         if max_rounds < 1:
             raise EngineError(f"max_rounds must be at least 1, got {max_rounds}")
+        if concurrency < 1:
+            raise EngineError(f"concurrency must be at least 1, got {concurrency}")
+        self.calls = threading.BoundedSemaphore(concurrency)  # sample() calls in flight at once
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        limits = httpx.Limits(max_connections=max(100, 8 * concurrency), max_keepalive_connections=4 * concurrency)
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, limits=limits)
         self.model = model
         self.parallel = parallel
         self.max_rounds = max_rounds
@@ -157,6 +169,10 @@ class OpenAIHTTPEngine(Engine):
             raise EngineError(f"n must be at least 1, got {n}")
         if seeds is not None and len(seeds) != n:
             raise EngineError(f"got {len(seeds)} seeds for {n} rows")
+        with self.calls:
+            return self._sample(prompt, n, params, controller, seeds)
+
+    def _sample(self, prompt, n, params, controller, seeds) -> SampleResult:
         t0 = time.perf_counter()
         seeds = seeds if seeds is not None else [params.seed + i for i in range(n)]
         rows = [Row(i, seeds[i]) for i in range(n)]

@@ -7,7 +7,8 @@ rows at once.  A llama.cpp engine is put behind a :class:`~edgetts.engines.batch
 (continuous batching: concurrent requests share decode steps, each row in its own cache stream
 so that it attends over its own cells only); with ``batching=False``, and for
 engines that are not thread-safe, a lock runs one request at a time (:class:`SerialEngine`).
-Engines that are thread-safe themselves (a remote server) are called concurrently.
+Engines that are thread-safe themselves (``openai-http``: a remote server, which batches the
+requests it gets at once) are called concurrently, up to the engine's own bound.
 
 :meth:`Executor.run` runs a request's :class:`~edgetts.runtime.planning.Plan` with its strategy,
 n and budget, under the request's deadline.  :meth:`Executor.predict_ms` tells what a point
