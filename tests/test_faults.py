@@ -8,6 +8,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -198,3 +199,37 @@ def test_device_speed_follows_the_rounds_and_fades_with_time(monkeypatch):
     assert speed.slowdown() < 1.01
     rounds(2000, 0.002)
     assert speed.slowdown() < 1.05
+
+
+def test_a_row_past_its_usual_length_does_not_take_the_whole_batch():
+    """Past the expected length a row is expected to end soon, not to run to its limit: its pace
+    stays near a step and the earliest-due job does not run alone while the others wait."""
+    from types import SimpleNamespace
+
+    from edgetts.engines.llamacpp_job import OVERRUN_STEPS, Job
+
+    def job(expected, generated, limit=160):
+        rows = [SimpleNamespace(finished=False, n_generated=g, index=i) for i, g in enumerate(generated)]
+        return SimpleNamespace(expected_tokens=expected, rows=rows, limit=[limit] * len(rows))
+
+    assert Job.remaining_steps(job(40, [10, 30])) == 30
+    assert Job.remaining_steps(job(40, [45])) == 11  # a quarter of the usual length, not 115
+    assert Job.remaining_steps(job(400, [401], limit=1000)) == OVERRUN_STEPS
+    assert Job.remaining_steps(job(40, [158])) == 2  # never past its limit
+    assert Job.remaining_steps(job(None, [20])) == 140  # nothing known: the limit
+
+
+def test_a_budget_no_point_has_gets_an_expectation_from_the_nearest():
+    from edgetts.runtime.executor import Executor
+    from edgetts.runtime.planning import Plan
+
+    points = [{"budget": 32, "n": 1, "tokens": 30.0}, {"budget": 128, "n": 8, "tokens": 8 * 60.0}]
+    ex = Executor.__new__(Executor)
+    ex.policy = SimpleNamespace(frontier=points)
+
+    def expected(budget):
+        return ex.expected_tokens(Plan(None, "single", 1, budget))
+
+    assert expected(128) == 60.0 and expected(32) == 30.0
+    assert expected(100) == 60.0 * 100 / 128  # an OpenAI client's max_tokens: 100
+    assert expected(1000) == 60.0  # a longer budget does not make rows longer

@@ -26,6 +26,8 @@ import time
 
 from edgetts.engines.base import Control, Controller, EngineError, Row, SampleResult, SamplingParams
 
+OVERRUN_STEPS = 16  # at most this many more steps expected of a row past its usual length
+
 
 class Job:
     def __init__(self, engine, prompt: str, n: int, params: SamplingParams, controller: Controller | None,
@@ -141,14 +143,22 @@ class Job:
         return sum(len(self.pending[r.index]) for r in self.rows if not r.finished)
 
     def remaining_steps(self) -> int:
-        """Decode steps the job still expects: its rows' usual length (the controller's
-        ``expected_tokens``), or their hard limit once a row has run past it."""
+        """Decode steps the job still expects: what is left of its rows' usual length (the
+        controller's ``expected_tokens``); a row past it is expected to end within a quarter of that
+        length more (and within its limit).  Jumping to the hard limit there made the job's pace
+        fall below one step, and, due first, it ran alone while every other job waited.  Without
+        an expectation, the limit."""
         expected = self.expected_tokens
         left = 1
         for r in self.rows:
             if not r.finished:
-                g = r.n_generated
-                left = max(left, int(expected - g) if expected and g < expected else self.limit[r.index] - g)
+                g, limit = r.n_generated, self.limit[r.index] - r.n_generated
+                if not expected:
+                    left = max(left, limit)
+                elif g < expected:
+                    left = max(left, min(limit, int(expected - g)))
+                else:
+                    left = max(left, min(limit, OVERRUN_STEPS, int(expected / 4) + 1))
         return left
 
     def entries(self, offset: int, room: int) -> list[tuple[int, int, int, bool]]:

@@ -258,9 +258,17 @@ class Executor:
 
     def expected_tokens(self, plan: Plan) -> float | None:
         """Tokens a row of ``plan`` usually takes: the longest per-row figure of the frontier's points
-        at its budget (strategies that stop early use fewer rows, not shorter ones)."""
-        rows = [p["tokens"] / p["n"] for p in self.policy.frontier if p["budget"] == plan.budget and p.get("tokens")]
-        return max(rows) if rows else None
+        at its budget (strategies that stop early use fewer rows, not shorter ones).  At a budget no
+        point has (an OpenAI client's ``max_tokens: 100``), the points of the nearest budget, their
+        rows shortened in proportion where the budget is smaller (a longer budget does not make
+        rows longer than they end by themselves)."""
+        known = [p for p in self.policy.frontier if p.get("tokens")]
+        if not known:
+            return None
+        nearest = min(abs(p["budget"] - plan.budget) for p in known)
+        rows = [p["tokens"] / p["n"] * min(1.0, plan.budget / p["budget"]) for p in known
+                if abs(p["budget"] - plan.budget) == nearest]  # fmt: skip
+        return max(rows)
 
     def run(self, req: Request, plan: Plan, started: float) -> Outcome:
         """Run ``plan`` for ``req`` (which arrived at ``started``); :class:`Late` if it was dropped unstarted."""
