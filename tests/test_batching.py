@@ -164,3 +164,48 @@ def test_the_online_step_cost_recovers_a_known_line_and_stays_non_negative():
     falling.add(10, 0.001)  # more tokens, less time: noise, not a negative slope
     assert falling.fit() == (pytest.approx(0.0015, rel=0.01), 0.0)  # their weighted mean, flat
     assert StepCost().fit() == (0.0, 0.0)
+
+
+def test_a_round_mixes_two_requests_and_a_cancel_stops_one_mid_decode(engines):
+    """From the scheduler's own trace: two concurrent requests' rows share decodes; a request cancelled
+    while its rows decode stops (its tokens stop growing) and the other goes on to its answer."""
+    import threading
+
+    _, batched, family = engines
+    trace = batched.scheduler.trace_rounds()
+    jobs = {}
+    real_submit = batched.scheduler.submit
+
+    def remember(prompt, n, params, controller=None, seeds=None):
+        future = real_submit(prompt, n, params, controller, seeds)
+        jobs[id(controller)] = next(e.job for e in list(batched.scheduler.queue) + batched.scheduler.running
+                                    if e.future is future)  # fmt: skip
+        return future
+
+    batched.scheduler.submit = remember
+    cancel = threading.Event()
+    try:
+        long_cfg = RunConfig(n=8, budget=128, cancel=cancel, sampling=SamplingParams(seed=3))
+        other_cfg = RunConfig(n=4, budget=64, sampling=SamplingParams(seed=4))
+        with ThreadPoolExecutor(2) as pool:
+            doomed = pool.submit(create("majority", batched, family, long_cfg).run, "Evaluate left to right: 47+38*3")
+            other = pool.submit(create("majority", batched, family, other_cfg).run, "Evaluate left to right: 8*4-3")
+
+            def decoded():  # the cancelled request's tokens so far
+                return sum(r.n_generated for j in jobs.values() if j.n == 8 for r in j.rows)
+
+            deadline = time.time() + 30
+            while time.time() < deadline and decoded() < 40:
+                time.sleep(0.001)
+            cancel.set()
+            at_cancel = decoded()
+            stopped, answered = doomed.result(timeout=60), other.result(timeout=60)
+    finally:
+        batched.scheduler.submit = real_submit
+        batched.scheduler.trace = None
+    both = {id(j) for j in jobs.values()}
+    assert len(both) == 2 and any(both <= set(r) for r in trace)  # one decode held rows of both requests
+    # its tokens stopped growing within a round or two of the cancel, far short of its budget
+    assert at_cancel >= 40 and stopped.generated_tokens <= at_cancel + 2 * 8 < 8 * 128
+    assert any(r.finish_reason == "cancelled" for r in stopped.rows)
+    assert answered.answer is not None and answered.early_stop != "cancelled"

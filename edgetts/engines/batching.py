@@ -140,6 +140,9 @@ class Scheduler:
         self.cost = StepCost()  # seconds of a round against the tokens decoded in it
         self.dead: BaseException | None = None  # what stopped the batch thread, if anything did
         self.speed = DeviceSpeed()
+        # The jobs of each decode (ids of their Job objects), the last TRACE_ROUNDS, when asked for
+        # (``trace_rounds()``): how tests and diagnostics see that requests really share rounds.
+        self.trace: deque | None = None
         self._fit = (0.0, 0.0)
         self._calibrate()
         self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
@@ -299,6 +302,8 @@ class Scheduler:
             return
         status = e._decode(entries)
         self._record(len(entries), time.perf_counter() - begin)
+        if self.trace is not None:  # who shared this decode: the jobs whose rows or prompt were in it
+            self.trace.append(tuple(id(j) for j in decoded + fed))
         for job in decoded:
             job.steps += 1
             job.sampled = False
@@ -353,6 +358,11 @@ class Scheduler:
     def slowdown(self) -> float:
         """The device's speed now against when serving began (:class:`DeviceSpeed`); at least 1."""
         return self.speed.slowdown()
+
+    def trace_rounds(self, rounds: int = 10_000) -> deque:
+        """Start keeping, for each of the last ``rounds`` decodes, the ids of the jobs in it."""
+        self.trace = deque(maxlen=rounds)
+        return self.trace
 
     def _release(self, entry: _Entry) -> None:
         if entry in self.running:
