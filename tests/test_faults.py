@@ -233,3 +233,31 @@ def test_a_budget_no_point_has_gets_an_expectation_from_the_nearest():
     assert expected(128) == 60.0 and expected(32) == 30.0
     assert expected(100) == 60.0 * 100 / 128  # an OpenAI client's max_tokens: 100
     assert expected(1000) == 60.0  # a longer budget does not make rows longer
+
+
+def test_the_servers_clock_starts_at_the_first_byte_and_stops_at_the_last(direct_profile, tmp_path):
+    """A request whose headers trickle in for longer than its deadline is late from its first byte:
+    refused, not answered as if it had just arrived; every response is timed to its last byte."""
+    from test_server import _start, _stop
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    proc, url = _start(d / "pareto.json")
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        body = b'{"prompt": "Evaluate left to right: 8*4-3", "deadline_ms": 150}'
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.4)  # longer than the deadline, before the headers are complete
+        s.sendall(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        s.settimeout(30)
+        head = s.recv(65536)
+        s.close()
+        assert head.startswith(b"HTTP/1.1 429"), head[:200]  # from the headers it would have had 150 ms
+        ok = httpx.post(url + "/v1/completions", json={"prompt": Q, "deadline_ms": 60000}, timeout=30)
+        assert ok.status_code == 200
+        metrics = httpx.get(url + "/metrics").text
+        count = next(line for line in metrics.splitlines() if line.startswith("edgetts_response_seconds_count"))
+        assert int(count.split()[1]) >= 2
+    finally:
+        _stop(proc)

@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from edgetts.engines.spec import serving_threads
 from edgetts.pareto.config import point_spec
 from edgetts.runtime.executor import Executor
+from edgetts.runtime.listen import FIRST_BYTE
 from edgetts.runtime.policy import Policy
 from edgetts.runtime.server import APIError, Server, sse
 
@@ -36,14 +37,17 @@ class Guard:
     so a chunked body without a length cannot grow past the limit in memory.
     """
 
-    def __init__(self, app, api_key: str | None, max_body: int, reject, read_timeout_s: float = 10.0):
+    def __init__(self, app, api_key: str | None, max_body: int, reject, read_timeout_s: float = 10.0,
+                 done=lambda seconds: None):  # fmt: skip
         self.app, self.api_key, self.max_body, self.reject, self.read_timeout_s = (
             app, api_key, max_body, reject, read_timeout_s)  # fmt: skip
+        self.done = done  # seconds from a request's first byte to its response's last
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        scope.setdefault("state", {})["arrived"] = time.perf_counter()
+        # The deadline counts from the request's first bytes where the protocol stamped them, else now.
+        scope.setdefault("state", {})["arrived"] = scope.get(FIRST_BYTE) or time.perf_counter()
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         failure = None
         if self.api_key and scope.get("path") != "/healthz":
@@ -60,6 +64,12 @@ class Guard:
         # or a client that goes on sending would hold it open with no timer left to close it.
         if failure is not None:
             return await self.reject(failure)(scope, receive, send)
+        arrived = scope["state"]["arrived"]
+
+        async def timed(message):  # the server's clock stops when the response's last byte is handed over
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.done(time.perf_counter() - arrived)
         received, done = 0, False
 
         async def limited():
@@ -79,7 +89,7 @@ class Guard:
                                    headers=CLOSE)  # fmt: skip
             return message
 
-        return await self.app(scope, limited, send)
+        return await self.app(scope, limited, timed)
 
 
 def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_timeout_s: float = 10.0) -> FastAPI:
@@ -107,7 +117,8 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
     async def internal_error(_, e: Exception):
         return error(APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))
 
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, reject=error, read_timeout_s=read_timeout_s)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, reject=error, read_timeout_s=read_timeout_s,
+                       done=server.metrics.responded)  # fmt: skip
 
     async def read_json(request: Request):
         try:

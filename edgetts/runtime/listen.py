@@ -8,7 +8,9 @@ waits for the client's delayed ACK, 40 ms on Linux, longer than the tightest dea
 :func:`run` serves an ASGI app with uvicorn's h11 protocol plus a header timeout: uvicorn
 closes idle keep-alive connections, and the app cuts a body that stalls (408), but a client
 that connects and sends half a request line, or headers a byte a minute, would hold its
-connection for ever.  :class:`HeaderTimeout` answers such a connection 408 and closes it.
+connection for ever.  :class:`HeaderTimeout` answers such a connection 408 and closes it, and
+stamps each request's scope with the time its first bytes arrived (``FIRST_BYTE``): the
+server's clock for its deadline starts there, not once its headers are parsed.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+FIRST_BYTE = "edgetts.first_byte"  # scope key: perf_counter() when the request's first bytes came in
 
 
 class ListenError(Exception):
@@ -51,10 +56,17 @@ class HeaderTimeout(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.header_timer = None
+        self.first_byte: float | None = None
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self.first_byte is None:
+            self.first_byte = time.perf_counter()  # a request's first bytes: its deadline counts from here
         super().data_received(data)
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None and self.first_byte is not None and FIRST_BYTE not in cycle.scope:
+            cycle.scope[FIRST_BYTE] = self.first_byte  # the request is parsed: its app has not run yet
+            self.first_byte = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self._arm()  # part of a request line or of headers: they must be complete in time
         else:

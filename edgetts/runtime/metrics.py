@@ -19,6 +19,7 @@ class Metrics:
         self.misses = 0
         self.tokens = 0
         self.queue_depth = 0
+        self.responses, self.response_total, self.response_buckets = 0, 0.0, [0] * len(BUCKETS)
 
     def request(self, outcome: str, seconds: float = 0.0, point: str | None = None, tokens: int = 0,
                 missed: bool = False) -> None:  # fmt: skip
@@ -34,6 +35,15 @@ class Metrics:
                 self.points[point] += 1
             self.tokens += tokens
             self.misses += missed
+
+    def responded(self, seconds: float) -> None:
+        """A response's last byte went out ``seconds`` after its request's first byte came in."""
+        with self.lock:
+            self.responses += 1
+            self.response_total += seconds
+            for i, b in enumerate(BUCKETS):
+                if seconds <= b:
+                    self.response_buckets[i] += 1
 
     def render(self) -> str:
         with self.lock:
@@ -53,5 +63,12 @@ class Metrics:
                       "# TYPE edgetts_queue_depth gauge", f"edgetts_queue_depth {self.queue_depth}",
                       "# HELP edgetts_tokens_generated_total Tokens generated over all rows.",
                       "# TYPE edgetts_tokens_generated_total counter",
-                      f"edgetts_tokens_generated_total {self.tokens}"]  # fmt: skip
+                      f"edgetts_tokens_generated_total {self.tokens}",
+                      "# HELP edgetts_response_seconds From a request's first byte in to its response's last "
+                      "byte out (every response).", "# TYPE edgetts_response_seconds histogram"]  # fmt: skip
+            lines += [f'edgetts_response_seconds_bucket{{le="{b}"}} {c}'
+                      for b, c in zip(BUCKETS, self.response_buckets)]  # fmt: skip
+            lines += [f'edgetts_response_seconds_bucket{{le="+Inf"}} {self.responses}',
+                      f"edgetts_response_seconds_sum {self.response_total}",
+                      f"edgetts_response_seconds_count {self.responses}"]  # fmt: skip
             return "\n".join(lines) + "\n"

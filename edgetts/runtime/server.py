@@ -4,7 +4,7 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or
 ``GET /v1/models``, ``GET /healthz`` (no key needed), ``GET /metrics`` (Prometheus text).
 
 Per request: the deadline is the body's ``deadline_ms`` extension or the server default,
-counted from when the server has its headers.  Admission knows the batch: a point's latency is
+counted from the request's first bytes (the listening protocol stamps them).  Admission knows the batch: a point's latency is
 predicted beside the requests already admitted on its engine (the executor's occupancy model:
 the engine's measured step cost at the rows due before it, and the work due by each admitted
 deadline, which must still fit; or the queue ahead on a serial engine).  With
