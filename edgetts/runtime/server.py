@@ -4,8 +4,10 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or
 ``GET /v1/models``, ``GET /healthz`` (no key needed), ``GET /metrics`` (Prometheus text).
 
 Per request: the deadline is the body's ``deadline_ms`` extension or the server default,
-counted from the request's first bytes (the listening protocol stamps them).  Admission knows the batch: a point's latency is
-predicted beside the requests already admitted on its engine (the executor's occupancy model:
+counted from the request's first bytes (the listening protocol stamps them).  A deadline the
+fastest point cannot meet on an idle server is the caller's error (400).  Admission knows the
+batch: a point's latency, scaled by the device's measured slowdown, is predicted beside the
+requests already admitted on its engine (the executor's occupancy model:
 the engine's measured step cost at the rows due before it, and the work due by each admitted
 deadline, which must still fit; or the queue ahead on a serial engine).  With
 ``overload="downgrade"`` a request takes the most accurate point that still fits, a cheaper one
@@ -15,8 +17,11 @@ at the profile (a refusal measures nothing, so an old factor must not refuse for
 ``max_queue`` requests are in, 429 as well.  Every admitted request runs on its own thread; on a
 llama.cpp engine its rows join the one running batch (:mod:`edgetts.engines.batching`), where a
 request whose deadline can no longer be met is dropped while still queued (429).  A client that
-disconnects cancels its request, queued or running.  The latencies of requests that ran alone
-recalibrate the policy (:meth:`Policy.observe`: the median against each point's median).
+disconnects cancels its request, queued or running.  On an engine that does not batch, the
+latencies of requests that ran alone recalibrate the policy (:meth:`Policy.observe`: the median
+against each point's median); a shared batch measures the device's speed every round instead.
+Engine failures answer 503 with ``Retry-After``; a request cut before any row answered is never
+``deadline_met``.
 
 Chat requests render the whole ``messages`` list (system prompt, earlier turns) through the
 model's chat template; ``include_reasoning: true`` returns the reasoning of the first row that
