@@ -232,7 +232,7 @@ def write_models(out: Path, specs) -> None:
             artifact = resolve_model(spec.artifact)
         except (OSError, ValueError):
             continue
-        known[spec.label] = {"artifact": str(artifact), "sha256": digest(artifact)}
+        known[spec.label] = {"artifact": spec.artifact, "bytes": artifact.stat().st_size, "sha256": digest(artifact)}
     write_json_atomic(path, known)
 
 
