@@ -7,7 +7,8 @@ import shutil
 from conftest import SMALL, one_line_error
 from typer.testing import CliRunner
 
-from edgetts.cli import PhaseLog, app
+from edgetts.cli import app
+from edgetts.cli_display import PhaseLog
 
 runner = CliRunner()
 Q = "Evaluate left to right: 8*4-3"
