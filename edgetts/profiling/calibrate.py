@@ -36,7 +36,7 @@ from pathlib import Path
 from statistics import median
 
 from edgetts.fileio import write_json_atomic
-from edgetts.profiling.runner import (
+from edgetts.profiling.directory import (
     ProfileError,
     _latency_file,
     _read_object,

@@ -1,11 +1,4 @@
-"""Run a sweep into a profile directory, resumably.
-
-Layout of the directory::
-
-    device.json     the device fingerprint (edgetts.telemetry.device)
-    sweep.json      the resolved sweep configuration and its digest
-    records.jsonl   one record per measured query (edgetts.profiling.records)
-    summary.json    one entry per cell (edgetts.profiling.summary)
+"""Run a sweep into a profile directory (:mod:`edgetts.profiling.directory`), resumably.
 
 Every query has a stable key ``model|strategy|n<N>|b<budget>|r<repeat>|<problem id>``, where
 ``model`` is the engine spec's label (the artifact for llama.cpp, else engine, artifact and
@@ -14,16 +7,6 @@ rerun loads the records, skips every key already there and measures the rest, so
 killed at any point (SIGKILL included) continues without losing or repeating a record.
 Seeds depend only on the key (rows of repeat ``r`` use ``seed + 1000 r + i``), so the
 resumed records equal those of an uninterrupted run, timings aside.
-
-A run holds the directory's lock (:mod:`edgetts.profiling.lock`) from its first look at the
-directory to the summary, so a second run into it fails at once naming the holder.  A
-directory made by a different sweep is refused unless ``force``; then every file of the
-previous run, derived ones included, moves to ``replaced-<digest>/`` rather than being
-deleted.  A directory of someone else's files is refused even with ``force``.  A damaged
-``sweep.json`` or ``device.json`` next to measured records is reported as damaged, with the
-repair, never as another sweep; a directory without records (a stub left by a run that failed
-before measuring anything) is simply reused.  A run that fails before its first record removes
-the directory it created.
 
 Direct mode runs every cell as production would: the strategy with its budget on the real
 engine, one query at a time, each wrapped in a :class:`~edgetts.telemetry.meters.QueryMeter`.
@@ -37,161 +20,23 @@ capability one of the sweep's engines lacks is refused before anything is measur
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
-from fnmatch import fnmatch
 from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
 from edgetts.profiling.config import SweepConfig
-from edgetts.profiling.lock import LOCK_NAME, LockError, hold
+from edgetts.profiling.directory import (
+    ProfileError,
+    _latency_file,
+    _read_object,
+    prepare_dir,
+    profile_dir,
+    record_key,
+    write_models,
+    write_summary,
+)
+from edgetts.profiling.lock import LockError
 from edgetts.profiling.records import RecordLog
-from edgetts.profiling.summary import summarize
-
-# What edgetts writes into a profile directory (besides latency-model-*.json, latency-validation-*.json and
-# replaced-*/).
-PROFILE_FILES = ("sweep.json", "records.jsonl", "device.json", "summary.json", "pareto.json", "pareto.png",
-                 "report.html", "models.json")  # fmt: skip
-
-
-class ProfileError(ValueError):
-    """A profile directory that cannot be used for this sweep."""
-
-
-def prepare_dir(out: Path, cfg: SweepConfig, force: bool, shard: tuple[int, int] | None = None) -> None:
-    """Make the locked directory ``out`` ready for ``cfg`` (see the module docstring); a shard of a
-    sweep (``(i, n)``) resumes only into a directory of the same shard."""
-    sweep, device = out / "sweep.json", out / "device.json"
-    records = _has_records(out)
-    if not records:  # new, or a stub left by a run that failed before its first record: nothing to keep
-        for entry in out.iterdir():
-            if entry.is_file() and entry.name != "records.jsonl" and _derived(entry.name):
-                entry.unlink()
-    elif sweep.exists():
-        old, why = _read_object(sweep, key="digest")
-        if why:
-            raise ProfileError(
-                f"{sweep} is damaged ({why}) while records.jsonl holds measured queries; if they belong to this "
-                "sweep, delete sweep.json and run the same command again to resume them, else use another --out"
-            )
-        if old.get("digest") != cfg.digest():
-            if not force:
-                raise ProfileError(
-                    f"{out} holds a profile of a different sweep (digest {old.get('digest')}, this one "
-                    f"{cfg.digest()}); use another --out, or --force to move its files aside"
-                )
-            _move_aside(out, str(old.get("digest")))
-        elif old.get("shard") != (list(shard) if shard else None):
-            was = "/".join(map(str, old["shard"])) if old.get("shard") else "the whole sweep"
-            now = "/".join(map(str, shard)) if shard else "the whole sweep"
-            raise ProfileError(f"{out} holds shard {was} of this sweep, not {now}; use another --out")
-    if device.exists():
-        _, why = _read_object(device)
-        if why:
-            raise ProfileError(
-                f"{device} is damaged ({why}); delete it and run the same command again: this machine's "
-                "fingerprint is written anew and the records are kept"
-            )
-    write_json_atomic(sweep, {"digest": cfg.digest(), "sweep": cfg.resolved(),
-                              **({"shard": list(shard)} if shard else {})})  # fmt: skip
-
-
-def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
-    """(the JSON object in ``path``, None), or ({}, why it is not one, or has no string ``key``)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return {}, f"not JSON: {getattr(e, 'msg', None) or e}"
-    if not isinstance(value, dict) or (key is not None and not isinstance(value.get(key), str)):
-        return {}, "not the object edgetts writes"
-    return value, None
-
-
-def read_profile(d: Path) -> tuple[dict, dict]:
-    """(``sweep.json``, ``models.json`` or {}) of a profile directory another command reads (calibrate,
-    merge); a one-line :class:`ProfileError` for a folder that is not one or a damaged sweep file."""
-    for name in ("sweep.json", "records.jsonl"):
-        if not (d / name).is_file():
-            raise ProfileError(f"{d}: not a profile directory (no {name})")
-    sweep, why = _read_object(d / "sweep.json", key="digest")
-    if why:
-        raise ProfileError(f"{d / 'sweep.json'} is damaged ({why})")
-    models, _ = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
-    return sweep, models
-
-
-def _has_records(out: Path) -> bool:
-    try:
-        return any(line.strip() for line in (out / "records.jsonl").read_bytes().splitlines())
-    except FileNotFoundError:
-        return False
-
-
-def _move_aside(out: Path, digest: str) -> None:
-    """Move every file of the previous run, derived ones included, to ``replaced-<digest>/``."""
-    keep, k = out / f"replaced-{digest}", 1
-    while keep.exists():  # a directory forced twice from the same sweep keeps both older runs
-        k += 1
-        keep = out / f"replaced-{digest}-{k}"
-    keep.mkdir()
-    for entry in sorted(out.iterdir()):
-        if entry.name != LOCK_NAME and not entry.name.startswith("replaced-"):
-            entry.rename(keep / entry.name)
-
-
-def _is_ours(out: Path) -> bool:
-    """Whether ``out`` is new, empty or a profile directory (never a directory of someone else's files)."""
-    names = {e.name for e in out.iterdir()} - {LOCK_NAME}
-    names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
-    return not names or "records.jsonl" in names or ("sweep.json" in names and all(map(_derived, names)))
-
-
-def _derived(name: str) -> bool:
-    """Whether edgetts writes files of this name into a profile directory."""
-    return (name in PROFILE_FILES or name.startswith("replaced-") or fnmatch(name, "latency-model-*")
-            or fnmatch(name, "latency-validation-*"))  # fmt: skip
-
-
-def _refuse_foreign(out: Path) -> None:
-    if not _is_ours(out):
-        names = sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME)
-        raise ProfileError(
-            f"{out} is not a profile directory (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-            "; edgetts writes a profile only into a new, empty or profile directory: use another --out"
-        )
-
-
-@contextmanager
-def profile_dir(out: Path):
-    """Hold the lock of ``out`` (created if needed) for the block; a failure before the first record
-    removes the directory again if this run created it, so nothing empty or partial is left."""
-    if out.exists() and not out.is_dir():
-        raise ProfileError(f"{out} exists and is not a directory; give --out a directory")
-    made = None if out.exists() else out  # the topmost folder this run creates
-    while made is not None and not made.parent.exists():
-        made = made.parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ProfileError(f"cannot create {out}: {e.strerror}") from None
-    # A directory without a lock file has never been profiled into: check it before writing the lock
-    # file there.  One with a lock file is checked under the lock, where no other run changes it.
-    if not (out / LOCK_NAME).exists():
-        _refuse_foreign(out)
-    with hold(out):
-        _refuse_foreign(out)
-        try:
-            yield out
-        except Exception:
-            if made is not None and not _has_records(out):
-                shutil.rmtree(made, ignore_errors=True)
-            raise
-
-
-def record_key(model: str, strategy: str, n: int, budget: int, repeat: int, problem: str) -> str:
-    return f"{model}|{strategy}|n{n}|b{budget}|r{repeat}|{problem}"
 
 
 def run_profile(
@@ -215,25 +60,6 @@ def run_profile(
             return _measure(cfg, out, force, progress, memory_mb, shard)
     except LockError as e:
         raise ProfileError(str(e)) from None
-
-
-def write_models(out: Path, specs) -> None:
-    """``models.json``: each local model's artifact and sha256 (what ``edgetts calibrate`` checks the
-    artifact it re-times against), written once per model."""
-    from edgetts.models import resolve_model
-    from edgetts.quantization.manifest import digest
-
-    path = out / "models.json"
-    known, _ = _read_object(path) if path.exists() else ({}, None)
-    for spec in specs:
-        if spec.url or spec.label in known:
-            continue
-        try:
-            artifact = resolve_model(spec.artifact)
-        except (OSError, ValueError):
-            continue
-        known[spec.label] = {"artifact": spec.artifact, "bytes": artifact.stat().st_size, "sha256": digest(artifact)}
-    write_json_atomic(path, known)
 
 
 def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb: float | None,
@@ -483,25 +309,3 @@ def check_latencies(ctx: Context, model, engine, family, cells, examples, out: P
     write_json_atomic(_latency_file(out, "validation", model), result)
 
 
-def _latency_file(out: Path, kind: str, model: str) -> Path:
-    """``latency-model-<model>.json`` or ``latency-validation-<model>.json`` in ``out``, the model's name
-    made safe for a file name."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name)
-    return out / f"latency-{kind}-{safe}.json"
-
-
-def write_summary(out: str | Path) -> dict:
-    """Summarize whatever records the directory holds (also after an interruption)."""
-    out = Path(out)
-    summary = summarize(RecordLog(out / "records.jsonl").load())
-    checks = []
-    for path in sorted(out.glob("latency-validation-*.json")):
-        check, why = _read_object(path)
-        if not why:  # a damaged check is left out
-            checks.append(check)
-    if checks:
-        from edgetts.profiling.validation import combine
-
-        summary["latency_validation"] = combine(checks)
-    write_json_atomic(out / "summary.json", summary)
-    return summary

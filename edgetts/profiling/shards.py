@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
+from edgetts.profiling.directory import ProfileError, profile_dir, read_profile, write_summary
 from edgetts.profiling.records import RecordLog
-from edgetts.profiling.runner import ProfileError, profile_dir, read_profile, write_summary
 
 ENV_INDEX = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
 
