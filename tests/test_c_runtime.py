@@ -350,3 +350,49 @@ def test_the_constants_c_shares_with_python_come_from_python(built):
                       "ETT_ANSWER_SAFETY": repr(float(ANSWER_SAFETY)), "ETT_PROMPT_RESERVE": str(PROMPT_RESERVE),
                       "ETT_FORCED_SLACK": str(FORCED_SLACK), "ETT_RUNS": str(Policy.RUNS)}  # fmt: skip
     assert "#define ETT_" not in (Path(__file__).parent.parent / "edgetts" / "native" / "internal.h").read_text()
+
+
+@pytest.mark.parametrize(("strategy", "deadline_ms"),
+                         [("majority/n4/b32", 14), ("esc/n8/b32", 18), ("single/n1/b32", 9)])  # fmt: skip
+def test_the_deadline_branch_forces_answers_at_the_same_steps(built, config, monkeypatch, strategy, deadline_ms):
+    """With a clock that advances a fixed step per decode (EDGETTS_STEP_CLOCK_MS in C, the same clock
+    patched into Python), a deadline that cuts the reasoning forces the answers, or stops the rows,
+    at the same steps on both runtimes: rows token for token equal, finish reasons included."""
+    import time as time_module
+
+    frontier = load_config(config)["frontier"]
+    point = next(p for p in frontier if p["id"].endswith(strategy))
+    questions = [e.question for e in load_dataset("arith", limit=12, seed=2)]
+    monkeypatch.setenv("EDGETTS_STEP_CLOCK_MS", "1")
+    c_out = run_c(built, config, questions, "--point", point["id"], "--rows", "--seed", str(SEED), "--deadline-ms",
+                  str(deadline_ms))  # fmt: skip
+    max_n, max_budget = max(p["n"] for p in frontier), max(p["budget"] for p in frontier)
+    engine, family = open_engine(point_spec(point).with_options(threads=1), max_rows=max_n,
+                                 max_tokens=max_budget + RunConfig().answer_tokens)  # fmt: skip
+    decodes = [0]
+    real_decode = engine._decode
+
+    def counted(entries):
+        status = real_decode(entries)
+        decodes[0] += 1
+        return status
+
+    engine._decode = counted
+    monkeypatch.setattr(time_module, "perf_counter", lambda: decodes[0] * 0.001)
+    try:
+        forced = cut = 0
+        for q, c in zip(questions, c_out, strict=True):
+            cfg = RunConfig(n=point["n"], budget=point["budget"], deadline_ms=deadline_ms,
+                            sampling=SamplingParams(seed=SEED))  # fmt: skip
+            trace = create(point["strategy"], engine, family, cfg).run(q)
+            assert "error" not in c, c
+            py_rows = [(r.finish_reason, r.forced_answer, r.thinking_tokens, r.answer_tokens, r.text)
+                       for r in trace.rows]  # fmt: skip
+            c_rows = [(r["finish_reason"], r["forced_answer"], r["thinking_tokens"], r["answer_tokens"], r["text"])
+                      for r in c["rows"]]  # fmt: skip
+            assert c_rows == py_rows and c["answer"] == trace.answer and c["early_stop"] == trace.early_stop
+            forced += sum(r.forced_answer for r in trace.rows)
+            cut += sum(r.finish_reason == "deadline" for r in trace.rows)
+    finally:
+        engine.close()
+    assert forced + cut > 0  # the deadline did bind: this compared the deadline branch, not free runs

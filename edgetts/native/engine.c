@@ -374,6 +374,7 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
         goto oom;
     }
     llama_memory_clear(e->mem, true);
+    double prefill_began = ett_now();
     for (int start = 0; start < np; start += e->n_batch) {
         int len = np - start < e->n_batch ? np - start : e->n_batch;
         int last = start + len == np;
@@ -381,7 +382,9 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
             put(&e->batch, j, ptoks[start + j], start + j, 0, last && j == len - 1);
         }
         e->batch.n_tokens = len;
-        if (llama_decode(e->ctx, e->batch) != 0) {
+        int status = llama_decode(e->ctx, e->batch);
+        ett_decoded();
+        if (status != 0) {
             snprintf(err, err_len, "llama_decode failed on the prompt (%d tokens)", np);
             st = EDGETTS_E_DECODE;
             goto done;
@@ -396,7 +399,7 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
         s.out_idx[i] = -1;
         s.limit[i] = sp->max_tokens;
     }
-    ett_ctl ctl = {s.rows, n, s.pending_text, s.extra};
+    ett_ctl ctl = {s.rows, n, s.pending_text, s.extra, ett_now() - prefill_began};
     for (;;) {
         int n_stepped = 0;
         for (int i = 0; i < n; i++) {
@@ -482,7 +485,9 @@ edgetts_status ett_sample(ett_engine *e, const char *prompt, int n, const ett_sa
             break;
         }
         e->batch.n_tokens = n_entries;
-        if (llama_decode(e->ctx, e->batch) != 0) { /* no free cell: treat as running out of context */
+        int status = llama_decode(e->ctx, e->batch);
+        ett_decoded();
+        if (status != 0) { /* no free cell: treat as running out of context */
             for (int i = 0; i < n; i++) {
                 if (!s.rows[i].finished) {
                     ett_stop(&ctl, i, "length");

@@ -54,6 +54,7 @@ typedef struct ett_ctl {
     int n;
     char **pending;  /* forced text queued per row, or NULL */
     int *extra;      /* extra sampled tokens granted per row */
+    double prefill_s; /* the prompt's decode, alone (Control.prefill_s): a token's cost for the controller */
 } ett_ctl;
 
 typedef void (*ett_controller)(void *self, ett_ctl *ctl, const int *stepped, int n_stepped);
@@ -98,5 +99,6 @@ typedef struct ett_run {
 edgetts_status ett_run_strategy(const ett_run *run, const char *question, edgetts_result *res, char *err,
                                 size_t err_len);
 double ett_now(void);
+void ett_decoded(void); /* counts a llama_decode, for the step clock of the parity tests (ett_now) */
 
 #endif

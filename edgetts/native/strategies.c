@@ -26,8 +26,26 @@
 
 #include "internal.h"
 
+/* EDGETTS_STEP_CLOCK_MS (tests only): a clock that advances that many milliseconds per llama_decode
+ * and stands still otherwise, so the deadline branch runs the same on the C and Python runtimes
+ * whatever the machine's speed (the parity test drives both with it). */
+static double step_clock_s = -1.0;
+static volatile long decodes;
+
+void ett_decoded(void)
+{
+    decodes++;
+}
+
 double ett_now(void)
 {
+    if (step_clock_s < 0) {
+        const char *env = getenv("EDGETTS_STEP_CLOCK_MS");
+        step_clock_s = env != NULL && *env != '\0' ? atof(env) / 1000.0 : 0.0;
+    }
+    if (step_clock_s > 0) {
+        return (double)decodes * step_clock_s;
+    }
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
@@ -84,7 +102,9 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
         double dt = now - b->last_step;
         b->step_s = b->step_s == 0 ? dt : 0.7 * b->step_s + 0.3 * dt;
     } else {
-        b->token_s = now / b->prompt_tokens; /* the first call follows the prefill */
+        /* the first call follows the prefill: its cost a token, from the prefill itself (a round after
+         * the first starts later than the strategy did), as the Python controller takes it */
+        b->token_s = (ctl->prefill_s > 0 ? ctl->prefill_s : now) / b->prompt_tokens;
     }
     b->last_step = now;
     b->has_last = 1;
