@@ -1,6 +1,6 @@
 """Benchmark: majority of 8 at a thinking budget of 128 tokens, the runtime in C against the Python runtime.
 
-    python bench/c_runtime.py [--questions 80] [--threads 1] [--batched-bench PATH]
+    python bench/c_runtime.py [--questions 80] [--threads 1] [--batched-bench PATH] [--model GGUF]
 
 A config with one point (the tiny model, ``majority``, n 8, budget 128) is built with
 ``edgetts build-c``.  Each of the hardest ``arith`` questions (level 5, the longest reasoning)
@@ -16,6 +16,10 @@ time.  Model loading is outside both measurements.
 tokens each; built from llama.cpp's sources, none ships with edgetts) and reports
 ``ratio_vs_native``: the C runtime's seconds per generated token over the native tool's.
 Rows of the C runtime end on their own, so that ratio compares per-token costs, not equal shapes.
+
+``--model`` runs another GGUF instead of the tiny model, such as the ``qwen3-0.6b`` stand-in
+(151,936-token vocabulary, where sampling costs most; its text is noise, so rows run to their
+budget).
 
 The last line printed is one JSON object.
 """
@@ -43,8 +47,9 @@ from edgetts.tasks.datasets import load_dataset  # noqa: E402
 N, BUDGET, SEED = 8, 128, 0
 
 
-def config(folder: Path) -> Path:
-    point = {"id": "tiny/majority/n8/b128", "model": "tiny", "artifact": "tiny", "engine": "llama.cpp",
+def config(folder: Path, model: str = "tiny") -> Path:
+    name = Path(model).stem if model != "tiny" else "tiny"
+    point = {"id": f"{name}/majority/n8/b128", "model": model, "artifact": model, "engine": "llama.cpp",
              "strategy": "majority", "n": N, "budget": BUDGET, "latency_ms": 100.0, "latency_quantiles_ms": {},
              "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]}  # fmt: skip
     cfg = {"schema": SCHEMA, "device": {}, "task": {"dataset": "arith"}, "constraints": {},
@@ -68,13 +73,15 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=80)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batched-bench", default=None)
+    ap.add_argument("--model", default="tiny", help="a GGUF (default: the tiny model), e.g. the qwen3-0.6b stand-in")
     args = ap.parse_args()
+    model = args.model if args.model == "tiny" else str(Path(args.model).resolve())
 
     hard = [e.question for e in load_dataset("arith", seed=0) if e.level == 5][: args.questions]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(Path(tmp))
+        cfg = config(Path(tmp), model)
         binary = build_c(cfg, Path(tmp) / "build")["binary"]
-        engine, family = open_engine({"engine": "llama.cpp", "artifact": "tiny", "options": {"threads": args.threads}},
+        engine, family = open_engine({"engine": "llama.cpp", "artifact": model, "options": {"threads": args.threads}},
                                      max_rows=N, max_tokens=BUDGET + RunConfig().answer_tokens)  # fmt: skip
         proc = start_c(binary, cfg, args.threads)
         c_ms = py_ms = 0.0
@@ -93,7 +100,8 @@ def main() -> None:
     if c_tokens != py_tokens:
         raise SystemExit(f"the two runtimes decoded different rows ({c_tokens} vs {py_tokens} tokens)")
     result = {
-        "bench": "c_runtime", "strategy": "majority", "n": N, "budget": BUDGET, "questions": len(hard),
+        "bench": "c_runtime", "model": model, "strategy": "majority", "n": N, "budget": BUDGET,
+        "questions": len(hard),
         "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "generated_tokens": c_tokens, "c_ms_per_question": round(c_ms / len(hard), 2),
         "python_ms_per_question": round(py_ms / len(hard), 2), "ratio_vs_python": round(c_ms / py_ms, 3),
@@ -104,7 +112,8 @@ def main() -> None:
         from parallel_sampling import TOKENS, batched_bench  # llama-batched-bench: 8 rows of 128 tokens
         from parallel_sampling import N as NATIVE_ROWS
 
-        native = batched_bench(args.batched_bench, str(BUILTIN["tiny"]), 40, args.threads) / (NATIVE_ROWS * TOKENS)
+        path = str(BUILTIN["tiny"]) if model == "tiny" else model
+        native = batched_bench(args.batched_bench, path, 40, args.threads) / (NATIVE_ROWS * TOKENS)
         result["ratio_vs_native"] = round((c_ms / 1000 / c_tokens) / native, 3)
     print(json.dumps(result))
 
