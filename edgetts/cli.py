@@ -263,6 +263,10 @@ def run(
         "(and --energy-j)."
     ),
     energy_j: float = typer.Option(None, help="Energy limit per query in joules (> 0), with --config."),
+    price: float = typer.Option(
+        0.0, help="With --config: a price on compute, in accuracy per ms of predicted latency; the point that "
+        "maximizes accuracy minus price x latency is chosen (0: the most accurate that fits)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
@@ -275,6 +279,10 @@ def run(
         fail("--config names the engine and model of each point; drop --model, --engine, --url and --engine-option")
     if energy_j is not None and not config:
         fail("--energy-j limits the policy's choice: it needs --config")
+    if price and not config:
+        fail("--price weighs the policy's choice: it needs --config")
+    if not (price >= 0 and price != float("inf")):
+        fail(f"--price must be a finite number >= 0, got {price}")
     if energy_j is not None and not (energy_j > 0 and energy_j != float("inf")):
         fail(f"--energy-j must be a positive number of joules, got {energy_j}")
     if strategy in STRATEGIES and STRATEGIES[strategy].single_row and n is not None and n > 1:
@@ -283,7 +291,7 @@ def run(
     try:
         with user_errors():
             out = answer(question, spec, config, strategy, n, budget, deadline_ms, energy_j, temperature, seed,
-                         raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb),
+                         raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb), price=price,
                          threads=threads, gpu_layers=_gpu_layers(gpu_layers))  # fmt: skip
     except (ParetoError, DeadlineTooShort) as e:
         fail(str(e))
@@ -587,6 +595,10 @@ def serve(
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
     gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP + " Sizes the default --batch-rows."),
+    price: float = typer.Option(
+        0.0, help="A price on compute, in accuracy per ms of predicted latency (beside the batch): each request "
+        "gets the point that maximizes accuracy minus price x latency (0: the most accurate that fits)."
+    ),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(
         None, min=1, max=256, help="Rows a llama.cpp engine holds in its running batch, over all requests "
@@ -620,6 +632,8 @@ def serve(
 
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
+    if not (price >= 0 and price != float("inf")):
+        fail(f"--price must be a finite number >= 0, got {price}")
     if api_key is None:  # an empty EDGETTS_API_KEY reads as unset: it must not mean "no authentication"
         api_key = os.environ.get("EDGETTS_API_KEY")
     if api_key is not None and not api_key.strip():
@@ -636,7 +650,7 @@ def serve(
             app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads,
                               batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout,
                               gpu_layers=_gpu_layers(gpu_layers), memory_mb=_memory_mb(memory_mb),
-                              notify=lambda line: typer.echo(line, err=True))  # fmt: skip
+                              notify=lambda line: typer.echo(line, err=True), price=price)  # fmt: skip
     except ParetoError as e:
         sock.close()
         fail(str(e))

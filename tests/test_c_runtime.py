@@ -47,6 +47,7 @@ int main(void) {
     while (scanf(" %c %lf %lf", &op, &a, &b) == 3) {
         int miss;
         if (op == 's') { int i = edgetts_policy_select(rt, a, b, &miss); printf("%d %d\n", i, miss); }
+        else if (op == 'p') { edgetts_set_price(rt, a); printf("%.17g\n", edgetts_price(rt)); }
         else { edgetts_policy_observe(rt, (int)a, b); printf("%.17g\n", edgetts_policy_slowdown(rt)); }
     }
     edgetts_close(rt);
@@ -162,7 +163,12 @@ def test_policy_agrees_with_python_also_after_observations(built, config, tmp_pa
     front = policy.frontier
     rng = random.Random(0)
     lines, expected = [], []
+    price, changed = 0.0, 0
     for k in range(1000):
+        if k % 100 == 50:  # a price on compute (accuracy per ms): none, small, large
+            price = rng.choice([0.0, rng.uniform(0, 0.002), rng.uniform(0.002, 0.05)])
+            lines.append(f"p {price!r} 0")
+            expected.append(repr(price))
         if k % 50 == 25:  # the same observations on both sides
             for _ in range(3):
                 i = rng.randrange(len(front))  # around each point's median: the factor moves both ways
@@ -175,13 +181,15 @@ def test_policy_agrees_with_python_also_after_observations(built, config, tmp_pa
         else:
             deadline = rng.uniform(0, 2 * front[-1]["latency_ms"])
         energy = rng.choice([0.0, -1.0, rng.uniform(0, 0.4), front[rng.randrange(len(front))]["energy_j"] or 0.0])
-        sel = policy.select(deadline, energy_j=energy)
+        sel = policy.select(deadline, energy_j=energy, price=price)
+        changed += sel.index != policy.select(deadline, energy_j=energy).index
         lines.append(f"s {deadline!r} {energy!r}")
         expected.append(f"{sel.index} {int(sel.miss)}")
     out = subprocess.run([str(exe)], input="\n".join(lines), capture_output=True, text=True, check=True).stdout
     got = out.split("\n")[: len(expected)]
     for e, g in zip(expected, got, strict=True):
         assert (float(e) == float(g)) if " " not in e else e == g
+    assert changed > 20  # the price moved the choice in many cases: the rule was compared, not only price 0
 
 
 def test_answer_stream_and_deadline_choice(built, config):

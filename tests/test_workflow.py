@@ -4,6 +4,7 @@ where the user expects them."""
 import json
 import shutil
 
+import pytest
 from conftest import SMALL, one_line_error
 from typer.testing import CliRunner
 
@@ -91,3 +92,32 @@ def test_a_plot_of_zero_accuracies_starts_at_zero(direct_profile, tmp_path):
         plt.subplots = real
     low, high = axes[0].get_ylim()
     assert low == 0 and high > 0
+
+
+def test_a_price_on_compute_trades_accuracy_for_time(direct_profile, tmp_path):
+    from edgetts.runtime import Policy
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    config = json.loads((d / "pareto.json").read_text())
+    base = config["frontier"][0]
+    config["frontier"] = [dict(base, id=f"p{ms}", latency_ms=float(ms), accuracy=acc, accuracy_ci95=[acc, acc])
+                          for ms, acc in ((10, 0.40), (20, 0.60), (40, 0.70))]  # fmt: skip
+    policy = Policy(config)
+    assert policy.select(100).point["id"] == "p40"  # no price: the most accurate that fits
+    assert policy.select(100, price=0.0) == policy.select(100)
+    # accuracy less price x ms: 0.34, 0.48, 0.46 at price 0.006: the middle point
+    assert policy.select(100, price=0.006).point["id"] == "p20"
+    assert policy.select(100, price=0.002).point["id"] == "p40"  # 0.62 against 0.56: time is cheap
+    assert policy.select(100, price=1e3).point["id"] == "p10"  # time dear enough: the fastest that fits
+    assert policy.select(15, price=0.002).point["id"] == "p10"  # the deadline still binds first
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="price must be"):
+            policy.select(100, price=bad)
+    assert "--price weighs" in one_line_error(runner.invoke(app, ["run", "--price", "0.1", Q]))
+    assert "--price must be" in one_line_error(runner.invoke(app, ["run", "--config", str(d / "pareto.json"),
+                                                                   "--deadline-ms", "1000", "--price", "-1", Q]))
+    (d / "three.json").write_text(json.dumps(config))
+    r = runner.invoke(app, ["run", "--config", str(d / "three.json"), "--deadline-ms", "100", "--price", "1", "--json",
+                            Q])  # fmt: skip
+    assert r.exit_code == 0 and json.loads(r.stdout)["point"]["id"] == "p10"

@@ -151,6 +151,11 @@ int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double 
 /* Feeds a measured latency of a point back: the slowdown becomes the median, over the last 15 runs,
  * of measured latency over the point's profiled median latency, never below 1. */
 void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms);
+/* A price on compute, in accuracy per millisecond of predicted latency (0, the default: the most
+ * accurate point that fits).  The policy then takes the point that fits and maximizes accuracy
+ * minus price x predicted latency, as edgetts.runtime.Policy.select(price=...). */
+edgetts_status edgetts_set_price(edgetts_runtime *rt, double price);
+double edgetts_price(const edgetts_runtime *rt);
 double edgetts_policy_slowdown(const edgetts_runtime *rt);
 
 /* Thread-safe: stops the call running on `rt` at its next step; nothing when no call runs. */

@@ -1,6 +1,6 @@
 /* edgetts-answer: one question per line on stdin, one JSON object per line on stdout.
  *
- *   edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S]
+ *   edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--seed S]
  *                  [--model-dir DIR] [--threads T] [--gpu-layers auto|-1|L]
  *                  [--point ID] [--n N] [--budget B] [--rows]
  *
@@ -125,7 +125,7 @@ static void print_result(const edgetts_result *r, int rows)
 
 static int usage(const char *msg)
 {
-    fprintf(stderr, "error: %s\nusage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S] "
+    fprintf(stderr, "error: %s\nusage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--seed S] "
             "[--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n", msg);
     return 2;
 }
@@ -140,7 +140,7 @@ static int number(const char *s, double *out)
 int main(int argc, char **argv)
 {
     edgetts_options opts;
-    double deadline = EDGETTS_NO_DEADLINE, energy = 0, v;
+    double deadline = EDGETTS_NO_DEADLINE, energy = 0, price = 0, v;
     int point = -1, n = 0, budget = 0, rows = 0;
     unsigned seed = 0;
     char err[1024];
@@ -152,7 +152,7 @@ int main(int argc, char **argv)
             continue;
         }
         if (strcmp(a, "--help") == 0) {
-            puts("usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--seed S] [--model-dir DIR]"
+            puts("usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--seed S] [--model-dir DIR]"
                  " [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n"
                  "Reads one question per line on stdin; prints one JSON object per line.");
             return 0;
@@ -192,6 +192,12 @@ int main(int argc, char **argv)
             deadline = v;
         } else if (strcmp(a, "--energy-j") == 0) {
             energy = v;
+        } else if (strcmp(a, "--price") == 0) {
+            if (!(v >= 0) || isinf(v)) {
+                fprintf(stderr, "error: --price must be a finite number >= 0, got %s\n", val);
+                return 2;
+            }
+            price = v;
         } else if (strcmp(a, "--seed") == 0 && v >= 0 && v <= 4294967295.0) {
             seed = (unsigned)v;
         } else if (strcmp(a, "--threads") == 0) {
@@ -225,6 +231,7 @@ int main(int argc, char **argv)
         return 2;
     }
     fputs(edgetts_notes(rt), stderr);
+    edgetts_set_price(rt, price);
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;

@@ -28,6 +28,7 @@ struct edgetts_runtime {
     int *engine_of; /* per point */
     int max_n, max_budget;
     double slowdown;
+    double price; /* accuracy per millisecond of predicted latency (edgetts_set_price) */
     double runs[ETT_RUNS]; /* the last runs' latency over their point's median, oldest first */
     int n_runs;
     volatile int cancel;  /* the id of the call a cancel stopped (0: none) */
@@ -310,15 +311,34 @@ static int within_limits(const edgetts_point_info *p, double energy_j)
     return !(energy_j > 0 && (p->energy_j < 0 || p->energy_j > energy_j));
 }
 
+edgetts_status edgetts_set_price(edgetts_runtime *rt, double price)
+{
+    if (rt == NULL || !(price >= 0) || isinf(price)) {
+        return EDGETTS_E_ARGUMENT;
+    }
+    rt->price = price;
+    return EDGETTS_OK;
+}
+
+double edgetts_price(const edgetts_runtime *rt)
+{
+    return rt != NULL ? rt->price : 0.0;
+}
+
 int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double energy_j, int *miss)
 {
     double slowdown = rt != NULL ? rt->slowdown : 1.0;
+    double price = rt != NULL ? rt->price : 0.0;
     int best = -1;
+    double best_worth = 0.0;
     for (int i = 0; i < ett_n_frontier; i++) {
         const edgetts_point_info *p = &ett_frontier[i].info;
-        int fits = within_limits(p, energy_j) && p->latency_ms * slowdown <= deadline_ms;
-        if (fits && (best < 0 || p->accuracy > ett_frontier[best].info.accuracy)) {
+        double ms = p->latency_ms * slowdown;
+        double worth = p->accuracy - price * ms; /* as Policy.select: accuracy less the price of its time */
+        int fits = within_limits(p, energy_j) && ms <= deadline_ms;
+        if (fits && (best < 0 || worth > best_worth)) {
             best = i;
+            best_worth = worth;
         }
     }
     if (miss != NULL) {

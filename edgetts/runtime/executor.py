@@ -198,10 +198,10 @@ class Executor:
         self.by_point[point["id"]] = (point, self.engines[key])
         return self.engines[key]
 
-    def plan(self, req: Request, budget_ms: float | None = None, cost=None) -> Plan:
+    def plan(self, req: Request, budget_ms: float | None = None, cost=None, price: float = 0.0) -> Plan:
         """The plan for ``req`` within ``budget_ms`` (default: its deadline); ``cost(point)`` predicts ms."""
         return make_plan(self.policy, req, req.deadline_ms if budget_ms is None else budget_ms, self.max_n,
-                         self.max_budget, cost)  # fmt: skip
+                         self.max_budget, cost, price)  # fmt: skip
 
     def predict_ms(self, point: dict, busy: list[Plan], due: float = math.inf) -> float:
         """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request

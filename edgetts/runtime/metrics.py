@@ -20,6 +20,7 @@ class Metrics:
         self.tokens = 0
         self.queue_depth = 0
         self.responses, self.response_total, self.response_buckets = 0, 0.0, [0] * len(BUCKETS)
+        self.price = 0.0  # the price on compute in force
 
     def request(self, outcome: str, seconds: float = 0.0, point: str | None = None, tokens: int = 0,
                 missed: bool = False) -> None:  # fmt: skip
@@ -64,6 +65,8 @@ class Metrics:
                       "# HELP edgetts_tokens_generated_total Tokens generated over all rows.",
                       "# TYPE edgetts_tokens_generated_total counter",
                       f"edgetts_tokens_generated_total {self.tokens}",
+                      "# HELP edgetts_price Price on compute in force (accuracy per ms of predicted latency).",
+                      "# TYPE edgetts_price gauge", f"edgetts_price {self.price}",
                       "# HELP edgetts_response_seconds From a request's first byte in to its response's last "
                       "byte out (every response).", "# TYPE edgetts_response_seconds histogram"]  # fmt: skip
             lines += [f'edgetts_response_seconds_bucket{{le="{b}"}} {c}'

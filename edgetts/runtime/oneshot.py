@@ -32,7 +32,8 @@ class Answer:
 def answer(question: str, spec: EngineSpec | None = None, config: str | None = None, strategy: str | None = None,
            n: int | None = None, budget: int | None = None, deadline_ms: float | None = None,
            energy_j: float | None = None, temperature: float = 1.0, seed: int = 0, raw_prompt: bool = False,
-           family: str | None = None, memory_mb: float | None = None, **engine_defaults) -> Answer:  # fmt: skip
+           family: str | None = None, memory_mb: float | None = None, price: float = 0.0,
+           **engine_defaults) -> Answer:  # fmt: skip
     """Answer ``question``; ``engine_defaults`` (threads, gpu_layers) apply where the engine takes them.
 
     With a config, the point's engine runs under the caller's settings, else this device's defaults
@@ -51,7 +52,7 @@ def answer(question: str, spec: EngineSpec | None = None, config: str | None = N
         if deadline_ms is None:
             raise StrategyError("a Pareto config needs a deadline: the policy picks the point that fits it")
         policy.check_deadline(deadline_ms, energy_j)
-        selection = policy.select(deadline_ms, energy_j=energy_j)
+        selection = policy.select(deadline_ms, energy_j=energy_j, price=price)
         p = selection.point
         spec, profiled = point_spec(p), profiled_with(p)
         engine_defaults["threads"] = engine_defaults.get("threads") or serving_threads()

@@ -7,8 +7,10 @@
 
 :meth:`Policy.select` returns the most accurate point whose predicted latency fits the
 deadline (and whose energy and memory fit, when limits are given); ties go to the faster
-point.  When nothing fits it returns the fastest point that satisfies the other limits (or
-the fastest point at all), flagged ``miss=True``.  :meth:`check_deadline` is the refusal rule
+point.  With a ``price`` on compute (accuracy per millisecond), the point that fits and
+maximizes accuracy minus price times its predicted latency is chosen instead; price 0 is the
+rule above exactly.  When nothing fits it returns the fastest point that satisfies the other
+limits (or the fastest point at all), flagged ``miss=True``.  :meth:`check_deadline` is the refusal rule
 every runtime applies first: a deadline the fastest point cannot meet even on an idle device is
 the caller's error.
 
@@ -70,9 +72,13 @@ class Policy:
         return point["latency_ms"] * self.slowdown
 
     def select(self, deadline_ms: float, energy_j: float | None = None, memory_mb: float | None = None,
-               cost=None) -> Selection:  # fmt: skip
-        """The most accurate point whose predicted latency fits; ``cost(point)`` may replace the prediction
-        (the server's: the point beside the requests already running)."""
+               cost=None, price: float = 0.0) -> Selection:  # fmt: skip
+        """The point that fits and maximizes accuracy minus ``price`` times its predicted milliseconds
+        (price 0: the most accurate that fits); ``cost(point)`` may replace the prediction (the
+        server's: the point beside the requests already running).  The same rule, in the same
+        floating-point operations, is ``edgetts_policy_select`` with ``edgetts_set_price`` in C."""
+        if not (price >= 0 and math.isfinite(price)):
+            raise ValueError(f"price must be a finite number >= 0, got {price!r}")
         predict = cost or self.predicted_ms
 
         def within_limits(p):
@@ -87,10 +93,13 @@ class Policy:
                 known[i] = predict(self.frontier[i])
             return known[i]
 
+        def worth(i: int) -> float:  # accuracy less the price of the time it takes
+            return self.frontier[i]["accuracy"] - price * ms(i)
+
         best = None
         for i, p in enumerate(self.frontier):
             fits = within_limits(p) and ms(i) <= deadline_ms
-            if fits and (best is None or p["accuracy"] > self.frontier[best]["accuracy"]):
+            if fits and (best is None or worth(i) > worth(best)):  # ties: the faster (frontier order)
                 best = i
         if best is not None:
             return Selection(best, self.frontier[best], ms(best), False)

@@ -165,7 +165,7 @@ def _text(s: str, param: str) -> str:
 
 class Server:
     def __init__(self, policy: Policy, executor: Executor, default_deadline_ms: float = 2000.0, max_queue: int = 32,
-                 overload: str = "downgrade"):  # fmt: skip
+                 overload: str = "downgrade", price: float = 0.0):  # fmt: skip
         if overload not in ("downgrade", "refuse"):
             raise ValueError("overload must be 'downgrade' or 'refuse'")
         self.policy, self.executor = policy, executor
@@ -176,6 +176,7 @@ class Server:
         self.admitted = 0  # ever: a request admitted last that ends alone in the batch ran alone
         self.lock = threading.Lock()
         self.metrics = Metrics()
+        self.price = self.metrics.price = price  # accuracy per millisecond of predicted latency (Policy.select)
 
     def admit(self, rid: str, req: Request, arrived: float | None = None) -> Plan:
         """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
@@ -203,7 +204,7 @@ class Server:
             # fits beside the others, a cheaper one before a refusal.
             refuse = self.overload == "refuse" and not req.expert
             budget = run_budget_ms(left)  # the time its strategy will get: the one the point must fit
-            plan = self.executor.plan(req, budget, cost=None if refuse else cost)
+            plan = self.executor.plan(req, budget, cost=None if refuse else cost, price=self.price)
             if refuse:
                 plan = replace(plan, predicted_ms=cost(plan.point))
             if not req.expert and (plan.choice.miss or plan.predicted_ms > budget):
@@ -292,7 +293,7 @@ class Server:
             "answer": trace.answer, "votes": trace.votes, "rows_used": trace.rows_used, "early_stop": trace.early_stop,
             "latency_ms": round(result.total_ms, 3), "deadline_ms": req.deadline_ms,
             "deadline_met": met, "generated_tokens": trace.generated_tokens,
-            "predicted_ms": round(plan.predicted_ms, 3),
+            "predicted_ms": round(plan.predicted_ms, 3), "price": self.price,
         }  # fmt: skip
         if trace.answer is None:
             info["error"] = ("no row stated an answer before the deadline" if trace.early_stop == "deadline"
