@@ -121,3 +121,27 @@ def test_a_price_on_compute_trades_accuracy_for_time(direct_profile, tmp_path):
     r = runner.invoke(app, ["run", "--config", str(d / "three.json"), "--deadline-ms", "100", "--price", "1", "--json",
                             Q])  # fmt: skip
     assert r.exit_code == 0 and json.loads(r.stdout)["point"]["id"] == "p10"
+
+
+def test_a_mean_budget_is_held_by_the_price():
+    from edgetts.runtime.pricing import MeanBudget
+
+    points = [(10.0, 0.40), (20.0, 0.60), (40.0, 0.70)]  # (ms, accuracy)
+
+    def run(budget, requests=600):
+        ctl, costs = MeanBudget(budget), []
+        for _ in range(requests):
+            ms, _ = max(points, key=lambda p: (p[1] - ctl.price * p[0], -p[0]))
+            costs.append(ms)
+            ctl.observe(ms)
+        return sum(costs[200:]) / len(costs[200:]), ctl
+
+    achieved, ctl = run(25.0)  # between the points: the price mixes 20 and 40 ms (or 10 and 40) to hold it
+    assert abs(achieved - 25.0) / 25.0 < 0.15 and ctl.price > 0
+    achieved, ctl = run(100.0)  # a budget above the dearest point: no price, the most accurate point
+    assert achieved == 40.0 and ctl.price == 0.0
+    achieved, _ = run(5.0)  # below the cheapest: the cheapest, as close as it gets
+    assert achieved == 10.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="mean budget"):
+            MeanBudget(bad)
