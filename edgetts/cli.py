@@ -599,6 +599,10 @@ def serve(
         0.0, help="A price on compute, in accuracy per ms of predicted latency (beside the batch): each request "
         "gets the point that maximizes accuracy minus price x latency (0: the most accurate that fits)."
     ),
+    mean_ms: float = typer.Option(
+        None, help="A mean latency budget per request (ms): the price rises while the recent mean is above it and "
+        "falls while below (starting from --price)."
+    ),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(
         None, min=1, max=256, help="Rows a llama.cpp engine holds in its running batch, over all requests "
@@ -634,6 +638,8 @@ def serve(
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
     if not (price >= 0 and price != float("inf")):
         fail(f"--price must be a finite number >= 0, got {price}")
+    if mean_ms is not None and not (0 < mean_ms < float("inf")):
+        fail(f"--mean-ms must be a finite number of milliseconds > 0, got {mean_ms}")
     if api_key is None:  # an empty EDGETTS_API_KEY reads as unset: it must not mean "no authentication"
         api_key = os.environ.get("EDGETTS_API_KEY")
     if api_key is not None and not api_key.strip():
@@ -650,7 +656,8 @@ def serve(
             app_ = create_app(config, api_key, deadline_ms, max_queue, overload, max_body_kb * 1024, threads,
                               batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout,
                               gpu_layers=_gpu_layers(gpu_layers), memory_mb=_memory_mb(memory_mb),
-                              notify=lambda line: typer.echo(line, err=True), price=price)  # fmt: skip
+                              notify=lambda line: typer.echo(line, err=True), price=price,
+                              mean_ms=mean_ms)  # fmt: skip
     except ParetoError as e:
         sock.close()
         fail(str(e))

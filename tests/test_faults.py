@@ -261,3 +261,22 @@ def test_the_servers_clock_starts_at_the_first_byte_and_stops_at_the_last(direct
         assert int(count.split()[1]) >= 2
     finally:
         _stop(proc)
+
+
+def test_serve_holds_a_mean_budget_with_its_price(direct_profile, tmp_path):
+    from edgetts.runtime.http import create_app
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    app = create_app(str(d / "pareto.json"), threads=1, mean_ms=0.01)  # far below any answer's time
+    try:
+        prices = []
+        for _ in range(3):
+            r = _post(app, {"prompt": Q, "deadline_ms": 60000}, headers={"Authorization": ""})
+            assert r.status_code == 200
+            prices.append(r.json()["edgetts"]["price"])
+        # the price in force rises after answers over the budget, and /metrics shows it
+        assert prices[0] == 0.0 and 0 < prices[1] < prices[2]
+        assert f"edgetts_price {app.state.server.price}" in app.state.server.metrics.render()
+    finally:
+        app.state.server.executor.close()

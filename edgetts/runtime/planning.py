@@ -73,6 +73,7 @@ class Plan:
     due: float = math.inf  # when the request's deadline falls (perf_counter seconds)
     alone: bool = False  # nothing else was admitted when it was
     order: int = 0  # requests the server admitted before it
+    price: float = 0.0  # the price on compute its point was chosen under
 
     @property
     def point(self) -> dict:

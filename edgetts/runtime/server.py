@@ -53,6 +53,7 @@ from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
 from edgetts.runtime.planning import MARGIN, Late, Plan, Request, deadline_for_ms, run_budget_ms
 from edgetts.runtime.policy import DeadlineTooShort, Policy
+from edgetts.runtime.pricing import MeanBudget
 from edgetts.strategies import STRATEGIES, StrategyError
 
 
@@ -165,7 +166,7 @@ def _text(s: str, param: str) -> str:
 
 class Server:
     def __init__(self, policy: Policy, executor: Executor, default_deadline_ms: float = 2000.0, max_queue: int = 32,
-                 overload: str = "downgrade", price: float = 0.0):  # fmt: skip
+                 overload: str = "downgrade", price: float = 0.0, mean_ms: float | None = None):  # fmt: skip
         if overload not in ("downgrade", "refuse"):
             raise ValueError("overload must be 'downgrade' or 'refuse'")
         self.policy, self.executor = policy, executor
@@ -177,6 +178,10 @@ class Server:
         self.lock = threading.Lock()
         self.metrics = Metrics()
         self.price = self.metrics.price = price  # accuracy per millisecond of predicted latency (Policy.select)
+        # With a mean budget per request, the price follows the answered requests' latencies.
+        self.budget = MeanBudget(mean_ms) if mean_ms is not None else None
+        if self.budget is not None:
+            self.budget.price = price
 
     def admit(self, rid: str, req: Request, arrived: float | None = None) -> Plan:
         """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
@@ -218,7 +223,7 @@ class Server:
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} beside {len(busy)} admitted "
                                f"request(s): {why}", code="deadline_unmeetable", kind="rate_limit_error",
                                headers={"Retry-After": str(retry)})  # fmt: skip
-            plan = replace(plan, due=due, alone=not busy, order=self.admitted)
+            plan = replace(plan, due=due, alone=not busy, order=self.admitted, price=self.price)
             self.admitted += 1
             self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
@@ -283,6 +288,8 @@ class Server:
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
+        if self.budget is not None:
+            self.price = self.metrics.price = self.budget.observe(result.total_ms)
         # An answer cut off before any row stated one is no answer: it never counts as on time.
         met = result.deadline_met and trace.answer is not None
         self.metrics.request("ok", result.total_ms / 1000, plan.point["id"], trace.generated_tokens,
@@ -293,7 +300,7 @@ class Server:
             "answer": trace.answer, "votes": trace.votes, "rows_used": trace.rows_used, "early_stop": trace.early_stop,
             "latency_ms": round(result.total_ms, 3), "deadline_ms": req.deadline_ms,
             "deadline_met": met, "generated_tokens": trace.generated_tokens,
-            "predicted_ms": round(plan.predicted_ms, 3), "price": self.price,
+            "predicted_ms": round(plan.predicted_ms, 3), "price": plan.price,
         }  # fmt: skip
         if trace.answer is None:
             info["error"] = ("no row stated an answer before the deadline" if trace.early_stop == "deadline"
