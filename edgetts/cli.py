@@ -603,6 +603,10 @@ def serve(
         None, help="A mean latency budget per request (ms): the price rises while the recent mean is above it and "
         "falls while below (starting from --price)."
     ),
+    load_price: bool = typer.Option(
+        False, "--load-price", help="A price that follows the load: 0 while the admitted work is small beside a "
+        "request's deadline, rising as it grows, so cheaper points are chosen before anyone is refused."
+    ),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(
         None, min=1, max=256, help="Rows a llama.cpp engine holds in its running batch, over all requests "
@@ -640,6 +644,8 @@ def serve(
         fail(f"--price must be a finite number >= 0, got {price}")
     if mean_ms is not None and not (0 < mean_ms < float("inf")):
         fail(f"--mean-ms must be a finite number of milliseconds > 0, got {mean_ms}")
+    if load_price and (mean_ms is not None or price):
+        fail("--load-price sets the price itself: drop --price and --mean-ms")
     if api_key is None:  # an empty EDGETTS_API_KEY reads as unset: it must not mean "no authentication"
         api_key = os.environ.get("EDGETTS_API_KEY")
     if api_key is not None and not api_key.strip():
@@ -657,7 +663,7 @@ def serve(
                               batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout,
                               gpu_layers=_gpu_layers(gpu_layers), memory_mb=_memory_mb(memory_mb),
                               notify=lambda line: typer.echo(line, err=True), price=price,
-                              mean_ms=mean_ms)  # fmt: skip
+                              mean_ms=mean_ms, load_price=load_price)  # fmt: skip
     except ParetoError as e:
         sock.close()
         fail(str(e))

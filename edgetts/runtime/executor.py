@@ -233,12 +233,7 @@ class Executor:
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is None:
             return True
-        a, b = _step_fit(scheduler)
-        slow = scheduler.slowdown()  # every request's work, at the device's speed now
-
-        def work(solo_ms: float, n: int) -> float:
-            return slow * solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
-
+        work = self._work(scheduler)
         mine = work(self.policy.predicted_ms(point), point["n"])
         # An admitted request counts whole until it ends: under earliest-deadline-first rounds its
         # progress so far depends on who came after it, and guessing it from the time it has had
@@ -250,6 +245,28 @@ class Executor:
             if at >= due and total * MARGIN + OVERHEAD_MS > (at - now) * 1000:
                 return False
         return True
+
+    @staticmethod
+    def _work(scheduler):
+        """``work(solo_ms, n)``: the engine time a request of ``n`` rows takes in a shared batch (its time
+        alone scaled to its rows' share of a batch of ``SHARE_ROWS`` rows), at the device's speed now."""
+        a, b = _step_fit(scheduler)
+        slow = scheduler.slowdown()
+
+        def work(solo_ms: float, n: int) -> float:
+            return slow * solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
+
+        return work
+
+    def held_ms(self, busy: list[Plan]) -> float:
+        """Engine time the admitted requests ``busy`` hold, over their engines (their whole plans: see
+        :meth:`feasible`); on a serial engine each request's time alone."""
+        total = 0.0
+        for p in busy:
+            engine = self.engine(p.point)[0]
+            scheduler = getattr(engine, "scheduler", None)
+            total += self._work(scheduler)(p.solo_ms, p.n) if scheduler is not None else p.solo_ms
+        return total
 
     def _beside(self, point: dict, busy: list[Plan]) -> tuple[Engine, list[Plan]]:
         """The engine of ``point`` and the ``busy`` plans on it (requests on other engines run apart)."""

@@ -56,6 +56,8 @@ from edgetts.runtime.policy import DeadlineTooShort, Policy
 from edgetts.runtime.pricing import MeanBudget
 from edgetts.strategies import STRATEGIES, StrategyError
 
+LOAD_PRICE_MAX = 3.0  # the load-aware price at its highest, in slopes of the frontier
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -166,7 +168,8 @@ def _text(s: str, param: str) -> str:
 
 class Server:
     def __init__(self, policy: Policy, executor: Executor, default_deadline_ms: float = 2000.0, max_queue: int = 32,
-                 overload: str = "downgrade", price: float = 0.0, mean_ms: float | None = None):  # fmt: skip
+                 overload: str = "downgrade", price: float = 0.0, mean_ms: float | None = None,
+                 load_price: bool = False):  # fmt: skip
         if overload not in ("downgrade", "refuse"):
             raise ValueError("overload must be 'downgrade' or 'refuse'")
         self.policy, self.executor = policy, executor
@@ -182,6 +185,13 @@ class Server:
         self.budget = MeanBudget(mean_ms) if mean_ms is not None else None
         if self.budget is not None:
             self.budget.price = price
+        # A price that follows the load: 0 while the admitted work is small beside a request's time,
+        # rising to LOAD_PRICE_MAX times the frontier's slope of accuracy over latency as it grows.
+        self.load_price = load_price
+        front = policy.frontier
+        best = max(front, key=lambda p: (p["accuracy"], -p["latency_ms"]))
+        spread = best["latency_ms"] - front[0]["latency_ms"]
+        self.slope = (best["accuracy"] - front[0]["accuracy"]) / spread if spread > 0 else 0.0
 
     def admit(self, rid: str, req: Request, arrived: float | None = None) -> Plan:
         """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
@@ -198,6 +208,8 @@ class Server:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
                                headers={"Retry-After": "1"})  # fmt: skip
             busy = list(self.pending.values())
+            if self.load_price:
+                self.price = self.metrics.price = self._priced_by_load(busy, left)
 
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
                 if not req.expert and not self.executor.feasible(point, busy, due, now):
@@ -228,6 +240,13 @@ class Server:
             self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
             return plan
+
+    def _priced_by_load(self, busy: list, left_ms: float) -> float:
+        """The price for a request with ``left_ms`` of its deadline beside ``busy``: 0 while the work
+        they hold is under half that time, then rising linearly to ``LOAD_PRICE_MAX`` x the slope at
+        twice it (at the slope, the fastest point is worth the most accurate one)."""
+        load = self.executor.held_ms(busy) / max(left_ms, 1.0)
+        return self.slope * LOAD_PRICE_MAX * min(1.0, max(0.0, (load - 0.5) / 1.5))
 
     def release(self, rid: str) -> None:
         with self.lock:
