@@ -1,6 +1,6 @@
 """Benchmark: a mean budget per request held by a price on compute (:mod:`edgetts.runtime.pricing`).
 
-    python bench/price.py [--limit 500] [--profile DIR] [--requests 2000]
+    python bench/price.py [--limit 500] [--profile DIR] [--requests 2000] [--serve] [--levels 0.5,1,2,4]
 
 1. A pooled profile of the tiny model on ``--limit`` arith problems with the default grid
    (or ``--profile DIR``); its problems are split in two halves by a seeded shuffle: the
@@ -13,9 +13,16 @@
 3. Per budget: the achieved mean against the budget, and the accuracy against the most accurate
    single static point whose held-out mean fits the budget.
 
+With ``--serve``, first the served half: ``edgetts serve --load-price`` against price 0 on the
+serve_load arrivals and deadline mix (``bench/serve_load.py``: the same arrivals for both, at
+``--levels`` times the sequential capacity, client-measured, the servers niced below the client):
+correct answers on time per second, the share of admitted requests on time (an empty answer a
+miss) and the share refused.
+
 The last line is one JSON object with ``mean_budget_error`` (worst |achieved - budget| / budget)
-and ``accuracy_vs_static_at_budget`` (worst, in points).  Not here yet: the served half of the
-price (a load-aware price in ``edgetts serve`` against price 0 at several loads).
+and ``accuracy_vs_static_at_budget`` (worst, in points), and with ``--serve``
+``goodput_ratio_priced`` (2x load, priced over price 0), ``goodput_ratio_priced_half`` (0.5x) and
+``deadline_met_admitted`` (the priced server's worst level).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgetts.pareto.config import frontier
 from edgetts.profiling.records import RecordLog
@@ -54,17 +62,67 @@ def config_from(records: dict, base: dict) -> dict:
     return {**base, "frontier": frontier(points)}
 
 
+def served(config: str, levels: list[float], requests: int, seed: int) -> dict:
+    """The load-aware price against price 0 on the serve_load arrivals (see the module doc)."""
+    import asyncio
+
+    import serve_load as sl
+
+    from edgetts.pareto.config import load_config
+    from edgetts.tasks.datasets import load_dataset
+
+    front = load_config(config)["frontier"]
+    fast, slow = front[0]["latency_ms"], front[-1]["latency_ms"]
+    deadlines = [round(3 * fast + 5, 1), round((fast + slow) * 1.5 + 5, 1), round(4 * slow + 20, 1)]
+    rng = random.Random(seed)
+    problems = load_dataset("arith")
+    work = [(ex.question, ex.answer, rng.choice(deadlines)) for ex in rng.sample(problems, requests)]
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    procs = {"sequential": sl.start_edgetts(config, threads, "--sequential"),
+             "price 0": sl.start_edgetts(config, threads),
+             "load price": sl.start_edgetts(config, threads, "--load-price")}  # fmt: skip
+    try:
+        capacity = sl.sequential_capacity(procs["sequential"][1], work)
+        out = {}
+        for level in levels:
+            t, arrivals = 0.0, []
+            for _ in work:
+                t += rng.expovariate(level * capacity)
+                arrivals.append(t)
+            for name in ("price 0", "load price"):
+                res = asyncio.run(sl.run_level(procs[name][1], sl.edgetts_call, arrivals, work))
+                out.setdefault(str(level), {})[name] = {k: res[k] for k in ("goodput_per_s", "deadline_met_admitted",
+                                                                           "refused_share", "accuracy_answered")}
+                print(json.dumps({"level": level, "server": name, **out[str(level)][name]}), file=sys.stderr)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(10)
+
+    def ratio(level):
+        lv = out.get(str(level))
+        return round(lv["load price"]["goodput_per_s"] / max(lv["price 0"]["goodput_per_s"], 1e-9), 3) if lv else None
+
+    return {"goodput_ratio_priced": ratio(2.0), "goodput_ratio_priced_half": ratio(0.5),
+            "deadline_met_admitted": min(lv["load price"]["deadline_met_admitted"] for lv in out.values()),
+            "sequential_capacity_per_s": round(capacity, 2), "levels": out}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--profile")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve", action="store_true", help="also the served half: --load-price against price 0")
+    ap.add_argument("--levels", default="0.5,1,2,4")
     args = ap.parse_args()
     prof = Path(args.profile or tempfile.mkdtemp(prefix="price-") + "/profile")
     if not args.profile:
         subprocess.run([sys.executable, "-m", "edgetts", "profile", "--limit", str(args.limit), "--out", str(prof),
                         "--quiet"], check=True)  # fmt: skip
+    serve = served(str(prof / "pareto.json"), [float(x) for x in args.levels.split(",")], 300, args.seed) \
+        if args.serve else {}
     records = RecordLog(prof / "records.jsonl").load()
     problems = sorted({r["problem"] for r in records.values()})
     rng = random.Random(args.seed)
@@ -109,7 +167,7 @@ def main() -> None:
                                             if r["vs_static_points"] is not None),
         "budgets": results, "held_out_problems": len(held), "requests_per_budget": args.requests,
         "frontier": [p["id"] for p in front],
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **serve,
     }  # fmt: skip
     print(json.dumps(out))
 

@@ -280,3 +280,37 @@ def test_serve_holds_a_mean_budget_with_its_price(direct_profile, tmp_path):
         assert f"edgetts_price {app.state.server.price}" in app.state.server.metrics.render()
     finally:
         app.state.server.executor.close()
+
+
+def test_a_load_aware_price_is_zero_when_idle_and_rises_with_the_work_held(direct_profile, tmp_path, monkeypatch):
+    import json
+
+    from edgetts.runtime.http import create_app
+    from edgetts.runtime.server import LOAD_PRICE_MAX
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    config = json.loads((d / "pareto.json").read_text())
+    base = config["frontier"][0]
+    config["frontier"] = [dict(base, id=f"p{ms}", latency_ms=float(ms), accuracy=acc, accuracy_ci95=[acc, acc])
+                          for ms, acc in ((10, 0.40), (20, 0.60), (40, 0.70))]  # fmt: skip
+    (d / "three.json").write_text(json.dumps(config))
+    app = create_app(str(d / "three.json"), threads=1, load_price=True)
+    server = app.state.server
+    try:
+        slope = (0.70 - 0.40) / (40 - 10)
+        assert server.slope == pytest.approx(slope)
+        held = {"ms": 0.0}
+        monkeypatch.setattr(server.executor, "held_ms", lambda busy: held["ms"])
+        assert server._priced_by_load([], 100.0) == 0.0  # idle: the most accurate point that fits
+        held["ms"] = 40.0
+        assert server._priced_by_load([], 100.0) == 0.0  # under half the request's time
+        held["ms"] = 125.0
+        assert server._priced_by_load([], 100.0) == pytest.approx(slope * LOAD_PRICE_MAX * 0.5)
+        held["ms"] = 1000.0
+        assert server._priced_by_load([], 100.0) == pytest.approx(slope * LOAD_PRICE_MAX)  # bounded
+        r = _post(app, {"prompt": Q, "deadline_ms": 30}, headers={"Authorization": ""})  # held work 1 s: priced
+        assert r.status_code == 200 and r.json()["edgetts"]["price"] == pytest.approx(slope * LOAD_PRICE_MAX)
+        assert r.json()["edgetts"]["point_id"] == "p10"  # under load the cheap point, not a refusal
+    finally:
+        server.executor.close()
