@@ -50,6 +50,23 @@ def direct_profile(tmp_path_factory):
     return _profile(tmp_path_factory, "direct", DIRECT)
 
 
+@pytest.fixture
+def three_points(direct_profile, tmp_path):
+    """(config, path): the direct profile's config with three points of 10, 20 and 40 ms at 40, 60 and
+    70% (all on the tiny model), for tests of how the policy weighs time against accuracy."""
+    import json
+    import shutil
+
+    d = tmp_path / "three"
+    shutil.copytree(direct_profile, d)
+    config = json.loads((d / "pareto.json").read_text())
+    base = config["frontier"][0]
+    config["frontier"] = [dict(base, id=f"p{ms}", latency_ms=float(ms), accuracy=acc, accuracy_ci95=[acc, acc])
+                          for ms, acc in ((10, 0.40), (20, 0.60), (40, 0.70))]  # fmt: skip
+    (d / "three.json").write_text(json.dumps(config))
+    return config, d / "three.json"
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf():
     return BUILTIN["tiny"]

@@ -282,20 +282,11 @@ def test_serve_holds_a_mean_budget_with_its_price(direct_profile, tmp_path):
         app.state.server.executor.close()
 
 
-def test_a_load_aware_price_is_zero_when_idle_and_rises_with_the_work_held(direct_profile, tmp_path, monkeypatch):
-    import json
-
+def test_a_load_aware_price_is_zero_when_idle_and_rises_with_the_work_held(three_points, monkeypatch):
     from edgetts.runtime.http import create_app
     from edgetts.runtime.server import LOAD_PRICE_MAX
 
-    d = tmp_path / "p"
-    shutil.copytree(direct_profile, d)
-    config = json.loads((d / "pareto.json").read_text())
-    base = config["frontier"][0]
-    config["frontier"] = [dict(base, id=f"p{ms}", latency_ms=float(ms), accuracy=acc, accuracy_ci95=[acc, acc])
-                          for ms, acc in ((10, 0.40), (20, 0.60), (40, 0.70))]  # fmt: skip
-    (d / "three.json").write_text(json.dumps(config))
-    app = create_app(str(d / "three.json"), threads=1, load_price=True)
+    app = create_app(str(three_points[1]), threads=1, load_price=True)
     server = app.state.server
     try:
         slope = (0.70 - 0.40) / (40 - 10)

@@ -94,15 +94,11 @@ def test_a_plot_of_zero_accuracies_starts_at_zero(direct_profile, tmp_path):
     assert low == 0 and high > 0
 
 
-def test_a_price_on_compute_trades_accuracy_for_time(direct_profile, tmp_path):
+def test_a_price_on_compute_trades_accuracy_for_time(three_points):
     from edgetts.runtime import Policy
 
-    d = tmp_path / "p"
-    shutil.copytree(direct_profile, d)
-    config = json.loads((d / "pareto.json").read_text())
-    base = config["frontier"][0]
-    config["frontier"] = [dict(base, id=f"p{ms}", latency_ms=float(ms), accuracy=acc, accuracy_ci95=[acc, acc])
-                          for ms, acc in ((10, 0.40), (20, 0.60), (40, 0.70))]  # fmt: skip
+    config, path = three_points
+    d = path.parent
     policy = Policy(config)
     assert policy.select(100).point["id"] == "p40"  # no price: the most accurate that fits
     assert policy.select(100, price=0.0) == policy.select(100)
@@ -117,8 +113,7 @@ def test_a_price_on_compute_trades_accuracy_for_time(direct_profile, tmp_path):
     assert "--price weighs" in one_line_error(runner.invoke(app, ["run", "--price", "0.1", Q]))
     assert "--price must be" in one_line_error(runner.invoke(app, ["run", "--config", str(d / "pareto.json"),
                                                                    "--deadline-ms", "1000", "--price", "-1", Q]))
-    (d / "three.json").write_text(json.dumps(config))
-    r = runner.invoke(app, ["run", "--config", str(d / "three.json"), "--deadline-ms", "100", "--price", "1", "--json",
+    r = runner.invoke(app, ["run", "--config", str(path), "--deadline-ms", "100", "--price", "1", "--json",
                             Q])  # fmt: skip
     assert r.exit_code == 0 and json.loads(r.stdout)["point"]["id"] == "p10"
 
