@@ -1,6 +1,7 @@
 """Benchmark: a mean budget per request held by a price on compute (:mod:`edgetts.runtime.pricing`).
 
     python bench/price.py [--limit 500] [--profile DIR] [--requests 2000] [--serve] [--levels 0.5,1,2,4]
+                          [--plot FILE]
 
 1. A pooled profile of the tiny model on ``--limit`` arith problems with the default grid
    (or ``--profile DIR``); its problems are split in two halves by a seeded shuffle: the
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve", action="store_true", help="also the served half: --load-price against price 0")
     ap.add_argument("--levels", default="0.5,1,2,4")
+    ap.add_argument("--plot", help="with --serve: goodput and admitted requests on time against load, both prices")
     args = ap.parse_args()
     prof = Path(args.profile or tempfile.mkdtemp(prefix="price-") + "/profile")
     if not args.profile:
@@ -123,6 +125,10 @@ def main() -> None:
                         "--quiet"], check=True)  # fmt: skip
     serve = served(str(prof / "pareto.json"), [float(x) for x in args.levels.split(",")], 300, args.seed) \
         if args.serve else {}
+    if serve and args.plot:
+        from serve_load import plot
+
+        plot(serve["levels"], args.plot)
     records = RecordLog(prof / "records.jsonl").load()
     problems = sorted({r["problem"] for r in records.values()})
     rng = random.Random(args.seed)
