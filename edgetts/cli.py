@@ -112,6 +112,12 @@ def _gpu_layers(text: str | None) -> int | None:
         fail(f"--gpu-layers: {e}")
 
 
+def _price(value: float) -> float:
+    if not (value >= 0 and value != float("inf")):
+        fail(f"--price must be a finite number >= 0, got {value}")
+    return value
+
+
 def _memory_mb(value: float | None) -> float | None:
     import math
 
@@ -281,8 +287,6 @@ def run(
         fail("--energy-j limits the policy's choice: it needs --config")
     if price and not config:
         fail("--price weighs the policy's choice: it needs --config")
-    if not (price >= 0 and price != float("inf")):
-        fail(f"--price must be a finite number >= 0, got {price}")
     if energy_j is not None and not (energy_j > 0 and energy_j != float("inf")):
         fail(f"--energy-j must be a positive number of joules, got {energy_j}")
     if strategy in STRATEGIES and STRATEGIES[strategy].single_row and n is not None and n > 1:
@@ -291,8 +295,8 @@ def run(
     try:
         with user_errors():
             out = answer(question, spec, config, strategy, n, budget, deadline_ms, energy_j, temperature, seed,
-                         raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb), price=price,
-                         threads=threads, gpu_layers=_gpu_layers(gpu_layers))  # fmt: skip
+                         raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb),
+                         price=_price(price), threads=threads, gpu_layers=_gpu_layers(gpu_layers))  # fmt: skip
     except (ParetoError, DeadlineTooShort) as e:
         fail(str(e))
     for note in out.notes:
@@ -437,7 +441,7 @@ def calibrate(
         settings = [parse_setting(s) for s in setting or []]
         with progress_bar(quiet) as progress, user_errors():
             done = calibrate_settings(profile_dir, out, settings, switch, model_dir, _memory_mb(memory_mb), progress,
-                                      say=lambda line: typer.echo(line, err=quiet is False))  # fmt: skip
+                                      say=typer.echo)  # fmt: skip
         for _, target, _ in done:
             config, _ = build_config([target], require_validated=False)
             write_config(config, Path(target) / "pareto.json")
@@ -640,8 +644,7 @@ def serve(
 
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
-    if not (price >= 0 and price != float("inf")):
-        fail(f"--price must be a finite number >= 0, got {price}")
+    _price(price)
     if mean_ms is not None and not (0 < mean_ms < float("inf")):
         fail(f"--mean-ms must be a finite number of milliseconds > 0, got {mean_ms}")
     if load_price and (mean_ms is not None or price):

@@ -36,7 +36,7 @@ import numpy as np
 
 from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
-from edgetts.engines.offload import llama_gpu_layers
+from edgetts.engines.offload import llama_gpu_layers, offloaded_layers
 
 GGUF_MAGIC = b"GGUF"
 _backend_ready = False
@@ -171,7 +171,6 @@ class LlamaCppEngine(Engine):
     def memory_plan(cls, spec, plan):
         """What :meth:`open` will allocate for ``plan``, from the GGUF header alone (nothing loaded)."""
         from edgetts.engines.memory import gguf_info, plan_memory
-        from edgetts.engines.offload import offloaded_layers
         from edgetts.models import ModelNotFound, resolve_model
 
         try:
@@ -243,8 +242,7 @@ class LlamaCppEngine(Engine):
                 why = reason() or " (out of memory?)"
                 raise EngineError(f"{path}: could not create a context of {n_ctx} tokens{why}")
         self.path = path
-        layers = lc.llama_model_n_layer(self.model)
-        on_gpu = layers + 1 if mp.n_gpu_layers < 0 else min(mp.n_gpu_layers, layers + 1)
+        on_gpu = offloaded_layers(n_gpu_layers, lc.llama_model_n_layer(self.model))
         self._settings = {"threads": threads, "gpu_layers": on_gpu, "flash_attn": flash_attn,
                           "offload": "gpu" if on_gpu else "none"}  # fmt: skip
         self.n_ctx = lc.llama_n_ctx(self.ctx)

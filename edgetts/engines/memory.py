@@ -24,10 +24,11 @@ With a cache stream per row (``kv_unified`` false) each stream is padded to 256 
 (:mod:`edgetts.engines.offload`) put their share of the weights and cache, and the compute
 scratch, in GPU memory; only the layers kept on the CPU are repacked.
 
-:func:`available_mb` is the memory the device can give: MemAvailable for the CPU (and a
-Jetson, whose GPU shares it), NVML's free memory of GPU 0 for offloaded parts on a discrete GPU,
-never more than the user's cap (``--memory-mb`` or ``EDGETTS_MEMORY_MB``).  :func:`check_fits`
-refuses a plan that exceeds it with one line naming every part, before anything is loaded.
+:func:`shortfall` weighs a plan against the memory the device can give: MemAvailable for the
+CPU (and a Jetson, whose GPU shares it), NVML's free memory of GPU 0 for offloaded parts on a
+discrete GPU, never more than the user's cap (``--memory-mb`` or ``EDGETTS_MEMORY_MB``).
+:func:`check_fits` refuses a plan that exceeds it with one line naming every part, before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -250,26 +251,22 @@ def _host_available_mb() -> float | None:
     return None
 
 
-def available_mb(gpu: bool = False, cap: float | None = None) -> float | None:
-    """Memory the device can still give (MB): free GPU memory when offloading to a GPU with memory of
-    its own, else MemAvailable (which a Jetson's GPU shares); never more than the user's cap."""
-    free = (_gpu_free_mb() if gpu else None) or _host_available_mb()
-    cap = memory_cap_mb(cap)
-    if cap is not None:
-        free = cap if free is None else min(free, cap)
-    return free
-
-
 def shortfall(plan: MemoryPlan, cap: float | None = None, share: float = 1.0) -> tuple[float, float] | None:
     """(MB needed, MB free) of the first memory ``plan`` does not fit in (``share`` of it), or None.
 
-    With a discrete GPU (NVML answers) the offloaded part is weighed against the GPU's free memory
-    and the rest against host memory; otherwise the whole plan against host memory.
+    The memory the device can give: with a discrete GPU (NVML answers) the offloaded part against
+    the GPU's free memory and the rest against MemAvailable; otherwise (the CPU, or a Jetson, whose
+    GPU shares host memory) the whole plan against MemAvailable; never more than the user's cap.
     """
+    cap = memory_cap_mb(cap)
+
+    def limited(free: float | None) -> float | None:
+        return free if cap is None else cap if free is None else min(free, cap)
+
     gpu_free = _gpu_free_mb() if plan.gpu else None
-    parts = [(plan.gpu, True), (plan.host, False)] if gpu_free is not None else [(plan.total, False)]
-    for need, on_gpu in parts:
-        free = available_mb(on_gpu, cap)
+    host = limited(_host_available_mb())
+    parts = [(plan.gpu, limited(gpu_free)), (plan.host, host)] if gpu_free is not None else [(plan.total, host)]
+    for need, free in parts:
         if free is not None and need / MB > free * share:
             return need / MB, free
     return None
@@ -280,5 +277,6 @@ def check_fits(plan: MemoryPlan, what: str, cap: float | None = None,
     """Refuse (one line) a plan that needs more memory than the device has free (or the cap allows)."""
     short = shortfall(plan, cap)
     if short is not None:
-        where = "the cap allows" if memory_cap_mb(cap) is not None and short[1] >= memory_cap_mb(cap) else "free"
+        cap = memory_cap_mb(cap)
+        where = "the cap allows" if cap is not None and short[1] >= cap else "free"
         raise MemoryShortfall(f"{what} needs {plan.describe()}; the device has {short[1]:.0f} MB {where}. {hint}")

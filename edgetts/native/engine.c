@@ -86,11 +86,7 @@ edgetts_status ett_engine_open(ett_engine *e, const char *path, int max_rows, in
     cp.n_batch = (uint32_t)e->batch_cap;
     cp.n_ubatch = (uint32_t)n_batch;
     cp.n_seq_max = (uint32_t)(2 * max_rows); /* rows, then the Python engine's probe sequences */
-    if (threads <= 0) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = cores > 0 ? (int)cores : 1;
-    }
-    cp.n_threads = cp.n_threads_batch = threads;
+    cp.n_threads = cp.n_threads_batch = threads; /* >= 1: the runtime resolves the default (runtime.c) */
     cp.kv_unified = true;
     cp.flash_attn_type = (enum llama_flash_attn_type)flash_attn;
     cp.no_perf = true;

@@ -213,9 +213,10 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
 
 def _replayed(rec: dict, steps, forced_len: int, factor: float) -> dict:
     """``rec`` re-timed: its rounds replayed on the step-time model, times the anchors' ``factor``."""
-    ttft = steps.token_s * (rec["prompt_tokens"] + 1) * factor
+    ttft = steps.token_s * (rec["prompt_tokens"] + 1)
     rounds = [[(int(s), bool(f)) for s, f in rnd] for rnd in rec["rounds"]]
-    latency = steps.latency(ttft / factor, rec["prompt_tokens"], rounds, forced_len) * factor
+    latency = steps.latency(ttft, rec["prompt_tokens"], rounds, forced_len) * factor
+    ttft *= factor
     longest = max(s for rnd in rounds for s, _ in rnd)
     return {**rec, "mode": "calibrated", "source_mode": rec.get("source_mode", rec.get("mode")), "latency_s": latency,
             "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1)}

@@ -150,7 +150,7 @@ class Executor:
         split = {"kv_unified": False} if self.batching else {}
         return point_spec(point).with_options(threads=self.threads, gpu_layers=self.gpu_layers, **split)
 
-    def _specs(self) -> list:
+    def specs(self) -> list:
         """The distinct engine specs of the frontier (each opens one engine)."""
         specs = {json.dumps(s.to_dict(), sort_keys=True): s for s in map(self._spec, self.policy.frontier)}
         return list(specs.values())
@@ -158,7 +158,7 @@ class Executor:
     def _fitting_rows(self, most: int, headroom: float = HEADROOM) -> int:
         """The most rows (up to ``most``) with which every engine of the frontier fits in memory at once;
         refuses (one line naming ``--batch-rows``) when even the widest point's rows do not fit."""
-        specs = self._specs()
+        specs = self.specs()
         rows = rows_that_fit(specs, most, self.tokens, self.memory_mb, headroom)
         if rows < self.max_n:
             fit = f"--batch-rows {rows} would" if rows else "not even --batch-rows 1 does"
@@ -183,7 +183,7 @@ class Executor:
             except MemoryShortfall as e:
                 if not self.batching:
                     raise
-                fit = rows_that_fit(self._specs(), self.rows, self.tokens, self.memory_mb, 1.0)
+                fit = rows_that_fit(self.specs(), self.rows, self.tokens, self.memory_mb, 1.0)
                 raise MemoryShortfall(f"{e} (at most {fit} rows fit: --batch-rows {max(fit, 1)})") from None
             note = settings_note(spec.label, profiled_with(point), with_power_mode(engine.settings()))
             if note:
@@ -217,7 +217,7 @@ class Executor:
             a, b = _step_fit(scheduler)
             return solo * waves * (a + b * min(ahead + n, self.rows)) / (a + b * n)
         if isinstance(engine, SerialEngine):  # the queue ahead: each runs alone, one after another
-            return solo + sum(p.solo_ms for p in busy) * self.slowdown(engine)
+            return solo + sum(p.solo_ms for p in busy)
         return solo
 
     def feasible(self, point: dict, busy: list[Plan], due: float, now: float) -> bool:

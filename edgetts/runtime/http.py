@@ -251,8 +251,7 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     executor = Executor(policy, threads=threads or serving_threads(), gpu_layers=gpu_layers, batching=batching,
                         rows=rows, memory_mb=memory_mb, notify=notify)  # fmt: skip
     say = notify or (lambda line: None)
-    engines = len({json.dumps(point_spec(p).to_dict(), sort_keys=True) for p in policy.frontier})
-    say(f"edgetts serve: opening {engines} engine(s) of {config} ({executor.rows} batch rows each)")
+    say(f"edgetts serve: opening {len(executor.specs())} engine(s) of {config} ({executor.rows} batch rows each)")
     try:
         for point in policy.frontier:
             opened, t0 = len(executor.engines), time.perf_counter()
