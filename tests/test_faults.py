@@ -6,6 +6,7 @@ import contextlib
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,10 +70,17 @@ def test_a_thread_that_is_gone_fails_waiters_at_once(batched, monkeypatch):
         raise SystemExit("injected: the thread itself stops")  # not an Exception: nothing inside catches it
 
     monkeypatch.setattr(sched, "_round", broken_round)
-    started = time.perf_counter()
-    with pytest.raises(EngineFailure, match="batch thread stopped"):
-        _run(engine, family)
-    assert time.perf_counter() - started < 10
+    failed = []
+
+    def waiter():
+        with pytest.raises(EngineFailure, match="batch thread stopped"):
+            _run(engine, family)
+        failed.append(True)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    t.join(120)  # a hang guard, not a speed bound: a waiter left behind would wait for ever
+    assert not t.is_alive() and failed
     sched.thread.join(5)
     assert not sched.thread.is_alive() and "batch thread gone" in engine.healthy()
     with pytest.raises(EngineFailure, match="batch thread is gone"):

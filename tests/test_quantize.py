@@ -398,7 +398,6 @@ def test_ctrl_c_during_a_native_quantization_exits_130_and_leaves_nothing(tmp_pa
     import signal
     import subprocess
     import sys
-    import time
 
     src = tmp_path / "narrow.gguf"
     assert runner.invoke(app, ["standin", "--shape", "narrow-qwen3", "--out", str(src)]).exit_code == 0
@@ -409,11 +408,11 @@ def test_ctrl_c_during_a_native_quantization_exits_130_and_leaves_nothing(tmp_pa
     for line in proc.stdout:  # a progress line: llama.cpp is inside llama_model_quantize now
         if "tensors (" in line:
             break
-    sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    rest, err = proc.communicate(timeout=120)  # a hang guard; "at once" is the next assertion
     assert proc.returncode == 130, err
-    assert time.monotonic() - sent < 5 and "interrupted" in err and "Exception ignored" not in err
+    assert "q2_k:" not in rest  # stopped inside the first variant, never went on to the last
+    assert "interrupted" in err and "Exception ignored" not in err
     assert not out.exists()  # nothing staged is left, and the folder this run created is removed
 
 
