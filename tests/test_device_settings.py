@@ -85,6 +85,50 @@ def test_memory_counts_only_what_is_offloaded():
     assert 0 < half.gpu < full.gpu and half.weights == 4_500_000
 
 
+def test_a_build_that_can_offload_puts_every_layer_on_the_gpu_by_default(monkeypatch, warn_again, capsys):
+    """llama.cpp's answer turned to yes: auto means every layer (-1), the memory plan of the real
+    model counts its GPU part, and an explicit request is honoured without a warning."""
+    from edgetts.engines.spec import ContextPlan, engine_memory
+
+    monkeypatch.setattr(offload, "supports_offload", lambda: True)
+    assert offload.llama_gpu_layers(None) == -1 and offload.llama_gpu_layers(7) == 7
+    assert offload.offloaded_layers(None, 3) == 4 and offload.offloaded_layers(99, 3) == 4
+    assert offload.offloaded_layers(2, 3) == 2 and offload.offloaded_layers(0, 3) == 0
+    assert capsys.readouterr().err == ""
+    spec = EngineSpec.from_dict({"engine": "llama.cpp", "artifact": "tiny"})
+    plan = ContextPlan(max_rows=2, max_tokens=64)
+    auto = engine_memory(spec, plan)
+    assert auto.host == auto.output  # everything but the logits lives on the GPU
+    assert engine_memory(spec.with_options(gpu_layers=0), plan).gpu == 0
+
+
+def test_a_discrete_gpu_is_checked_apart_from_host_memory(monkeypatch):
+    """With NVML answering (a fake one here), the offloaded part must fit the GPU's free memory and
+    the rest MemAvailable; without NVML (a Jetson) the whole plan goes against host memory."""
+    import types
+
+    from edgetts.engines.memory import MB, MemoryShortfall, shortfall
+
+    info = GGUFInfo("llama", layers=3, kv_heads=2, key_length=64, value_length=64, n_vocab=1000, hidden=128,
+                    ffn=256, weight_bytes=40 * MB)  # fmt: skip
+    plan = plan_memory(info, 1000, 2, gpu_layers=4)
+    gpu_free = [0.0]
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(free=gpu_free[0] * MB),
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu_free[0] = 10.0  # less than the offloaded part: refused on the GPU, whatever the host has
+    assert shortfall(plan) == (plan.gpu / MB, 10.0)
+    with pytest.raises(MemoryShortfall, match="the device has 10 MB free"):
+        check_fits(plan, "m")
+    gpu_free[0] = 10_000.0
+    assert shortfall(plan) is None
+    assert shortfall(plan, cap=plan.gpu / MB - 1) == (plan.gpu / MB, plan.gpu / MB - 1)  # the cap binds the GPU too
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: one pool, the whole plan
+    assert shortfall(plan, cap=plan.total / MB - 1) == (plan.total / MB, plan.total / MB - 1)
+
+
 def test_memory_cap_and_its_refusal(monkeypatch):
     info = GGUFInfo("llama", 2, 2, 64, 64, 1000, 128, 256, 50 * 2**20)
     plan = plan_memory(info, 4096, 4)

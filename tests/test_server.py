@@ -383,6 +383,10 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         engine, _ = ex.engine(alone.point)
         engine.scheduler._fit = (1e-3, 1e-4)  # a known step cost: the measured one is noise on a busy machine
         assert ex.predict_ms(alone.point, crowd) > alone.solo_ms  # experts count at their real cost
+        before = ex.predict_ms(alone.point, crowd)
+        engine.scheduler.slowdown = lambda: 2.0  # the device at half speed, as the batch measures it
+        assert ex.predict_ms(alone.point, crowd) == pytest.approx(2 * before)
+        del engine.scheduler.slowdown
         # ...scaled by the rows and budget they ask beyond their point (here the fastest, the only one in time)
         wide = ex.plan(Request(Q, deadline_ms=front[0]["latency_ms"], n=ex.max_n, budget=ex.max_budget))
         scale = ex.max_n / wide.point["n"] * ex.max_budget / wide.point["budget"]
