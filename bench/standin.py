@@ -22,6 +22,10 @@ largest relative error over the points is reported (target within 0.10).  ``tota
 the same comparison for the whole plan against the whole measured peak: the plan counts what
 llama.cpp allocates, the peak only pages that were touched, so the plan is an upper bound.
 
+Serve rows (every run, from the header alone): the rows ``edgetts serve`` opens by default for a
+config of this model at the largest ``--budgets`` value, on the memory free now and under
+``--memory-mb 2000``, with the plan of their cache.
+
 Per-step cost: 8 rows x 128 tokens (end of sequence masked) through ``engine.sample`` against a
 bare loop over the same context (one ``llama_decode`` per step, the same native samplers, nothing
 else), and ``engine.sample`` with log-probabilities on (``logprobs=0``, as the
@@ -152,6 +156,26 @@ def _layout_points(layout, rows, budgets, base_plan, base, planned, measure) -> 
     return points
 
 
+def serve_rows(model: str, budget: int, threads: int, caps: list[float | None]) -> dict:
+    """The rows ``edgetts serve`` opens by default for a config of this model whose widest budget is
+    ``budget`` (:func:`edgetts.runtime.executor.rows_that_fit`, a stream per row), with the cache
+    they plan: free memory first, then under each ``--memory-mb`` in ``caps``."""
+    from edgetts.runtime.executor import HEADROOM, rows_that_fit
+
+    spec = EngineSpec.from_dict({"engine": "llama.cpp", "artifact": model})
+    spec = spec.with_options(threads=threads, kv_unified=False)
+    out = {}
+    for cap in caps:  # 64: serve's ceiling, max(64, 8 x the widest n), for configs up to n 8
+        rows = rows_that_fit([spec], 64, budget + ANSWER, cap, HEADROOM)
+        plan = plan_memory(gguf_info(model), ContextPlan(max(rows, 1), budget + ANSWER).split_n_ctx, max(rows, 1),
+                           kv_unified=False)  # fmt: skip
+        out["free" if cap is None else f"memory_mb={cap:g}"] = {"rows": rows, "kv_mb": round(plan.kv / MB),
+                                                                 "total_mb": round(plan.total_mb)}  # fmt: skip
+        print(f"serve at budget {budget}, {'free memory' if cap is None else f'--memory-mb {cap:g}'}: {rows} rows, "
+              f"cache {plan.kv / MB:.0f} MiB of {plan.total_mb:.0f} MiB planned", file=sys.stderr)  # fmt: skip
+    return out
+
+
 def bare_loop(engine, prompt: str, n: int, tokens: int) -> tuple[float, list[float]]:
     """llama.cpp's loop with nothing around it: prefill, share, then decode + native sampling per step.
 
@@ -232,6 +256,7 @@ def main() -> None:
     model = args.model or str(standin_model())
     result = {"model": model, "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "load": round(os.getloadavg()[0], 2)}  # fmt: skip
+    result["serve_rows"] = serve_rows(model, max(int(v) for v in args.budgets.split(",")), args.threads, [None, 2000])
     if not args.skip_memory:
         result["memory"] = memory(model, [int(v) for v in args.rows.split(",")],
                                   [int(v) for v in args.budgets.split(",")], args.threads,
