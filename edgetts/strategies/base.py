@@ -184,7 +184,7 @@ class BudgetController:
             dt = now - self.last_step
             self.step_s = dt if self.step_s == 0 else 0.7 * self.step_s + 0.3 * dt
         else:  # the first call follows the prefill: its cost a token (without any wait in a queue before it)
-            prefill = ctl.prefill_s if getattr(ctl, "prefill_s", None) is not None else now
+            prefill = ctl.prefill_s if ctl.prefill_s is not None else now
             self.token_s = prefill / self.prompt_tokens
         self.last_step = now
         for i in stepped:

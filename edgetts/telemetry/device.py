@@ -65,7 +65,7 @@ def gpus() -> list[dict]:
 def power_mode() -> str | None:
     """The Jetson's power mode as ``nvpmodel -q`` names it (``MAXN``, ``15W``...), or None where there
     is no Jetson or nvpmodel cannot be read."""
-    if _read(sysfs.path("/etc/nv_tegra_release")) is None:
+    if sysfs.read_text(sysfs.path("/etc/nv_tegra_release")) is None:
         return None
     try:
         out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout
@@ -84,14 +84,14 @@ def with_power_mode(settings: dict) -> dict:
 
 
 def jetson() -> dict | None:
-    release = _read(sysfs.path("/etc/nv_tegra_release"))
+    release = sysfs.read_text(sysfs.path("/etc/nv_tegra_release"))
     if release is None:
         return None
     clocks = {}
     for name, path in (("cpu0_khz", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq"),
                        ("gpu_hz", "/sys/devices/gpu.0/devfreq/17000000.ga10b/cur_freq")):  # fmt: skip
         clocks[name] = sysfs.read_int(sysfs.path(path))
-    return {"release": release.splitlines()[0].strip() if release.strip() else None, "power_mode": power_mode(),
+    return {"release": release.splitlines()[0].strip() if release else None, "power_mode": power_mode(),
             "clocks": clocks}
 
 
