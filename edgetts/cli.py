@@ -427,6 +427,10 @@ def calibrate(
     ),
     model_dir: str = typer.Option(None, help="Folder holding the profiled model files here (found by file name)."),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
+    anchor_s: float = typer.Option(
+        30.0, min=0.0, max=86400.0, help="Seconds of direct runs that anchor each cell's latencies (one pass over the "
+        "cells at least; more: closer latencies, a longer calibration)."
+    ),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Re-time a profile for this device and setting: the source's accuracy, this device's latencies, checked."""
@@ -441,7 +445,7 @@ def calibrate(
         settings = [parse_setting(s) for s in setting or []]
         with progress_bar(quiet) as progress, user_errors():
             done = calibrate_settings(profile_dir, out, settings, switch, model_dir, _memory_mb(memory_mb), progress,
-                                      say=typer.echo)  # fmt: skip
+                                      say=typer.echo, anchor_s=anchor_s)  # fmt: skip
         for _, target, _ in done:
             config, _ = build_config([target], require_validated=False)
             write_config(config, Path(target) / "pareto.json")

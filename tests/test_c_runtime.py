@@ -350,7 +350,7 @@ def test_build_c_never_overwrites_a_users_files(built, config, tmp_path):
 
 def test_the_constants_c_shares_with_python_come_from_python(built):
     from edgetts.engines.spec import FORCED_SLACK, PROMPT_RESERVE
-    from edgetts.strategies.base import ANSWER_SAFETY, ANSWER_STEPS
+    from edgetts.timing import ANSWER_SAFETY, ANSWER_STEPS
 
     text = (built / "src" / "edgetts_constants.h").read_text()
     values = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define ETT_"))

@@ -42,8 +42,26 @@ def test_calibrate_keeps_the_accuracy_and_measures_this_setting(small_profile, t
             k: v for k, v in src[key].items() if k in ("correct", "generated_tokens", "rounds")}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["latency_validation"]["cells_checked"] == 1  # checked directly, as pooled profiles are
+    check = summary["latency_validation"]["models"][0]
+    cells = {(c["strategy"], c["n"], c["budget"]) for c in json.loads((out / "summary.json").read_text())["cells"]}
+    assert {(a["strategy"], a["n"], a["budget"]) for a in check["anchors"]} == cells  # every cell anchored
+    assert all(a["problems"] >= 1 and a["factor"] > 0 for a in check["anchors"])
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["calibrated_from"]["profile"] == str(small_profile) and (out / "pareto.json").is_file()
+
+
+def test_each_cell_gets_its_own_factor_pulled_toward_the_median():
+    from edgetts.profiling.calibrate import ANY, SHRINK, cell_factors
+
+    pairs = {("single", 1, 64): [(2.0, 1.0)] * 8,  # this shape runs 2x its model here
+             ("majority", 8, 64): [(3.0, 1.0)] * 8 + [(40.0, 1.0)],  # 3x, and one call stalled by another process
+             ("esc", 4, 64): [(2.5, 1.0)], ("esc", 8, 64): []}  # fmt: skip
+    f = cell_factors(pairs)
+    assert f[ANY] == 2.5  # the median of the cells' own factors
+    assert f[("single", 1, 64)] == pytest.approx((2.0 * 8 + 2.5 * SHRINK) / (8 + SHRINK))
+    assert f[("majority", 8, 64)] == pytest.approx((3.0 * 8 + 2.5 * SHRINK) / (8 + SHRINK))  # the stall left out
+    assert f[("esc", 4, 64)] == pytest.approx(2.5) and ("esc", 8, 64) not in f  # no anchor: ANY applies
+    assert cell_factors({}) == {ANY: 1.0}
 
 
 def test_calibrate_refuses_what_it_cannot_re_time(small_profile, tmp_path):

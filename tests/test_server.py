@@ -118,7 +118,8 @@ def test_completion_deadline_picks_cheaper_points_and_experts_override(client, c
 def test_a_deadline_no_point_meets_is_the_callers_error(live, config):
     """Shorter than the fastest point needs on an idle server: 400 naming it, which clients do not retry
     (a 429 would send the official client back twice for a deadline that can never be met)."""
-    from edgetts.runtime.planning import MARGIN, deadline_for_ms
+    from edgetts.runtime.planning import deadline_for_ms
+    from edgetts.timing import MARGIN
 
     fastest = json.loads(config.read_text())["frontier"][0]
     need = deadline_for_ms(fastest["latency_ms"] * MARGIN)

@@ -24,8 +24,10 @@ runs rounds.  Each ``sample`` call becomes a :class:`~edgetts.engines.llamacpp_j
 
 The thread is the only one touching the llama.cpp context; callers block on a future.  The
 scheduler records the time of each round (sampling, controllers and the decode) against the
-tokens decoded in it, so the server can predict a request's latency at the current occupancy
-(:meth:`Scheduler.step_cost`).
+tokens decoded in it, and how much slower than at the start the device runs them
+(:class:`DeviceSpeed`); from those it answers admission's questions about the batch
+(:meth:`Scheduler.cost_ms`, :meth:`Scheduler.fits`, :meth:`Scheduler.work_ms`), so that what
+admits a request and what then runs it share one model of the batch.
 :class:`BatchedEngine` is the :class:`~edgetts.engines.base.Engine` face of a scheduler, so
 strategies run on it unchanged.
 """
@@ -45,8 +47,8 @@ from dataclasses import dataclass
 from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
+from edgetts.timing import ANSWER_ROUNDS, MARGIN, OVERHEAD_MS, SHARE_ROWS
 
-ANSWER_ROUNDS = 9  # rounds a queued job still needs to force and state an answer
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
 
 
@@ -195,6 +197,43 @@ class Scheduler:
         (a + b x tokens, fitted online on whole rounds, from bare decodes timed at start)."""
         a, b = self._fit
         return a + b * tokens
+
+    # -- the batch's model of itself, for admission -------------------------------------------
+    # ``busy``: the requests admitted to this engine, as (due: perf_counter s, time alone: ms, rows).
+    # A request counts whole until it ends: under earliest-deadline-first rounds its progress so far
+    # depends on who came after it, and guessing it from the time it has had admitted more than the
+    # engine could run.
+    def _fit_or_guess(self) -> tuple[float, float]:
+        a, b = self._fit  # before anything is measured: the compute-bound guess that a step costs its rows
+        return (a, b) if a + b > 0 else (0.0, 1.0)
+
+    def cost_ms(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], due: float) -> float:
+        """Predicted latency of a request of ``n`` rows (``solo_ms`` alone, at profile speed) beside ``busy``,
+        due at ``due``: only rows due earlier slow its rounds (rounds go earliest deadline first), beyond
+        the engine's rows requests wait their turn, and the device runs at its speed now."""
+        ahead = sum(r for d, _, r in busy if d <= due)
+        waves = math.ceil((sum(r for *_, r in busy) + n) / self.engine.max_rows)
+        a, b = self._fit_or_guess()
+        rows = min(ahead + n, self.engine.max_rows)
+        return solo_ms * self.slowdown() * waves * (a + b * rows) / (a + b * n)
+
+    def work_ms(self, solo_ms: float, n: int) -> float:
+        """Engine time a request of ``n`` rows takes in the shared batch: its time alone scaled to its rows'
+        share of a round of ``SHARE_ROWS`` rows, at the device's speed now."""
+        a, b = self._fit_or_guess()
+        return self.slowdown() * solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
+
+    def fits(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], due: float, now: float) -> bool:
+        """Whether the batch can still finish everything on time with this request added: for each deadline
+        from the new one on, the work due by then (every admitted request's and the new one's,
+        :meth:`work_ms`) must fit in the time left, with admission's margin and overhead."""
+        items = sorted([(d, self.work_ms(ms, r)) for d, ms, r in busy] + [(due, self.work_ms(solo_ms, n))])
+        total = 0.0
+        for at, w in items:
+            total += w
+            if at >= due and total * MARGIN + OVERHEAD_MS > (at - now) * 1000:
+                return False
+        return True
 
     def close(self) -> None:
         with self.cond:

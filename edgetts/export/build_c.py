@@ -144,7 +144,7 @@ def constants_h() -> str:
     from edgetts.engines.spec import FORCED_SLACK, PROMPT_RESERVE
     from edgetts.runtime.policy import Policy
     from edgetts.strategies import RunConfig
-    from edgetts.strategies.base import ANSWER_SAFETY, ANSWER_STEPS
+    from edgetts.timing import ANSWER_SAFETY, ANSWER_STEPS
 
     values = {"ANSWER_TOKENS": RunConfig().answer_tokens, "ANSWER_STEPS": ANSWER_STEPS,
               "ANSWER_SAFETY": float(ANSWER_SAFETY), "PROMPT_RESERVE": PROMPT_RESERVE,

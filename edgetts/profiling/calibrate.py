@@ -15,13 +15,17 @@ forced), and only time is measured here:
    fixed shapes, seconds on the tiny model), with the energy meter running where one exists;
 3. every record's latency is replayed from its rounds on that model (prefill at the fitted cost
    per token, one step per token of the longest live row, the forced answer's tokens);
-4. a few anchor cells (spread over n and budget) are run directly on the first problems, and
-   the median of their direct over replayed latencies scales every record (``correction``):
-   what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks) shows in
-   whole calls; energy is the measured average power times the corrected latency;
-5. other cells than the anchors are run directly and compared with their latencies, as pooled
-   profiles check themselves (``latency_validation``, with the anchors and the correction;
-   :mod:`edgetts.profiling.validation`).
+4. anchors: every cell is run directly on the first problems, problem by problem through all
+   cells, for ``anchor_s`` seconds (one pass at least, ``ANCHOR_MAX`` problems at most), and
+   each cell's records are scaled by its own factor, direct over replayed seconds on the same
+   problems and seeds (the same rows), pulled toward the median factor where a cell has few
+   problems: what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks)
+   shows in whole calls, and not by the same factor for every shape (under a CPU quota a call
+   of 8 rows slowed 3.3x where one of a single row slowed 2.4x); energy is the measured average
+   power times the corrected latency;
+5. a few cells are run directly on problems no anchor ran and compared with their latencies,
+   as pooled profiles check themselves (``latency_validation``, with each cell's anchors and
+   factor; :mod:`edgetts.profiling.validation`).
 
 The result is a profile directory like any other: this device's ``device.json``, the source's
 sweep (with ``calibrated_from``), the re-timed records (``mode`` ``calibrated``, ``profiled_with``
@@ -47,6 +51,10 @@ from edgetts.profiling.directory import (
 )
 
 SETTINGS = {"threads": int, "gpu_layers": int, "power_mode": str}
+ANCHOR_S = 30.0  # default seconds of direct calls for the anchors (the fit and the check take the rest of a minute)
+ANCHOR_MAX = 20  # problems per cell at most: beyond that a factor moves less than the device's own noise
+SHRINK = 2.0  # problems' worth of the overall factor a cell's own factor is pulled toward (few problems: noisy)
+ANY = ("*", 0, 0)  # the factors' key for the overall factor (a cell no anchor ran)
 
 
 def parse_setting(text: str) -> dict:
@@ -127,7 +135,8 @@ def switch_power_mode(mode: str, switch: str | None) -> None:
 
 
 def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = None, model_dir: str | None = None,
-                      switch: str | None = None, memory_mb: float | None = None, progress=None) -> dict:  # fmt: skip
+                      switch: str | None = None, memory_mb: float | None = None, progress=None,
+                      anchor_s: float = ANCHOR_S) -> dict:  # fmt: skip
     """Re-time the profile ``src`` for this device under ``setting`` into ``out`` (new or empty); returns
     the summary (see the module doc)."""
     src, out, setting = Path(src), Path(out), dict(setting or {})
@@ -150,17 +159,18 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
         for key, rec in records.items():
             by_model.setdefault(rec["model"], {})[key] = rec
         for label, recs in by_model.items():
-            retimed.update(_retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress))
+            retimed.update(_retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress,
+                                   anchor_s))
         _write(out, src, sweep_file, models, retimed, setting, time.perf_counter() - t0)
         return write_summary(out)
 
 
-def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress) -> dict:
+def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress, anchor_s) -> dict:
     from edgetts.engines import EngineSpec, open_engine
     from edgetts.engines.spec import serving_threads, split_settings
     from edgetts.profiling.latency import calibrate
     from edgetts.profiling.runner import _energy
-    from edgetts.profiling.validation import choose_cells, validate
+    from edgetts.profiling.validation import PROBLEMS, validate
     from edgetts.strategies import RunConfig
     from edgetts.telemetry.device import with_power_mode
     from edgetts.telemetry.meters import QueryMeter
@@ -190,25 +200,69 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
             return record_key(label, *cell)
 
         new = {k: _replayed(rec, steps, forced_len, 1.0) for k, rec in recs.items()}
-        # Anchors: a few cells run directly give the factor by which whole calls here differ from the
-        # model (what the fixed-shape fit misses on this device: scheduling, a quota, clocks).
-        anchors = choose_cells(cells)
-        measured = validate(engine, family, label, anchors, examples, new, steps, cfg, key, tick=tick("anchoring"),
-                            warn=False)  # fmt: skip
-        ratios = [c["direct_s"] / c["modelled_s"] for c in measured["cells"] if c["modelled_s"] > 0]
-        factor = median(ratios) if ratios else 1.0
+        # Anchors: every cell run directly on the first problems, as long as the time allows, gives the
+        # factor by which whole calls of that shape here differ from the model (what a fixed-shape fit
+        # misses on this device: scheduling, a quota, clocks; it differs by shape).
+        pairs, used = anchor(engine, family, cells, examples, new, cfg, key, anchor_s, tick("anchoring"))
+        factors = cell_factors(pairs)
         for k, rec in recs.items():
-            timed = _replayed(rec, steps, forced_len, factor)
+            timed = _replayed(rec, steps, forced_len, factors.get((rec["strategy"], rec["n"], rec["budget"]),
+                                                                  factors[ANY]))
             new[k] = {**timed, **_energy(power, timed["latency_s"]), "profiled_with": settings,
                       "engine": spec.to_dict()}  # fmt: skip
-        # The check: other cells than the anchors where the sweep has them, as pooled profiles check themselves.
-        held_out = [c for c in cells if c not in anchors] or anchors
-        result = validate(engine, family, label, held_out, examples, new, steps, cfg, key, tick=tick("validating"))
-        result.update({"anchors": measured["cells"], "correction": factor})
+        # The check: problems no anchor ran (where the sweep has them), as pooled profiles check themselves.
+        held_out = examples[used:] if len(examples) - used >= PROBLEMS else examples
+        result = validate(engine, family, label, cells, held_out, new, steps, cfg, key, tick=tick("validating"))
+        result.update({"anchors": [{"strategy": s, "n": n, "budget": b, "problems": len(p),
+                                    "factor": factors[(s, n, b)]} for (s, n, b), p in pairs.items()],
+                       "anchor_problems": used, "correction": factors[ANY]})  # fmt: skip
         write_json_atomic(_latency_file(out, "validation", label), result)
     finally:
         engine.close()
     return new
+
+
+def anchor(engine, family, cells, examples, records, cfg, key, seconds: float, tick=None) -> tuple[dict, int]:
+    """Run every cell directly on problems 0, 1, 2... in turn (each problem through all cells, so the cells
+    get about as many) until ``seconds`` are spent (one pass at least) or ``ANCHOR_MAX`` problems are done,
+    with the records' seeds.  Returns ({cell: [(direct s, modelled s), ...]}, problems used)."""
+    from edgetts.engines.base import SamplingParams
+    from edgetts.profiling.latency import Ticks
+    from edgetts.strategies import RunConfig, create
+
+    sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)  # the pool's seeds of repeat 0
+    pairs: dict = {c: [] for c in cells}
+    step, used, t0 = Ticks(len(cells) * min(ANCHOR_MAX, len(examples)), tick), 0, time.perf_counter()
+    for ex in examples[:ANCHOR_MAX]:
+        if used and time.perf_counter() - t0 > seconds:
+            break
+        for s, n, b in cells:
+            rec = records.get(key(s, n, b, 0, ex.id))
+            if rec is not None:
+                trace = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling)).run(ex.question)
+                pairs[(s, n, b)].append((trace.wall_s, rec["latency_s"]))
+            step()
+        used += 1
+    return pairs, used
+
+
+def cell_factors(pairs: dict) -> dict:
+    """Each cell's factor, direct over modelled seconds (a ratio of sums, so long problems weigh as they do in
+    the cell's mean; a call over twice the cell's median ratio, stalled by another process, left out), pulled
+    toward the cells' median factor by ``SHRINK`` problems' worth; ``ANY``: that median."""
+
+    def ratio(ps):
+        ps = [(d, m) for d, m in ps if m > 0]
+        if not ps:
+            return None
+        mid = median(d / m for d, m in ps)
+        kept = [(d, m) for d, m in ps if d / m <= 2 * mid]
+        return sum(d for d, _ in kept) / sum(m for _, m in kept), len(kept)
+
+    own = {cell: r for cell, r in ((c, ratio(ps)) for c, ps in pairs.items()) if r is not None}
+    overall = median(f for f, _ in own.values()) if own else 1.0
+    out = {cell: (f * k + overall * SHRINK) / (k + SHRINK) for cell, (f, k) in own.items()}
+    return {**out, ANY: overall}
 
 
 def _replayed(rec: dict, steps, forced_len: int, factor: float) -> dict:
@@ -238,8 +292,8 @@ def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, 
         log.append(records[key])
 
 
-def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=None, memory_mb=None,
-                       progress=None, say=print) -> list[tuple[str, Path, dict]]:  # fmt: skip
+def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=None, memory_mb=None, progress=None,
+                       say=print, anchor_s: float = ANCHOR_S) -> list[tuple[str, Path, dict]]:  # fmt: skip
     """Each of ``settings`` into ``out/<setting>`` (or ``out`` itself for one setting); returns (name, dir,
     summary) per setting."""
     settings = settings or [{}]
@@ -248,7 +302,7 @@ def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=No
         name = setting_name(setting)
         target = Path(out) if len(settings) == 1 else Path(out) / name
         t0 = time.perf_counter()
-        summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress)
+        summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress, anchor_s)
         check = summary.get("latency_validation") or {}
         say(f"calibrated {name} into {target} in {time.perf_counter() - t0:.1f} s"
             + (f" (latency check {'ok' if check.get('ok') else 'FAILED'}: off by "

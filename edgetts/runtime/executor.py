@@ -12,8 +12,9 @@ requests it gets at once) are called concurrently, up to the engine's own bound.
 
 :meth:`Executor.run` runs a request's :class:`~edgetts.runtime.planning.Plan` with its strategy,
 n and budget, under the request's deadline.  :meth:`Executor.predict_ms` tells what a point
-would take beside the requests already admitted (the occupancy), from the scheduler's measured
-step costs, or from the queue ahead on a serial engine.
+would take beside the requests already admitted (the occupancy): a shared batch answers from
+its own model of itself (the scheduler's measured round costs and the device's speed now), a
+serial engine from the queue ahead.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from edgetts.engines.memory import MemoryShortfall
 from edgetts.engines.spec import ContextPlan, engine_memory, settings_note
 from edgetts.models.families import Family
 from edgetts.pareto.config import point_spec, profiled_with
-from edgetts.runtime.planning import MARGIN, OVERHEAD_MS, Late, Plan, Request, make_plan, run_budget_ms
+from edgetts.runtime.planning import Late, Plan, Request, make_plan, run_budget_ms
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
 from edgetts.telemetry.device import with_power_mode
@@ -57,11 +58,6 @@ def rows_that_fit(specs: list, most: int, tokens: int, cap: float | None, headro
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
-
-
-# Rows a batched round holds when work is judged (:meth:`Executor.feasible`): rounds are kept
-# small while an urgent request runs, so each row pays a share of a small round's fixed cost.
-SHARE_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -112,11 +108,9 @@ class SerialEngine(Engine):
         self.inner.close()
 
 
-def _step_fit(scheduler) -> tuple[float, float]:
-    """The scheduler's (seconds a round, seconds a token); before anything is measured, the
-    compute-bound guess that a step costs its rows."""
-    a, b = scheduler.step_fit()
-    return (a, b) if a + b > 0 else (0.0, 1.0)
+def _held(busy: list[Plan]) -> list[tuple[float, float, int]]:
+    """The admitted plans as a shared batch weighs them: (due, time alone in ms, rows)."""
+    return [(p.due, p.solo_ms, p.n) for p in busy]
 
 
 class Executor:
@@ -204,68 +198,32 @@ class Executor:
                          self.max_budget, cost, price)  # fmt: skip
 
     def predict_ms(self, point: dict, busy: list[Plan], due: float = math.inf) -> float:
-        """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request
-        due at ``due``: on a batched engine only rows due earlier slow it (the scheduler gives a
-        round's pace to the earliest deadlines), and beyond the engine's rows requests wait their turn."""
+        """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request due
+        at ``due``: a shared batch answers itself (:meth:`~edgetts.engines.batching.Scheduler.cost_ms`); on a
+        serial engine the queue ahead runs first, each alone."""
         engine, busy = self._beside(point, busy)
-        solo = self.policy.predicted_ms(point) * self.slowdown(engine)
+        solo = self.policy.predicted_ms(point)
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is not None:
-            n = point["n"]
-            ahead = sum(p.n for p in busy if p.due <= due)
-            waves = math.ceil((sum(p.n for p in busy) + n) / self.rows)
-            a, b = _step_fit(scheduler)
-            return solo * waves * (a + b * min(ahead + n, self.rows)) / (a + b * n)
-        if isinstance(engine, SerialEngine):  # the queue ahead: each runs alone, one after another
+            return scheduler.cost_ms(solo, point["n"], _held(busy), due)
+        if isinstance(engine, SerialEngine):
             return solo + sum(p.solo_ms for p in busy)
         return solo
 
     def feasible(self, point: dict, busy: list[Plan], due: float, now: float) -> bool:
-        """Whether the batch can still finish everything on time with ``point`` added (due at ``due``).
-
-        Rounds go earliest deadline first, so a new request delays every admitted one due after
-        it; on a compute-bound device the engine's time is what they share.  For each deadline
-        from the new one on, the work due by then (what remains of each admitted request, and
-        the new one) must fit in the time left, with the admission margin.  A request's work is
-        its time alone scaled to its rows' share of a batch of ``SHARE_ROWS`` rows.
-        """
+        """Whether the batch can still finish everything on time with ``point`` added (due at ``due``): the
+        shared batch's own answer (:meth:`~edgetts.engines.batching.Scheduler.fits`); elsewhere always."""
         engine, busy = self._beside(point, busy)
         scheduler = getattr(engine, "scheduler", None)
-        if scheduler is None:
-            return True
-        work = self._work(scheduler)
-        mine = work(self.policy.predicted_ms(point), point["n"])
-        # An admitted request counts whole until it ends: under earliest-deadline-first rounds its
-        # progress so far depends on who came after it, and guessing it from the time it has had
-        # admitted more than the engine could run.
-        items = sorted([(p.due, work(p.solo_ms, p.n)) for p in busy] + [(due, mine)])
-        total = 0.0
-        for at, w in items:
-            total += w
-            if at >= due and total * MARGIN + OVERHEAD_MS > (at - now) * 1000:
-                return False
-        return True
-
-    @staticmethod
-    def _work(scheduler):
-        """``work(solo_ms, n)``: the engine time a request of ``n`` rows takes in a shared batch (its time
-        alone scaled to its rows' share of a batch of ``SHARE_ROWS`` rows), at the device's speed now."""
-        a, b = _step_fit(scheduler)
-        slow = scheduler.slowdown()
-
-        def work(solo_ms: float, n: int) -> float:
-            return slow * solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
-
-        return work
+        return scheduler is None or scheduler.fits(self.policy.predicted_ms(point), point["n"], _held(busy), due, now)
 
     def held_ms(self, busy: list[Plan]) -> float:
-        """Engine time the admitted requests ``busy`` hold, over their engines (their whole plans: see
-        :meth:`feasible`); on a serial engine each request's time alone."""
+        """Engine time the admitted requests ``busy`` hold, over their engines (a shared batch's
+        :meth:`~edgetts.engines.batching.Scheduler.work_ms`; on a serial engine each request's time alone)."""
         total = 0.0
         for p in busy:
-            engine = self.engine(p.point)[0]
-            scheduler = getattr(engine, "scheduler", None)
-            total += self._work(scheduler)(p.solo_ms, p.n) if scheduler is not None else p.solo_ms
+            scheduler = getattr(self.engine(p.point)[0], "scheduler", None)
+            total += scheduler.work_ms(p.solo_ms, p.n) if scheduler is not None else p.solo_ms
         return total
 
     def _beside(self, point: dict, busy: list[Plan]) -> tuple[Engine, list[Plan]]:
@@ -302,12 +260,9 @@ class Executor:
         total_ms = 1000 * (now - started)
         return Outcome(trace, total_ms, total_ms <= req.deadline_ms)
 
-    @staticmethod
-    def slowdown(engine) -> float:
-        """The device's slowdown as a batched engine measures it every round (1 elsewhere: a serial
-        engine's runs recalibrate the policy instead)."""
-        scheduler = getattr(engine, "scheduler", None)
-        return scheduler.slowdown() if scheduler is not None else 1.0
+    def slowdown(self) -> float:
+        """The device's slowdown as the shared batches measure it every round (the largest; 1 without one)."""
+        return max([e.scheduler.slowdown() for e, _ in self.engines.values() if hasattr(e, "scheduler")] + [1.0])
 
     def measures_speed(self, point: dict) -> bool:
         """Whether the engine of ``point`` follows the device's speed itself (a shared batch does)."""

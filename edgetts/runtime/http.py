@@ -173,7 +173,7 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
     @app.get("/healthz")
     async def healthz():
         body = {"status": "ok", "frontier_points": len(server.policy.frontier), "queue": len(server.pending),
-                "slowdown": round(server.policy.slowdown, 4)}  # fmt: skip
+                "slowdown": round(server.slowdown(), 4)}  # fmt: skip
         sick = server.executor.unhealthy()
         if sick:
             return JSONResponse({**body, "status": "unhealthy", "reason": sick}, status_code=503)
@@ -181,6 +181,7 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
 
     @app.get("/metrics")
     async def metrics():
+        server.metrics.slowdown = round(server.slowdown(), 4)
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

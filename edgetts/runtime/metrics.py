@@ -21,6 +21,7 @@ class Metrics:
         self.queue_depth = 0
         self.responses, self.response_total, self.response_buckets = 0, 0.0, [0] * len(BUCKETS)
         self.price = 0.0  # the price on compute in force
+        self.slowdown = 1.0  # the device's speed against the profile's (set when rendered)
 
     def request(self, outcome: str, seconds: float = 0.0, point: str | None = None, tokens: int = 0,
                 missed: bool = False) -> None:  # fmt: skip
@@ -67,6 +68,8 @@ class Metrics:
                       f"edgetts_tokens_generated_total {self.tokens}",
                       "# HELP edgetts_price Price on compute in force (accuracy per ms of predicted latency).",
                       "# TYPE edgetts_price gauge", f"edgetts_price {self.price}",
+                      "# HELP edgetts_slowdown How much slower the device runs than it was profiled (1: as fast).",
+                      "# TYPE edgetts_slowdown gauge", f"edgetts_slowdown {self.slowdown}",
                       "# HELP edgetts_response_seconds From a request's first byte in to its response's last "
                       "byte out (every response).", "# TYPE edgetts_response_seconds histogram"]  # fmt: skip
             lines += [f'edgetts_response_seconds_bucket{{le="{b}"}} {c}'

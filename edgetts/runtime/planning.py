@@ -6,7 +6,7 @@ n, budget) and ``max_tokens`` are applied on top.  Admission plans with the time
 the request arrived, each point's latency predicted where it would run; a request the engine
 drops unstarted, because its deadline passed while it waited, ends in :class:`Late`.
 
-The margins of the deadline path live here, each with why it has its value.
+The margins of the deadline path live in :mod:`edgetts.timing`, each with why it has its value.
 """
 
 from __future__ import annotations
@@ -17,15 +17,7 @@ from dataclasses import dataclass, field
 
 from edgetts.runtime.policy import Policy, Selection
 from edgetts.strategies import STRATEGIES, StrategyError
-
-MARGIN = 1.25  # least safety factor on predicted latencies at admission
-# Time a client counts that the server's clock does not see: its HTTP library, the connection and
-# both event loops (3 ms typical and 7-11 ms at the 99th percentile with httpx on a loaded 2-core machine).
-OUTSIDE_MS = 6.0
-OVERHEAD_MS = 2.0 + OUTSIDE_MS  # per request, outside the engine (HTTP parsing, thread hand-offs, the client)
-# Strategies stop within one decode step after their deadline; that step, the time to build the
-# response and the time outside the server are kept inside the request's deadline as a reserve.
-RESERVE_MS, RESERVE_SHARE = 3.0 + OUTSIDE_MS, 0.1
+from edgetts.timing import RESERVE_MS, RESERVE_SHARE
 
 
 def run_budget_ms(left_ms: float) -> float:

@@ -51,10 +51,11 @@ from edgetts.engines import EngineError
 from edgetts.engines.base import EngineFailure
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
-from edgetts.runtime.planning import MARGIN, Late, Plan, Request, deadline_for_ms, run_budget_ms
+from edgetts.runtime.planning import Late, Plan, Request, deadline_for_ms, run_budget_ms
 from edgetts.runtime.policy import DeadlineTooShort, Policy
 from edgetts.runtime.pricing import MeanBudget
 from edgetts.strategies import STRATEGIES, StrategyError
+from edgetts.timing import MARGIN
 
 LOAD_PRICE_MAX = 3.0  # the load-aware price at its highest, in slopes of the frontier
 
@@ -248,6 +249,11 @@ class Server:
         load = self.executor.held_ms(busy) / max(left_ms, 1.0)
         return self.slope * LOAD_PRICE_MAX * min(1.0, max(0.0, (load - 0.5) / 1.5))
 
+    def slowdown(self) -> float:
+        """How much slower the device runs than profiled: what the shared batch measures every round, or the
+        policy's recalibration from lone runs on a serial engine."""
+        return max(self.policy.slowdown, self.executor.slowdown())
+
     def release(self, rid: str) -> None:
         with self.lock:
             self.pending.pop(rid, None)
@@ -302,7 +308,7 @@ class Server:
                 self.executor.measures_speed(plan.point):
             # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
             # model's error would pass for the device's speed.  A shared batch measures the device's
-            # speed every round instead (Executor.slowdown), for every request.
+            # speed every round instead (Scheduler.slowdown), for every request.
             self.policy.observe(plan.point["id"], 1000 * trace.wall_s)
         text = trace.answer or ""
         for s in opts["stop"]:

@@ -31,11 +31,7 @@ from edgetts.engines.base import Control, Engine, Row, SampleResult, SamplingPar
 from edgetts.models.families import Family, build_prompt
 from edgetts.strategies.pooling import Estimate
 from edgetts.tasks.grading import extract_answer
-
-ANSWER_STEPS = 8  # decode steps reserved for a forced answer ("\boxed{42}", "The answer is 383")
-# Steps get slower when other requests join a shared batch, and the step estimate lags them: the
-# answer is forced while this many times the reserved steps still fit, so that it is stated in time.
-ANSWER_SAFETY = 1.5
+from edgetts.timing import ANSWER_SAFETY, ANSWER_STEPS
 
 
 class StrategyError(ValueError):
