@@ -19,7 +19,8 @@ The last line is one JSON object: ``goodput_ratio_vs_sequential`` at 2x load (ta
 every level's figures (``server_deadline_met``: the share the server itself counts as on time,
 from when it had each request's headers; the client's figure also holds the time outside the server,
 whose median and 99th percentile are ``outside_p50_ms`` and ``outside_p99_ms``;
-``late_by_deadline`` counts late answers per deadline; ``error_kinds`` names failed calls).
+``late_by_deadline`` and ``empty_by_deadline`` count late and empty answers per deadline;
+``error_kinds`` names failed calls).
 ``--plot FILE`` draws goodput and deadline share against load.  An answer with no text (cut
 before any row stated one) counts as a miss in every share.  The servers (and the hogs below)
 run niced below the client, so what is measured is the server keeping its deadlines;
@@ -190,6 +191,8 @@ def _figures(results: list, span: float) -> dict:
         if results else 0.0,
         "late_by_deadline": {str(d): n for d in sorted({r[3] for r in answered})
                              if (n := sum(r[3] == d and r[4] > d for r in answered))},
+        "empty_by_deadline": {str(d): n for d in sorted({r[3] for r in answered})
+                              if (n := sum(r[3] == d and r[1] is None for r in answered))},
         # what the server counts, from when it had the headers (None: a server that does not say)
         "server_deadline_met": round(sum(bool(r[5]) for r in answered) / max(1, len(answered)), 4)
         if answered and answered[0][5] is not None else None,

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from edgetts.cli import app
 from edgetts.engines import offload, open_engine
-from edgetts.engines.base import SamplingParams
+from edgetts.engines.base import Control, SamplingParams
 from edgetts.export.build_c import BuildError, build_c
 from edgetts.pareto.config import build_config, load_config, point_spec, write_config
 from edgetts.profiling.config import SweepConfig
@@ -361,7 +361,8 @@ def test_the_constants_c_shares_with_python_come_from_python(built):
 
 
 @pytest.mark.parametrize(("strategy", "deadline_ms"),
-                         [("majority/n4/b32", 14), ("esc/n8/b32", 18), ("single/n1/b32", 9)])  # fmt: skip
+                         [("majority/n4/b32", 14), ("esc/n8/b32", 18), ("single/n1/b32", 9),
+                          ("majority/n4/b32", 28)])  # fmt: skip
 def test_the_deadline_branch_forces_answers_at_the_same_steps(built, config, monkeypatch, strategy, deadline_ms):
     """With a clock that advances a fixed step per decode (EDGETTS_STEP_CLOCK_MS in C, the same clock
     patched into Python), a deadline that cuts the reasoning forces the answers, or stops the rows,
@@ -387,6 +388,14 @@ def test_the_deadline_branch_forces_answers_at_the_same_steps(built, config, mon
 
     engine._decode = counted
     monkeypatch.setattr(time_module, "perf_counter", lambda: decodes[0] * 0.001)
+    prefixed = []  # rows that ended their thinking by themselves too late for an answer of their own
+    real_force = Control.force
+
+    def force(ctl, row, text, extra_tokens=0):
+        prefixed.extend([row] if text == family.answer_prefix else [])
+        real_force(ctl, row, text, extra_tokens)
+
+    monkeypatch.setattr(Control, "force", force)
     try:
         forced = cut = 0
         for q, c in zip(questions, c_out, strict=True):
@@ -404,3 +413,5 @@ def test_the_deadline_branch_forces_answers_at_the_same_steps(built, config, mon
     finally:
         engine.close()
     assert forced + cut > 0  # the deadline did bind: this compared the deadline branch, not free runs
+    if deadline_ms == 28:  # and here rows that ended their thinking late were given the answer prefix, alike
+        assert prefixed

@@ -209,6 +209,29 @@ def test_device_speed_follows_the_rounds_and_fades_with_time(monkeypatch):
     assert speed.slowdown() < 1.05
 
 
+def test_stalls_beside_other_work_are_kept_for_admission(monkeypatch):
+    """A device whose cores other work shares runs most rounds at speed and some after a wait for the CPU:
+    the wait is what a short request must expect to meet, and admission adds it to every prediction."""
+    from edgetts.engines import batching
+
+    clock = [100.0]
+    monkeypatch.setattr(batching.time, "perf_counter", lambda: clock[0])
+    speed = batching.DeviceSpeed()
+    fit = (0.001, 0.0001)  # a round of 10 tokens: 2 ms
+
+    def rounds(k, seconds, every=0, stall=0.0):
+        for i in range(k):
+            clock[0] += 0.002
+            speed.add(10, seconds + (stall if every and i % every == 0 else 0.0), fit)
+
+    rounds(speed.WARM + 400, 0.002)
+    assert speed.stall_s() < 0.0005  # a quiet device: no stall to expect
+    rounds(2000, 0.002, every=8, stall=0.008)  # one round in eight waits 8 ms for the CPU
+    assert 0.004 < speed.stall_s() < 0.009 and speed.slowdown() > 1.2
+    clock[0] += 60  # nothing measured for a minute: forgotten
+    assert speed.stall_s() < 0.0001
+
+
 def test_a_row_past_its_usual_length_does_not_take_the_whole_batch():
     """Past the expected length a row is expected to end soon, not to run to its limit: its pace
     stays near a step and the earliest-due job does not run alone while the others wait."""
@@ -292,24 +315,94 @@ def test_serve_holds_a_mean_budget_with_its_price(direct_profile, tmp_path):
 
 def test_a_load_aware_price_is_zero_when_idle_and_rises_with_the_work_held(three_points, monkeypatch):
     from edgetts.runtime.http import create_app
-    from edgetts.runtime.server import LOAD_PRICE_MAX
+    from edgetts.runtime.server import LOAD_FREE, LOAD_FULL
 
     app = create_app(str(three_points[1]), threads=1, load_price=True)
     server = app.state.server
     try:
-        slope = (0.70 - 0.40) / (40 - 10)
-        assert server.slope == pytest.approx(slope)
+        # At the top, the point with the most accuracy per engine-ms (10 ms at 40%) is worth 0, the others less.
+        work = {p["id"]: server.executor.work_ms(p) for p in server.policy.frontier}
+        top = server.efficient_price()
+        assert top == pytest.approx(max(acc / work[f"p{ms}"] for ms, acc in ((10, 0.4), (20, 0.6), (40, 0.7))))
         held = {"ms": 0.0}
         monkeypatch.setattr(server.executor, "held_ms", lambda busy: held["ms"])
         assert server._priced_by_load([], 100.0) == 0.0  # idle: the most accurate point that fits
-        held["ms"] = 40.0
-        assert server._priced_by_load([], 100.0) == 0.0  # under half the request's time
-        held["ms"] = 125.0
-        assert server._priced_by_load([], 100.0) == pytest.approx(slope * LOAD_PRICE_MAX * 0.5)
+        held["ms"] = 100.0 * LOAD_FREE
+        assert server._priced_by_load([], 100.0) == 0.0  # little work held beside the request's time
+        held["ms"] = 100.0 * (LOAD_FREE + LOAD_FULL) / 2
+        assert server._priced_by_load([], 100.0) == pytest.approx(top * 0.5)
         held["ms"] = 1000.0
-        assert server._priced_by_load([], 100.0) == pytest.approx(slope * LOAD_PRICE_MAX)  # bounded
-        r = _post(app, {"prompt": Q, "deadline_ms": 30}, headers={"Authorization": ""})  # held work 1 s: priced
-        assert r.status_code == 200 and r.json()["edgetts"]["price"] == pytest.approx(slope * LOAD_PRICE_MAX)
+        assert server._priced_by_load([], 100.0) == pytest.approx(top)  # bounded
+        r = _post(app, {"prompt": Q, "deadline_ms": 60}, headers={"Authorization": ""})  # held work 1 s: priced
+        assert r.status_code == 200 and r.json()["edgetts"]["price"] == pytest.approx(top, rel=0.05)
         assert r.json()["edgetts"]["point_id"] == "p10"  # under load the cheap point, not a refusal
+        held["ms"] = 0.0
+        r = _post(app, {"prompt": Q, "deadline_ms": 60}, headers={"Authorization": ""})
+        assert r.json()["edgetts"]["price"] == 0.0 and r.json()["edgetts"]["point_id"] == "p20"  # idle: accurate
     finally:
         server.executor.close()
+
+
+def test_a_serial_engine_counts_what_each_request_held_not_its_wait():
+    """Under load a serial engine's requests wait their turn; what their calls held the engine is what they
+    took alone, so the policy can recalibrate from every request and not only from lone ones."""
+    import threading
+
+    from edgetts.engines import create
+    from edgetts.runtime.executor import SerialEngine
+
+    class Slow:
+        name, parallel_rows, forced_tokens, logprobs, steppable, probes = "slow", True, True, False, True, False
+
+        def sample(self, *args, **kwargs):
+            time.sleep(0.05)
+            return create("fake", scripts=[["x"]]).sample("q", 1, SamplingParams(max_tokens=1))
+
+    serial = SerialEngine(Slow())
+    ready, out = threading.Event(), {}
+
+    def request():
+        serial.take_held_s()
+        t0 = time.perf_counter()
+        ready.set()
+        serial.sample("q", 1, SamplingParams(max_tokens=1))
+        out["waited"], out["held"] = time.perf_counter() - t0, serial.take_held_s()
+
+    with serial.lock:  # another request's turn: this one waits at least 0.1 s
+        worker = threading.Thread(target=request)
+        worker.start()
+        assert ready.wait(30)
+        time.sleep(0.1)
+    worker.join(30)
+    assert out["held"] >= 0.05  # its own call
+    assert out["held"] <= out["waited"] - 0.1  # the wait for its turn left out
+    assert serial.take_held_s() == 0.0  # another thread's count: nothing held here
+
+
+def test_an_engine_alone_measures_its_stalls_for_the_next_calls(monkeypatch):
+    """On an engine that runs one call at a time (the sequential server), the steps of every call are timed:
+    a wait for the CPU seen in earlier calls is the stall the next call's controller keeps room for."""
+    from types import SimpleNamespace
+
+    from edgetts.engines import stalls as stalls_module
+
+    clock = [100.0]
+    monkeypatch.setattr(stalls_module.time, "perf_counter", lambda: clock[0])
+    meter, seen = stalls_module.Stalls(), []
+
+    def call(steps, stall_every=0):
+        ctl = SimpleNamespace(stall_s=None)
+        timed = stalls_module.Timed(lambda c, stepped: seen.append(c.stall_s), meter)
+        for i in range(steps):
+            clock[0] += 0.0005 + (0.008 if stall_every and i % stall_every == stall_every - 1 else 0.0)
+            timed(ctl, [0])
+
+    call(100)
+    assert seen[-1] < 0.0005  # steps at an even pace: no stall to expect
+    call(200, stall_every=10)  # other work took the CPU for 8 ms one step in ten
+    seen.clear()
+    call(1)
+    assert 0.004 < seen[0] < 0.009  # the next call starts knowing it
+    clock[0] += 60
+    call(1)
+    assert seen[-1] < 1e-4  # a minute with nothing measured: forgotten

@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import subprocess
+import time
 
 import pytest
 from conftest import one_line_error
@@ -175,7 +176,13 @@ def test_recalibration_is_the_median_of_runs_against_each_points_median():
     assert pol.slowdown == 1.0 and pol.select(60).point["id"] == "slow"
     for _ in range(15):
         pol.observe("slow", 30.0)
-    for _ in range(8):  # refusals pull it back too: an old factor must not refuse for ever
+    for _ in range(8):  # refusals right after runs measured the device measure nothing: the factor stands
+        pol.relax()
+    assert pol.slowdown == pytest.approx(3.0)
+    clock = [time.perf_counter()]
+    pol.clock = lambda: clock[0]
+    for _ in range(8):  # with nothing measured for a while, refusals pull it back: it must not refuse for ever
+        clock[0] += pol.RELAX_S
         pol.relax()
     assert pol.slowdown == 1.0
     pol.observe("unknown", 1e6)  # not a point of the config: ignored

@@ -410,11 +410,15 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         assert refused.value.status == 429 and "without making others late" in refused.value.message
         for rid in ["heavy", "c0", "c1"]:
             srv.release(rid)
-        # One terrible measurement must not lock the server into refusing: refusals relax it.
+        # One terrible measurement must not lock the server into refusing: with nothing measured for a
+        # while, refusals relax it (time passes here by RELAX_S between requests).
         policy.observe(policy.frontier[0]["id"], 1e4 * policy.frontier[0]["latency_ms"])
         assert policy.slowdown > 1e3
+        clock = [time.perf_counter()]
+        policy.clock = lambda: clock[0]
         outcomes = []
         for i in range(100):
+            clock[0] += policy.RELAX_S
             try:
                 srv.admit(f"x{i}", Request(Q, deadline_ms=roomy))
                 srv.release(f"x{i}")

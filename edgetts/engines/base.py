@@ -136,6 +136,12 @@ class Control:
         # tell): what a controller divides by the prompt's tokens for the cost of one, without the
         # time the call waited in a shared batch's queue before its prefill began.
         self.prefill_s: float | None = None
+        # The engine's estimate of one step of this call now (a shared batch: one of its rounds at the
+        # current load; None where the engine has none): the prior a controller starts its own running
+        # estimate from, so that its first measured step, which a crowded round or a wait for the CPU
+        # may have stretched, does not stand for every step to come.
+        self.step_s: float | None = None
+        self.stall_s: float | None = None  # and of a wait beyond a step that a call should expect to meet
 
     def live(self) -> list[Row]:
         return [r for r in self.rows if not r.finished]

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
+from edgetts.engines.stalls import Stalls
 from edgetts.timing import ANSWER_ROUNDS, MARGIN, OVERHEAD_MS, SHARE_ROWS
 
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
@@ -94,20 +95,26 @@ class StepCost:
 
 
 class DeviceSpeed:
-    """How much slower the device runs rounds now than it did when serving began (1: as fast).
+    """How much slower the device runs rounds now than it did when serving began (1: as fast), and
+    how long its stalls are.
 
     Every round's seconds are compared with what a reference fit predicts for its tokens: the
     online fit frozen after the first ``WARM`` rounds served (the device as the server found it,
-    which is how it was profiled).  The ratio is smoothed over time (time constant ``TAU_S``), so
-    a device that throttles, or that other work starts to share, is followed within a second or
-    two of rounds; with no rounds it fades back toward 1 (``IDLE_S``): a slowdown that nothing
-    measures any more is forgotten with time, never with refusals.
+    which is how it was profiled).  The ratio is smoothed over time: a device that throttles, or
+    that other work starts to share, is followed within a fraction of a second (``TAU_UP_S``: every
+    request admitted meanwhile is predicted at the old speed, and a level of load can turn over in
+    a second), one that gets faster again more surely (``TAU_S``); with no rounds it fades back
+    toward 1 (``IDLE_S``): a slowdown that nothing measures any more is forgotten with time, never
+    with refusals.  What a round took beyond the smoothed prediction goes to
+    :class:`~edgetts.engines.stalls.Stalls`: a mean slowdown hides the waits for the CPU that a
+    short request meets, and admission adds one to every prediction.
     """
 
-    WARM, TAU_S, IDLE_S = 200, 1.0, 5.0
+    WARM, TAU_UP_S, TAU_S, IDLE_S = 200, 0.25, 1.0, 5.0
 
     def __init__(self):
         self.rounds, self.reference, self.value, self.last = 0, None, 1.0, time.perf_counter()
+        self.stalls = Stalls()
 
     def add(self, tokens: int, seconds: float, fit: tuple[float, float]) -> None:
         now = time.perf_counter()
@@ -121,12 +128,18 @@ class DeviceSpeed:
         expected = a + b * tokens
         if expected > 0:
             ratio = min(seconds / expected, 20.0)  # one round stalled by a page fault must not dominate
-            self.value += (ratio - self.value) * (1.0 - math.exp(-(now - self.last) / self.TAU_S))
+            tau = self.TAU_UP_S if ratio > self.value else self.TAU_S  # slower: followed at once; faster: surely
+            self.value += (ratio - self.value) * (1.0 - math.exp(-(now - self.last) / tau))
+            self.stalls.add(seconds - expected * self.value)
         self.last = now
 
     def slowdown(self) -> float:
         idle = time.perf_counter() - self.last
         return 1.0 + max(0.0, self.value - 1.0) * math.exp(-max(0.0, idle - self.TAU_S) / self.IDLE_S)
+
+    def stall_s(self) -> float:
+        """A wait beyond the mean slowdown that a request should expect to meet (see the class doc)."""
+        return self.stalls.stall_s()
 
 
 class Scheduler:
@@ -146,6 +159,7 @@ class Scheduler:
         # (``trace_rounds()``): how tests and diagnostics see that requests really share rounds.
         self.trace: deque | None = None
         self._fit = (0.0, 0.0)
+        self.last_tokens = 1  # tokens of the last round decoded
         self._calibrate()
         self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
         self.thread.start()
@@ -210,12 +224,13 @@ class Scheduler:
     def cost_ms(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], due: float) -> float:
         """Predicted latency of a request of ``n`` rows (``solo_ms`` alone, at profile speed) beside ``busy``,
         due at ``due``: only rows due earlier slow its rounds (rounds go earliest deadline first), beyond
-        the engine's rows requests wait their turn, and the device runs at its speed now."""
+        the engine's rows requests wait their turn, the device runs at its speed now and a stall of the
+        device's recent ones is met once (:class:`DeviceSpeed`)."""
         ahead = sum(r for d, _, r in busy if d <= due)
         waves = math.ceil((sum(r for *_, r in busy) + n) / self.engine.max_rows)
         a, b = self._fit_or_guess()
         rows = min(ahead + n, self.engine.max_rows)
-        return solo_ms * self.slowdown() * waves * (a + b * rows) / (a + b * n)
+        return solo_ms * self.slowdown() * waves * (a + b * rows) / (a + b * n) + 1000 * self.speed.stall_s()
 
     def work_ms(self, solo_ms: float, n: int) -> float:
         """Engine time a request of ``n`` rows takes in the shared batch: its time alone scaled to its rows'
@@ -226,12 +241,12 @@ class Scheduler:
     def fits(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], due: float, now: float) -> bool:
         """Whether the batch can still finish everything on time with this request added: for each deadline
         from the new one on, the work due by then (every admitted request's and the new one's,
-        :meth:`work_ms`) must fit in the time left, with admission's margin and overhead."""
+        :meth:`work_ms`) must fit in the time left, with admission's margin and overhead and a stall."""
         items = sorted([(d, self.work_ms(ms, r)) for d, ms, r in busy] + [(due, self.work_ms(solo_ms, n))])
-        total = 0.0
+        total, stall_ms = 0.0, 1000 * self.speed.stall_s()
         for at, w in items:
             total += w
-            if at >= due and total * MARGIN + OVERHEAD_MS > (at - now) * 1000:
+            if at >= due and total * MARGIN + OVERHEAD_MS + stall_ms > (at - now) * 1000:
                 return False
         return True
 
@@ -307,10 +322,13 @@ class Scheduler:
             if reason and (not entry.job.live or entry.job.sampled):  # left out of rounds until too late:
                 entry.job.stop_live(reason)  # its controller never ran to stop it, so stop it here
                 self._finish(entry)
+        a, b = self._fit  # a round like the last one, as fitted, and the device's stalls: the controllers' priors
+        step_s, stall_s = a + b * self.last_tokens, self.speed.stall_s()
         for entry in list(self.running):
             job = entry.job
             if job.live and not job.sampled:  # only right after a decode that held its rows' logits
                 try:
+                    job.ctl.step_s, job.ctl.stall_s = step_s, stall_s
                     job.step()
                     job.sampled = True
                 except Exception as err:  # a controller's failure is its own call's
@@ -341,6 +359,7 @@ class Scheduler:
             return
         status = e._decode(entries)
         self._record(len(entries), time.perf_counter() - begin)
+        self.last_tokens = len(entries)
         if self.trace is not None:  # who shared this decode: the jobs whose rows or prompt were in it
             self.trace.append(tuple(id(j) for j in decoded + fed))
         for job in decoded:

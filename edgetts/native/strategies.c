@@ -59,6 +59,7 @@ typedef struct budget_ctl {
     char forced[512];           /* the forced text: end of thinking and answer prefix */
     int forced_len, prompt_tokens;
     double token_s, last_step, step_s;
+    double stall_s; /* the longest wait seen beyond a step's running estimate: the answer keeps room for one */
     int has_last;
     int *answer_start, *think_count, *forced_answer; /* per row; answer_start -1: still thinking */
     int first_finish, winner;
@@ -81,6 +82,18 @@ static void force_answer(budget_ctl *b, ett_ctl *ctl, int i)
     b->think_count[i] = ctl->rows[i].n_generated;
 }
 
+/* Whether `rows` rows must be given the answer prefix now for the answer to be stated before the
+ * deadline (BudgetController._answer_due): the forced text's decode, `steps` answer steps with their
+ * safety and one stall like the longest seen no longer fit in what is left. */
+static int answer_due(const budget_ctl *b, double now, int rows, int steps)
+{
+    if (b->deadline_s < 0) {
+        return 0;
+    }
+    double forced_decode = rows * b->forced_len * b->token_s;
+    return b->deadline_s - now < forced_decode + (steps + 1) * b->step_s * ETT_ANSWER_SAFETY + b->stall_s;
+}
+
 static int cancelled(const budget_ctl *b)
 {
 #if defined(__GNUC__) || defined(__clang__)
@@ -100,6 +113,9 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
     double now = ett_now() - b->started;
     if (b->has_last) {
         double dt = now - b->last_step;
+        if (b->step_s != 0 && dt - b->step_s > b->stall_s) { /* a wait that may come again */
+            b->stall_s = dt - b->step_s;
+        }
         b->step_s = b->step_s == 0 ? dt : 0.7 * b->step_s + 0.3 * dt;
     } else {
         /* the first call follows the prefill: its cost a token, from the prefill itself (a round after
@@ -122,6 +138,9 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
                    && memcmp(r->tokens + r->n_tokens - b->n_end, b->end_ids, sizeof(int) * (size_t)b->n_end) == 0) {
             b->answer_start[i] = r->n_tokens - b->n_end; /* the delimiter is not thinking */
             b->think_count[i] = r->n_generated - b->n_end;
+            if (answer_due(b, now, 1, ETT_ANSWER_TOKENS)) { /* its own answer may not end in time: the prefix */
+                ett_force(ctl, i, b->forced + strlen(b->pt->think_end), 0);
+            }
         } else if (r->n_generated >= b->budget) {
             force_answer(b, ctl, i);
         }
@@ -138,7 +157,7 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
         }
         double forced_decode = thinking * b->forced_len * b->token_s; /* token_s is set: a step came */
         int answer_steps = ETT_ANSWER_TOKENS < ETT_ANSWER_STEPS ? ETT_ANSWER_TOKENS : ETT_ANSWER_STEPS;
-        if (thinking && left < forced_decode + (answer_steps + 1) * b->step_s * ETT_ANSWER_SAFETY) {
+        if (thinking && answer_due(b, now, thinking, answer_steps)) {
             if (left < forced_decode + b->step_s) { /* not even the forced text fits: stop on time */
                 stop_all(ctl, "deadline");
                 return;

@@ -29,6 +29,7 @@ from edgetts.engines import Engine, open_engine
 from edgetts.engines.base import EngineError, Row, SampleResult, SamplingParams
 from edgetts.engines.memory import MemoryShortfall
 from edgetts.engines.spec import ContextPlan, engine_memory, settings_note
+from edgetts.engines.stalls import Stalls, Timed
 from edgetts.models.families import Family
 from edgetts.pareto.config import point_spec, profiled_with
 from edgetts.runtime.planning import Late, Plan, Request, make_plan, run_budget_ms
@@ -65,6 +66,7 @@ class Outcome:
     trace: Trace
     total_ms: float  # from the request's arrival
     deadline_met: bool
+    engine_ms: float | None = None  # on a serial engine: the time its calls held the engine (its turns' waits out)
 
 
 def unstarted(n: int, reason: str) -> SampleResult:
@@ -81,6 +83,8 @@ class SerialEngine(Engine):
 
     def __init__(self, engine: Engine):
         self.inner, self.lock = engine, threading.Lock()
+        self.held = threading.local()  # per calling thread: seconds its calls held the engine
+        self.stalls = Stalls()  # waits beyond a step, measured on every call (controllers get the one to expect)
         for cap in ("name", "parallel_rows", "forced_tokens", "logprobs", "steppable", "probes"):
             setattr(self, cap, getattr(engine, cap))
 
@@ -90,7 +94,18 @@ class SerialEngine(Engine):
             reason = expired() if expired else None
             if reason:
                 return unstarted(n, reason)
-            return self.inner.sample(prompt, n, params, controller, seeds)
+            t0 = time.perf_counter()
+            try:
+                timed = Timed(controller, self.stalls) if controller is not None else None
+                return self.inner.sample(prompt, n, params, timed, seeds)
+            finally:
+                self.held.s = getattr(self.held, "s", 0.0) + time.perf_counter() - t0
+
+    def take_held_s(self) -> float:
+        """Seconds the calling thread's calls held the engine since it last asked (its waits for a turn left
+        out): what its requests took alone, which the policy may recalibrate from under any load."""
+        held, self.held.s = getattr(self.held, "s", 0.0), 0.0
+        return held
 
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)
@@ -192,10 +207,12 @@ class Executor:
         self.by_point[point["id"]] = (point, self.engines[key])
         return self.engines[key]
 
-    def plan(self, req: Request, budget_ms: float | None = None, cost=None, price: float = 0.0) -> Plan:
-        """The plan for ``req`` within ``budget_ms`` (default: its deadline); ``cost(point)`` predicts ms."""
+    def plan(self, req: Request, budget_ms: float | None = None, cost=None, price: float = 0.0,
+             charge=None) -> Plan:  # fmt: skip
+        """The plan for ``req`` within ``budget_ms`` (default: its deadline); ``cost(point)`` predicts ms,
+        ``charge(point)`` is what the price multiplies (default: that prediction)."""
         return make_plan(self.policy, req, req.deadline_ms if budget_ms is None else budget_ms, self.max_n,
-                         self.max_budget, cost, price)  # fmt: skip
+                         self.max_budget, cost, price, charge)  # fmt: skip
 
     def predict_ms(self, point: dict, busy: list[Plan], due: float = math.inf) -> float:
         """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request due
@@ -217,14 +234,16 @@ class Executor:
         scheduler = getattr(engine, "scheduler", None)
         return scheduler is None or scheduler.fits(self.policy.predicted_ms(point), point["n"], _held(busy), due, now)
 
+    def work_ms(self, point: dict, solo_ms: float | None = None, n: int | None = None) -> float:
+        """Engine time a request of ``point`` holds (``solo_ms`` and ``n``: of what actually runs): in a
+        shared batch :meth:`~edgetts.engines.batching.Scheduler.work_ms`, on a serial engine its time alone."""
+        solo = self.policy.predicted_ms(point) if solo_ms is None else solo_ms
+        scheduler = getattr(self.engine(point)[0], "scheduler", None)
+        return scheduler.work_ms(solo, n or point["n"]) if scheduler is not None else solo
+
     def held_ms(self, busy: list[Plan]) -> float:
-        """Engine time the admitted requests ``busy`` hold, over their engines (a shared batch's
-        :meth:`~edgetts.engines.batching.Scheduler.work_ms`; on a serial engine each request's time alone)."""
-        total = 0.0
-        for p in busy:
-            scheduler = getattr(self.engine(p.point)[0], "scheduler", None)
-            total += scheduler.work_ms(p.solo_ms, p.n) if scheduler is not None else p.solo_ms
-        return total
+        """Engine time the admitted requests ``busy`` hold, over their engines (:meth:`work_ms`)."""
+        return sum(self.work_ms(p.point, p.solo_ms, p.n) for p in busy)
 
     def _beside(self, point: dict, busy: list[Plan]) -> tuple[Engine, list[Plan]]:
         """The engine of ``point`` and the ``busy`` plans on it (requests on other engines run apart)."""
@@ -253,12 +272,15 @@ class Executor:
         cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(run_budget_ms(left), 1.0), cancel=req.cancel,
                         messages=req.messages, sampling=sampling,
                         expected_tokens=self.expected_tokens(plan))  # fmt: skip
+        serial = isinstance(engine, SerialEngine)
+        if serial:
+            engine.take_held_s()  # this thread's count starts here
         trace = create(plan.strategy, engine, family, cfg).run(req.question)
         now = time.perf_counter()
         if not trace.generated_tokens and trace.early_stop == "deadline":
             raise Late(1000 * (now - started))  # dropped while queued: nothing was computed
         total_ms = 1000 * (now - started)
-        return Outcome(trace, total_ms, total_ms <= req.deadline_ms)
+        return Outcome(trace, total_ms, total_ms <= req.deadline_ms, 1000 * engine.take_held_s() if serial else None)
 
     def slowdown(self) -> float:
         """The device's slowdown as the shared batches measure it every round (the largest; 1 without one)."""

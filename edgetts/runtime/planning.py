@@ -87,13 +87,14 @@ class Late(Exception):
 
 
 def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_budget: int, cost=None,
-              price: float = 0.0) -> Plan:  # fmt: skip
+              price: float = 0.0, charge=None) -> Plan:  # fmt: skip
     """The plan for ``req`` given ``budget_ms`` of time; expert overrides win over the point.
 
     ``cost(point)`` predicts a point's latency where it will run (default: the policy's, alone);
-    ``price`` is the price on compute the policy weighs it with (:meth:`Policy.select`).
+    ``price`` is the price on compute the policy weighs it with, on ``charge(point)`` where given
+    (:meth:`Policy.select`).
     """
-    choice = policy.select(budget_ms, cost=cost, price=price)
+    choice = policy.select(budget_ms, cost=cost, price=price, charge=charge)
     p = choice.point
     strategy = req.strategy or p["strategy"]
     if strategy not in STRATEGIES:

@@ -22,7 +22,8 @@ latencies (an average against the p95 would sink far below 1 on ordinary runs: E
 Consistency's median is a quarter of its p95, and the policy would then pick points that run
 late); one long run cannot move a median; a throttled device is followed within a few runs,
 and a recovered one as soon as half of the kept runs are back.  :meth:`relax` counts a run at
-the profile (a server's refusal, which measures nothing).  The C runtime
+the profile when nothing has been measured for a second (a server that refuses everything
+measures nothing, and must find out that the device is fast again).  The C runtime
 (``edgetts_policy_observe``) keeps the same runs and takes the same median.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,8 @@ class Selection:
 
 class Policy:
     RUNS = 15  # runs whose median is the slowdown (edgetts/native/runtime.c: ETT_RUNS)
+    RELAX_S = 1.0  # with no run observed this long, a refusal counts a run at the profile (relax)
+    clock = staticmethod(time.perf_counter)  # seconds, for relax (tests give an instance its own)
 
     def __init__(self, config: dict):
         self.config = validate(config)
@@ -63,6 +67,7 @@ class Policy:
         self.by_id = {p["id"]: i for i, p in enumerate(self.frontier)}
         self.slowdown = 1.0
         self.runs: deque[float] = deque(maxlen=self.RUNS)
+        self.last_seen = self.clock()  # when a run was last counted
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -72,11 +77,13 @@ class Policy:
         return point["latency_ms"] * self.slowdown
 
     def select(self, deadline_ms: float, energy_j: float | None = None, memory_mb: float | None = None,
-               cost=None, price: float = 0.0) -> Selection:  # fmt: skip
+               cost=None, price: float = 0.0, charge=None) -> Selection:  # fmt: skip
         """The point that fits and maximizes accuracy minus ``price`` times its predicted milliseconds
         (price 0: the most accurate that fits); ``cost(point)`` may replace the prediction (the
-        server's: the point beside the requests already running).  The same rule, in the same
-        floating-point operations, is ``edgetts_policy_select`` with ``edgetts_set_price`` in C."""
+        server's: the point beside the requests already running), and ``charge(point)`` what the price
+        multiplies (the server's load price: the engine time the point would hold in the shared batch;
+        default the predicted milliseconds).  The same rule, in the same floating-point operations, is
+        ``edgetts_policy_select`` with ``edgetts_set_price`` in C (which has no batch: no ``charge``)."""
         if not (price >= 0 and math.isfinite(price)):
             raise ValueError(f"price must be a finite number >= 0, got {price!r}")
         predict = cost or self.predicted_ms
@@ -94,7 +101,7 @@ class Policy:
             return known[i]
 
         def worth(i: int) -> float:  # accuracy less the price of the time it takes
-            return self.frontier[i]["accuracy"] - price * ms(i)
+            return self.frontier[i]["accuracy"] - price * (ms(i) if charge is None else charge(self.frontier[i]))
 
         best = None
         for i, p in enumerate(self.frontier):
@@ -133,13 +140,17 @@ class Policy:
         self._count(latency_ms / max(typical, 1e-9))
 
     def relax(self) -> None:
-        """Count a run at the profile (a refusal, which measures nothing).
+        """Count a run at the profile once no run has been observed for ``RELAX_S`` seconds (a server's
+        refusal, which measures nothing), at most once per ``RELAX_S``.
 
         Without it a factor raised by a few slow requests would refuse every later request, and
-        refused requests never run to measure that the device is fast again.
+        refused requests never run to measure that the device is fast again; with time, not with
+        each refusal, so that a burst of refusals does not wipe out what runs just measured.
         """
-        self._count(1.0)
+        if self.clock() - self.last_seen >= self.RELAX_S:
+            self._count(1.0)
 
     def _count(self, ratio: float) -> None:
         self.runs.append(ratio)
         self.slowdown = max(1.0, statistics.median(self.runs))
+        self.last_seen = self.clock()

@@ -57,7 +57,9 @@ from edgetts.runtime.pricing import MeanBudget
 from edgetts.strategies import STRATEGIES, StrategyError
 from edgetts.timing import MARGIN
 
-LOAD_PRICE_MAX = 3.0  # the load-aware price at its highest, in slopes of the frontier
+# The load-aware price (``_priced_by_load``): 0 while the engine time the admitted requests hold is
+# under LOAD_FREE of a new request's time left, then rising to its ceiling at LOAD_FULL of it.
+LOAD_FREE, LOAD_FULL = 0.25, 1.0
 
 
 class APIError(Exception):
@@ -186,13 +188,8 @@ class Server:
         self.budget = MeanBudget(mean_ms) if mean_ms is not None else None
         if self.budget is not None:
             self.budget.price = price
-        # A price that follows the load: 0 while the admitted work is small beside a request's time,
-        # rising to LOAD_PRICE_MAX times the frontier's slope of accuracy over latency as it grows.
+        # A price on engine time that follows the load (_priced_by_load).
         self.load_price = load_price
-        front = policy.frontier
-        best = max(front, key=lambda p: (p["accuracy"], -p["latency_ms"]))
-        spread = best["latency_ms"] - front[0]["latency_ms"]
-        self.slope = (best["accuracy"] - front[0]["accuracy"]) / spread if spread > 0 else 0.0
 
     def admit(self, rid: str, req: Request, arrived: float | None = None) -> Plan:
         """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
@@ -209,8 +206,10 @@ class Server:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
                                headers={"Retry-After": "1"})  # fmt: skip
             busy = list(self.pending.values())
+            charge = None
             if self.load_price:
                 self.price = self.metrics.price = self._priced_by_load(busy, left)
+                charge = self.executor.work_ms  # under load, engine time is what is scarce
 
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
                 if not req.expert and not self.executor.feasible(point, busy, due, now):
@@ -222,7 +221,7 @@ class Server:
             # fits beside the others, a cheaper one before a refusal.
             refuse = self.overload == "refuse" and not req.expert
             budget = run_budget_ms(left)  # the time its strategy will get: the one the point must fit
-            plan = self.executor.plan(req, budget, cost=None if refuse else cost, price=self.price)
+            plan = self.executor.plan(req, budget, cost=None if refuse else cost, price=self.price, charge=charge)
             if refuse:
                 plan = replace(plan, predicted_ms=cost(plan.point))
             if not req.expert and (plan.choice.miss or plan.predicted_ms > budget):
@@ -243,11 +242,17 @@ class Server:
             return plan
 
     def _priced_by_load(self, busy: list, left_ms: float) -> float:
-        """The price for a request with ``left_ms`` of its deadline beside ``busy``: 0 while the work
-        they hold is under half that time, then rising linearly to ``LOAD_PRICE_MAX`` x the slope at
-        twice it (at the slope, the fastest point is worth the most accurate one)."""
+        """The price on engine time for a request with ``left_ms`` of its deadline beside ``busy``: 0 while
+        the engine time they hold is under ``LOAD_FREE`` of that time (the most accurate point that fits),
+        rising linearly to :meth:`efficient_price` at ``LOAD_FULL`` of it and held there: a saturated
+        engine delivers the most correct answers per second on the point with the most per engine-ms."""
         load = self.executor.held_ms(busy) / max(left_ms, 1.0)
-        return self.slope * LOAD_PRICE_MAX * min(1.0, max(0.0, (load - 0.5) / 1.5))
+        return self.efficient_price() * min(1.0, max(0.0, (load - LOAD_FREE) / (LOAD_FULL - LOAD_FREE)))
+
+    def efficient_price(self) -> float:
+        """The price at which the point with the most accuracy per engine-ms is chosen (the largest accuracy
+        over engine time of the frontier: that point is then worth 0 and every other less)."""
+        return max(p["accuracy"] / max(self.executor.work_ms(p), 1e-9) for p in self.policy.frontier)
 
     def slowdown(self) -> float:
         """How much slower the device runs than profiled: what the shared batch measures every round, or the
@@ -304,12 +309,14 @@ class Server:
             self.metrics.request("cancelled", result.total_ms / 1000, tokens=result.trace.generated_tokens)
             raise APIError(499, "client disconnected", code="cancelled")
         trace = result.trace
-        if plan.as_profiled and plan.alone and self.admitted == plan.order + 1 and not \
-                self.executor.measures_speed(plan.point):
-            # Only runs that had the engine to themselves recalibrate: beside others, the occupancy
-            # model's error would pass for the device's speed.  A shared batch measures the device's
-            # speed every round instead (Scheduler.slowdown), for every request.
-            self.policy.observe(plan.point["id"], 1000 * trace.wall_s)
+        if plan.as_profiled and not self.executor.measures_speed(plan.point):
+            if result.engine_ms is not None:  # a serial engine: what its calls took alone, whatever the load
+                self.policy.observe(plan.point["id"], result.engine_ms)
+            elif plan.alone and self.admitted == plan.order + 1:
+                # Otherwise only runs that had the engine to themselves recalibrate: beside others, the
+                # occupancy model's error would pass for the device's speed.  A shared batch measures the
+                # device's speed every round instead (Scheduler.slowdown), for every request.
+                self.policy.observe(plan.point["id"], 1000 * trace.wall_s)
         text = trace.answer or ""
         for s in opts["stop"]:
             text = text.split(s, 1)[0]

@@ -123,6 +123,9 @@ class BudgetController:
         self.expected_tokens = cfg.expected_tokens
         self.last_step: float | None = None
         self.step_s = 0.0  # running estimate of one decode step
+        # The longest wait seen beyond a step's running estimate (another process had the CPU), and the
+        # one the engine says to expect where it measures its stalls: the answer keeps room for one more.
+        self.stall_s = self.engine_stall = 0.0
 
     # hooks ------------------------------------------------------------------------------
     def on_think_end(self, ctl: Control, row: Row) -> bool:
@@ -171,17 +174,38 @@ class BudgetController:
         self.answer_start[row.index] = len(row.tokens) - answered
         self.think_count[row.index] = row.n_generated - answered
 
+    def _answer_due(self, now: float, rows: int, steps: int) -> bool:
+        """Whether ``rows`` rows must be given the answer prefix now for the answer to be stated before the
+        deadline: the forced text's decode, ``steps`` answer steps (with their safety) and one stall like
+        the longest seen no longer fit in what is left.  Thinking rows are forced when the answer's
+        reserved steps (``ANSWER_STEPS``) no longer fit; a row that ends its thinking on its own gets the
+        prefix at once when an answer of its own, which may take all its ``answer_tokens``, would not fit:
+        it then states the answer in a few tokens instead of a sentence of its own that the deadline would
+        cut."""
+        if self.deadline_s is None or self.text_mode:
+            return False
+        forced_decode = rows * self.forced_len * (self.token_s or 0)
+        stall = max(self.stall_s, self.engine_stall)
+        return self.deadline_s - now < forced_decode + (steps + 1) * self.step_s * ANSWER_SAFETY + stall
+
     def __call__(self, ctl: Control, stepped: list[int]) -> None:
         if self.cfg.cancel is not None and self.cfg.cancel.is_set():
             ctl.stop_all("cancelled")
             return
         now = time.perf_counter() - self.started
+        engine_step = getattr(ctl, "step_s", None)  # a shared batch's own estimate of its rounds
         if self.last_step is not None:
             dt = now - self.last_step
+            # Alone on its engine a step this much over the estimate is a wait that may recur (in a shared
+            # batch steps differ by the rounds' make-up: the batch measures its stalls itself).
+            if self.step_s and engine_step is None:
+                self.stall_s = max(self.stall_s, dt - self.step_s)
             self.step_s = dt if self.step_s == 0 else 0.7 * self.step_s + 0.3 * dt
         else:  # the first call follows the prefill: its cost a token (without any wait in a queue before it)
             prefill = ctl.prefill_s if ctl.prefill_s is not None else now
             self.token_s = prefill / self.prompt_tokens
+            self.step_s = engine_step or 0.0  # the engine's estimate, where it has one
+        self.engine_stall = getattr(ctl, "stall_s", None) or 0.0  # the stall the engine says to expect
         self.last_step = now
         for i in stepped:
             r = ctl.rows[i]
@@ -196,6 +220,8 @@ class BudgetController:
                 if not self.on_think_end(ctl, r):
                     self.answer_start[i] = len(r.tokens) - len(self.end_ids)  # the delimiter is not thinking
                     self.think_count[i] = r.n_generated - len(self.end_ids)
+                    if self._answer_due(now, 1, self.cfg.answer_tokens):  # its own answer may not end in time
+                        ctl.force(i, self.family.answer_prefix)
             elif self.thinking_tokens(r) >= self.cfg.budget:
                 self._force_answer(ctl, r)
         if self.deadline_s is not None and self.text_mode:
@@ -208,9 +234,8 @@ class BudgetController:
                 ctl.stop_all("deadline")
                 return
             thinking = [r for r in ctl.live() if r.index not in self.answer_start and r.index not in ctl.pending]
-            answer_steps = min(self.cfg.answer_tokens, ANSWER_STEPS)
             forced_decode = len(thinking) * self.forced_len * (self.token_s or 0)
-            if thinking and left < forced_decode + (answer_steps + 1) * self.step_s * ANSWER_SAFETY:
+            if thinking and self._answer_due(now, len(thinking), min(self.cfg.answer_tokens, ANSWER_STEPS)):
                 if left < forced_decode + self.step_s:  # not even the forced text fits: stop on time
                     ctl.stop_all("deadline")
                     return
