@@ -15,11 +15,11 @@ forced), and only time is measured here:
    fixed shapes, seconds on the tiny model), with the energy meter running where one exists;
 3. every record's latency is replayed from its rounds on that model (prefill at the fitted cost
    per token, one step per token of the longest live row, the forced answer's tokens);
-4. anchors: every cell is run directly on the first problems, problem by problem through all
-   cells, for ``anchor_s`` seconds (one pass at least, ``ANCHOR_MAX`` problems at most), and
-   each cell's records are scaled by its own factor, direct over replayed seconds on the same
-   problems and seeds (the same rows), pulled toward the median factor where a cell has few
-   problems: what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks)
+4. anchors: every cell is run directly on the first problems, back to back as a direct profile
+   runs it, for an equal share of ``anchor_s`` seconds (one problem at least, ``ANCHOR_MAX`` at
+   most), and each cell's records are scaled by its own factor, direct over replayed seconds on
+   the same problems and seeds (the same rows), pulled toward the median factor where a cell has
+   few problems: what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks)
    shows in whole calls, and not by the same factor for every shape (under a CPU quota a call
    of 8 rows slowed 3.3x where one of a single row slowed 2.4x); energy is the measured average
    power times the corrected latency;
@@ -223,26 +223,30 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
 
 
 def anchor(engine, family, cells, examples, records, cfg, key, seconds: float, tick=None) -> tuple[dict, int]:
-    """Run every cell directly on problems 0, 1, 2... in turn (each problem through all cells, so the cells
-    get about as many) until ``seconds`` are spent (one pass at least) or ``ANCHOR_MAX`` problems are done,
-    with the records' seeds.  Returns ({cell: [(direct s, modelled s), ...]}, problems used)."""
+    """Run each cell directly on problems 0, 1, 2... back to back, as a direct profile runs a cell (what ran
+    just before a call changes its time where a CPU quota carries over), for an equal share of ``seconds``
+    (one problem at least, ``ANCHOR_MAX`` at most), with the records' seeds.  Returns ({cell: [(direct s,
+    modelled s), ...]}, the most problems a cell used)."""
     from edgetts.engines.base import SamplingParams
     from edgetts.profiling.latency import Ticks
     from edgetts.strategies import RunConfig, create
 
     sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)  # the pool's seeds of repeat 0
     pairs: dict = {c: [] for c in cells}
-    step, used, t0 = Ticks(len(cells) * min(ANCHOR_MAX, len(examples)), tick), 0, time.perf_counter()
-    for ex in examples[:ANCHOR_MAX]:
-        if used and time.perf_counter() - t0 > seconds:
-            break
-        for s, n, b in cells:
+    most = min(ANCHOR_MAX, len(examples))
+    step, used, share = Ticks(len(cells) * most, tick), 0, seconds / max(1, len(cells))
+    for s, n, b in cells:
+        t0, done = time.perf_counter(), 0
+        for ex in examples[:most]:
+            if done and time.perf_counter() - t0 > share:
+                break
             rec = records.get(key(s, n, b, 0, ex.id))
             if rec is not None:
                 trace = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling)).run(ex.question)
                 pairs[(s, n, b)].append((trace.wall_s, rec["latency_s"]))
             step()
-        used += 1
+            done += 1
+        used = max(used, done)
     return pairs, used
 
 

@@ -58,8 +58,11 @@ from edgetts.strategies import STRATEGIES, StrategyError
 from edgetts.timing import MARGIN
 
 # The load-aware price (``_priced_by_load``): 0 while the engine time the admitted requests hold is
-# under LOAD_FREE of a new request's time left, then rising to its ceiling at LOAD_FULL of it.
-LOAD_FREE, LOAD_FULL = 0.25, 1.0
+# under LOAD_FREE of a new request's time left, then rising to its ceiling at LOAD_FULL of it.  At the
+# ceiling an engine-ms spent beyond a cheaper point must buy LOAD_PRICE_SHARE of the accuracy per
+# engine-ms of the most efficient point (the whole of it would send every request to that point, on
+# this model the least accurate one, and leave the engine idle; a fifth measured best of 0.05-1).
+LOAD_FREE, LOAD_FULL, LOAD_PRICE_SHARE = 0.25, 1.0, 0.2
 
 
 class APIError(Exception):
@@ -244,10 +247,12 @@ class Server:
     def _priced_by_load(self, busy: list, left_ms: float) -> float:
         """The price on engine time for a request with ``left_ms`` of its deadline beside ``busy``: 0 while
         the engine time they hold is under ``LOAD_FREE`` of that time (the most accurate point that fits),
-        rising linearly to :meth:`efficient_price` at ``LOAD_FULL`` of it and held there: a saturated
-        engine delivers the most correct answers per second on the point with the most per engine-ms."""
+        rising linearly to ``LOAD_PRICE_SHARE`` x :meth:`efficient_price` at ``LOAD_FULL`` of it and held
+        there: a saturated engine delivers more correct answers per second on cheap points, and the wide
+        ones (n rows for a few points of accuracy) are the first to go."""
         load = self.executor.held_ms(busy) / max(left_ms, 1.0)
-        return self.efficient_price() * min(1.0, max(0.0, (load - LOAD_FREE) / (LOAD_FULL - LOAD_FREE)))
+        top = LOAD_PRICE_SHARE * self.efficient_price()
+        return top * min(1.0, max(0.0, (load - LOAD_FREE) / (LOAD_FULL - LOAD_FREE)))
 
     def efficient_price(self) -> float:
         """The price at which the point with the most accuracy per engine-ms is chosen (the largest accuracy
