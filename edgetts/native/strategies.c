@@ -139,7 +139,8 @@ static void budget_step(void *self, ett_ctl *ctl, const int *stepped, int n_step
             b->answer_start[i] = r->n_tokens - b->n_end; /* the delimiter is not thinking */
             b->think_count[i] = r->n_generated - b->n_end;
             if (answer_due(b, now, 1, ETT_ANSWER_TOKENS)) { /* its own answer may not end in time: the prefix */
-                ett_force(ctl, i, b->forced + strlen(b->pt->think_end), 0);
+                size_t end = strlen(b->pt->think_end), all = strlen(b->forced); /* forced may be cut short */
+                ett_force(ctl, i, b->forced + (end < all ? end : all), 0);
             }
         } else if (r->n_generated >= b->budget) {
             force_answer(b, ctl, i);

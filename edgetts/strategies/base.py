@@ -7,11 +7,14 @@ all need, step by step over the live rows:
 * **thinking budget**: a row that has sampled ``budget`` thinking tokens gets the family's
   end-of-thinking delimiter and answer prefix forced, plus ``answer_tokens`` of room;
 * **answer budget**: a row stops ``answer_tokens`` after its reasoning ended;
-* **deadline**: the controller keeps running estimates of one decode step and of the cost
-  of one prompt token (from the time to the first token).  Forcing the answer costs one
-  decode of the forced text for every thinking row plus a few answer steps
-  (``ANSWER_STEPS``); when the time left could no longer fit that, every thinking row is
-  forced to answer now, and when not even one more step fits, all rows stop.  So a call
+* **deadline**: the controller keeps running estimates of one decode step (starting from the
+  engine's, where it has one: a shared batch's round) and of the cost of one prompt token
+  (from the prefill), and of the longest wait for the CPU beyond a step (or the engine's
+  measure of its stalls).  Forcing the answer costs one decode of the forced text for every
+  thinking row plus a few answer steps (``ANSWER_STEPS``, with ``ANSWER_SAFETY``) and one such
+  wait; when the time left could no longer fit that, every thinking row is forced to answer
+  now, a row that ends its thinking by itself with no time for an answer of its own gets the
+  answer prefix at once, and when not even one more step fits, all rows stop.  So a call
   returns no later than the deadline plus one decode step, unless the prompt alone takes
   longer than the deadline.  On an engine that cannot step (rounds of server requests) the
   deadline is checked between rounds only.
