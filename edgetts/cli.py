@@ -611,9 +611,14 @@ def serve(
         None, help="A mean latency budget per request (ms): the price rises while the recent mean is above it and "
         "falls while below (starting from --price)."
     ),
+    mean_j: float = typer.Option(
+        None, help="A mean energy budget per answer (J), for a battery: the price, on each point's profiled "
+        "energy, rises while the energy the device drew per answer lately is above it and falls while below. "
+        "Needs an energy meter here and a config with energy_j."
+    ),
     load_price: bool = typer.Option(
-        False, "--load-price", help="A price that follows the load: 0 while the admitted work is small beside a "
-        "request's deadline, rising as it grows, so cheaper points are chosen before anyone is refused."
+        False, "--load-price", help="A price on engine time that follows the load: 0 while the admitted work is "
+        "small beside a request's deadline, rising as it grows, so cheaper points are chosen before anyone is refused."
     ),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(
@@ -645,14 +650,19 @@ def serve(
     from edgetts.runtime.http import create_app
     from edgetts.runtime.listen import ListenError, listen
     from edgetts.runtime.listen import run as run_server
+    from edgetts.telemetry.meters import MeterUnavailable
 
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
     _price(price)
     if mean_ms is not None and not (0 < mean_ms < float("inf")):
         fail(f"--mean-ms must be a finite number of milliseconds > 0, got {mean_ms}")
-    if load_price and (mean_ms is not None or price):
-        fail("--load-price sets the price itself: drop --price and --mean-ms")
+    if mean_j is not None and not (0 < mean_j < float("inf")):
+        fail(f"--mean-j must be a finite number of joules > 0, got {mean_j}")
+    if mean_j is not None and mean_ms is not None:
+        fail("--mean-ms and --mean-j each set the price: give one")
+    if load_price and (mean_ms is not None or mean_j is not None or price):
+        fail("--load-price sets the price itself: drop --price, --mean-ms and --mean-j")
     if api_key is None:  # an empty EDGETTS_API_KEY reads as unset: it must not mean "no authentication"
         api_key = os.environ.get("EDGETTS_API_KEY")
     if api_key is not None and not api_key.strip():
@@ -670,8 +680,8 @@ def serve(
                               batching=not sequential, rows=batch_rows, read_timeout_s=read_timeout,
                               gpu_layers=_gpu_layers(gpu_layers), memory_mb=_memory_mb(memory_mb),
                               notify=lambda line: typer.echo(line, err=True), price=price,
-                              mean_ms=mean_ms, load_price=load_price)  # fmt: skip
-    except ParetoError as e:
+                              mean_ms=mean_ms, load_price=load_price, mean_j=mean_j)  # fmt: skip
+    except (ParetoError, MeterUnavailable) as e:
         sock.close()
         fail(str(e))
     address = sock.getsockname()

@@ -163,3 +163,41 @@ def test_direct_profile_on_a_fake_orin_records_the_input_rail(root, tmp_path, la
     assert point["energy_rail"] == rail and "energy_per_correct_j" in point
     device = json.loads((out / "device.json").read_text())
     assert device["jetson"]["release"].startswith("# R3")
+
+
+def test_a_battery_budget_prices_the_energy_drawn_per_answer(root, three_points, tmp_path):
+    """``serve --mean-j``: each answer costs the energy the device drew since the previous one (here a fake
+    Orin's input rail at 10 W); above the budget the price on the points' profiled energy rises and cheaper
+    points are chosen; a config without energy, or a device without a meter, is refused in one line."""
+    from test_faults import _post
+
+    from edgetts.pareto.config import ParetoError
+    from edgetts.runtime.http import create_app
+    from edgetts.telemetry.meters import MeterUnavailable
+
+    config, _ = three_points
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(config))
+    with pytest.raises(ParetoError, match="no energy_j"):
+        create_app(str(bare), threads=1, mean_j=0.1)
+    priced = tmp_path / "energy.json"
+    frontier = [dict(p, energy_j=joules) for p, joules in zip(config["frontier"], (1.0, 2.0, 4.0))]
+    priced.write_text(json.dumps({**config, "frontier": frontier}))
+    with pytest.raises(MeterUnavailable, match="no energy meter"):  # no rails in the tree yet
+        create_app(str(priced), threads=1, mean_j=0.1)
+    orin_hwmon(root, ORIN)
+    app = create_app(str(priced), threads=1, mean_j=0.001, price=0.01)  # far below what any answer draws
+    server = app.state.server
+    try:
+        chosen, prices = [], []
+        for _ in range(12):
+            r = _post(app, {"prompt": "Evaluate left to right: 8*4-3", "deadline_ms": 100}, {"Authorization": ""})
+            assert r.status_code == 200
+            chosen.append(r.json()["edgetts"]["point_id"])
+            prices.append(r.json()["edgetts"]["price"])
+        assert chosen[0] == "p40" and prices == sorted(prices) and prices[-1] > prices[0]  # rising
+        assert chosen[-1] in ("p10", "p20")  # the most accurate point draws too much for the budget
+        assert server.drawn > 0 and f"edgetts_price {server.price}" in server.metrics.render()
+    finally:
+        server.energy.close()
+        server.executor.close()

@@ -498,6 +498,21 @@ def test_exposed_host_needs_a_key_and_an_empty_key_is_an_error(config):
     assert r.exit_code == 2 and "empty" in r.output
 
 
+def test_price_sources_are_checked_in_one_line(config):
+    from typer.testing import CliRunner
+
+    from edgetts.cli import app
+
+    runner = CliRunner()
+    for args, says in ((["--mean-j", "nan"], "joules > 0"), (["--mean-j", "-1"], "joules > 0"),
+                       (["--mean-ms", "inf"], "milliseconds > 0"), (["--mean-ms", "50", "--mean-j", "1"], "give one"),
+                       (["--load-price", "--mean-j", "1"], "--load-price sets the price"),
+                       (["--mean-j", "1"], "no energy_j")):  # fmt: skip
+        r = runner.invoke(app, ["serve", "--config", str(config), "--port", "0", *args])
+        assert r.exit_code == 2 and says in r.output, (args, r.output)
+        assert r.output.count("error:") == 1
+
+
 def test_stalled_headers_and_bodies_get_408_and_the_connection_closes(config):
     proc, live = _start(config, "--read-timeout", "1")
     port = int(live.rsplit(":", 1)[1])

@@ -224,7 +224,8 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
                overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None,
                batching: bool = True, rows: int | None = None, read_timeout_s: float = 10.0,
                gpu_layers: int | None = None, memory_mb: float | None = None, notify=None,
-               price: float = 0.0, mean_ms: float | None = None, load_price: bool = False):  # fmt: skip
+               price: float = 0.0, mean_ms: float | None = None, load_price: bool = False,
+               mean_j: float | None = None):  # fmt: skip
     """The app serving ``config``; every engine its frontier names is opened before it returns.
 
     ``batching=False`` runs one request at a time per engine (the sequential server); ``rows``
@@ -262,5 +263,9 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     except BaseException:
         executor.close()
         raise
-    server = Server(policy, executor, default_deadline_ms, max_queue, overload, price, mean_ms, load_price)
+    try:
+        server = Server(policy, executor, default_deadline_ms, max_queue, overload, price, mean_ms, load_price, mean_j)
+    except BaseException:
+        executor.close()
+        raise
     return build_app(server, api_key, max_body_bytes, read_timeout_s)

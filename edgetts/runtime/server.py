@@ -175,7 +175,7 @@ def _text(s: str, param: str) -> str:
 class Server:
     def __init__(self, policy: Policy, executor: Executor, default_deadline_ms: float = 2000.0, max_queue: int = 32,
                  overload: str = "downgrade", price: float = 0.0, mean_ms: float | None = None,
-                 load_price: bool = False):  # fmt: skip
+                 load_price: bool = False, mean_j: float | None = None):  # fmt: skip
         if overload not in ("downgrade", "refuse"):
             raise ValueError("overload must be 'downgrade' or 'refuse'")
         self.policy, self.executor = policy, executor
@@ -187,10 +187,13 @@ class Server:
         self.lock = threading.Lock()
         self.metrics = Metrics()
         self.price = self.metrics.price = price  # accuracy per millisecond of predicted latency (Policy.select)
-        # With a mean budget per request, the price follows the answered requests' latencies.
-        self.budget = MeanBudget(mean_ms) if mean_ms is not None else None
+        # With a mean budget per request, the price follows the answered requests' latencies, or (on a
+        # battery, --mean-j) the energy the device drew per answer.
+        self.budget = MeanBudget(mean_ms if mean_j is None else mean_j) if (mean_ms, mean_j) != (None, None) else None
         if self.budget is not None:
             self.budget.price = price
+        self.energy = self._energy_counter(policy) if mean_j is not None else None
+        self.drawn = self.energy.joules() if self.energy else 0.0  # the counter's reading at the last answer
         # A price on engine time that follows the load (_priced_by_load).
         self.load_price = load_price
 
@@ -209,10 +212,9 @@ class Server:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
                                headers={"Retry-After": "1"})  # fmt: skip
             busy = list(self.pending.values())
-            charge = None
-            if self.load_price:
+            if self.load_price:  # under load, engine time is what is scarce (charge())
                 self.price = self.metrics.price = self._priced_by_load(busy, left)
-                charge = self.executor.work_ms  # under load, engine time is what is scarce
+            charge = self.charge()
 
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
                 if not req.expert and not self.executor.feasible(point, busy, due, now):
@@ -258,6 +260,38 @@ class Server:
         """The price at which the point with the most accuracy per engine-ms is chosen (the largest accuracy
         over engine time of the frontier: that point is then worth 0 and every other less)."""
         return max(p["accuracy"] / max(self.executor.work_ms(p), 1e-9) for p in self.policy.frontier)
+
+    @staticmethod
+    def _energy_counter(policy: Policy):
+        """The device's energy counter for ``--mean-j``: every point must say what it draws (``energy_j``,
+        profiled where a meter exists), and this device must have a meter (one-line errors otherwise)."""
+        from edgetts.pareto.config import ParetoError
+        from edgetts.telemetry.meters import EnergyCounter
+
+        bare = [p["id"] for p in policy.frontier if not (isinstance(p.get("energy_j"), int | float) and
+                                                        0 < p["energy_j"] < math.inf)]  # fmt: skip
+        if bare:
+            raise ParetoError(f"--mean-j prices energy, and {len(bare)} frontier point(s) have no energy_j "
+                              f"({', '.join(bare[:3])}): profile where an energy meter exists")  # fmt: skip
+        return EnergyCounter()
+
+    def _cost(self, result) -> float:
+        """What an answer cost against the mean budget: its latency (ms), or with ``--mean-j`` the energy the
+        device drew since the previous answer (J): over any stretch the costs add up to what the battery
+        gave, idle time and concurrent requests included."""
+        if self.energy is None:
+            return result.total_ms
+        with self.lock:
+            now = self.energy.joules()
+            cost, self.drawn = now - self.drawn, now
+        return cost
+
+    def charge(self):
+        """What the price multiplies, or None for the predicted latency: energy (J) with ``--mean-j``,
+        engine time with ``--load-price``."""
+        if self.energy is not None:
+            return lambda point: point["energy_j"]
+        return self.executor.work_ms if self.load_price else None
 
     def slowdown(self) -> float:
         """How much slower the device runs than profiled: what the shared batch measures every round, or the
@@ -326,7 +360,7 @@ class Server:
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
         if self.budget is not None:
-            self.price = self.metrics.price = self.budget.observe(result.total_ms)
+            self.price = self.metrics.price = self.budget.observe(self._cost(result))
         # An answer cut off before any row stated one is no answer: it never counts as on time.
         met = result.deadline_met and trace.answer is not None
         self.metrics.request("ok", result.total_ms / 1000, plan.point["id"], trace.generated_tokens,

@@ -68,6 +68,7 @@ class _Source:
     def start(self) -> None: ...
     def sample(self) -> None: ...
     def stop(self) -> float: ...  # joules
+    def so_far(self) -> float: ...  # joules since start, without stopping
 
 
 class _Rapl(_Source):
@@ -104,27 +105,41 @@ class _Rapl(_Source):
         self.sample()
         return self.total_uj / 1e6
 
+    def so_far(self) -> float:
+        return self.total_uj / 1e6
+
 
 class _Sampled(_Source):
     """Integrates power readings (watts) taken by the meter's thread (trapezoids between samples;
-    a reading that failed is skipped)."""
+    a reading that failed is skipped); ``keep`` keeps the samples too (a meter running for days
+    does not)."""
 
     def __init__(self, name: str, read_watts, rail: str | None = None):
         self.name, self.read_watts, self.rail = name, read_watts, rail
         self.samples: list[tuple[float, float]] = []
+        self.keep, self.total, self.last = True, 0.0, None
 
     def start(self) -> None:
-        self.samples = []
+        self.samples, self.total, self.last = [], 0.0, None
         self.sample()
 
     def sample(self) -> None:
         w = self.read_watts()
-        if w is not None:
-            self.samples.append((time.perf_counter(), w))
+        if w is None:
+            return
+        t = time.perf_counter()
+        if self.last is not None:
+            self.total += (t - self.last[0]) * (self.last[1] + w) / 2
+        self.last = (t, w)
+        if self.keep:
+            self.samples.append((t, w))
 
     def stop(self) -> float:
         self.sample()
-        return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
+        return self.total
+
+    def so_far(self) -> float:
+        return self.total
 
 
 class _NvmlCounter(_Source):
@@ -139,6 +154,9 @@ class _NvmlCounter(_Source):
 
     def stop(self) -> float:
         return (self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h) - self.e0) / 1000
+
+    def so_far(self) -> float:
+        return self.stop()
 
 
 def _pick_source() -> tuple[_Source | None, str, object]:
@@ -223,3 +241,39 @@ class QueryMeter:
             return None
         nv, h = self.nvml
         return nv.nvmlDeviceGetMemoryInfo(h).used
+
+
+class MeterUnavailable(ValueError):
+    """No energy source on this device (the reasons each was skipped)."""
+
+
+class EnergyCounter:
+    """The device's energy since it was started, readable at any moment: the best source
+    :class:`QueryMeter` would use, sampled by a thread every ``interval`` s for as long as it runs
+    (a server shares it out over the requests it answers).  :class:`MeterUnavailable` where no
+    source exists."""
+
+    def __init__(self, interval: float = 0.01):
+        self.source, reason, _ = _pick_source()
+        if self.source is None:
+            raise MeterUnavailable(f"no energy meter on this device ({reason})")
+        self.source.keep = False
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.source.start()
+        self.thread = threading.Thread(target=self._loop, args=(interval,), name="edgetts-energy", daemon=True)
+        self.thread.start()
+
+    def _loop(self, interval: float) -> None:
+        while not self.stopped.wait(interval):
+            with self.lock:
+                self.source.sample()
+
+    def joules(self) -> float:
+        """Joules since the counter started, up to now."""
+        with self.lock:
+            self.source.sample()
+            return self.source.so_far()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
