@@ -7,8 +7,10 @@
  * (single, majority, esc, adaptive, first-finish, weighted) runs its rows batched over one
  * prefill of the prompt (esc and adaptive: one batch and prefill per round), forcing the end of
  * thinking and the answer prefix at the thinking budget and answering early when the deadline
- * comes close.  With the same config and seed and no binding deadline, the rows are token for
- * token those of the Python runtime.
+ * comes close (while the forced text, the answer's steps with a safety margin and one wait like
+ * the longest seen still fit; a row that ends its thinking by itself with no time for an answer
+ * of its own gets the answer prefix at once).  With the same config and seed, the rows are token
+ * for token those of the Python runtime (under a binding deadline too, given the same clock).
  *
  * Settings: the caller's threads and GPU layers (edgetts_options) run every engine; the ones a
  * point was profiled with are only compared (edgetts_notes), never applied.
