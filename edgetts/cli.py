@@ -92,6 +92,30 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def _interrupts():
+    """Remembers a Ctrl-C (SIGINT) as well as raising it: Python raises KeyboardInterrupt at the next
+    bytecode, and where that falls inside a callback llama.cpp makes into Python (its log callback),
+    ctypes prints and drops the exception; the flag keeps the user's Ctrl-C from being lost."""
+    import signal
+    import threading
+
+    seen = {"sigint": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        seen["sigint"] = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: seen["sigint"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -387,11 +411,13 @@ def profile(
         slice_ = parse_shard(shard) if shard else None
     except (ConfigError, ProfileError) as e:
         fail(str(e))
-    with progress_bar(quiet) as progress:
+    with progress_bar(quiet) as progress, _interrupts() as interrupted:
         try:
             with user_errors():
                 summary = run_profile(cfg, out, force=force, progress=progress, memory_mb=_memory_mb(memory_mb),
                                       shard=slice_)  # fmt: skip
+            if interrupted():  # a Ctrl-C whose exception a native callback swallowed still counts
+                raise KeyboardInterrupt
         except (ConfigError, ProfileError, RecordsError) as e:
             fail(str(e))
         except KeyboardInterrupt:

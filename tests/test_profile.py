@@ -299,3 +299,19 @@ def test_force_moves_every_file_of_the_previous_run(small_profile, tmp_path):
     # the new sweep's own pictures (quiet silences the terminal, not the files), not the old ones
     assert (d / "pareto.png").read_bytes() != b"derived" and (d / "report.html").read_bytes() != b"derived"
     assert len(RecordLog(d / "records.jsonl").load()) == 3
+
+
+def test_a_ctrl_c_swallowed_by_a_native_callback_is_not_lost():
+    """Python raises Ctrl-C's KeyboardInterrupt at its next bytecode; inside llama.cpp's log callback ctypes
+    prints and drops it.  The profile command remembers the signal too, so it still stops as interrupted."""
+    import contextlib
+    import signal
+
+    from edgetts.cli import _interrupts
+
+    with _interrupts() as interrupted:
+        assert not interrupted()
+        with contextlib.suppress(KeyboardInterrupt):  # what a ctypes callback does with it: dropped
+            signal.raise_signal(signal.SIGINT)
+        assert interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
