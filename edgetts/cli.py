@@ -101,7 +101,9 @@ def _interrupts():
     import threading
 
     seen = {"sigint": False}
-    if threading.current_thread() is not threading.main_thread():
+    # Not from another thread, and not where SIGINT is ignored (a job started in the background of a
+    # script: a Ctrl-C at the terminal is not for it).
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield lambda: False
         return
 

@@ -309,9 +309,16 @@ def test_a_ctrl_c_swallowed_by_a_native_callback_is_not_lost():
 
     from edgetts.cli import _interrupts
 
-    with _interrupts() as interrupted:
-        assert not interrupted()
-        with contextlib.suppress(KeyboardInterrupt):  # what a ctypes callback does with it: dropped
-            signal.raise_signal(signal.SIGINT)
-        assert interrupted()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with _interrupts() as interrupted:
+            assert not interrupted()
+            with contextlib.suppress(KeyboardInterrupt):  # what a ctypes callback does with it: dropped
+                signal.raise_signal(signal.SIGINT)
+            assert interrupted()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job in the background of a script: stays ignored
+        with _interrupts() as interrupted:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not interrupted()
+    finally:
+        signal.signal(signal.SIGINT, before)
