@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
-from edgetts.engines.stalls import Stalls
+from edgetts.engines.stalls import Stalls, fade
 from edgetts.timing import ANSWER_ROUNDS, MARGIN, OVERHEAD_MS, SHARE_ROWS
 
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
@@ -134,8 +134,7 @@ class DeviceSpeed:
         self.last = now
 
     def slowdown(self) -> float:
-        idle = time.perf_counter() - self.last
-        return 1.0 + max(0.0, self.value - 1.0) * math.exp(-max(0.0, idle - self.TAU_S) / self.IDLE_S)
+        return 1.0 + max(0.0, self.value - 1.0) * fade(time.perf_counter() - self.last, self.TAU_S, self.IDLE_S)
 
     def stall_s(self) -> float:
         """A wait beyond the mean slowdown that a request should expect to meet (see the class doc)."""

@@ -58,7 +58,9 @@ def _set_log(lc, verbose: bool, watch=None) -> None:
     last = [0]
 
     def log(level, text, _user):
-        with contextlib.suppress(BaseException):  # see the docstring; Ctrl-C reaches the main thread instead
+        # See the docstring.  A Ctrl-C whose KeyboardInterrupt falls in here is dropped (by ctypes, if not
+        # here): long commands that decode in the main thread remember the signal too (cli._interrupts).
+        with contextlib.suppress(BaseException):
             _route(level, text)
 
     def _route(level, text):

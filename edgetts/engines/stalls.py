@@ -6,7 +6,7 @@ tight deadline meets one and is late.  :class:`Stalls` keeps the last ``COUNT`` 
 step over what it should have taken (the owner says what that is: the shared batch's fitted round
 cost, or a call's running step estimate on an engine that runs one call at a time) and gives their
 ``Q`` quantile as the stall a request should expect to meet at least once.  With no steps measured
-it fades toward 0 (``TAU_S``, ``IDLE_S``), as a slowdown that nothing measures any more must.
+it fades toward 0 (:func:`fade`), as a slowdown that nothing measures any more does.
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ import time
 from collections import deque
 
 
+def fade(idle_s: float, tau_s: float = 1.0, idle_tau_s: float = 5.0) -> float:
+    """How much of a measure still holds after ``idle_s`` seconds with nothing measured: all of it for
+    ``tau_s``, then falling with the time constant ``idle_tau_s`` (what nothing measures any more is
+    forgotten with time)."""
+    return math.exp(-max(0.0, idle_s - tau_s) / idle_tau_s)
+
+
 class Stalls:
     # Kept excesses, the quantile given (a request of k steps meets the 1 - 1/k quantile about once: 50 steps
     # is a short request here), steps between recomputing it.
     COUNT, Q, EVERY = 256, 0.98, 16
-    TAU_S, IDLE_S = 1.0, 5.0  # idle this long, the stall then fades with this time constant
 
     def __init__(self):
         self.excess: deque[float] = deque(maxlen=self.COUNT)
@@ -35,13 +41,8 @@ class Stalls:
             ordered = sorted(self.excess)
             self.value = ordered[min(len(ordered) - 1, int(self.Q * len(ordered)))]
 
-    def fade(self) -> float:
-        """1 while steps are measured, falling toward 0 with idle time."""
-        idle = time.perf_counter() - self.last
-        return math.exp(-max(0.0, idle - self.TAU_S) / self.IDLE_S)
-
     def stall_s(self) -> float:
-        return self.value * self.fade()
+        return self.value * fade(time.perf_counter() - self.last)
 
 
 class Timed:

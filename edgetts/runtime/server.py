@@ -189,7 +189,8 @@ class Server:
         self.price = self.metrics.price = price  # accuracy per millisecond of predicted latency (Policy.select)
         # With a mean budget per request, the price follows the answered requests' latencies, or (on a
         # battery, --mean-j) the energy the device drew per answer.
-        self.budget = MeanBudget(mean_ms if mean_j is None else mean_j) if (mean_ms, mean_j) != (None, None) else None
+        mean = mean_j if mean_j is not None else mean_ms
+        self.budget = MeanBudget(mean) if mean is not None else None
         if self.budget is not None:
             self.budget.price = price
         self.energy = self._energy_counter(policy) if mean_j is not None else None

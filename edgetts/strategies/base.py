@@ -196,7 +196,7 @@ class BudgetController:
             ctl.stop_all("cancelled")
             return
         now = time.perf_counter() - self.started
-        engine_step = getattr(ctl, "step_s", None)  # a shared batch's own estimate of its rounds
+        engine_step = ctl.step_s  # a shared batch's own estimate of its rounds
         if self.last_step is not None:
             dt = now - self.last_step
             # Alone on its engine a step this much over the estimate is a wait that may recur (in a shared
@@ -208,7 +208,7 @@ class BudgetController:
             prefill = ctl.prefill_s if ctl.prefill_s is not None else now
             self.token_s = prefill / self.prompt_tokens
             self.step_s = engine_step or 0.0  # the engine's estimate, where it has one
-        self.engine_stall = getattr(ctl, "stall_s", None) or 0.0  # the stall the engine says to expect
+        self.engine_stall = ctl.stall_s or 0.0  # the stall the engine says to expect
         self.last_step = now
         for i in stepped:
             r = ctl.rows[i]
