@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--read-timeout", type=float, default=10.0)
     args = ap.parse_args()
     config = args.config or default_config(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-conns-{os.getpid()}")
-    proc, url = start_edgetts(config, 1, "--api-key", "k", "--read-timeout", str(args.read_timeout))
+    threads = max(1, (os.cpu_count() or 2) - 1)  # serve's own default (all cores but one)
+    proc, url = start_edgetts(config, threads, "--api-key", "k", "--read-timeout", str(args.read_timeout))
     host, port = url.removeprefix("http://").split(":")
     try:
         before = fds(proc.pid)

@@ -119,22 +119,37 @@ def test_nvml_sampled_power_follows_a_waveform(monkeypatch, root):
     assert m.energy_j == pytest.approx(exact, rel=0.02)
 
 
-def test_rapl_counters_sum_packages_and_survive_wraps(root):
+def rapl_packages(root):
+    """Two RAPL packages (with a core sub-domain each) at 9 J of a 10 J counter range; their folder."""
     pkg = root / "sys/class/powercap"
     for i in (0, 1):
         write(pkg / f"intel-rapl:{i}/name", f"package-{i}")
         write(pkg / f"intel-rapl:{i}/max_energy_range_uj", 10_000_000)
         write(pkg / f"intel-rapl:{i}/energy_uj", 9_000_000)
         write(pkg / f"intel-rapl:{i}:0/energy_uj", 5)  # a sub-domain (core): part of its package
+    return pkg
+
+
+def read_by_the_meter(source, package, value, guard_s=30):
+    """Wait until the meter's thread has read ``value`` from ``package`` (a hang guard, not a time bound:
+    on a busy machine the thread may take a while to run)."""
+    t0 = time.monotonic()
+    while source.last[package] != value:
+        assert time.monotonic() - t0 < guard_s, "the meter's thread never read the counter"
+        time.sleep(0.001)
+
+
+def test_rapl_counters_sum_packages_and_survive_wraps(root):
+    pkg = rapl_packages(root)
     meter = meters.QueryMeter(interval=0.002)
     assert isinstance(meter.source, meters._Rapl) and meter.source.rail == "package-0+package-1"
     with meter.measure() as measured:
         # package 0 wraps twice (each caught by a reading in between), package 1 moves 0.5 J
         for value in (9_900_000, 500_000, 9_500_000, 1_000_000):
             write(pkg / "intel-rapl:0/energy_uj", value)
-            time.sleep(0.03)
+            read_by_the_meter(meter.source, 0, value)
         write(pkg / "intel-rapl:1/energy_uj", 9_500_000)
-        time.sleep(0.03)
+        read_by_the_meter(meter.source, 1, 9_500_000)
     m = measured()
     # package 0: 0.9 + 0.6 + 9.0 + 1.5 = 12.0 J; package 1: 0.5 J
     assert m.energy_source == "rapl" and m.energy_rail == "package-0+package-1"
@@ -201,3 +216,38 @@ def test_a_battery_budget_prices_the_energy_drawn_per_answer(root, three_points,
     finally:
         server.energy.close()
         server.executor.close()
+
+
+def test_the_energy_counter_reads_rapl_and_nvml_counters_at_any_moment(root, monkeypatch):
+    """``serve --mean-j`` reads the device's energy between answers: RAPL packages (a wrap caught by a read
+    in between) and an NVML energy counter, with no sample list kept however long it runs."""
+    from test_meters import fake_pynvml
+
+    pkg = rapl_packages(root)
+    counter = meters.EnergyCounter(interval=3600)  # its thread never ticks here: every reading is asked
+    try:
+        assert counter.joules() == 0.0
+        write(pkg / "intel-rapl:0/energy_uj", 9_900_000)
+        assert counter.joules() == pytest.approx(0.9)
+        write(pkg / "intel-rapl:0/energy_uj", 400_000)  # wrapped at 10 J
+        write(pkg / "intel-rapl:1/energy_uj", 9_200_000)
+        assert counter.joules() == pytest.approx(0.9 + 0.5 + 0.2)
+    finally:
+        counter.close()
+    monkeypatch.setattr(energy, "probe_nvml", lambda: energy.Probe("nvml", True, "fake", energy.Reading.COUNTER))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(counter_step_mj=3_000))  # 3 J a reading
+    counter = meters.EnergyCounter(interval=3600)
+    try:
+        assert counter.source.name == "nvml" and counter.joules() == pytest.approx(3.0)
+        assert counter.joules() == pytest.approx(6.0)
+    finally:
+        counter.close()
+    orin_hwmon(root, ORIN)  # rails are read before RAPL; sampled power integrates without keeping samples
+    monkeypatch.setattr(energy, "probe_nvml", lambda: energy.Probe("nvml", False, "no NVML here"))
+    counter = meters.EnergyCounter(interval=3600)
+    try:
+        first = counter.joules()
+        time.sleep(0.01)
+        assert counter.source.name == "jetson" and counter.joules() > first and not counter.source.samples
+    finally:
+        counter.close()
