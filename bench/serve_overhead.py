@@ -59,8 +59,8 @@ def main() -> None:
             block = mix[start : start + 20]
             for q, d in block:
                 t = time.perf_counter()
-                req = Request(q, deadline_ms=d)
-                executor.run(req, executor.plan(req), started=t)
+                req = Request(q, deadline_ms=d, arrived=t)
+                executor.run(req, executor.plan(req))
                 local.append(1000 * (time.perf_counter() - t))
             for q, d in block:
                 t = time.perf_counter()

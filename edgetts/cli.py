@@ -267,7 +267,10 @@ ENGINE_HELP = "Engine: auto (from the model file), llama.cpp, onnx-genai, openai
 
 @app.command()
 def run(
-    question: str = typer.Argument(..., help="The question to answer."),
+    question: str = typer.Argument(
+        ..., help="The question to answer, or - to answer each line of standard input in turn (the engines stay "
+        "open; one answer per line with --json)."
+    ),
     model: str = typer.Option(
         None, help="Built-in model name (tiny), GGUF file or ONNX directory; for a server, the model name it knows. "
         "Default: tiny."
@@ -299,13 +302,25 @@ def run(
         0.0, help="With --config: a price on compute, in accuracy per ms of predicted latency; the point that "
         "maximizes accuracy minus price x latency is chosen (0: the most accurate that fits)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    mean_ms: float = typer.Option(
+        None, help="With --config and questions on standard input: a mean latency per question (ms) that the "
+        "price holds, rising while the recent answers took longer and falling while they took less (starting "
+        "from --price)."
+    ),
+    mean_j: float = typer.Option(
+        None, help="Like --mean-ms for energy (J per answer, what the device drew since the previous answer), on a "
+        "battery: needs an energy meter here and a config with energy_j."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (one per question with -)."),
 ) -> None:
-    """Answer one question with a test-time-scaling strategy and print the answer and a trace summary."""
+    """Answer a question with a test-time-scaling strategy and print the answer and a trace summary."""
+    from edgetts.cli_display import print_answer
     from edgetts.pareto.config import ParetoError
-    from edgetts.runtime.oneshot import answer
+    from edgetts.runtime.oneshot import Answerer, answer_lines
     from edgetts.runtime.policy import DeadlineTooShort
+    from edgetts.runtime.pricing import MeanSpend
     from edgetts.strategies import STRATEGIES
+    from edgetts.telemetry.meters import MeterUnavailable
 
     if config and (model or url or engine != "auto" or engine_option):
         fail("--config names the engine and model of each point; drop --model, --engine, --url and --engine-option")
@@ -317,39 +332,41 @@ def run(
         fail(f"--energy-j must be a positive number of joules, got {energy_j}")
     if strategy in STRATEGIES and STRATEGIES[strategy].single_row and n is not None and n > 1:
         fail(f"--strategy {strategy} runs one row; --n {n} would be ignored (drop it, or use majority, esc...)")
+    mean = mean_j if mean_j is not None else mean_ms
+    if mean is not None:
+        what = "--mean-j" if mean_j is not None else "--mean-ms"
+        if not config or question != "-":
+            fail(f"{what} holds a mean over many questions: give --config and the questions on standard input (-)")
+        if mean_j is not None and mean_ms is not None:
+            fail("--mean-ms and --mean-j each set the price: give one")
+        if not (0 < mean < float("inf")):
+            fail(f"{what} must be a finite number > 0, got {mean}")
     spec = None if config else _spec(model, engine, url, engine_option)
+    failed = []
     try:
-        with user_errors():
-            out = answer(question, spec, config, strategy, n, budget, deadline_ms, energy_j, temperature, seed,
-                         raw_prompt, None if family == "auto" else family, memory_mb=_memory_mb(memory_mb),
-                         price=_price(price), threads=threads, gpu_layers=_gpu_layers(gpu_layers))  # fmt: skip
-    except (ParetoError, DeadlineTooShort) as e:
+        with user_errors(), Answerer(spec, config, strategy, n, budget, temperature, seed, raw_prompt,
+                                     None if family == "auto" else family, _memory_mb(memory_mb), threads=threads,
+                                     gpu_layers=_gpu_layers(gpu_layers)) as answerer:  # fmt: skip
+            spend = MeanSpend(answerer.policy.frontier, mean, mean_j is not None, _price(price)) if mean else None
+            try:
+                if question != "-":
+                    answerer.check(deadline_ms, energy_j)
+                    print_answer(answerer.answer(question, deadline_ms, energy_j, _price(price)), as_json)
+                    return
+                for line, out in answer_lines(answerer, sys.stdin, deadline_ms, energy_j, _price(price), spend):
+                    if isinstance(out, str):  # that question's reason; the others go on
+                        failed.append(line)
+                        said = json.dumps({"line": line, "error": out}) if as_json else f"error: line {line}: {out}"
+                        typer.echo(said, err=not as_json)
+                    else:
+                        print_answer(out, as_json, line)
+            finally:
+                if spend is not None:
+                    spend.close()
+    except (ParetoError, DeadlineTooShort, MeterUnavailable) as e:
         fail(str(e))
-    for note in out.notes:
-        typer.echo(note, err=True)
-    trace, chosen = out.trace, out.selection
-    if as_json:
-        d = trace.to_dict()
-        d["engine"] = out.spec.to_dict()
-        if chosen:
-            d["point"] = {"index": chosen.index, "id": chosen.point["id"], "miss": chosen.miss,
-                          "ran": {"strategy": out.strategy, "n": out.n, "budget": out.budget}}  # fmt: skip
-        typer.echo(json.dumps(d))
-        return
-    if chosen:
-        ran = (out.strategy, out.n, out.budget) != (chosen.point["strategy"], chosen.point["n"], chosen.point["budget"])
-        typer.echo(
-            f"point {chosen.index} {chosen.point['id']}" + (" (nothing fits: fastest point)" if chosen.miss else "")
-            + (f", run as {out.strategy} n={out.n} b={out.budget}" if ran else "")
-        )
-    typer.echo(trace.answer if trace.answer is not None else "(no answer)")
-    votes = ", ".join(f"{a}: {v:g}" for a, v in trace.votes.items()) or "none"
-    deadline = "" if trace.deadline_met is None else f", deadline {'met' if trace.deadline_met else 'MISSED'}"
-    typer.echo(
-        f"{trace.strategy}: {trace.rows_used} row(s), {trace.generated_tokens} tokens, "
-        f"{trace.wall_s * 1000:.0f} ms (first token {1000 * (trace.ttft_s or 0):.0f} ms){deadline}; "
-        f"votes {votes}" + (f"; stopped early: {trace.early_stop}" if trace.early_stop else "")
-    )
+    if failed:
+        fail(f"{len(failed)} question(s) could not be answered (line {', '.join(map(str, failed[:10]))})")
 
 
 # The default sweep, which profile --help shows.

@@ -1,5 +1,6 @@
-"""What the command line shows: progress of long work, the profile and evaluation tables, and the
-pictures of a Pareto config.  Kept apart from :mod:`edgetts.cli`, which only parses and calls.
+"""What the command line shows: progress of long work, the profile and evaluation tables, the
+pictures of a Pareto config and the answers of ``edgetts run``.  Kept apart from
+:mod:`edgetts.cli`, which only parses and calls.
 
 Progress has phases, each with its own count and time left: a rich bar on a terminal, log
 lines (one per 5% of a phase, :class:`PhaseLog`) when stderr is not one, nothing when quiet.
@@ -7,6 +8,7 @@ lines (one per 5% of a phase, :class:`PhaseLog`) when stderr is not one, nothing
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 
@@ -155,3 +157,41 @@ def print_eval(res) -> None:
         )  # fmt: skip
     Console().print(t)
 
+
+
+def print_answer(out, as_json: bool, line: int | None = None) -> None:
+    """One answer of ``edgetts run`` (:class:`~edgetts.runtime.oneshot.Answer`): a JSON object, or the point, the
+    answer and a summary of the trace; ``line`` is the question's line on standard input, where it came from
+    there.  Flushed, so that a program reading the answers gets each as it is given."""
+    for note in out.notes:
+        typer.echo(note, err=True)
+    trace, chosen = out.trace, out.selection
+    if as_json:
+        d = trace.to_dict()
+        d["engine"] = out.spec.to_dict()
+        if chosen:
+            d["point"] = {"index": chosen.index, "id": chosen.point["id"], "miss": chosen.miss, "price": out.price,
+                          "ran": {"strategy": out.strategy, "n": out.n, "budget": out.budget}}  # fmt: skip
+        if line is not None:
+            d["line"] = line
+        typer.echo(json.dumps(d))
+    else:
+        if line is not None:
+            typer.echo(f"line {line}:")
+        if chosen:
+            ran = (out.strategy, out.n, out.budget) != (chosen.point["strategy"], chosen.point["n"],
+                                                        chosen.point["budget"])  # fmt: skip
+            typer.echo(
+                f"point {chosen.index} {chosen.point['id']}" + (" (nothing fits: fastest point)" if chosen.miss else "")
+                + (f", run as {out.strategy} n={out.n} b={out.budget}" if ran else "")
+                + (f", price {out.price:.3g}" if out.price else "")
+            )
+        typer.echo(trace.answer if trace.answer is not None else "(no answer)")
+        votes = ", ".join(f"{a}: {v:g}" for a, v in trace.votes.items()) or "none"
+        deadline = "" if trace.deadline_met is None else f", deadline {'met' if trace.deadline_met else 'MISSED'}"
+        typer.echo(
+            f"{trace.strategy}: {trace.rows_used} row(s), {trace.generated_tokens} tokens, "
+            f"{trace.wall_s * 1000:.0f} ms (first token {1000 * (trace.ttft_s or 0):.0f} ms){deadline}; "
+            f"votes {votes}" + (f"; stopped early: {trace.early_stop}" if trace.early_stop else "")
+        )
+    sys.stdout.flush()

@@ -8,6 +8,8 @@ runtime shares into its build (``edgetts_constants.h``), so Python and C cannot 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # -- the forced answer (controllers, in Python and C) ------------------------------------------
 ANSWER_STEPS = 8  # decode steps reserved for a forced answer ("\boxed{42}", "The answer is 383")
 # Steps get slower when other requests join a shared batch, and the step estimate lags them: the
@@ -22,10 +24,47 @@ MARGIN = 1.25  # least safety factor on predicted latencies at admission
 # Time a client counts that the server's clock does not see: its HTTP library, the connection and
 # both event loops (3 ms typical and 7-11 ms at the 99th percentile with httpx on a loaded 2-core machine).
 OUTSIDE_MS = 6.0
-OVERHEAD_MS = 2.0 + OUTSIDE_MS  # per request, outside the engine (HTTP parsing, thread hand-offs, the client)
 # Strategies stop within one decode step after their deadline; that step, the time to build the
 # response and the time outside the server are kept inside the request's deadline as a reserve.
 RESERVE_MS, RESERVE_SHARE = 3.0 + OUTSIDE_MS, 0.1
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A request's deadline, one object from the server's first sight of it to the shared batch's rounds.
+
+    ``arrived`` is when the request's first bytes came in (``time.perf_counter()`` seconds), ``ms``
+    the deadline its client gave.  Two instants follow, fixed at arrival:
+
+    * :attr:`due`, when the client's deadline falls: what a response is judged on time against;
+    * :attr:`end`, when the strategy must be done: ``due`` less the reserve (``RESERVE_MS`` and
+      ``RESERVE_SHARE`` of the deadline) for the step a strategy may run past it, the response and the
+      client's side.  Admission weighs a point's predicted time against it, the shared batch orders
+      its rounds by it (earliest first) and judges the work due by it, and the controllers stop at it.
+    """
+
+    arrived: float
+    ms: float
+
+    @property
+    def due(self) -> float:
+        return self.arrived + self.ms / 1000
+
+    @property
+    def end(self) -> float:
+        return self.due - (RESERVE_MS + RESERVE_SHARE * max(self.ms, 0.0)) / 1000
+
+    def run_ms(self, now: float) -> float:
+        """Milliseconds a strategy started at ``now`` has until :attr:`end`."""
+        return 1000 * (self.end - now)
+
+    def elapsed_ms(self, now: float) -> float:
+        return 1000 * (now - self.arrived)
+
+    @staticmethod
+    def shortest_ms(run_ms: float) -> float:
+        """The shortest deadline that gives a strategy starting at once ``run_ms`` before its end."""
+        return (run_ms + RESERVE_MS) / (1.0 - RESERVE_SHARE)
 
 # -- the shared batch's model of itself (engines.batching) ---------------------------------------
 # Rows a batched round holds when work is judged: rounds are kept small while an urgent request

@@ -113,8 +113,8 @@ def test_an_answer_cut_before_any_row_answered_is_never_on_time(app_and_server, 
     app, server = app_and_server
     real = server.executor.run
 
-    def cut(req, plan, started):  # the run ends on time but with no row having stated an answer
-        out = real(req, plan, started)
+    def cut(req, plan):  # the run ends on time but with no row having stated an answer
+        out = real(req, plan)
         out.trace.answer = None
         return Outcome(out.trace, out.total_ms, True)
 
@@ -128,7 +128,7 @@ def test_an_answer_cut_before_any_row_answered_is_never_on_time(app_and_server, 
 def test_engine_failures_are_503_with_retry_after_and_healthz_says_so(app_and_server, monkeypatch):
     app, server = app_and_server
 
-    def failing(req, plan, started):
+    def failing(req, plan):
         raise EngineFailure("llama_decode failed on the prompt (the cache is full)")
 
     monkeypatch.setattr(server.executor, "run", failing)

@@ -212,10 +212,34 @@ def test_a_battery_budget_prices_the_energy_drawn_per_answer(root, three_points,
             prices.append(r.json()["edgetts"]["price"])
         assert chosen[0] == "p40" and prices == sorted(prices) and prices[-1] > prices[0]  # rising
         assert chosen[-1] in ("p10", "p20")  # the most accurate point draws too much for the budget
-        assert server.drawn > 0 and f"edgetts_price {server.price}" in server.metrics.render()
+        assert server.budget.drawn > 0 and f"edgetts_price {server.price}" in server.metrics.render()
     finally:
-        server.energy.close()
+        server.budget.close()
         server.executor.close()
+
+
+def test_run_holds_a_battery_budget_over_the_questions_on_standard_input(root, three_points, tmp_path):
+    """``edgetts run - --mean-j``: the same price as ``serve --mean-j``, over a stream of questions (a fake
+    Orin drawing 10 W); a device without a meter is refused in one line."""
+    from conftest import one_line_error
+    from typer.testing import CliRunner
+
+    from edgetts.cli import app
+
+    config, _ = three_points
+    priced = tmp_path / "energy.json"
+    frontier = [dict(p, energy_j=joules) for p, joules in zip(config["frontier"], (1.0, 2.0, 4.0))]
+    priced.write_text(json.dumps({**config, "frontier": frontier}))
+    args = ["run", "--config", str(priced), "--deadline-ms", "100", "--json", "-"]
+    q = "Evaluate left to right: 8*4-3\n"
+    assert "no energy meter" in one_line_error(CliRunner().invoke(app, [*args, "--mean-j", "1"], input=q))
+    orin_hwmon(root, ORIN)
+    r = CliRunner().invoke(app, [*args, "--mean-j", "0.001", "--price", "0.01"], input=q * 12)
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    prices = [d["point"]["price"] for d in out]
+    assert len(out) == 12 and prices == sorted(prices) and prices[-1] > prices[0] == 0.01
+    assert out[0]["point"]["id"] == "p40" and out[-1]["point"]["id"] in ("p10", "p20")
 
 
 def test_the_energy_counter_reads_rapl_and_nvml_counters_at_any_moment(root, monkeypatch):

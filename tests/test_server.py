@@ -118,11 +118,10 @@ def test_completion_deadline_picks_cheaper_points_and_experts_override(client, c
 def test_a_deadline_no_point_meets_is_the_callers_error(live, config):
     """Shorter than the fastest point needs on an idle server: 400 naming it, which clients do not retry
     (a 429 would send the official client back twice for a deadline that can never be met)."""
-    from edgetts.runtime.planning import deadline_for_ms
-    from edgetts.timing import MARGIN
+    from edgetts.timing import MARGIN, Deadline
 
     fastest = json.loads(config.read_text())["frontier"][0]
-    need = deadline_for_ms(fastest["latency_ms"] * MARGIN)
+    need = Deadline.shortest_ms(fastest["latency_ms"] * MARGIN)
     calls = []
     client = openai.OpenAI(base_url=live + "/v1", api_key=KEY, max_retries=2,
                            http_client=httpx.Client(event_hooks={"request": [calls.append]}))  # fmt: skip
@@ -297,7 +296,7 @@ def test_cancel_stops_the_work(config):
     req = Request(Q, deadline_ms=5000, strategy="majority", n=8, budget=128)
     plan = ex.plan(req)
     req.cancel.set()
-    out = ex.run(req, plan, time.perf_counter())
+    out = ex.run(req, plan)
     assert all(r.finish_reason == "cancelled" for r in out.trace.rows)
     assert out.trace.generated_tokens <= 8
     ex.close()
@@ -359,6 +358,62 @@ def test_chat_renders_the_whole_conversation_and_returns_reasoning(client):
     assert whole.usage.prompt_tokens >= r.usage.prompt_tokens + earlier
 
 
+def test_one_deadline_from_the_first_bytes_to_the_batch(config, monkeypatch):
+    """The deadline a request arrived with is the one admission weighs, the shared batch orders by and the
+    strategy stops at: the batch sees the same end, and the time before admission counts against it."""
+    from edgetts.runtime import Policy
+    from edgetts.runtime.executor import Executor
+    from edgetts.runtime.planning import Request
+    from edgetts.runtime.server import Server
+    from edgetts.timing import RESERVE_MS, RESERVE_SHARE
+
+    policy = Policy.load(config)
+    ex = Executor(policy, threads=1)
+    srv = Server(policy, ex)
+    try:
+        req = Request(Q, deadline_ms=3000, arrived=time.perf_counter() - 0.5)  # its body trickled in for 0.5 s
+        deadline = req.deadline
+        assert deadline.end == pytest.approx(deadline.due - (RESERVE_MS + RESERVE_SHARE * 3000) / 1000)
+        plan = srv.admit("r", req)
+        assert plan.deadline is deadline and plan.end == deadline.end
+        assert plan.predicted_ms <= 1000 * (deadline.end - req.arrived) - 500  # weighed against what is left
+        engine, _ = ex.engine(plan.point)
+        seen = []
+        real = engine.scheduler.submit
+
+        def spy(prompt, n, params, controller=None, seeds=None):  # what the batch orders its rounds by
+            seen.append(controller.due())
+            return real(prompt, n, params, controller, seeds)
+
+        monkeypatch.setattr(engine.scheduler, "submit", spy)
+        out = ex.run(req, plan)
+        srv.release("r")
+        assert seen and all(d == deadline.end for d in seen)
+        assert out.total_ms >= 500 and out.deadline_met == (out.total_ms <= 3000)
+    finally:
+        ex.close()
+
+
+def test_a_serial_engine_predicts_a_stall_of_the_ones_its_calls_met(config):
+    """The sequential server's admission, like the batch's, keeps room for one wait for the CPU of the kind its
+    calls' steps met lately (steps 12 ms beyond their estimate here)."""
+    from edgetts.runtime import Policy
+    from edgetts.runtime.executor import Executor, SerialEngine
+
+    policy = Policy.load(config)
+    ex = Executor(policy, threads=1, batching=False)
+    try:
+        point = policy.frontier[0]
+        engine, _ = ex.engine(point)
+        assert isinstance(engine, SerialEngine)
+        quiet = ex.predict_ms(point, [])
+        for _ in range(20):
+            engine.stalls.add(0.012)
+        assert ex.predict_ms(point, []) == pytest.approx(quiet + 12, abs=0.5)
+    finally:
+        ex.close()
+
+
 def test_admission_downgrades_before_refusing_and_cannot_lock(config):
     from dataclasses import replace
 
@@ -366,6 +421,7 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
     from edgetts.runtime.executor import Executor
     from edgetts.runtime.planning import Request
     from edgetts.runtime.server import APIError, Server
+    from edgetts.timing import Deadline
 
     policy = Policy.load(config)
     ex = Executor(policy, threads=1)
@@ -398,13 +454,13 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         srv.release("b")
         # Rounds go earliest deadline first: rows due before a request slow it, rows due after do not.
         now = time.perf_counter()
-        due = now + roomy / 1000
-        assert ex.predict_ms(alone.point, crowd, due) == pytest.approx(ex.predict_ms(alone.point, [], due))
-        sooner = [replace(c, due=due - 0.001) for c in crowd]
-        assert ex.predict_ms(alone.point, sooner, due) > ex.predict_ms(alone.point, [], due)
-        # The work due by each deadline must fit before it: a request may not make a later one late.
-        assert ex.feasible(alone.point, crowd, due, now)
-        srv.pending["heavy"] = replace(crowd[0], due=due + 0.001, solo_ms=1e6)
+        end = Deadline(now, roomy).end
+        assert ex.predict_ms(alone.point, crowd, end) == pytest.approx(ex.predict_ms(alone.point, [], end))
+        sooner = [replace(c, deadline=Deadline(now - 0.001, roomy)) for c in crowd]
+        assert ex.predict_ms(alone.point, sooner, end) > ex.predict_ms(alone.point, [], end)
+        # The work due by each end must fit before it: a request may not make a later one late.
+        assert ex.feasible(alone.point, crowd, end, now)
+        srv.pending["heavy"] = replace(crowd[0], deadline=Deadline(now + 0.05, roomy), solo_ms=1e6)
         with pytest.raises(APIError) as refused:
             srv.admit("late", Request(Q, deadline_ms=roomy))
         assert refused.value.status == 429 and "without making others late" in refused.value.message
@@ -446,11 +502,11 @@ def test_a_client_that_disconnects_cancels_its_request(config):
     seen = threading.Event()
 
     class Waiting(Executor):
-        def run(self, req, plan, started):
+        def run(self, req, plan):
             seen.set()
             if not req.cancel.wait(30):
                 raise AssertionError("the disconnect never reached the request")
-            return super().run(req, plan, started)
+            return super().run(req, plan)
 
     policy = Policy.load(config)
     ex = Waiting(policy, threads=1)

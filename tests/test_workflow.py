@@ -118,6 +118,38 @@ def test_a_price_on_compute_trades_accuracy_for_time(three_points):
     assert r.exit_code == 0 and json.loads(r.stdout)["point"]["id"] == "p10"
 
 
+def test_run_answers_standard_input_line_by_line_under_a_mean_budget(three_points):
+    """``edgetts run -``: one answer per line with the engine kept open; a question that cannot be answered
+    is said on its line and the others go on (exit 2 at the end); ``--mean-ms`` far below what any answer
+    takes raises the price answer by answer, until cheaper points are chosen."""
+    _, path = three_points
+    lines = [Q, "", "Evaluate left to right: " + "1+" * 3000 + "1"] + [Q] * 20
+    r = runner.invoke(app, ["run", "--config", str(path), "--deadline-ms", "1000", "--mean-ms", "0.001", "--json", "-"],
+                      input="\n".join(lines) + "\n")  # fmt: skip
+    assert r.exit_code == 2 and "1 question(s) could not be answered (line 3)" in r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    errors, answers = [d for d in out if "error" in d], [d for d in out if "error" not in d]
+    assert [d["line"] for d in errors] == [3] and "exceeds the context" in errors[0]["error"]
+    assert [d["line"] for d in answers] == [1, *range(4, 24)] and all(d["answer"] for d in answers)
+    prices = [d["point"]["price"] for d in answers]
+    assert prices[0] == 0 and prices == sorted(prices) and prices[-1] > prices[1] > 0
+    assert answers[0]["point"]["id"] == "p40" and answers[-1]["point"]["id"] in ("p10", "p20")
+    # Without a budget, the same stream answers every line at the same point, in text.
+    r = runner.invoke(app, ["run", "--config", str(path), "--deadline-ms", "1000", "-"], input=f"{Q}\n{Q}\n")
+    assert r.exit_code == 0 and r.stdout.count("point 2 p40") == 2 and "line 2:" in r.stdout
+    refusals = {
+        ("--mean-ms", "10", Q): "holds a mean over many questions",  # one question has no mean
+        ("--config", str(path), "--deadline-ms", "100", "--mean-ms", "10", Q): "holds a mean over many questions",
+        ("--config", str(path), "--deadline-ms", "100", "--mean-ms", "nan", "-"): "must be a finite number",
+        ("--config", str(path), "--deadline-ms", "100", "--mean-ms", "1", "--mean-j", "1", "-"): "give one",
+        ("--config", str(path), "--deadline-ms", "100", "--mean-j", "1", "-"): "no energy_j",
+        ("--config", str(path), "--deadline-ms", "0.5", "-"): "shorter than the fastest point",
+    }
+
+    for args, said in refusals.items():
+        assert said in one_line_error(runner.invoke(app, ["run", *args], input=f"{Q}\n")), args
+
+
 def test_a_mean_budget_is_held_by_the_price():
     from edgetts.runtime.pricing import MeanBudget
 

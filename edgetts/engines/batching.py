@@ -48,7 +48,7 @@ from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure,
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
 from edgetts.engines.stalls import Stalls, fade
-from edgetts.timing import ANSWER_ROUNDS, MARGIN, OVERHEAD_MS, SHARE_ROWS
+from edgetts.timing import ANSWER_ROUNDS, MARGIN, SHARE_ROWS
 
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
 
@@ -212,7 +212,8 @@ class Scheduler:
         return a + b * tokens
 
     # -- the batch's model of itself, for admission -------------------------------------------
-    # ``busy``: the requests admitted to this engine, as (due: perf_counter s, time alone: ms, rows).
+    # ``busy``: the requests admitted to this engine, as (end: perf_counter s, time alone: ms, rows), the
+    # end being the one their controllers stop at and this batch orders by (``Deadline.end``).
     # A request counts whole until it ends: under earliest-deadline-first rounds its progress so far
     # depends on who came after it, and guessing it from the time it has had admitted more than the
     # engine could run.
@@ -220,12 +221,12 @@ class Scheduler:
         a, b = self._fit  # before anything is measured: the compute-bound guess that a step costs its rows
         return (a, b) if a + b > 0 else (0.0, 1.0)
 
-    def cost_ms(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], due: float) -> float:
+    def cost_ms(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], end: float) -> float:
         """Predicted latency of a request of ``n`` rows (``solo_ms`` alone, at profile speed) beside ``busy``,
-        due at ``due``: only rows due earlier slow its rounds (rounds go earliest deadline first), beyond
-        the engine's rows requests wait their turn, the device runs at its speed now and a stall of the
-        device's recent ones is met once (:class:`DeviceSpeed`)."""
-        ahead = sum(r for d, _, r in busy if d <= due)
+        ending at ``end``: only rows ending earlier slow its rounds (rounds go earliest deadline first),
+        beyond the engine's rows requests wait their turn, the device runs at its speed now and a stall of
+        the device's recent ones is met once (:class:`DeviceSpeed`)."""
+        ahead = sum(r for d, _, r in busy if d <= end)
         waves = math.ceil((sum(r for *_, r in busy) + n) / self.engine.max_rows)
         a, b = self._fit_or_guess()
         rows = min(ahead + n, self.engine.max_rows)
@@ -237,15 +238,15 @@ class Scheduler:
         a, b = self._fit_or_guess()
         return self.slowdown() * solo_ms * (b * n + a * n / SHARE_ROWS) / (a + b * n)
 
-    def fits(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], due: float, now: float) -> bool:
-        """Whether the batch can still finish everything on time with this request added: for each deadline
-        from the new one on, the work due by then (every admitted request's and the new one's,
-        :meth:`work_ms`) must fit in the time left, with admission's margin and overhead and a stall."""
-        items = sorted([(d, self.work_ms(ms, r)) for d, ms, r in busy] + [(due, self.work_ms(solo_ms, n))])
+    def fits(self, solo_ms: float, n: int, busy: list[tuple[float, float, int]], end: float, now: float) -> bool:
+        """Whether the batch can still finish everything on time with this request added (its run ending at
+        ``end``): for each end from the new one's on, the work due by then (every admitted request's and
+        the new one's, :meth:`work_ms`) must fit in the time left, with admission's margin and a stall."""
+        items = sorted([(d, self.work_ms(ms, r)) for d, ms, r in busy] + [(end, self.work_ms(solo_ms, n))])
         total, stall_ms = 0.0, 1000 * self.speed.stall_s()
         for at, w in items:
             total += w
-            if at >= due and total * MARGIN + OVERHEAD_MS + stall_ms > (at - now) * 1000:
+            if at >= end and total * MARGIN + stall_ms > (at - now) * 1000:
                 return False
         return True
 

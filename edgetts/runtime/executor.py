@@ -32,7 +32,7 @@ from edgetts.engines.spec import ContextPlan, engine_memory, settings_note
 from edgetts.engines.stalls import Stalls, Timed
 from edgetts.models.families import Family
 from edgetts.pareto.config import point_spec, profiled_with
-from edgetts.runtime.planning import Late, Plan, Request, make_plan, run_budget_ms
+from edgetts.runtime.planning import Late, Plan, Request, make_plan
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
 from edgetts.telemetry.device import with_power_mode
@@ -124,8 +124,8 @@ class SerialEngine(Engine):
 
 
 def _held(busy: list[Plan]) -> list[tuple[float, float, int]]:
-    """The admitted plans as a shared batch weighs them: (due, time alone in ms, rows)."""
-    return [(p.due, p.solo_ms, p.n) for p in busy]
+    """The admitted plans as a shared batch weighs them: (end, time alone in ms, rows)."""
+    return [(p.end, p.solo_ms, p.n) for p in busy]
 
 
 class Executor:
@@ -214,25 +214,27 @@ class Executor:
         return make_plan(self.policy, req, req.deadline_ms if budget_ms is None else budget_ms, self.max_n,
                          self.max_budget, cost, price, charge)  # fmt: skip
 
-    def predict_ms(self, point: dict, busy: list[Plan], due: float = math.inf) -> float:
-        """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request due
-        at ``due``: a shared batch answers itself (:meth:`~edgetts.engines.batching.Scheduler.cost_ms`); on a
-        serial engine the queue ahead runs first, each alone."""
+    def predict_ms(self, point: dict, busy: list[Plan], end: float = math.inf) -> float:
+        """Predicted latency of ``point`` run beside the ``busy`` plans already admitted, for a request whose
+        run ends at ``end`` (:attr:`~edgetts.timing.Deadline.end`): a shared batch answers itself
+        (:meth:`~edgetts.engines.batching.Scheduler.cost_ms`); on a serial engine the queue ahead runs first,
+        each alone, and a stall of the ones its calls' steps met lately is met once."""
         engine, busy = self._beside(point, busy)
         solo = self.policy.predicted_ms(point)
         scheduler = getattr(engine, "scheduler", None)
         if scheduler is not None:
-            return scheduler.cost_ms(solo, point["n"], _held(busy), due)
-        if isinstance(engine, SerialEngine):
-            return solo + sum(p.solo_ms for p in busy)
+            return scheduler.cost_ms(solo, point["n"], _held(busy), end)
+        if isinstance(engine, SerialEngine):  # and a wait for the CPU, as its calls' steps meet them
+            return solo + sum(p.solo_ms for p in busy) + 1000 * engine.stalls.stall_s()
         return solo
 
-    def feasible(self, point: dict, busy: list[Plan], due: float, now: float) -> bool:
-        """Whether the batch can still finish everything on time with ``point`` added (due at ``due``): the
-        shared batch's own answer (:meth:`~edgetts.engines.batching.Scheduler.fits`); elsewhere always."""
+    def feasible(self, point: dict, busy: list[Plan], end: float, now: float) -> bool:
+        """Whether the batch can still finish everything on time with ``point`` added (its run ending at
+        ``end``): the shared batch's own answer (:meth:`~edgetts.engines.batching.Scheduler.fits`); elsewhere
+        always."""
         engine, busy = self._beside(point, busy)
         scheduler = getattr(engine, "scheduler", None)
-        return scheduler is None or scheduler.fits(self.policy.predicted_ms(point), point["n"], _held(busy), due, now)
+        return scheduler is None or scheduler.fits(self.policy.predicted_ms(point), point["n"], _held(busy), end, now)
 
     def work_ms(self, point: dict, solo_ms: float | None = None, n: int | None = None) -> float:
         """Engine time a request of ``point`` holds (``solo_ms`` and ``n``: of what actually runs): in a
@@ -264,23 +266,23 @@ class Executor:
                 if abs(p["budget"] - plan.budget) == nearest]  # fmt: skip
         return max(rows)
 
-    def run(self, req: Request, plan: Plan, started: float) -> Outcome:
-        """Run ``plan`` for ``req`` (which arrived at ``started``); :class:`Late` if it was dropped unstarted."""
-        left = req.deadline_ms - 1000 * (time.perf_counter() - started)
+    def run(self, req: Request, plan: Plan) -> Outcome:
+        """Run ``plan`` for ``req`` until its deadline's end; :class:`Late` if it was dropped unstarted."""
+        deadline = req.deadline
         engine, family = self.engine(plan.point)
         sampling = SamplingParams(temperature=req.temperature, seed=req.seed)
-        cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(run_budget_ms(left), 1.0), cancel=req.cancel,
-                        messages=req.messages, sampling=sampling,
+        cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(deadline.run_ms(time.perf_counter()), 1.0),
+                        ends_at=deadline.end, cancel=req.cancel, messages=req.messages, sampling=sampling,
                         expected_tokens=self.expected_tokens(plan))  # fmt: skip
         serial = isinstance(engine, SerialEngine)
         if serial:
             engine.take_held_s()  # this thread's count starts here
         trace = create(plan.strategy, engine, family, cfg).run(req.question)
         now = time.perf_counter()
+        total_ms = deadline.elapsed_ms(now)
         if not trace.generated_tokens and trace.early_stop == "deadline":
-            raise Late(1000 * (now - started))  # dropped while queued: nothing was computed
-        total_ms = 1000 * (now - started)
-        return Outcome(trace, total_ms, total_ms <= req.deadline_ms, 1000 * engine.take_held_s() if serial else None)
+            raise Late(total_ms)  # dropped while queued: nothing was computed
+        return Outcome(trace, total_ms, now <= deadline.due, 1000 * engine.take_held_s() if serial else None)
 
     def slowdown(self) -> float:
         """The device's slowdown as the shared batches measure it every round (the largest; 1 without one)."""

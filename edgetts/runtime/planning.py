@@ -13,24 +13,12 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 from edgetts.runtime.policy import Policy, Selection
 from edgetts.strategies import STRATEGIES, StrategyError
-from edgetts.timing import RESERVE_MS, RESERVE_SHARE
-
-
-def run_budget_ms(left_ms: float) -> float:
-    """The time a request's strategy gets when ``left_ms`` of its deadline are left: what admission
-    weighs a point's predicted time (with ``MARGIN``) against, and the deadline the strategy then
-    runs under.  One function for both: admitting against more time than the strategy gets let
-    requests in whose rows were then cut before any answer."""
-    return left_ms - RESERVE_MS - RESERVE_SHARE * max(left_ms, 0.0)
-
-
-def deadline_for_ms(run_ms: float) -> float:
-    """The shortest deadline whose run budget is ``run_ms`` (the inverse of :func:`run_budget_ms`)."""
-    return (run_ms + RESERVE_MS) / (1.0 - RESERVE_SHARE)
+from edgetts.timing import Deadline
 
 
 @dataclass
@@ -46,6 +34,11 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     messages: tuple | None = None  # a chat request's whole conversation (the question is its last user turn)
     include_reasoning: bool = False  # return the winning row's reasoning as reasoning_content
+    arrived: float = field(default_factory=time.perf_counter)  # its first bytes (perf_counter s)
+    deadline: Deadline = field(init=False)  # from ``arrived`` and ``deadline_ms``: admission to the last step
+
+    def __post_init__(self):
+        self.deadline = Deadline(self.arrived, self.deadline_ms)
 
     @property
     def expert(self) -> bool:
@@ -62,7 +55,7 @@ class Plan:
     budget: int
     solo_ms: float = 0.0  # the policy's prediction for what runs, alone (an expert's larger n or budget scale it)
     predicted_ms: float = 0.0  # at admission, beside the requests already running (with the margin)
-    due: float = math.inf  # when the request's deadline falls (perf_counter seconds)
+    deadline: Deadline | None = None  # the request's, once admitted
     alone: bool = False  # nothing else was admitted when it was
     order: int = 0  # requests the server admitted before it
     price: float = 0.0  # the price on compute its point was chosen under
@@ -70,6 +63,11 @@ class Plan:
     @property
     def point(self) -> dict:
         return self.choice.point
+
+    @property
+    def end(self) -> float:
+        """When its strategy must be done (:attr:`Deadline.end`; never, before admission)."""
+        return math.inf if self.deadline is None else self.deadline.end
 
     @property
     def as_profiled(self) -> bool:

@@ -52,3 +52,55 @@ class MeanBudget:
             if self.price < self.FLOOR:
                 self.price = 0.0
             return self.price
+
+
+class MeanSpend:
+    """A mean budget held over the answers a runtime gives (``serve``, ``edgetts run -``): each answer costs
+    its latency (ms), or with ``joules`` the energy the device drew since the previous answer (J), so that
+    over any stretch the costs add up to what the battery gave, idle time and concurrent requests
+    included; :class:`MeanBudget` turns the costs into the price, which weighs each point's predicted
+    latency, or its profiled ``energy_j`` (:meth:`charge`).
+
+    With ``joules``, every frontier point must say what it draws and this device must have a meter
+    (one-line :class:`~edgetts.pareto.config.ParetoError` / ``MeterUnavailable`` otherwise).
+    """
+
+    def __init__(self, frontier: list[dict], budget: float, joules: bool = False, price: float = 0.0):
+        self.target = MeanBudget(budget)
+        self.target.price = price
+        self.energy = _energy_counter(frontier) if joules else None
+        self.drawn = self.energy.joules() if self.energy else 0.0  # the counter's reading at the last answer
+        self.lock = threading.Lock()
+
+    @property
+    def price(self) -> float:
+        return self.target.price
+
+    def observe(self, latency_ms: float) -> float:
+        """Count one answer (it took ``latency_ms``); returns the price for the next one."""
+        if self.energy is None:
+            return self.target.observe(latency_ms)
+        with self.lock:
+            now = self.energy.joules()
+            cost, self.drawn = now - self.drawn, now
+        return self.target.observe(cost)
+
+    def charge(self):
+        """What the price multiplies: each point's profiled energy with ``joules``, else None (its latency)."""
+        return (lambda point: point["energy_j"]) if self.energy is not None else None
+
+    def close(self) -> None:
+        if self.energy is not None:
+            self.energy.close()
+
+
+def _energy_counter(frontier: list[dict]):
+    from edgetts.pareto.config import ParetoError
+    from edgetts.telemetry.meters import EnergyCounter
+
+    bare = [p["id"] for p in frontier if not (isinstance(p.get("energy_j"), int | float) and
+                                              0 < p["energy_j"] < math.inf)]  # fmt: skip
+    if bare:
+        raise ParetoError(f"--mean-j prices energy, and {len(bare)} frontier point(s) have no energy_j "
+                          f"({', '.join(bare[:3])}): profile where an energy meter exists")  # fmt: skip
+    return EnergyCounter()

@@ -4,12 +4,15 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or
 ``GET /v1/models``, ``GET /healthz`` (no key needed), ``GET /metrics`` (Prometheus text).
 
 Per request: the deadline is the body's ``deadline_ms`` extension or the server default,
-counted from the request's first bytes (the listening protocol stamps them).  A deadline the
+counted from the request's first bytes (the listening protocol stamps them), held in one
+:class:`~edgetts.timing.Deadline` from parsing to the engine's last step: its ``end`` (the
+client's deadline less a reserve for the response) is what admission weighs work against,
+what the shared batch orders its rounds by and where the strategy stops.  A deadline the
 fastest point cannot meet on an idle server is the caller's error (400).  Admission knows the
 batch: a point's latency, scaled by the device's measured slowdown, is predicted beside the
-requests already admitted on its engine (the executor's occupancy model:
-the engine's measured step cost at the rows due before it, and the work due by each admitted
-deadline, which must still fit; or the queue ahead on a serial engine).  With
+requests already admitted on its engine (the shared batch answers: its measured step cost at
+the rows ending before it, and the work due by each admitted request's end, which must still
+fit; or the queue ahead on a serial engine).  With
 ``overload="downgrade"`` a request takes the most accurate point that still fits, a cheaper one
 before a refusal; with ``"refuse"`` it keeps the point its deadline alone would get, or is
 refused.  When nothing fits, the answer is 429 with ``Retry-After``, and the policy counts a run
@@ -51,11 +54,11 @@ from edgetts.engines import EngineError
 from edgetts.engines.base import EngineFailure
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
-from edgetts.runtime.planning import Late, Plan, Request, deadline_for_ms, run_budget_ms
+from edgetts.runtime.planning import Late, Plan, Request
 from edgetts.runtime.policy import DeadlineTooShort, Policy
-from edgetts.runtime.pricing import MeanBudget
+from edgetts.runtime.pricing import MeanSpend
 from edgetts.strategies import STRATEGIES, StrategyError
-from edgetts.timing import MARGIN
+from edgetts.timing import MARGIN, Deadline
 
 # The load-aware price (``_priced_by_load``): 0 while the engine time the admitted requests hold is
 # under LOAD_FREE of a new request's time left, then rising to its ceiling at LOAD_FULL of it.  At the
@@ -90,7 +93,8 @@ def _number(body, name, lo=None, hi=None, integer=False, required=False):
     return v
 
 
-def parse(body: object, chat: bool, default_deadline_ms: float) -> tuple[Request, dict]:
+def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float | None = None) -> tuple[Request, dict]:
+    """The request in ``body`` (its deadline counting from ``arrived``, default now) and the reply's options."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     messages = None
@@ -159,6 +163,7 @@ def parse(body: object, chat: bool, default_deadline_ms: float) -> tuple[Request
         budget=_number(ext, "budget", 1, 1_000_000, integer=True),
         messages=messages,
         include_reasoning=bool(body.get("include_reasoning")),
+        arrived=time.perf_counter() if arrived is None else arrived,
     )
     return req, {"stream": bool(body.get("stream")), "stop": stop or [], "model": model}
 
@@ -190,22 +195,18 @@ class Server:
         # With a mean budget per request, the price follows the answered requests' latencies, or (on a
         # battery, --mean-j) the energy the device drew per answer.
         mean = mean_j if mean_j is not None else mean_ms
-        self.budget = MeanBudget(mean) if mean is not None else None
-        if self.budget is not None:
-            self.budget.price = price
-        self.energy = self._energy_counter(policy) if mean_j is not None else None
-        self.drawn = self.energy.joules() if self.energy else 0.0  # the counter's reading at the last answer
+        self.budget = MeanSpend(policy.frontier, mean, mean_j is not None, price) if mean is not None else None
         # A price on engine time that follows the load (_priced_by_load).
         self.load_price = load_price
 
-    def admit(self, rid: str, req: Request, arrived: float | None = None) -> Plan:
-        """The plan for ``req`` (which arrived at ``arrived``) beside the requests already admitted, or 429."""
+    def admit(self, rid: str, req: Request) -> Plan:
+        """The plan for ``req`` beside the requests already admitted, or 429."""
         now = time.perf_counter()
-        due = (arrived if arrived is not None else now) + req.deadline_ms / 1000
-        left = 1000 * (due - now)  # reading the request took some of its deadline
+        deadline = req.deadline
+        budget = deadline.run_ms(now)  # the time its strategy will get (reading the request took some)
         try:  # a deadline no point meets on an idle server is the caller's error: 400, never retried
             if not req.expert:  # experts get the point they ask for
-                self.policy.check_deadline(req.deadline_ms, require=lambda ms: deadline_for_ms(ms * MARGIN))
+                self.policy.check_deadline(req.deadline_ms, require=lambda ms: Deadline.shortest_ms(ms * MARGIN))
         except DeadlineTooShort as e:
             raise APIError(400, str(e), "deadline_ms", code="deadline_too_short") from None
         with self.lock:
@@ -214,19 +215,18 @@ class Server:
                                headers={"Retry-After": "1"})  # fmt: skip
             busy = list(self.pending.values())
             if self.load_price:  # under load, engine time is what is scarce (charge())
-                self.price = self.metrics.price = self._priced_by_load(busy, left)
+                self.price = self.metrics.price = self._priced_by_load(busy, budget)
             charge = self.charge()
 
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
-                if not req.expert and not self.executor.feasible(point, busy, due, now):
+                if not req.expert and not self.executor.feasible(point, busy, deadline.end, now):
                     return math.inf  # it would make the batch late: a cheaper point, or 429 (experts run)
-                return self.executor.predict_ms(point, busy, due) * MARGIN
+                return self.executor.predict_ms(point, busy, deadline.end) * MARGIN
 
             # "refuse": the point the deadline alone gets, or nothing; "downgrade" (and experts, who get
             # what they ask for and count in the batch by their plan): the most accurate point that
             # fits beside the others, a cheaper one before a refusal.
             refuse = self.overload == "refuse" and not req.expert
-            budget = run_budget_ms(left)  # the time its strategy will get: the one the point must fit
             plan = self.executor.plan(req, budget, cost=None if refuse else cost, price=self.price, charge=charge)
             if refuse:
                 plan = replace(plan, predicted_ms=cost(plan.point))
@@ -241,14 +241,14 @@ class Server:
                 raise APIError(429, f"cannot meet deadline_ms={req.deadline_ms:g} beside {len(busy)} admitted "
                                f"request(s): {why}", code="deadline_unmeetable", kind="rate_limit_error",
                                headers={"Retry-After": str(retry)})  # fmt: skip
-            plan = replace(plan, due=due, alone=not busy, order=self.admitted, price=self.price)
+            plan = replace(plan, deadline=deadline, alone=not busy, order=self.admitted, price=self.price)
             self.admitted += 1
             self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
             return plan
 
     def _priced_by_load(self, busy: list, left_ms: float) -> float:
-        """The price on engine time for a request with ``left_ms`` of its deadline beside ``busy``: 0 while
+        """The price on engine time for a request with ``left_ms`` to run in beside ``busy``: 0 while
         the engine time they hold is under ``LOAD_FREE`` of that time (the most accurate point that fits),
         rising linearly to ``LOAD_PRICE_SHARE`` x :meth:`efficient_price` at ``LOAD_FULL`` of it and held
         there: a saturated engine delivers more correct answers per second on cheap points, and the wide
@@ -262,36 +262,11 @@ class Server:
         over engine time of the frontier: that point is then worth 0 and every other less)."""
         return max(p["accuracy"] / max(self.executor.work_ms(p), 1e-9) for p in self.policy.frontier)
 
-    @staticmethod
-    def _energy_counter(policy: Policy):
-        """The device's energy counter for ``--mean-j``: every point must say what it draws (``energy_j``,
-        profiled where a meter exists), and this device must have a meter (one-line errors otherwise)."""
-        from edgetts.pareto.config import ParetoError
-        from edgetts.telemetry.meters import EnergyCounter
-
-        bare = [p["id"] for p in policy.frontier if not (isinstance(p.get("energy_j"), int | float) and
-                                                        0 < p["energy_j"] < math.inf)]  # fmt: skip
-        if bare:
-            raise ParetoError(f"--mean-j prices energy, and {len(bare)} frontier point(s) have no energy_j "
-                              f"({', '.join(bare[:3])}): profile where an energy meter exists")  # fmt: skip
-        return EnergyCounter()
-
-    def _cost(self, result) -> float:
-        """What an answer cost against the mean budget: its latency (ms), or with ``--mean-j`` the energy the
-        device drew since the previous answer (J): over any stretch the costs add up to what the battery
-        gave, idle time and concurrent requests included."""
-        if self.energy is None:
-            return result.total_ms
-        with self.lock:
-            now = self.energy.joules()
-            cost, self.drawn = now - self.drawn, now
-        return cost
-
     def charge(self):
         """What the price multiplies, or None for the predicted latency: energy (J) with ``--mean-j``,
         engine time with ``--load-price``."""
-        if self.energy is not None:
-            return lambda point: point["energy_j"]
+        if self.budget is not None and self.budget.charge():
+            return self.budget.charge()
         return self.executor.work_ms if self.load_price else None
 
     def slowdown(self) -> float:
@@ -305,21 +280,20 @@ class Server:
             self.metrics.queue_depth = len(self.pending)
 
     async def complete(self, request, body: object, chat: bool, arrived: float | None = None) -> tuple[dict, dict]:
-        """Answer one request; ``arrived`` is when its headers were in (deadlines count from there)."""
-        started = arrived if arrived is not None else time.perf_counter()
-        req, opts = parse(body, chat, self.default_deadline_ms)
+        """Answer one request; ``arrived`` is when its first bytes came in (its deadline counts from there)."""
+        req, opts = parse(body, chat, self.default_deadline_ms, arrived)
         sick = self.executor.unhealthy()
         if sick:  # nothing would answer it: say so at once rather than after its deadline
             raise APIError(503, f"the server cannot answer: {sick}", code="engine_unavailable", kind="server_error",
                            headers={"Retry-After": "5"})  # fmt: skip
         rid = uuid.uuid4().hex[:24]
         try:
-            plan = self.admit(rid, req, started)
+            plan = self.admit(rid, req)
         except StrategyError as e:
             raise APIError(400, str(e), "edgetts") from None
         try:
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self.workers, self.executor.run, req, plan, started)
+            fut = loop.run_in_executor(self.workers, self.executor.run, req, plan)
             # Wait for the answer or the client's disconnect, whichever comes first (polling each
             # request for a disconnect cost the HTTP thread a wake-up per request every 50 ms).
             gone = asyncio.ensure_future(_disconnect(request))
@@ -361,7 +335,7 @@ class Server:
         for s in opts["stop"]:
             text = text.split(s, 1)[0]
         if self.budget is not None:
-            self.price = self.metrics.price = self.budget.observe(self._cost(result))
+            self.price = self.metrics.price = self.budget.observe(result.total_ms)
         # An answer cut off before any row stated one is no answer: it never counts as on time.
         met = result.deadline_met and trace.answer is not None
         self.metrics.request("ok", result.total_ms / 1000, plan.point["id"], trace.generated_tokens,

@@ -49,6 +49,9 @@ class RunConfig:
     budget: int = 256  # thinking tokens per row
     answer_tokens: int = 32  # room for the answer after the reasoning ends
     deadline_ms: float | None = None
+    # Where a caller's deadline fixed the end (perf_counter s; a server's Deadline.end): the call's
+    # controllers stop there exactly, and deadline_ms is the time that was left when it was made.
+    ends_at: float | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False  # ignore the model's chat template
     cancel: object = None  # a threading.Event: when set, every row stops at the next step
@@ -296,6 +299,8 @@ class Strategy(ABC):
                max_tokens: int | None = None) -> tuple[SampleResult, BudgetController]:  # fmt: skip
         """Run ``n`` rows under the budget controller (deadline measured from ``started``)."""
         deadline = self.cfg.deadline_ms / 1000 if self.cfg.deadline_ms is not None else None
+        if self.cfg.ends_at is not None:
+            deadline = self.cfg.ends_at - started
         ctl = controller or self.controller_class(self.engine, self.family, self.cfg, started, deadline)
         ctl.started, ctl.deadline_s = started, deadline
         ctl.prompt_tokens = self.engine.count_tokens(prompt) + 1
