@@ -8,20 +8,22 @@
    measures the calibrated latencies alone.  ``--source pooled`` calibrates a pooled profile (as
    users profile by default), whose accuracies are estimates from a pool of rows: they differ
    from a direct run's by a few points, which moves some choices whatever the latencies.
-2. Per target setting, ``edgetts calibrate SOURCE --setting ...`` (timed: ``calibrate_s``) and a
-   direct profile of the same sweep on that setting (``edgetts profile --mode direct``), the
-   ground truth.  The settings: ``threads=2``; and a slower device, made with a CPU quota (a
-   cgroup v1 ``cpu`` group with ``cpu.cfs_period_us`` 2000 and ``cpu.cfs_quota_us`` 1000, which
-   both the calibration and the direct profile run inside) where the machine allows cgroups,
-   else a steady CPU-bound process beside them (``--slow hog``).
-3. Per setting: the per-cell error of the calibrated mean latency against the direct one (the
+2. Per target setting, ``edgetts calibrate SOURCE --setting ...`` (timed: ``calibrate_s``) between
+   two direct profiles of the same sweep on that setting (``edgetts profile --mode direct``, one
+   before and one after), whose per-cell mean is the ground truth: this machine's speed drifts by
+   tens of percent over minutes, and a reference measured on both sides of the calibration is
+   centred on the moment it measured (a steady drift cancels).  The settings: ``threads=2``; and
+   a slower device, made with a CPU quota (a cgroup v1 ``cpu`` group with ``cpu.cfs_period_us``
+   2000 and ``cpu.cfs_quota_us`` 1000, which the calibration and the direct profiles run inside)
+   where the machine allows cgroups, else a steady CPU-bound process beside them (``--slow hog``).
+3. Per setting: the per-cell error of the calibrated mean latency against the reference (the
    same problems and seeds, so the same rows), their mean (``latency_mape``), and the share of
-   deadlines, 40 of them log-spaced between the direct config's fastest and slowest point, for
-   which the calibrated and the direct Pareto configs choose the same (strategy, n, budget)
-   (``same_choice``).
-4. The noise floor: a second direct profile of the same sweep on each setting, compared with the
-   first the same way (``direct_floor``: how far two direct profiles of one setting, back to back,
-   differ, which no calibration can beat when it is judged against one of them).
+   deadlines, 40 of them log-spaced between the reference config's fastest and slowest point, for
+   which the calibrated and the reference Pareto configs choose the same (strategy, n, budget)
+   (``same_choice``); also against each direct profile alone (``vs_before``, ``vs_after``).
+4. The noise floor: the two direct profiles compared with each other the same way
+   (``direct_floor``: how far two direct profiles of one setting differ, which no calibration can
+   beat when it is judged against one of them).
 
 Each command runs as users run it (``python -m edgetts``); the last line is one JSON object with
 ``latency_mape`` and ``same_choice`` (the worst setting each) and ``calibrate_s`` (the slowest).
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,6 +84,19 @@ def cells(d: Path) -> dict:
     return {(c["strategy"], c["n"], c["budget"]): c for c in summary["cells"]}
 
 
+def mean_profile(a: Path, b: Path, out: Path) -> Path:
+    """A profile directory like ``a`` whose cells' latency figures are the means of ``a``'s and ``b``'s (the
+    same sweep, the same rows: only the times differ)."""
+    shutil.copytree(a, out, dirs_exist_ok=True)
+    summary = json.loads((a / "summary.json").read_text())
+    other = cells(b)
+    for c in summary["cells"]:
+        twin = other[c["strategy"], c["n"], c["budget"]]["latency_s"]
+        c["latency_s"] = {k: (v + twin[k]) / 2 if isinstance(v, int | float) else v for k, v in c["latency_s"].items()}
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
 def compare(calibrated: Path, direct: Path) -> dict:
     cal, ref = cells(calibrated), cells(direct)
     errors = {k: abs(cal[k]["latency_s"]["mean"] - ref[k]["latency_s"]["mean"]) / ref[k]["latency_s"]["mean"]
@@ -123,23 +139,29 @@ def main() -> None:
     for name, setting, threads, how in targets:
         tag = name.split()[0]
         beside = hog() if how == "hog" else None
+        before, after, cal = root / f"direct-{tag}", root / f"direct-{tag}-again", root / f"cal-{tag}"
+
+        direct = ["profile", "--mode", "direct", "--threads", threads, *grid, "--out"]
         try:
-            seconds = cli("calibrate", str(src), "--out", str(root / f"cal-{tag}"), "--setting", setting, "--quiet",
-                          slow=how)  # fmt: skip
-            for rep in ("", "-again"):
-                cli("profile", "--mode", "direct", "--threads", threads, "--out", str(root / f"direct-{tag}{rep}"),
-                    *grid, slow=how)  # fmt: skip
+            cli(*direct, str(before), slow=how)
+            seconds = cli("calibrate", str(src), "--out", str(cal), "--setting", setting, "--quiet", slow=how)
+            cli(*direct, str(after), slow=how)
         finally:
             if beside:
                 beside.kill()
-        floor = compare(root / f"direct-{tag}-again", root / f"direct-{tag}")
-        results[name] = {**compare(root / f"cal-{tag}", root / f"direct-{tag}"), "calibrate_s": round(seconds, 2),
-                         "direct_floor": {k: floor[k] for k in ("latency_mape", "same_choice")}}  # fmt: skip
+        floor = compare(after, before)
+        reference = mean_profile(before, after, root / f"direct-{tag}-mean")
+        brief = ("latency_mape", "same_choice")
+        results[name] = {**compare(cal, reference), "calibrate_s": round(seconds, 2),
+                         "vs_before": {k: compare(cal, before)[k] for k in brief},
+                         "vs_after": {k: compare(cal, after)[k] for k in brief},
+                         "direct_floor": {k: floor[k] for k in brief}}  # fmt: skip
         r = results[name]
         print(f"{name}: latency error {r['latency_mape']:.3f} (worst cell {max(r['cells'].values()):.3f}), same "
-              f"choice {r['same_choice']:.2f}, calibrate {seconds:.1f} s, its check ok: {r['validation']}; two "
-              f"direct profiles: latency error {floor['latency_mape']:.3f}, same choice {floor['same_choice']:.2f}",
-              file=sys.stderr)  # fmt: skip
+              f"choice {r['same_choice']:.2f}, calibrate {seconds:.1f} s, its check ok: {r['validation']}; against "
+              f"the direct profile before {r['vs_before']['latency_mape']:.3f}, after "
+              f"{r['vs_after']['latency_mape']:.3f}; the two direct profiles: latency error "
+              f"{floor['latency_mape']:.3f}, same choice {floor['same_choice']:.2f}", file=sys.stderr)  # fmt: skip
     out = {
         "latency_mape": round(max(r["latency_mape"] for r in results.values()), 4),
         "same_choice": round(min(r["same_choice"] for r in results.values()), 4),

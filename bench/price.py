@@ -1,7 +1,7 @@
 """Benchmark: a mean budget per request held by a price on compute (:mod:`edgetts.runtime.pricing`).
 
     python bench/price.py [--limit 500] [--profile DIR] [--requests 2000] [--serve] [--levels 0.5,1,2,4]
-                          [--plot FILE]
+                          [--rounds 3] [--plot FILE]
 
 1. A pooled profile of the tiny model on ``--limit`` arith problems with the default grid
    (or ``--profile DIR``); its problems are split in two halves by a seeded shuffle: the
@@ -18,7 +18,9 @@ With ``--serve``, first the served half: ``edgetts serve --load-price`` against 
 serve_load arrivals and deadline mix (``bench/serve_load.py``: the same arrivals for both, at
 ``--levels`` times the sequential capacity, client-measured, the servers niced below the client):
 correct answers on time per second, the share of admitted requests on time (an empty answer a
-miss) and the share refused.
+miss) and the share refused.  Each level runs ``--rounds`` times with fresh arrival times, the two
+servers taking turns to go first (a machine whose speed drifts favours neither); the goodput ratio
+is of the mean goodputs over the rounds, the share on time the worst round's.
 
 The last line is one JSON object with ``mean_budget_error`` (worst |achieved - budget| / budget)
 and ``accuracy_vs_static_at_budget`` (worst, in points), and with ``--serve``
@@ -63,8 +65,9 @@ def config_from(records: dict, base: dict) -> dict:
     return {**base, "frontier": frontier(points)}
 
 
-def served(config: str, levels: list[float], requests: int, seed: int) -> dict:
-    """The load-aware price against price 0 on the serve_load arrivals (see the module doc)."""
+def served(config: str, levels: list[float], requests: int, seed: int, rounds: int = 1) -> dict:
+    """The load-aware price against price 0 on the serve_load arrivals (see the module doc); each level
+    ``rounds`` times, with fresh arrival times each round and the two servers taking turns to go first."""
     import asyncio
 
     import serve_load as sl
@@ -79,26 +82,34 @@ def served(config: str, levels: list[float], requests: int, seed: int) -> dict:
     problems = load_dataset("arith")
     work = [(ex.question, ex.answer, rng.choice(deadlines)) for ex in rng.sample(problems, requests)]
     threads = max(1, (os.cpu_count() or 2) - 1)
+    names = ("price 0", "load price")
     procs = {"sequential": sl.start_edgetts(config, threads, "--sequential"),
              "price 0": sl.start_edgetts(config, threads),
              "load price": sl.start_edgetts(config, threads, "--load-price")}  # fmt: skip
     try:
         capacity = sl.sequential_capacity(procs["sequential"][1], work)
-        out = {}
+        runs = {}
         for level in levels:
-            t, arrivals = 0.0, []
-            for _ in work:
-                t += rng.expovariate(level * capacity)
-                arrivals.append(t)
-            for name in ("price 0", "load price"):
-                res = asyncio.run(sl.run_level(procs[name][1], sl.edgetts_call, arrivals, work))
-                out.setdefault(str(level), {})[name] = {k: res[k] for k in ("goodput_per_s", "deadline_met_admitted",
-                                                                           "refused_share", "accuracy_answered")}
-                print(json.dumps({"level": level, "server": name, **out[str(level)][name]}), file=sys.stderr)
+            for r in range(rounds):
+                t, arrivals = 0.0, []
+                for _ in work:
+                    t += rng.expovariate(level * capacity)
+                    arrivals.append(t)
+                for name in names if r % 2 == 0 else names[::-1]:
+                    res = asyncio.run(sl.run_level(procs[name][1], sl.edgetts_call, arrivals, work))
+                    got = {k: res[k] for k in ("goodput_per_s", "deadline_met_admitted", "refused_share",
+                                               "accuracy_answered")}  # fmt: skip
+                    runs.setdefault(str(level), {}).setdefault(name, []).append(got)
+                    print(json.dumps({"level": level, "round": r, "server": name, **got}), file=sys.stderr)
     finally:
         for proc, _ in procs.values():
             proc.terminate()
             proc.wait(10)
+    # Per level and server: the mean over rounds, and the worst round's share on time.
+    out = {lv: {name: {**{k: round(mean(g[k] for g in got), 4) for k in got[0]},
+                       "deadline_met_admitted": min(g["deadline_met_admitted"] for g in got),
+                       "goodput_per_s_rounds": [g["goodput_per_s"] for g in got]}
+                for name, got in by.items()} for lv, by in runs.items()}  # fmt: skip
 
     def ratio(level):
         lv = out.get(str(level))
@@ -106,7 +117,7 @@ def served(config: str, levels: list[float], requests: int, seed: int) -> dict:
 
     return {"goodput_ratio_priced": ratio(2.0), "goodput_ratio_priced_half": ratio(0.5),
             "deadline_met_admitted": min(lv["load price"]["deadline_met_admitted"] for lv in out.values()),
-            "sequential_capacity_per_s": round(capacity, 2), "levels": out}  # fmt: skip
+            "sequential_capacity_per_s": round(capacity, 2), "rounds": rounds, "levels": out}  # fmt: skip
 
 
 def main() -> None:
@@ -117,14 +128,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve", action="store_true", help="also the served half: --load-price against price 0")
     ap.add_argument("--levels", default="0.5,1,2,4")
+    ap.add_argument("--rounds", type=int, default=3, help="with --serve: each level this many times (fresh arrivals, "
+                    "the servers taking turns to go first); the ratios are of the mean goodputs")
     ap.add_argument("--plot", help="with --serve: goodput and admitted requests on time against load, both prices")
     args = ap.parse_args()
     prof = Path(args.profile or tempfile.mkdtemp(prefix="price-") + "/profile")
     if not args.profile:
         subprocess.run([sys.executable, "-m", "edgetts", "profile", "--limit", str(args.limit), "--out", str(prof),
                         "--quiet"], check=True)  # fmt: skip
-    serve = served(str(prof / "pareto.json"), [float(x) for x in args.levels.split(",")], 300, args.seed) \
-        if args.serve else {}
+    serve = served(str(prof / "pareto.json"), [float(x) for x in args.levels.split(",")], 300, args.seed,
+                   args.rounds) if args.serve else {}
     if serve and args.plot:
         from serve_load import plot
 

@@ -210,3 +210,28 @@ def test_a_round_mixes_two_requests_and_a_cancel_stops_one_mid_decode(engines):
     assert at_cancel >= 40 and stopped.generated_tokens <= at_cancel + 2 * 8 < 8 * 128
     assert any(r.finish_reason == "cancelled" for r in stopped.rows)
     assert answered.answer is not None and answered.early_stop != "cancelled"
+
+
+def test_a_calls_first_steps_are_priced_like_recent_rounds_not_its_own_prefill(engines, monkeypatch):
+    """The batch hands each call's controller the cost of a round as a prior for its first steps: a round
+    like the recent ones, not the call's own prompt prefill just before (dozens of tokens), which priced
+    every step of a tight request as a prefill and forced its answer at once, with nothing thought."""
+    _, batched, family = engines
+    sched = batched.scheduler
+    monkeypatch.setattr(sched.cost, "fit", lambda: (1e-4, 1e-4))  # a known line: what matters is the tokens
+    _run(batched, family, "single", "Evaluate left to right: 2+2", 0, n=1)  # recent rounds: one row decoding
+    priors = []
+
+    def first(ctl, stepped):
+        priors.append(ctl.step_s)
+        ctl.stop_all("length")
+
+    prompt = family.prompt_template.format(question="Evaluate left to right: 12+7*3+60*3-47")
+    sched.submit(prompt, 1, SamplingParams(max_tokens=40), first).result(timeout=60)
+    prompt_tokens = len(batched.tokenize(prompt))
+    assert prompt_tokens > 20 and priors
+    assert priors[0] < sched.step_cost(prompt_tokens) / 3  # near a round of a few tokens, not of the prompt
+    # On a real call with a deadline well beyond its thinking, the answer is not forced at its first step.
+    cfg = RunConfig(n=1, budget=64, deadline_ms=30_000, sampling=SamplingParams(seed=0))
+    trace = create("single", batched, family, cfg).run("Evaluate left to right: 12+7*3")
+    assert trace.rows[0].thinking_tokens > 4 and not trace.rows[0].forced_answer

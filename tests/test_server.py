@@ -40,6 +40,7 @@ def _start(config, *args):
     log = Path(tempfile.mkdtemp(prefix="edgetts-serve-")) / "stderr.log"
     proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", str(config), "--port", str(port),
                              *args], stdout=subprocess.DEVNULL, stderr=log.open("wb"))  # fmt: skip
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -47,17 +48,22 @@ def _start(config, *args):
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("edgetts serve did not start: " + log.read_text(errors="replace")[-500:])
+    raise RuntimeError("edgetts serve did not start: " + _stop(proc)[-500:])
 
 
-def _stop(proc):
+def _stop(proc) -> str:
+    """Stop a server of :func:`_start`; returns its log (its temporary directory is removed)."""
+    import shutil
+
     proc.terminate()
     try:
         proc.wait(5)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+    text = proc.log.read_text(errors="replace")
+    shutil.rmtree(proc.log.parent, ignore_errors=True)
+    return text
 
 
 def _rss(pid):

@@ -158,7 +158,10 @@ class Scheduler:
         # (``trace_rounds()``): how tests and diagnostics see that requests really share rounds.
         self.trace: deque | None = None
         self._fit = (0.0, 0.0)
-        self.last_tokens = 1  # tokens of the last round decoded
+        # Tokens of a typical recent round (a mean over about ten): what a call's first steps are priced at.
+        # Not the last round alone: a call's first step follows its own prompt's prefill, a round of
+        # dozens of tokens, and a step priced like it forced the answer of a tight call at once.
+        self.round_tokens = 1.0
         self._calibrate()
         self.thread = threading.Thread(target=self._loop, name="edgetts-batch", daemon=True)
         self.thread.start()
@@ -322,8 +325,8 @@ class Scheduler:
             if reason and (not entry.job.live or entry.job.sampled):  # left out of rounds until too late:
                 entry.job.stop_live(reason)  # its controller never ran to stop it, so stop it here
                 self._finish(entry)
-        a, b = self._fit  # a round like the last one, as fitted, and the device's stalls: the controllers' priors
-        step_s, stall_s = a + b * self.last_tokens, self.speed.stall_s()
+        a, b = self._fit  # a round like the recent ones, as fitted, and the device's stalls: the controllers' priors
+        step_s, stall_s = a + b * self.round_tokens, self.speed.stall_s()
         for entry in list(self.running):
             job = entry.job
             if job.live and not job.sampled:  # only right after a decode that held its rows' logits
@@ -359,7 +362,7 @@ class Scheduler:
             return
         status = e._decode(entries)
         self._record(len(entries), time.perf_counter() - begin)
-        self.last_tokens = len(entries)
+        self.round_tokens += 0.1 * (len(entries) - self.round_tokens)
         if self.trace is not None:  # who shared this decode: the jobs whose rows or prompt were in it
             self.trace.append(tuple(id(j) for j in decoded + fed))
         for job in decoded:

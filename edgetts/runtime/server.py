@@ -64,7 +64,8 @@ from edgetts.timing import MARGIN, Deadline
 # under LOAD_FREE of a new request's time left, then rising to its ceiling at LOAD_FULL of it.  At the
 # ceiling an engine-ms spent beyond a cheaper point must buy LOAD_PRICE_SHARE of the accuracy per
 # engine-ms of the most efficient point (the whole of it would send every request to that point, on
-# this model the least accurate one, and leave the engine idle; a fifth measured best of 0.05-1).
+# this model the least accurate one, and leave the engine idle; of 0.05 to 1, none measured better than
+# a fifth, and a load against the admitted requests' own deadlines rather than the new one's was no better).
 LOAD_FREE, LOAD_FULL, LOAD_PRICE_SHARE = 0.25, 1.0, 0.2
 
 
