@@ -2,6 +2,7 @@
 
 import itertools
 import sys
+import threading
 import types
 
 import pytest
@@ -105,3 +106,23 @@ def test_rapl_counter_wraps_and_none_says_why(monkeypatch, no_sysfs):
 def test_unavailable_probes_have_no_reading(no_sysfs):
     for probe in (energy.probe_jetson(), energy.probe_rapl()):
         assert not probe.available and probe.reading is None and probe.to_dict()["reading"] is None
+
+
+def test_peak_memory_is_the_kernels_without_a_sampling_thread(monkeypatch, no_sysfs):
+    """With nothing to sample (no power meter, no GPU) a query's peak memory is the kernel's count, reset at
+    its start: no thread wakes beside the engine's (which, on every core, slowed each query by a tenth), and
+    memory held only in the middle of the query still counts."""
+    monkeypatch.setattr(energy, "probe_nvml", lambda: energy.Probe("nvml", False, "no NVML here"))
+    meter = meters.QueryMeter()
+    assert meter.source is None and meter.nvml is None
+    if not (meters.reset_peak_rss() and meters.peak_rss_bytes()):
+        pytest.skip("this kernel keeps no resettable peak (VmHWM)")
+    before = threading.active_count()
+    with meter.measure() as measured:
+        during = threading.active_count()
+        block = bytearray(64 * 2**20)  # 64 MiB, touched, then freed before the query ends
+        block[:: meters.PAGE] = b"x" * len(block[:: meters.PAGE])
+        del block
+    m = measured()
+    assert during == before  # nothing started
+    assert m.peak_rss_mb - meters.rss_bytes() / 2**20 > 48  # the freed block counts in the peak

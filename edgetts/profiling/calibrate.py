@@ -25,7 +25,9 @@ forced), and only time is measured here:
    power times the corrected latency;
 5. a few cells are run directly on problems no anchor ran and compared with their latencies,
    as pooled profiles check themselves (``latency_validation``, with each cell's anchors and
-   factor; :mod:`edgetts.profiling.validation`).
+   factor; :mod:`edgetts.profiling.validation`); where that check fails (the device changed
+   speed while it measured), steps 2-5 run once more (``ATTEMPTS``), and a second failure is
+   said and recorded as the first would be.
 
 The result is a profile directory like any other: this device's ``device.json``, the source's
 sweep (with ``calibrated_from``), the re-timed records (``mode`` ``calibrated``, ``profiled_with``
@@ -34,6 +36,7 @@ the settings measured here) and a summary whose accuracies and intervals are the
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -55,6 +58,10 @@ ANCHOR_S = 30.0  # default seconds of direct calls for the anchors (the fit and 
 ANCHOR_MAX = 20  # problems per cell at most: beyond that a factor moves less than the device's own noise
 SHRINK = 2.0  # problems' worth of the overall factor a cell's own factor is pulled toward (few problems: noisy)
 ANY = ("*", 0, 0)  # the factors' key for the overall factor (a cell no anchor ran)
+# Measurements per model at most: one whose own check fails (the device changed speed while it measured,
+# as a busy machine's does) is made again once, as a user would; a second failure is said and kept.
+ATTEMPTS = 2
+log = logging.getLogger("edgetts.profiling")
 
 
 def parse_setting(text: str) -> dict:
@@ -187,18 +194,17 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
     def tick(phase):
         return (lambda done, total: progress(done, total, name, phase)) if progress else None
 
-    try:
+    def key(*cell):
+        return record_key(label, *cell)
+
+    def measure(last: bool) -> tuple[dict, dict]:
+        """The fit, the anchors and the check once: (re-timed records, the check's result)."""
         meter = QueryMeter()
         with meter.measure() as measured:
             steps = calibrate(engine, family, examples[0].question, n_max, tokens=min(max(budgets) + 32, 256),
                               tick=tick("calibrating"))  # fmt: skip
         power = measured()
         write_json_atomic(_latency_file(out, "model", label), steps.to_dict())
-        forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
-        settings = with_power_mode(engine.settings())
-        def key(*cell):
-            return record_key(label, *cell)
-
         new = {k: _replayed(rec, steps, forced_len, 1.0) for k, rec in recs.items()}
         # Anchors: every cell run directly on the first problems, as long as the time allows, gives the
         # factor by which whole calls of that shape here differ from the model (what a fixed-shape fit
@@ -212,10 +218,25 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
                       "engine": spec.to_dict()}  # fmt: skip
         # The check: problems no anchor ran (where the sweep has them), as pooled profiles check themselves.
         held_out = examples[used:] if len(examples) - used >= PROBLEMS else examples
-        result = validate(engine, family, label, cells, held_out, new, steps, cfg, key, tick=tick("validating"))
+        result = validate(engine, family, label, cells, held_out, new, steps, cfg, key, tick=tick("validating"),
+                          warn=last)  # fmt: skip
         result.update({"anchors": [{"strategy": s, "n": n, "budget": b, "problems": len(p),
                                     "factor": factors[(s, n, b)]} for (s, n, b), p in pairs.items()],
                        "anchor_problems": used, "correction": factors[ANY]})  # fmt: skip
+        return new, result
+
+    try:
+        forced_len = engine.count_tokens(family.think_end + family.answer_prefix)
+        settings = with_power_mode(engine.settings())
+        for attempt in range(1, ATTEMPTS + 1):
+            new, result = measure(attempt == ATTEMPTS)
+            result["attempts"] = attempt
+            if result["ok"] or attempt == ATTEMPTS:
+                break
+            drift = result["drift"]
+            log.warning("%s: the calibration's check failed (off by %s, drift %s: the device changed speed while it "
+                        "measured); measuring again", name, "n/a" if result["mape"] is None else
+                        f"{100 * result['mape']:.0f}%", "n/a" if drift is None else f"{100 * drift:+.0f}%")  # fmt: skip
         write_json_atomic(_latency_file(out, "validation", label), result)
     finally:
         engine.close()
