@@ -158,7 +158,6 @@ def print_eval(res) -> None:
     Console().print(t)
 
 
-
 def print_answer(out, as_json: bool, line: int | None = None) -> None:
     """One answer of ``edgetts run`` (:class:`~edgetts.runtime.oneshot.Answer`): a JSON object, or the point, the
     answer and a summary of the trace; ``line`` is the question's line on standard input, where it came from
