@@ -1,7 +1,7 @@
 """Benchmark: a mean budget per request held by a price on compute (:mod:`edgetts.runtime.pricing`).
 
     python bench/price.py [--limit 500] [--profile DIR] [--requests 2000] [--serve] [--levels 0.5,1,2,4]
-                          [--rounds 3] [--plot FILE]
+                          [--rounds 3] [--live N] [--plot FILE]
 
 1. A pooled profile of the tiny model on ``--limit`` arith problems with the default grid
    (or ``--profile DIR``); its problems are split in two halves by a seeded shuffle: the
@@ -13,6 +13,11 @@
    means between the fastest and the slowest frontier point's held-out mean latency.
 3. Per budget: the achieved mean against the budget, and the accuracy against the most accurate
    single static point whose held-out mean fits the budget.
+
+With ``--live N``, ``N`` held-out questions also go through the real engine, one a line on the
+standard input of ``edgetts run --config <the selection half's config> --mean-ms <the middle
+budget> -``: the achieved mean latency (after the first quarter, while the price is found)
+against the budget, on this machine now (the budget was set from the profile's latencies).
 
 With ``--serve``, first the served half: ``edgetts serve --load-price`` against price 0 on the
 serve_load arrivals and deadline mix (``bench/serve_load.py``: the same arrivals for both, at
@@ -120,6 +125,33 @@ def served(config: str, levels: list[float], requests: int, seed: int, rounds: i
             "sequential_capacity_per_s": round(capacity, 2), "rounds": rounds, "levels": out}  # fmt: skip
 
 
+def held_live(config: dict, budget: float, held: list, roomy: float, count: int, seed: int) -> dict:
+    """``count`` held-out questions (drawn with replacement) through the real engine: ``edgetts run --config
+    --mean-ms BUDGET -``, one question a line; the achieved mean latency against the budget and the accuracy."""
+    from edgetts.tasks.datasets import load_dataset
+    from edgetts.tasks.grading import is_equivalent
+
+    gold = {ex.id: ex for ex in load_dataset("arith")}
+    rng = random.Random(seed + 1)
+    asked = [gold[rng.choice(held)] for _ in range(count)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+    lines = "".join(ex.question.replace("\n", " ") + "\n" for ex in asked)
+    run = subprocess.run([sys.executable, "-m", "edgetts", "run", "--config", f.name, "--deadline-ms", str(roomy),
+                          "--mean-ms", f"{budget:.3f}", "--json", "-"], input=lines, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    os.unlink(f.name)
+    out = [json.loads(line) for line in run.stdout.splitlines()]
+    ms = [1000 * d["wall_s"] for d in out]
+    right = [d["answer"] is not None and is_equivalent(d["answer"], asked[d["line"] - 1].answer) for d in out]
+    achieved = mean(ms[len(ms) // 4 :])  # the controller's first quarter finds the price
+    r = {"budget_ms": round(budget, 2), "questions": len(out), "achieved_ms": round(achieved, 2),
+         "error": round(abs(achieved - budget) / budget, 4), "accuracy": round(mean(right), 4),
+         "points": {p: sum(d["point"]["id"] == p for d in out) for p in sorted({d["point"]["id"] for d in out})}}
+    print(json.dumps({"live": r}), file=sys.stderr)
+    return {"live_mean_budget": r}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=500)
@@ -128,6 +160,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve", action="store_true", help="also the served half: --load-price against price 0")
     ap.add_argument("--levels", default="0.5,1,2,4")
+    ap.add_argument("--live", type=int, default=0, help="also this many held-out questions through the real engine "
+                    "(edgetts run --config --mean-ms at the middle budget)")
     ap.add_argument("--rounds", type=int, default=3, help="with --serve: each level this many times (fresh arrivals, "
                     "the servers taking turns to go first); the ratios are of the mean goodputs")
     ap.add_argument("--plot", help="with --serve: goodput and admitted requests on time against load, both prices")
@@ -180,13 +214,14 @@ def main() -> None:
              "final_price": ctl.price}  # fmt: skip
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
+    live = held_live(config, budgets[1], held, roomy, args.live, args.seed) if args.live else {}
     out = {
         "mean_budget_error": max(r["error"] for r in results),
         "accuracy_vs_static_at_budget": min(r["vs_static_points"] for r in results
                                             if r["vs_static_points"] is not None),
         "budgets": results, "held_out_problems": len(held), "requests_per_budget": args.requests,
         "frontier": [p["id"] for p in front],
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **serve,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **serve, **live,
     }  # fmt: skip
     print(json.dumps(out))
 
