@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def start_edgetts(config: str, threads: int, *extra: str, max_queue: int | None 
     port = free_port()
     # Logs go to a file: a pipe nobody reads fills up and stalls the server writing to it.
     log = Path(tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
+    atexit.register(shutil.rmtree, log.parent, ignore_errors=True)  # kept while the bench runs, for its errors
     queue = () if max_queue is None else ("--max-queue", str(max_queue))
     proc = subprocess.Popen([sys.executable, "-m", "edgetts", "serve", "--config", config, "--port", str(port),
                              "--threads", str(threads), *queue, *extra], stdout=subprocess.DEVNULL,
