@@ -351,15 +351,17 @@ def run(
             try:
                 if question != "-":
                     answerer.check(deadline_ms, energy_j)
-                    print_answer(answerer.answer(question, deadline_ms, energy_j, _price(price)), as_json)
+                    with _writing():
+                        print_answer(answerer.answer(question, deadline_ms, energy_j, _price(price)), as_json)
                     return
                 for line, out in answer_lines(answerer, sys.stdin, deadline_ms, energy_j, _price(price), spend):
-                    if isinstance(out, str):  # that question's reason; the others go on
-                        failed.append(line)
-                        said = json.dumps({"line": line, "error": out}) if as_json else f"error: line {line}: {out}"
-                        typer.echo(said, err=not as_json)
-                    else:
-                        print_answer(out, as_json, line)
+                    with _writing():
+                        if isinstance(out, str):  # that question's reason; the others go on
+                            failed.append(line)
+                            said = json.dumps({"line": line, "error": out}) if as_json else f"error: line {line}: {out}"
+                            typer.echo(said, err=not as_json)
+                        else:
+                            print_answer(out, as_json, line)
             finally:
                 if spend is not None:
                     spend.close()
@@ -367,6 +369,20 @@ def run(
         fail(str(e))
     if failed:
         fail(f"{len(failed)} question(s) could not be answered (line {', '.join(map(str, failed[:10]))})")
+
+
+@contextmanager
+def _writing():
+    """Answers going out: a reader that went away (``edgetts run - | head -1``) ends the command quietly, as
+    Unix tools do; output that cannot be written (a full disk) is said in one line; both exit 1."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        raise typer.Exit(1) from None
+    except OSError as e:
+        typer.echo(f"error: cannot write the answers: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
 
 
 # The default sweep, which profile --help shows.

@@ -150,6 +150,27 @@ def test_run_answers_standard_input_line_by_line_under_a_mean_budget(three_point
         assert said in one_line_error(runner.invoke(app, ["run", *args], input=f"{Q}\n")), args
 
 
+def test_run_says_undecodable_questions_and_stops_quietly_when_the_reader_goes(three_points):
+    """A question that is not UTF-8 (bytes a shell passed on, or a line of standard input) is said in one line;
+    a reader that stops reading the answers (``| head -1``) ends the stream without a traceback."""
+    import subprocess
+    import sys
+
+    _, path = three_points
+    assert "not valid UTF-8" in one_line_error(runner.invoke(app, ["run", "--config", str(path), "--deadline-ms",
+                                                                   "1000", "Evaluate \udcff"]))  # fmt: skip
+    args = [sys.executable, "-m", "edgetts", "run", "--config", str(path), "--deadline-ms", "1000", "--json", "-"]
+    lines = b"\xff\xfe 1+1\n" + f"{Q}\n".encode() * 1000  # answers beyond what a pipe holds
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(lines)
+    proc.stdin.close()
+    first = json.loads(proc.stdout.readline())
+    proc.stdout.close()  # the reader goes away
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 1 and "Traceback" not in err
+    assert first == {"line": 1, "error": "the question is not valid UTF-8 text"}
+
+
 def test_a_mean_budget_is_held_by_the_price():
     from edgetts.runtime.pricing import MeanBudget
 

@@ -83,6 +83,10 @@ class Answerer:
         ``price`` weighs ``charge(point)`` (default: its predicted latency, :meth:`Policy.select`)."""
         if not question.strip():
             raise StrategyError("the question is empty")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line or standard input
+            raise StrategyError("the question is not valid UTF-8 text") from None
         spec, strategy, n, budget, selection, profiled = self.spec, self.strategy, self.n, self.budget, None, None
         if self.policy is not None:
             from edgetts.pareto.config import point_spec, profiled_with
