@@ -97,14 +97,15 @@ def test_rounds_go_earliest_deadline_first_and_skipped_rows_resume_unchanged(eng
     prompts = [family.prompt_template.format(question=ex.question) for ex in load_dataset("arith", limit=4, seed=3)]
     params = SamplingParams(max_tokens=48, seed=5)
     now = time.perf_counter()
-    dues = [60.0, 50.0, 40.0, 30.0]  # later submissions are due sooner
+    dues = [40.0, 35.0, 30.0, 25.0]  # later submissions are due sooner
 
     def controller(engine, i):
         return BudgetController(engine, family, RunConfig(n=3, budget=40), now, dues[i])
 
-    # A round of one job's 3 rows is free, any more costs far beyond every pace (an instance
-    # attribute: the fitted model is not consulted).
-    sched.step_cost = lambda tokens: 0.0 if tokens <= 3 else 1e3
+    # A round of one job's 3 rows is free, any more costs beyond every pace (about 48 steps in 25-40 s)
+    # while no end is within the last rounds of a job (an instance attribute: the fitted model is not
+    # consulted).
+    sched.step_cost = lambda tokens: 0.0 if tokens <= 3 else 1.0
     try:
         finished, futures = [], []
         with sched.cond:  # all four are queued before the scheduler looks
@@ -142,6 +143,14 @@ def test_a_round_admits_later_deadlines_only_while_the_earliest_keep_their_pace(
     assert chosen == [urgent, wider, small]
     sched.step_cost = lambda tokens: 0.0
     assert [e for e, _ in sched._compose(now)] == [urgent, wider, wide, small]  # free steps: everyone
+    # A job whose end is within its answer's rounds is in the round whatever the others' pace (left out, it
+    # would end with nothing said), and does not slow the pace for the jobs after it.
+    sched.step_cost = lambda tokens: 0.0005 + 0.0002 * tokens  # with urgent: 2.3 ms, beyond its pace
+    closing = entry(8, now + 0.0205, 40)  # due just after urgent, within its last rounds
+    sched.running = [small, wide, urgent, closing]
+    assert [e for e, _ in sched._compose(now)] == [urgent, closing]  # the others: beyond urgent's pace
+    sched.running = [urgent, entry(8, now + 1, 40)]  # not closing yet: it waits while the urgent one runs
+    assert [e for e, _ in sched._compose(now)] == [urgent]
 
 
 def test_the_online_step_cost_recovers_a_known_line_and_stays_non_negative():

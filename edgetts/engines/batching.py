@@ -48,9 +48,12 @@ from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure,
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
 from edgetts.engines.stalls import Stalls, fade
-from edgetts.timing import ANSWER_ROUNDS, MARGIN, SHARE_ROWS
+from edgetts.timing import ANSWER_ROUNDS, ANSWER_SAFETY, MARGIN, SHARE_ROWS
 
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
+# Rounds before its end from which a job is in every round: a few more than its controller needs to force
+# and state an answer (ANSWER_ROUNDS, with the controllers' safety factor).
+LAST_CHANCE_ROUNDS = (ANSWER_ROUNDS + 1) * ANSWER_SAFETY
 
 
 @dataclass
@@ -403,11 +406,16 @@ class Scheduler:
                     chosen.append((entry, width))
                     tokens, pace = tokens + width, min(pace, own)
                     continue
-            if chosen and self.step_cost(tokens + width) > min(pace, own):
+            # A live job whose end is within the rounds its answer needs gets this round whatever the others'
+            # pace: left out until then, its controller would never run to force its answer, and it would
+            # end with nothing said.  It does not set the pace for the jobs due after it.
+            last = job.live and entry.due - now <= LAST_CHANCE_ROUNDS * self.step_cost(tokens + width)
+            if chosen and self.step_cost(tokens + width) > min(pace, own) and not last:
                 continue
             chosen.append((entry, width))
             tokens += width
-            pace = min(pace, own)
+            if not last:
+                pace = min(pace, own)
         return chosen
 
     def _record(self, tokens: int, seconds: float, served: bool = True) -> None:
