@@ -95,15 +95,10 @@ def run(
         fail(f"--energy-j must be a positive number of joules, got {energy_j}")
     if strategy in STRATEGIES and STRATEGIES[strategy].single_row and n is not None and n > 1:
         fail(f"--strategy {strategy} runs one row; --n {n} would be ignored (drop it, or use majority, esc...)")
-    mean = mean_j if mean_j is not None else mean_ms
-    if mean is not None:
-        what = "--mean-j" if mean_j is not None else "--mean-ms"
-        if not config or question != "-":
-            fail(f"{what} holds a mean over many questions: give --config and the questions on standard input (-)")
-        if mean_j is not None and mean_ms is not None:
-            fail("--mean-ms and --mean-j each set the price: give one")
-        if not (0 < mean < float("inf")):
-            fail(f"{what} must be a finite number > 0, got {mean}")
+    mean = _mean_budget(mean_ms, mean_j)
+    if mean is not None and (not config or question != "-"):
+        fail(f"{'--mean-j' if mean_j is not None else '--mean-ms'} holds a mean over many questions: give --config "
+             "and the questions on standard input (-)")  # fmt: skip
     spec = None if config else _spec(model, engine, url, engine_option)
     failed = []
     try:
@@ -132,6 +127,16 @@ def run(
         fail(str(e))
     if failed:
         fail(f"{len(failed)} question(s) could not be answered (line {', '.join(map(str, failed[:10]))})")
+
+
+def _mean_budget(mean_ms: float | None, mean_j: float | None) -> float | None:
+    """The mean budget ``--mean-ms`` or ``--mean-j`` sets (one of them at most, a finite number > 0), or None."""
+    if mean_j is not None and mean_ms is not None:
+        fail("--mean-ms and --mean-j each set the price: give one")
+    for what, unit, value in (("--mean-ms", "milliseconds", mean_ms), ("--mean-j", "joules", mean_j)):
+        if value is not None and not (0 < value < float("inf")):
+            fail(f"{what} must be a finite number of {unit} > 0, got {value}")
+    return mean_j if mean_j is not None else mean_ms
 
 
 @contextmanager
@@ -213,12 +218,7 @@ def serve(
     if overload not in ("downgrade", "refuse"):
         fail(f"--overload must be downgrade or refuse, got {overload!r}")
     _price(price)
-    if mean_ms is not None and not (0 < mean_ms < float("inf")):
-        fail(f"--mean-ms must be a finite number of milliseconds > 0, got {mean_ms}")
-    if mean_j is not None and not (0 < mean_j < float("inf")):
-        fail(f"--mean-j must be a finite number of joules > 0, got {mean_j}")
-    if mean_j is not None and mean_ms is not None:
-        fail("--mean-ms and --mean-j each set the price: give one")
+    _mean_budget(mean_ms, mean_j)
     if load_price and (mean_ms is not None or mean_j is not None or price):
         fail("--load-price sets the price itself: drop --price, --mean-ms and --mean-j")
     if api_key is None:  # an empty EDGETTS_API_KEY reads as unset: it must not mean "no authentication"
