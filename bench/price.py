@@ -86,7 +86,7 @@ def served(config: str, levels: list[float], requests: int, seed: int, rounds: i
     rng = random.Random(seed)
     problems = load_dataset("arith")
     work = [(ex.question, ex.answer, rng.choice(deadlines)) for ex in rng.sample(problems, requests)]
-    threads = max(1, (os.cpu_count() or 2) - 1)
+    threads = sl.serve_threads()
     names = ("price 0", "load price")
     procs = {"sequential": sl.start_edgetts(config, threads, "--sequential"),
              "price 0": sl.start_edgetts(config, threads),

@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import default_config, start_edgetts
+from serve_load import default_config, serve_threads, start_edgetts
 
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
 
@@ -45,8 +45,7 @@ def main() -> None:
     ap.add_argument("--read-timeout", type=float, default=10.0)
     args = ap.parse_args()
     config = args.config or default_config(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-conns-{os.getpid()}")
-    threads = max(1, (os.cpu_count() or 2) - 1)  # serve's own default (all cores but one)
-    proc, url = start_edgetts(config, threads, "--api-key", "k", "--read-timeout", str(args.read_timeout))
+    proc, url = start_edgetts(config, serve_threads(), "--api-key", "k", "--read-timeout", str(args.read_timeout))
     host, port = url.removeprefix("http://").split(":")
     try:
         before = fds(proc.pid)

@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from parallel_sampling import free_port  # noqa: E402
 
+from edgetts.engines.llamacpp import default_threads  # noqa: E402
+from edgetts.engines.spec import serving_threads  # noqa: E402
 from edgetts.pareto.config import load_config  # noqa: E402
 from edgetts.tasks.datasets import load_dataset  # noqa: E402
 from edgetts.tasks.grading import extract_answer, is_equivalent  # noqa: E402
@@ -70,6 +72,12 @@ def wait_up(url: str, proc, log: Path) -> None:
         except httpx.HTTPError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not start")
+
+
+def serve_threads() -> int:
+    """The thread count ``edgetts serve`` runs llama.cpp with by default (all cores but one, or
+    ``EDGETTS_THREADS``): what the benches start their servers with unless told otherwise."""
+    return serving_threads() or default_threads()
 
 
 def start_edgetts(config: str, threads: int, *extra: str, max_queue: int | None = 256):
@@ -228,7 +236,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config")
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--threads", type=int, default=serve_threads())
     ap.add_argument("--llama-server")
     ap.add_argument("--plot")
     ap.add_argument("--seed", type=int, default=0)

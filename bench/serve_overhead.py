@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_load import default_config, start_edgetts
+from serve_load import default_config, serve_threads, start_edgetts
 
 from edgetts.runtime import Policy
 from edgetts.runtime.executor import Executor, Request
@@ -37,7 +36,7 @@ def main() -> None:
     ap.add_argument(
         "--threads",
         type=int,
-        default=max(1, (os.cpu_count() or 2) - 1),
+        default=serve_threads(),
         help="llama.cpp threads on both sides (the server's default: all cores but one)",
     )
     args = ap.parse_args()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from parallel_sampling import free_port  # noqa: E402
-from serve_load import start_edgetts, wait_up  # noqa: E402
+from serve_load import serve_threads, start_edgetts, wait_up  # noqa: E402
 
 from edgetts.models import BUILTIN  # noqa: E402
 from edgetts.models.families import FAMILIES  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--llama-server", required=True)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--budget", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--threads", type=int, default=serve_threads())
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     fam = FAMILIES["tiny"]

@@ -1,9 +1,11 @@
 """The deadline path's timing constants, each with why it has its value, in one place.
 
-Admission (:mod:`edgetts.runtime.planning`, :mod:`edgetts.runtime.executor`), the shared batch
+Admission (:mod:`edgetts.runtime.server`, :mod:`edgetts.runtime.planning`), the shared batch
 (:mod:`edgetts.engines.batching`) and the controllers of strategies
-(:mod:`edgetts.strategies.base`) all read them here; ``edgetts build-c`` writes the ones the C
-runtime shares into its build (``edgetts_constants.h``), so Python and C cannot drift apart.
+(:mod:`edgetts.strategies.base`) all read them here, as they do a request's :class:`Deadline`,
+the one object its deadline travels in from the server's first sight of it to the batch's
+rounds; ``edgetts build-c`` writes the constants the C runtime shares into its build
+(``edgetts_constants.h``), so Python and C cannot drift apart.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Deadline:
     def shortest_ms(run_ms: float) -> float:
         """The shortest deadline that gives a strategy starting at once ``run_ms`` before its end."""
         return (run_ms + RESERVE_MS) / (1.0 - RESERVE_SHARE)
+
 
 # -- the shared batch's model of itself (engines.batching) ---------------------------------------
 # Rows a batched round holds when work is judged: rounds are kept small while an urgent request

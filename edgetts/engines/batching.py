@@ -409,8 +409,9 @@ class Scheduler:
             # A live job whose end is within the rounds its answer needs gets this round whatever the others'
             # pace: left out until then, its controller would never run to force its answer, and it would
             # end with nothing said.  It does not set the pace for the jobs due after it.
-            last = job.live and entry.due - now <= LAST_CHANCE_ROUNDS * self.step_cost(tokens + width)
-            if chosen and self.step_cost(tokens + width) > min(pace, own) and not last:
+            cost = self.step_cost(tokens + width)
+            last = job.live and entry.due - now <= LAST_CHANCE_ROUNDS * cost
+            if chosen and cost > min(pace, own) and not last:
                 continue
             chosen.append((entry, width))
             tokens += width

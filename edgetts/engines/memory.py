@@ -241,14 +241,10 @@ def _gpu_free_mb() -> float | None:
 
 
 def _host_available_mb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    from edgetts.telemetry.device import proc_kb
+
+    kb = proc_kb("/proc/meminfo", "MemAvailable")
+    return None if kb is None else kb / 1024
 
 
 def shortfall(plan: MemoryPlan, cap: float | None = None, share: float = 1.0) -> tuple[float, float] | None:

@@ -14,7 +14,9 @@ price in log space by a step proportional to how far the recent mean is from the
 
 The recent mean is exponentially weighted over about ``window`` requests, so a budget is held
 over the last few dozen requests rather than since the start (a long quiet spell does not buy
-a burst of expensive points).
+a burst of expensive points).  :class:`MeanSpend` is what ``serve`` and ``edgetts run -`` hold:
+a :class:`MeanBudget` fed each answer's latency, or on a battery the energy the device drew
+since the previous answer.
 """
 
 from __future__ import annotations

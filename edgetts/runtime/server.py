@@ -266,9 +266,8 @@ class Server:
     def charge(self):
         """What the price multiplies, or None for the predicted latency: energy (J) with ``--mean-j``,
         engine time with ``--load-price``."""
-        if self.budget is not None and self.budget.charge():
-            return self.budget.charge()
-        return self.executor.work_ms if self.load_price else None
+        energy = self.budget.charge() if self.budget is not None else None
+        return energy or (self.executor.work_ms if self.load_price else None)
 
     def slowdown(self) -> float:
         """How much slower the device runs than profiled: what the shared batch measures every round, or the

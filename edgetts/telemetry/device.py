@@ -32,11 +32,20 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def memory_mb() -> int | None:
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) // 1024
+def proc_kb(path: str, key: str) -> int | None:
+    """A ``Key:   1234 kB`` field of a /proc file (``/proc/meminfo``, ``/proc/self/status``) in kB, or None."""
+    for line in (_read(path) or "").splitlines():
+        if line.startswith(key + ":"):
+            try:
+                return int(line.split()[1])
+            except (IndexError, ValueError):
+                return None
     return None
+
+
+def memory_mb() -> int | None:
+    total = proc_kb("/proc/meminfo", "MemTotal")
+    return None if total is None else total // 1024
 
 
 def gpus() -> list[dict]:

@@ -22,8 +22,11 @@ Sources, first that works wins (probed by :mod:`edgetts.telemetry.energy`, whose
 ``Measurement.energy_rail`` names what was read (``VDD_IN``, ``package-0``, ``gpu0``).
 
 When none works the result says ``energy_source: "none"`` and why, never a silent zero.
-The same background thread samples the process's resident memory (``/proc/self/statm``)
-and, with NVML, the GPU's used memory, so each query reports its own peak.
+Each query reports its own peak memory: the kernel's count (``VmHWM``, reset when the query
+starts), else the background thread's samples of ``/proc/self/statm``; with NVML the thread
+samples the GPU's used memory too.  The thread runs only where something must be sampled (a
+power source, NVML, or memory without the kernel's count): beside llama.cpp on every core, a
+thread waking 100 times a second slows each query.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from edgetts.telemetry import energy, rails, sysfs
+from edgetts.telemetry.device import proc_kb
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -61,14 +65,8 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int | None:
     """This process's peak memory since :func:`reset_peak_rss` (``VmHWM``), or None where it is not known."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    kb = proc_kb("/proc/self/status", "VmHWM")
+    return None if kb is None else kb * 1024
 
 
 @dataclass
