@@ -92,6 +92,36 @@ def test_each_cell_gets_its_own_factor_pulled_toward_the_median():
     assert cell_factors({}) == {ANY: 1.0}
 
 
+def test_each_cell_gets_the_tail_its_anchors_showed():
+    """Under a CPU quota a call is stalled now and then by a throttled period, whatever its length: a cell's
+    calibrated times are its modelled ones spread by the deviations its anchors showed (centred: the
+    mean stays its factor's), so their p95 has the tail a direct profile there shows, where factor x
+    modelled seconds alone had none; a record keeps its place in the cell's order."""
+    from statistics import mean, quantiles
+
+    from edgetts.profiling.calibrate import ANY, SPREAD_MIN, cell_factors, cell_spread, spread_cell
+
+    cell = ("single", 1, 32)
+    stalls = [0.0, 0.0, 0.0, 0.010, 0.0, 0.0, 0.008, 0.0, 0.0, 0.0]  # 10 ms periods now and then
+    pairs = {cell: [(2 * 0.010 + s, 0.010) for s in stalls] + [(1.0, 0.010)],  # and one stalled by another process
+             ("esc", 4, 32): [(0.05, 0.02)] * (SPREAD_MIN - 1)}  # too few calls for a spread of its own
+    factors = cell_factors(pairs)
+    spread = cell_spread(pairs, factors)
+    assert len(spread[cell]) == len(stalls) and abs(sum(spread[cell])) < 1e-12  # the 1 s call left out; centred
+    assert ("esc", 4, 32) not in spread and len(spread[ANY]) == len(stalls) + SPREAD_MIN - 1
+    assert max(spread[cell]) == pytest.approx(0.010 - sum(stalls) / len(stalls))  # a stall, less the mean one
+
+    scaled = {f"p{i}": factors[cell] * (0.008 + 0.004 * (i % 7) / 6) for i in range(50)}  # 8-12 ms modelled
+    timed = spread_cell(scaled, spread[cell])
+    p95 = quantiles(timed.values(), n=20)[-1]
+    assert p95 > 1.2 * quantiles(scaled.values(), n=20)[-1]
+    assert mean(timed.values()) == pytest.approx(mean(scaled.values()), rel=0.03)
+    order = sorted(scaled, key=lambda k: (scaled[k], k))
+    assert [timed[k] for k in order] == sorted(timed.values())  # longer rows, longer times
+    assert all(timed[k] >= scaled[k] / 2 for k in scaled)
+    assert spread_cell(scaled, [0.0]) == scaled  # no deviations seen: the times as modelled
+
+
 def test_calibrate_refuses_what_it_cannot_re_time(small_profile, tmp_path):
     src = _copy(small_profile, tmp_path / "src")
     args = ["calibrate", str(src), "--quiet"]

@@ -15,14 +15,16 @@ forced), and only time is measured here:
    fixed shapes, seconds on the tiny model), with the energy meter running where one exists;
 3. every record's latency is replayed from its rounds on that model (prefill at the fitted cost
    per token, one step per token of the longest live row, the forced answer's tokens);
-4. anchors: every cell is run directly on the first problems, back to back as a direct profile
-   runs it, for an equal share of ``anchor_s`` seconds (one problem at least, ``ANCHOR_MAX`` at
-   most), and each cell's records are scaled by its own factor, direct over replayed seconds on
+4. anchors: every cell is run directly on the first problems, problem by problem with every cell
+   on each as a direct profile runs them, for ``anchor_s`` seconds (one problem at least,
+   ``ANCHOR_MAX`` at most), and each cell's records are scaled by its own factor, direct over replayed seconds on
    the same problems and seeds (the same rows), pulled toward the median factor where a cell has
    few problems: what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks)
    shows in whole calls, and not by the same factor for every shape (under a CPU quota a call
-   of 8 rows slowed 3.3x where one of a single row slowed 2.4x); energy is the measured average
-   power times the corrected latency;
+   of 8 rows slowed 3.3x where one of a single row slowed 2.4x); and each cell's times are
+   spread by its anchors' deviations from that factor (:func:`cell_spread`, :func:`spread_cell`),
+   so that a device that stalls calls now and then has the tail (the p95 a policy reads) it
+   shows; energy is the measured average power times the corrected latency;
 5. a few cells are run directly on problems no anchor ran and compared with their latencies,
    as pooled profiles check themselves (``latency_validation``, with each cell's anchors and
    factor; :mod:`edgetts.profiling.validation`); where that check fails (the device changed
@@ -57,6 +59,7 @@ SETTINGS = {"threads": int, "gpu_layers": int, "power_mode": str}
 ANCHOR_S = 30.0  # default seconds of direct calls for the anchors (the fit and the check take the rest of a minute)
 ANCHOR_MAX = 20  # problems per cell at most: beyond that a factor moves less than the device's own noise
 SHRINK = 2.0  # problems' worth of the overall factor a cell's own factor is pulled toward (few problems: noisy)
+SPREAD_MIN = 5  # calls a cell needs for its own spread (fewer: every cell's together)
 ANY = ("*", 0, 0)  # the factors' key for the overall factor (a cell no anchor ran)
 # Measurements per model at most: one whose own check fails (the device changed speed while it measured,
 # as a busy machine's does) is made again once, as a user would; a second failure is said and kept.
@@ -211,11 +214,16 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
         # misses on this device: scheduling, a quota, clocks; it differs by shape).
         pairs, used = anchor(engine, family, cells, examples, new, cfg, key, anchor_s, tick("anchoring"))
         factors = cell_factors(pairs)
+        spread = cell_spread(pairs, factors)
+        factor = {k: factors.get(cell_of(rec), factors[ANY]) for k, rec in recs.items()}
+        by_cell: dict = {}  # cell: {key: factor x modelled seconds}
         for k, rec in recs.items():
-            timed = _replayed(rec, steps, forced_len, factors.get((rec["strategy"], rec["n"], rec["budget"]),
-                                                                  factors[ANY]))
-            new[k] = {**timed, **_energy(power, timed["latency_s"]), "profiled_with": settings,
-                      "engine": spec.to_dict()}  # fmt: skip
+            by_cell.setdefault(cell_of(rec), {})[k] = _replayed(rec, steps, forced_len, factor[k])["latency_s"]
+        for cell, scaled in by_cell.items():
+            for k, seconds in spread_cell(scaled, spread.get(cell) or spread[ANY]).items():
+                timed = _replayed(recs[k], steps, forced_len, factor[k], seconds - scaled[k])
+                new[k] = {**timed, **_energy(power, timed["latency_s"]), "profiled_with": settings,
+                          "engine": spec.to_dict()}  # fmt: skip
         # The check: problems no anchor ran (where the sweep has them), as pooled profiles check themselves.
         held_out = examples[used:] if len(examples) - used >= PROBLEMS else examples
         result = validate(engine, family, label, cells, held_out, new, steps, cfg, key, tick=tick("validating"),
@@ -244,10 +252,11 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
 
 
 def anchor(engine, family, cells, examples, records, cfg, key, seconds: float, tick=None) -> tuple[dict, int]:
-    """Run each cell directly on problems 0, 1, 2... back to back, as a direct profile runs a cell (what ran
-    just before a call changes its time where a CPU quota carries over), for an equal share of ``seconds``
-    (one problem at least, ``ANCHOR_MAX`` at most), with the records' seeds.  Returns ({cell: [(direct s,
-    modelled s), ...]}, the most problems a cell used)."""
+    """Run every cell directly on problem 0, then every cell on problem 1, and so on, as a direct profile
+    runs its cells, until ``seconds`` have passed (one problem at least, ``ANCHOR_MAX`` at most), with the
+    records' seeds: each cell's calls then spread over the whole time, and a device whose speed moves
+    from one second to the next (a CPU quota, other work) moves every cell's factor alike.  Returns
+    ({cell: [(direct s, modelled s), ...]}, the problems used)."""
     from edgetts.engines.base import SamplingParams
     from edgetts.profiling.latency import Ticks
     from edgetts.strategies import RunConfig, create
@@ -255,19 +264,17 @@ def anchor(engine, family, cells, examples, records, cfg, key, seconds: float, t
     sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)  # the pool's seeds of repeat 0
     pairs: dict = {c: [] for c in cells}
     most = min(ANCHOR_MAX, len(examples))
-    step, used, share = Ticks(len(cells) * most, tick), 0, seconds / max(1, len(cells))
-    for s, n, b in cells:
-        t0, done = time.perf_counter(), 0
-        for ex in examples[:most]:
-            if done and time.perf_counter() - t0 > share:
-                break
+    step, used, t0 = Ticks(len(cells) * most, tick), 0, time.perf_counter()
+    for ex in examples[:most]:  # problem by problem, every cell on each: a drift reaches every factor alike
+        if used and time.perf_counter() - t0 > seconds:
+            break
+        for s, n, b in cells:
             rec = records.get(key(s, n, b, 0, ex.id))
             if rec is not None:
                 trace = create(s, engine, family, RunConfig(n=n, budget=b, sampling=sampling)).run(ex.question)
                 pairs[(s, n, b)].append((trace.wall_s, rec["latency_s"]))
             step()
-            done += 1
-        used = max(used, done)
+        used += 1
     return pairs, used
 
 
@@ -277,12 +284,8 @@ def cell_factors(pairs: dict) -> dict:
     toward the cells' median factor by ``SHRINK`` problems' worth; ``ANY``: that median."""
 
     def ratio(ps):
-        ps = [(d, m) for d, m in ps if m > 0]
-        if not ps:
-            return None
-        mid = median(d / m for d, m in ps)
-        kept = [(d, m) for d, m in ps if d / m <= 2 * mid]
-        return sum(d for d, _ in kept) / sum(m for _, m in kept), len(kept)
+        kept = _ordinary(ps)
+        return (sum(d for d, _ in kept) / sum(m for _, m in kept), len(kept)) if kept else None
 
     own = {cell: r for cell, r in ((c, ratio(ps)) for c, ps in pairs.items()) if r is not None}
     overall = median(f for f, _ in own.values()) if own else 1.0
@@ -290,11 +293,54 @@ def cell_factors(pairs: dict) -> dict:
     return {**out, ANY: overall}
 
 
-def _replayed(rec: dict, steps, forced_len: int, factor: float) -> dict:
-    """``rec`` re-timed: its rounds replayed on the step-time model, times the anchors' ``factor``."""
+def _ordinary(pairs: list) -> list:
+    """The (direct, modelled) pairs of ordinary calls: a call over twice the median ratio (stalled by another
+    process) left out."""
+    ps = [(d, m) for d, m in pairs if m > 0]
+    mid = median(d / m for d, m in ps) if ps else 0.0
+    return [(d, m) for d, m in ps if d / m <= 2 * mid]
+
+
+def cell_spread(pairs: dict, factors: dict) -> dict:
+    """Each anchored cell's calls' deviations from what its factor predicts (direct less factor x modelled
+    seconds; the calls :func:`cell_factors` leaves out left out), centred on 0 so that the cell's mean
+    stays its factor's; ``ANY``: every cell's together (``[0.0]`` without anchors), for the cells with
+    fewer than ``SPREAD_MIN`` calls.  A device that stalls
+    calls now and then (a CPU quota's throttled periods, a scheduler's) lengthens the tail of every
+    cell, the quantiles a policy reads, by about as much whatever the call's length: the modelled times
+    alone, each scaled by its cell's mean factor, have no such tail."""
+
+    def deviations(cell, ps):
+        out = [d - factors[cell] * m for d, m in _ordinary(ps)]
+        centre = sum(out) / len(out) if out else 0.0
+        return [e - centre for e in out]
+
+    own = {cell: e for cell, e in ((c, deviations(c, ps)) for c, ps in pairs.items()) if e}
+    every = [e for es in own.values() for e in es] or [0.0]
+    return {**{c: e for c, e in own.items() if len(e) >= SPREAD_MIN}, ANY: every}
+
+
+def spread_cell(scaled: dict, deviations: list[float]) -> dict:
+    """One cell's records' seconds (key: factor x modelled) as this device shows them: the k-th shortest of N
+    gets the quantile at (k + 1/2) / N of every record's time plus every deviation (each record met by
+    each stall seen), never less than half its own.  The cell's times then have the device's tail with
+    little noise of their own (one deviation drawn per record would put a rare stall on two records or
+    none), keep their order, and keep their mean where the deviations are centred."""
+    order = sorted(scaled, key=lambda k: (scaled[k], k))
+    every = sorted(s + e for s in scaled.values() for e in deviations)
+    return {k: max(every[int((i + 0.5) / len(order) * len(every))], scaled[k] / 2) for i, k in enumerate(order)}
+
+
+def cell_of(rec: dict) -> tuple:
+    return rec["strategy"], rec["n"], rec["budget"]
+
+
+def _replayed(rec: dict, steps, forced_len: int, factor: float, extra: float = 0.0) -> dict:
+    """``rec`` re-timed: its rounds replayed on the step-time model, times the anchors' ``factor``, plus
+    ``extra`` seconds (:func:`spread_cell`)."""
     ttft = steps.token_s * (rec["prompt_tokens"] + 1)
     rounds = [[(int(s), bool(f)) for s, f in rnd] for rnd in rec["rounds"]]
-    latency = steps.latency(ttft, rec["prompt_tokens"], rounds, forced_len) * factor
+    latency = steps.latency(ttft, rec["prompt_tokens"], rounds, forced_len) * factor + extra
     ttft *= factor
     longest = max(s for rnd in rounds for s, _ in rnd)
     return {**rec, "mode": "calibrated", "source_mode": rec.get("source_mode", rec.get("mode")), "latency_s": latency,

@@ -9,7 +9,9 @@ Seeds depend only on the key (rows of repeat ``r`` use ``seed + 1000 r + i``), s
 resumed records equal those of an uninterrupted run, timings aside.
 
 Direct mode runs every cell as production would: the strategy with its budget on the real
-engine, one query at a time, each wrapped in a :class:`~edgetts.telemetry.meters.QueryMeter`.
+engine, one query at a time, each wrapped in a :class:`~edgetts.telemetry.meters.QueryMeter`,
+problem by problem with every cell on each (a speed that drifts during the sweep reaches every
+cell's times alike).
 Pooled mode (:mod:`edgetts.profiling.pooled`) covers the strategies that declare themselves
 ``pooled`` on engines with probes; every other cell runs directly.  After the pool, a few
 pooled cells are run directly and the step-time model is checked for drift
@@ -103,8 +105,10 @@ def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb
         can_pool = cfg.mode == "pooled" and engine_class(spec.engine).probes_for(spec)
         pooled = [c for c in cells if can_pool and STRATEGIES[c[0]].pooled]
         direct = [c for c in cells if c not in pooled]
+        # Problem by problem, every cell on each: a device whose speed drifts while it profiles (heat, a
+        # clock, other work) then moves every cell's times alike instead of those of the cells measured last.
         todo = [
-            (s, n, b, r, ex) for s, n, b in direct for r in range(cfg.repeats) for ex in examples
+            (s, n, b, r, ex) for r in range(cfg.repeats) for ex in examples for s, n, b in direct
             if record_key(model, s, n, b, r, ex.id) not in done
         ]  # fmt: skip
         todo_pool = [
