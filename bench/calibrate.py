@@ -14,8 +14,9 @@
    tens of percent over minutes, and a reference measured on both sides of the calibration is
    centred on the moment it measured (a steady drift cancels).  The settings: ``threads=2``; and
    a slower device, made with a CPU quota (a cgroup v1 ``cpu`` group with ``cpu.cfs_period_us``
-   20000 and ``cpu.cfs_quota_us`` 10000: half a core, which the calibration and the direct profiles run inside)
-   where the machine allows cgroups, else a steady CPU-bound process beside them (``--slow hog``).
+   20000 and ``cpu.cfs_quota_us`` 10000: half a core, which the calibration and the direct
+   profiles run inside) where the machine allows cgroups, else a steady CPU-bound process beside
+   them (``--slow hog``).
 3. Per setting: the per-cell error of the calibrated mean latency against the reference (the
    same problems and seeds, so the same rows), their mean (``latency_mape``), and the share of
    deadlines, 40 of them log-spaced between the reference config's fastest and slowest point, for

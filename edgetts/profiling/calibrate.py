@@ -17,14 +17,15 @@ forced), and only time is measured here:
    per token, one step per token of the longest live row, the forced answer's tokens);
 4. anchors: every cell is run directly on the first problems, problem by problem with every cell
    on each as a direct profile runs them, for ``anchor_s`` seconds (one problem at least,
-   ``ANCHOR_MAX`` at most), and each cell's records are scaled by its own factor, direct over replayed seconds on
-   the same problems and seeds (the same rows), pulled toward the median factor where a cell has
-   few problems: what a fit on fixed shapes misses on this device (scheduling, a CPU quota, clocks)
-   shows in whole calls, and not by the same factor for every shape (under a CPU quota a call
-   of 8 rows slowed 3.3x where one of a single row slowed 2.4x); and each cell's times are
-   spread by its anchors' deviations from that factor (:func:`cell_spread`, :func:`spread_cell`),
-   so that a device that stalls calls now and then has the tail (the p95 a policy reads) it
-   shows; energy is the measured average power times the corrected latency;
+   ``ANCHOR_MAX`` at most), and each cell's records are scaled by its own factor, direct over
+   replayed seconds on the same problems and seeds (the same rows), pulled toward the median
+   factor where a cell has few problems: what a fit on fixed shapes misses on this device
+   (scheduling, a CPU quota, clocks) shows in whole calls, and not by the same factor for every
+   shape (under a CPU quota a call of 8 rows slowed 3.3x where one of a single row slowed 2.4x);
+   and each cell's times are spread by its anchors' deviations from that factor
+   (:func:`cell_spread`, :func:`spread_cell`), so that a device that stalls calls now and then has
+   the tail (the p95 a policy reads) it shows; energy is the measured average power times the
+   corrected latency;
 5. a few cells are run directly on problems no anchor ran and compared with their latencies,
    as pooled profiles check themselves (``latency_validation``, with each cell's anchors and
    factor; :mod:`edgetts.profiling.validation`); where that check fails (the device changed
@@ -305,10 +306,10 @@ def cell_spread(pairs: dict, factors: dict) -> dict:
     """Each anchored cell's calls' deviations from what its factor predicts (direct less factor x modelled
     seconds; the calls :func:`cell_factors` leaves out left out), centred on 0 so that the cell's mean
     stays its factor's; ``ANY``: every cell's together (``[0.0]`` without anchors), for the cells with
-    fewer than ``SPREAD_MIN`` calls.  A device that stalls
-    calls now and then (a CPU quota's throttled periods, a scheduler's) lengthens the tail of every
-    cell, the quantiles a policy reads, by about as much whatever the call's length: the modelled times
-    alone, each scaled by its cell's mean factor, have no such tail."""
+    fewer than ``SPREAD_MIN`` calls.  A device that stalls calls now and then (a CPU quota's throttled
+    periods, a scheduler's) lengthens the tail of every cell, the quantiles a policy reads, by about as
+    much whatever the call's length: the modelled times alone, each scaled by its cell's mean factor,
+    have no such tail."""
 
     def deviations(cell, ps):
         out = [d - factors[cell] * m for d, m in _ordinary(ps)]
