@@ -219,7 +219,7 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
         factor = {k: factors.get(cell_of(rec), factors[ANY]) for k, rec in recs.items()}
         by_cell: dict = {}  # cell: {key: factor x modelled seconds}
         for k, rec in recs.items():
-            by_cell.setdefault(cell_of(rec), {})[k] = _replayed(rec, steps, forced_len, factor[k])["latency_s"]
+            by_cell.setdefault(cell_of(rec), {})[k] = factor[k] * new[k]["latency_s"]
         for cell, scaled in by_cell.items():
             for k, seconds in spread_cell(scaled, spread.get(cell) or spread[ANY]).items():
                 timed = _replayed(recs[k], steps, forced_len, factor[k], seconds - scaled[k])

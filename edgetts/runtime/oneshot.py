@@ -167,9 +167,9 @@ def answer_lines(answerer: Answerer, lines: Iterable[str], deadline_ms: float | 
         question = line.rstrip("\r\n")
         if not question.strip():
             continue
+        priced, charge = (spend.price, spend.charge()) if spend else (price, None)
         try:
-            out = (answerer.answer(question, deadline_ms, energy_j, spend.price, charge=spend.charge()) if spend
-                   else answerer.answer(question, deadline_ms, energy_j, price))  # fmt: skip
+            out = answerer.answer(question, deadline_ms, energy_j, priced, charge=charge)
         except (StrategyError, EngineError) as e:
             yield number, str(e)
             continue
