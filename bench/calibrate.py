@@ -21,7 +21,8 @@
    same problems and seeds, so the same rows), their mean (``latency_mape``), and the share of
    deadlines, 40 of them log-spaced between the reference config's fastest and slowest point, for
    which the calibrated and the reference Pareto configs choose the same (strategy, n, budget)
-   (``same_choice``); also against each direct profile alone (``vs_before``, ``vs_after``).
+   (``same_choice``); also the cells' p95 error (``p95_mape``: configs are built on the p95) and
+   the mean error against each direct profile alone (``vs_before``, ``vs_after``).
 4. Steps 2 and 3 run ``--trials`` times per setting (three by default), each calibration between its
    own two direct profiles; a setting's ``latency_mape`` and ``same_choice`` are the trials'
    medians (this VM changes speed by tens of percent within a minute now and then, which one
@@ -57,9 +58,8 @@ from edgetts.pareto.config import build_config
 from edgetts.runtime import Policy
 
 CGROUP = Path("/sys/fs/cgroup/cpu/edgetts-bench")
-# Half of one core per 20 ms.  With a 2 ms period this VM ran a CPU-bound loop 3.7 times slower instead of
-# 2, and its speed moved by a quarter from one second to the next (the throttling's own cost); with 20 ms,
-# 2.0 times slower, within about a tenth from second to second (a loop's rate, one-second windows).
+# Half of one core per 20 ms: with a 2 ms period the throttling itself costs time on this VM, and its
+# speed moves more from one second to the next (bench/vm_steadiness.py measures both periods).
 QUOTA_PERIOD_US = 20_000
 
 
@@ -77,12 +77,13 @@ def cli(*args, slow: str | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def make_quota() -> bool:
+def make_quota(period_us: int = QUOTA_PERIOD_US) -> bool:
+    """The quota group at half a core per ``period_us``; False where cgroups do not allow it."""
     try:
         CGROUP.mkdir(exist_ok=True)
         (CGROUP / "cpu.cfs_quota_us").write_text("-1")  # the period may be shortened only below an unlimited quota
-        (CGROUP / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
-        (CGROUP / "cpu.cfs_quota_us").write_text(str(QUOTA_PERIOD_US // 2))
+        (CGROUP / "cpu.cfs_period_us").write_text(str(period_us))
+        (CGROUP / "cpu.cfs_quota_us").write_text(str(period_us // 2))
         return True
     except OSError:
         return False
@@ -112,8 +113,10 @@ def mean_profile(a: Path, b: Path, out: Path) -> Path:
 
 def compare(calibrated: Path, direct: Path) -> dict:
     cal, ref = cells(calibrated), cells(direct)
-    errors = {k: abs(cal[k]["latency_s"]["mean"] - ref[k]["latency_s"]["mean"]) / ref[k]["latency_s"]["mean"]
-              for k in ref if k in cal}  # fmt: skip
+    def error(k, stat):
+        return abs(cal[k]["latency_s"][stat] - ref[k]["latency_s"][stat]) / ref[k]["latency_s"][stat]
+
+    errors = {k: error(k, "mean") for k in ref if k in cal}
     cfg_cal, _ = build_config([calibrated])
     cfg_ref, _ = build_config([direct])
     lat = [p["latency_ms"] for p in cfg_ref["frontier"]]
@@ -127,6 +130,7 @@ def compare(calibrated: Path, direct: Path) -> dict:
 
     same = sum(chosen(pick_cal, d) == chosen(pick_ref, d) for d in grid) / len(grid)
     return {"latency_mape": sum(errors.values()) / len(errors), "same_choice": same,
+            "p95_mape": sum(error(k, "p95") for k in errors) / len(errors),  # the quantile configs are built on
             "cells": {"/".join(map(str, k)): round(v, 4) for k, v in sorted(errors.items())},
             "validation": json.loads((calibrated / "summary.json").read_text()).get("latency_validation", {}).get("ok")}
 
@@ -177,7 +181,8 @@ def main() -> None:
                  "direct_floor": {k: floor[k] for k in brief}}  # fmt: skip
             trials.append(r)
             print(f"{name}, trial {trial}: latency error {r['latency_mape']:.3f} (worst cell "
-                  f"{max(r['cells'].values()):.3f}), same choice {r['same_choice']:.2f}, calibrate {seconds:.1f} s, "
+                  f"{max(r['cells'].values()):.3f}; p95 {r['p95_mape']:.3f}), same choice {r['same_choice']:.2f}, "
+                  f"calibrate {seconds:.1f} s, "
                   f"its check ok: {r['validation']}; against the direct profile before "
                   f"{r['vs_before']['latency_mape']:.3f}, after {r['vs_after']['latency_mape']:.3f}; the two direct "
                   f"profiles: latency error {floor['latency_mape']:.3f}, same choice {floor['same_choice']:.2f}",
