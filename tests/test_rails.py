@@ -92,6 +92,25 @@ def test_energy_follows_a_power_waveform_within_two_percent(root, layout):
     assert m.energy_j == pytest.approx(truth, rel=0.02)
 
 
+def test_mean_power_is_over_the_readings_interval_not_the_query_alone(root, monkeypatch):
+    """A short query on a busy machine: the last reading comes a while after the query ended (here
+    20 ms, made by a slow memory read); the mean power is still the rail's 10 W, not the joules of
+    the longer interval over the query's few milliseconds."""
+    legacy_iio(root, {"POM_5V_IN": 10000})
+    meter = meters.QueryMeter()
+    slow = meters.rss_bytes
+
+    def late():
+        time.sleep(0.02)
+        return slow()
+
+    with meter.measure() as measured:
+        monkeypatch.setattr(meters, "rss_bytes", late)  # only after the query's start
+    m = measured()
+    assert meter.source.span() >= m.seconds + 0.02  # the last reading came after the late one
+    assert m.avg_power_w == pytest.approx(10.0) and m.energy_j == pytest.approx(10.0 * meter.source.span())
+
+
 def test_nvml_sampled_power_follows_a_waveform(monkeypatch, root):
     wave_w = sine(60.0, 25.0, 0.2)
     t0 = time.perf_counter()

@@ -90,6 +90,10 @@ class _Source:
     def stop(self) -> float: ...  # joules
     def so_far(self) -> float: ...  # joules since start, without stopping
 
+    def span(self) -> float:
+        """Seconds between the readings that bound the joules: the interval their mean power is over."""
+        return self.t_stop - self.t_start
+
 
 class _Rapl(_Source):
     """The package counters (microjoules), summed over packages; read at every tick of the meter's
@@ -109,6 +113,7 @@ class _Rapl(_Source):
     def start(self) -> None:
         self.last = self._read()
         self.total_uj = 0
+        self.t_start = time.perf_counter()
 
     def sample(self) -> None:
         now = self._read()
@@ -123,6 +128,7 @@ class _Rapl(_Source):
 
     def stop(self) -> float:
         self.sample()
+        self.t_stop = time.perf_counter()
         return self.total_uj / 1e6
 
     def so_far(self) -> float:
@@ -140,7 +146,7 @@ class _Sampled(_Source):
         self.keep, self.total, self.last = True, 0.0, None
 
     def start(self) -> None:
-        self.samples, self.total, self.last = [], 0.0, None
+        self.samples, self.total, self.last, self.first = [], 0.0, None, None
         self.sample()
 
     def sample(self) -> None:
@@ -150,6 +156,8 @@ class _Sampled(_Source):
         t = time.perf_counter()
         if self.last is not None:
             self.total += (t - self.last[0]) * (self.last[1] + w) / 2
+        else:
+            self.first = t
         self.last = (t, w)
         if self.keep:
             self.samples.append((t, w))
@@ -161,6 +169,10 @@ class _Sampled(_Source):
     def so_far(self) -> float:
         return self.total
 
+    def span(self) -> float:
+        # From the first reading that worked to the last: a failed read at either end shortens both.
+        return self.last[0] - self.first if self.last is not None else 0.0
+
 
 class _NvmlCounter(_Source):
     name = "nvml"
@@ -171,8 +183,10 @@ class _NvmlCounter(_Source):
 
     def start(self) -> None:
         self.e0 = self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h)
+        self.t_start = time.perf_counter()
 
     def stop(self) -> float:
+        self.t_stop = time.perf_counter()
         return (self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h) - self.e0) / 1000
 
     def so_far(self) -> float:
@@ -252,9 +266,12 @@ class QueryMeter:
             secs = time.perf_counter() - t0
             peak["rss"] = max(peak["rss"], rss_bytes(), (peak_rss_bytes() or 0) if kernel_peak else 0)
             joules = self.source.stop() if self.source else None
+            # Mean power over the interval the joules were read across (its readings bound the query, a
+            # little outside it): over the query's own seconds a short query on a busy machine read high.
+            span = self.source.span() if self.source else 0.0
             box["m"] = Measurement(
                 energy_j=joules,
-                avg_power_w=(joules / secs) if joules is not None and secs > 0 else None,
+                avg_power_w=(joules / span) if joules is not None and span > 0 else None,
                 energy_source=self.source_name,
                 energy_reason=None if self.source else self.reason,
                 peak_rss_mb=peak["rss"] / 2**20,
