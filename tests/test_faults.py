@@ -406,3 +406,29 @@ def test_an_engine_alone_measures_its_stalls_for_the_next_calls(monkeypatch):
     clock[0] += 60
     call(1)
     assert seen[-1] < 1e-4  # a minute with nothing measured: forgotten
+
+
+def test_a_serial_engine_drops_a_call_that_could_no_longer_state_an_answer(monkeypatch):
+    """A request whose turn on the engine came too late to state an answer (its prompt and the answer's
+    rounds as the latest call took them) is dropped unstarted, which the server answers 429: started, it
+    would have been cut with nothing said.  Time moves only with the fake engine's steps (2 ms each)."""
+    from edgetts.engines import create as create_engine
+    from edgetts.models.families import FAMILIES
+    from edgetts.runtime.executor import SerialEngine
+    from edgetts.timing import ANSWER_ROUNDS
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    fam = FAMILIES["tiny"]
+    script = ["x"] * 5 + ["\n", fam.think_end, f"{fam.answer_prefix}1"]
+    serial = SerialEngine(create_engine("fake", scripts=[script], step_seconds=0.002))
+
+    def run(deadline_ms):
+        return create("single", serial, fam, RunConfig(budget=64, deadline_ms=deadline_ms)).run("q")
+
+    assert run(1000).answer == "1"  # the engine's steps are measured: 2 ms
+    assert serial.stalls.step_s == pytest.approx(0.002)
+    late = run(0.9 * ANSWER_ROUNDS * 2)  # less than the answer's rounds: never started
+    assert late.generated_tokens == 0 and late.early_stop == "deadline"
+    assert run(3 * ANSWER_ROUNDS * 2).answer is not None  # room for them: it runs and answers

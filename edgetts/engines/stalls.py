@@ -31,6 +31,9 @@ class Stalls:
     def __init__(self):
         self.excess: deque[float] = deque(maxlen=self.COUNT)
         self.value, self.count, self.last = 0.0, 0, time.perf_counter()
+        # What the latest call's steps and prompt took (:class:`Timed`): how long the next call needs at
+        # least to state an answer, before it starts.
+        self.step_s, self.prefill_s = 0.0, 0.0
 
     def add(self, excess_s: float) -> None:
         """One step's seconds beyond what it should have taken (negative: it was quick)."""
@@ -63,6 +66,10 @@ class Timed:
             if self.step:
                 self.stalls.add(dt - self.step)
             self.step = dt if not self.step else 0.7 * self.step + 0.3 * dt
+        elif getattr(ctl, "prefill_s", None) is not None:  # the first call follows the prompt's prefill
+            self.stalls.prefill_s = ctl.prefill_s
         self.last = now
+        if self.step:
+            self.stalls.step_s = self.step
         ctl.stall_s = self.stalls.stall_s()
         return self.inner(ctl, stepped)

@@ -36,6 +36,7 @@ from edgetts.runtime.planning import Late, Plan, Request, make_plan
 from edgetts.runtime.policy import Policy
 from edgetts.strategies import RunConfig, Trace, create
 from edgetts.telemetry.device import with_power_mode
+from edgetts.timing import ANSWER_ROUNDS
 
 __all__ = ["Executor", "Late", "Outcome", "Request", "SerialEngine"]
 
@@ -77,7 +78,9 @@ def unstarted(n: int, reason: str) -> SampleResult:
 
 class SerialEngine(Engine):
     """A lock around an engine, so concurrent callers take turns; a call that expired while
-    waiting for its turn is dropped without running."""
+    waiting for its turn, or whose deadline no longer leaves the time to state an answer (the prompt
+    and ``ANSWER_ROUNDS`` steps as the latest call took them, and a stall), is dropped without running,
+    as a shared batch drops a queued job: started, it would be cut with nothing said."""
 
     thread_safe = True
 
@@ -91,7 +94,8 @@ class SerialEngine(Engine):
     def sample(self, prompt, n, params, controller=None, seeds=None) -> SampleResult:
         with self.lock:
             expired = getattr(controller, "expired", None)
-            reason = expired() if expired else None
+            s = self.stalls
+            reason = expired(s.prefill_s + ANSWER_ROUNDS * s.step_s + s.stall_s()) if expired else None
             if reason:
                 return unstarted(n, reason)
             t0 = time.perf_counter()
