@@ -38,7 +38,11 @@ def parse_shard(text: str, env: dict | None = None) -> tuple[int, int]:
             name = next((k for k in ENV_INDEX if env.get(k, "").strip()), None)
             if name is None:
                 raise ProfileError(f"--shard {text}: give I/N, or set {' or '.join(ENV_INDEX)} for the index")
-            i = int(env[name]) - (int(env.get("SLURM_ARRAY_TASK_MIN", 0) or 0) if name == "SLURM_ARRAY_TASK_ID" else 0)
+            try:
+                low = int(env.get("SLURM_ARRAY_TASK_MIN", 0) or 0) if name == "SLURM_ARRAY_TASK_ID" else 0
+                i = int(env[name]) - low
+            except ValueError:
+                raise ProfileError(f"--shard {text}: {name}={env[name]!r} is not a whole number") from None
     except ValueError:
         raise ProfileError(f"--shard {text}: expected I/N with whole numbers (0 <= I < N)") from None
     if not (n >= 1 and 0 <= i < n):
