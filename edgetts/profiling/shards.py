@@ -30,19 +30,18 @@ def parse_shard(text: str, env: dict | None = None) -> tuple[int, int]:
     """``I/N``, or ``N`` with the index from the scheduler's environment; a one-line error otherwise."""
     env = os.environ if env is None else env
     index, sep, count = text.strip().rpartition("/")
+    if not sep:
+        name = next((k for k in ENV_INDEX if env.get(k, "").strip()), None)
+        if name is None:
+            raise ProfileError(f"--shard {text}: give I/N, or set {' or '.join(ENV_INDEX)} for the index")
+        try:
+            low = int(env.get("SLURM_ARRAY_TASK_MIN", 0) or 0) if name == "SLURM_ARRAY_TASK_ID" else 0
+            index = str(int(env[name]) - low)
+        except ValueError:
+            raise ProfileError(f"--shard {text}: {name}={env[name]!r} (or its array's minimum) is not a whole "
+                               "number") from None  # fmt: skip
     try:
-        n = int(count)
-        if sep:
-            i = int(index)
-        else:
-            name = next((k for k in ENV_INDEX if env.get(k, "").strip()), None)
-            if name is None:
-                raise ProfileError(f"--shard {text}: give I/N, or set {' or '.join(ENV_INDEX)} for the index")
-            try:
-                low = int(env.get("SLURM_ARRAY_TASK_MIN", 0) or 0) if name == "SLURM_ARRAY_TASK_ID" else 0
-                i = int(env[name]) - low
-            except ValueError:
-                raise ProfileError(f"--shard {text}: {name}={env[name]!r} is not a whole number") from None
+        i, n = int(index), int(count)
     except ValueError:
         raise ProfileError(f"--shard {text}: expected I/N with whole numbers (0 <= I < N)") from None
     if not (n >= 1 and 0 <= i < n):
