@@ -206,6 +206,10 @@ def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_je
     line = one_line_error(runner.invoke(app, [*args, "--switch", "true"]))  # the mode did not change
     assert "reports power mode 'MAXN', not '15W'" in line
     assert not (tmp_path / "o").exists()
+    twice = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "threads=1", "--setting",
+             "threads=1", "--quiet"]  # fmt: skip
+    assert "--setting threads=1 is given more than once" in one_line_error(runner.invoke(app, twice))
+    assert not (tmp_path / "o").exists()  # refused before measuring anything
 
 
 def test_shard_indices():

@@ -369,6 +369,10 @@ def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=No
     """Each of ``settings`` into ``out/<setting>`` (or ``out`` itself for one setting); returns (name, dir,
     summary) per setting."""
     settings = settings or [{}]
+    names = [setting_name(s) for s in settings]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # before anything is measured: the second would find the first's directory
+        raise ProfileError(f"--setting {', '.join(twice)} is given more than once")
     done = []
     for setting in settings:
         name = setting_name(setting)
