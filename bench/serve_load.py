@@ -19,7 +19,9 @@ The last line is one JSON object: ``goodput_ratio_vs_sequential`` at 2x load (ta
 every level's figures (``server_deadline_met``: the share the server itself counts as on time,
 from when it had each request's headers; the client's figure also holds the time outside the server,
 whose median and 99th percentile are ``outside_p50_ms`` and ``outside_p99_ms``;
-``late_by_deadline`` and ``empty_by_deadline`` count late and empty answers per deadline;
+``late_by_deadline`` and ``empty_by_deadline`` count late and empty answers per deadline, and
+``misses`` describes the first of them one by one: deadline, client's and server's milliseconds,
+empty or not, and the server's point, tokens generated, ``early_stop`` and predicted milliseconds;
 ``error_kinds`` names failed calls).
 ``--plot FILE`` draws goodput and deadline share against load.  An answer with no text (cut
 before any row stated one) counts as a miss in every share.  The servers (and the hogs below)
@@ -98,12 +100,12 @@ def start_edgetts(config: str, threads: int, *extra: str, max_queue: int | None 
 async def edgetts_call(client, url, question, deadline):
     r = await client.post(url + "/v1/completions", json={"prompt": question, "deadline_ms": deadline})
     if r.status_code == 429:
-        return "refused", None, None, None
+        return "refused", None, None, None, None
     if r.status_code != 200:
-        return f"error {r.status_code}", None, None, None
+        return f"error {r.status_code}", None, None, None, None
     body = r.json()
     info = body["edgetts"]
-    return "answered", body["choices"][0]["text"] or None, info["deadline_met"], info["latency_ms"]
+    return "answered", body["choices"][0]["text"] or None, info["deadline_met"], info["latency_ms"], info
 
 
 def llama_server_call(n: int, slots: int):
@@ -125,7 +127,7 @@ def llama_server_call(n: int, slots: int):
         from edgetts.strategies.aggregate import majority_vote
 
         answers = await asyncio.gather(*(one(s) for s in range(n)))
-        return "answered", majority_vote(answers).answer, None, None
+        return "answered", majority_vote(answers).answer, None, None, None
 
     return call
 
@@ -157,12 +159,12 @@ async def run_level(url, call, arrivals, work, throttle: bool = False) -> dict:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             sent = time.perf_counter()
             try:
-                kind, answer, server_met, server_ms = await call(client, url, question, deadline)
+                kind, answer, server_met, server_ms, info = await call(client, url, question, deadline)
             except httpx.HTTPError as e:
-                kind, answer, server_met, server_ms = f"error {type(e).__name__}", None, None, None
+                kind, answer, server_met, server_ms, info = f"error {type(e).__name__}", None, None, None, None
             ms = 1000 * (time.perf_counter() - sent)
             lag = 1000 * (sent - t0 - at)  # how far behind its schedule the client sent it
-            results.append((kind, answer, gold, deadline, ms, server_met, server_ms, at, lag))
+            results.append((kind, answer, gold, deadline, ms, server_met, server_ms, at, lag, info))
 
         try:
             await asyncio.gather(*(one(at, item) for at, item in zip(arrivals, work)),
@@ -179,8 +181,18 @@ async def run_level(url, call, arrivals, work, throttle: bool = False) -> dict:
             half = arrivals[len(arrivals) // 2] if part == "before" else span - middle
             sub = _figures(chosen, max(half, 1e-9))
             figures[part] = {k: sub[k] for k in ("deadline_met_admitted", "answered_admitted", "goodput_per_s",
-                                                 "refused_share", "requests")}  # fmt: skip
+                                                 "refused_share", "requests", "misses")}  # fmt: skip
     return figures
+
+
+MISSES = 10  # admitted requests late or empty, described one by one (the first ones) per level and server
+
+
+def _miss(r: tuple) -> dict:
+    """An admitted request that was late or came back empty, as the client and the server saw it."""
+    info = r[9] or {}
+    return {"deadline_ms": r[3], "client_ms": round(r[4], 1), "server_ms": r[6], "empty": r[1] is None,
+            **{k: info.get(k) for k in ("point_id", "generated_tokens", "early_stop", "predicted_ms")}}  # fmt: skip
 
 
 def _figures(results: list, span: float) -> dict:
@@ -204,6 +216,7 @@ def _figures(results: list, span: float) -> dict:
                              if (n := sum(r[3] == d and r[4] > d for r in answered))},
         "empty_by_deadline": {str(d): n for d in sorted({r[3] for r in answered})
                               if (n := sum(r[3] == d and r[1] is None for r in answered))},
+        "misses": [_miss(r) for r in answered if r[4] > r[3] or r[1] is None][:MISSES],
         # what the server counts, from when it had the headers (None: a server that does not say)
         "server_deadline_met": round(sum(bool(r[5]) for r in answered) / max(1, len(answered)), 4)
         if answered and answered[0][5] is not None else None,

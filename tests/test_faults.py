@@ -410,8 +410,9 @@ def test_an_engine_alone_measures_its_stalls_for_the_next_calls(monkeypatch):
 
 def test_a_serial_engine_drops_a_call_that_could_no_longer_state_an_answer(monkeypatch):
     """A request whose turn on the engine came too late to state an answer (its prompt and the answer's
-    rounds as the latest call took them) is dropped unstarted, which the server answers 429: started, it
-    would have been cut with nothing said.  Time moves only with the fake engine's steps (2 ms each)."""
+    rounds of its rows as the latest call took them) is dropped unstarted, which the server answers 429:
+    started, it would have been cut with nothing said.  Time moves only with the fake engine's steps
+    (2 ms each)."""
     from edgetts.engines import create as create_engine
     from edgetts.models.families import FAMILIES
     from edgetts.runtime.executor import SerialEngine
@@ -428,7 +429,10 @@ def test_a_serial_engine_drops_a_call_that_could_no_longer_state_an_answer(monke
         return create("single", serial, fam, RunConfig(budget=64, deadline_ms=deadline_ms)).run("q")
 
     assert run(1000).answer == "1"  # the engine's steps are measured: 2 ms
-    assert serial.stalls.step_s == pytest.approx(0.002)
+    assert serial.stalls.row_step_s == pytest.approx(0.002)
     late = run(0.9 * ANSWER_ROUNDS * 2)  # less than the answer's rounds: never started
     assert late.generated_tokens == 0 and late.early_stop == "deadline"
     assert run(3 * ANSWER_ROUNDS * 2).answer is not None  # room for them: it runs and answers
+    # Four rows need four times a row's steps (on a CPU a step costs about its rows): the same time is too little.
+    wide = create("majority", serial, fam, RunConfig(n=4, budget=64, deadline_ms=3 * ANSWER_ROUNDS * 2)).run("q")
+    assert wide.generated_tokens == 0 and wide.early_stop == "deadline"

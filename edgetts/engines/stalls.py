@@ -31,9 +31,9 @@ class Stalls:
     def __init__(self):
         self.excess: deque[float] = deque(maxlen=self.COUNT)
         self.value, self.count, self.last = 0.0, 0, time.perf_counter()
-        # What the latest call's steps and prompt took (:class:`Timed`): how long the next call needs at
-        # least to state an answer, before it starts.
-        self.step_s, self.prefill_s = 0.0, 0.0
+        # What the latest call's steps (per row: on a CPU a step costs about its rows) and prompt took
+        # (:class:`Timed`): how long the next call needs at least to state an answer, before it starts.
+        self.row_step_s, self.prefill_s = 0.0, 0.0
 
     def add(self, excess_s: float) -> None:
         """One step's seconds beyond what it should have taken (negative: it was quick)."""
@@ -70,6 +70,6 @@ class Timed:
             self.stalls.prefill_s = ctl.prefill_s
         self.last = now
         if self.step:
-            self.stalls.step_s = self.step
+            self.stalls.row_step_s = self.step / max(1, len(getattr(ctl, "rows", ())))
         ctl.stall_s = self.stalls.stall_s()
         return self.inner(ctl, stepped)

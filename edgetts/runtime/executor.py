@@ -79,8 +79,8 @@ def unstarted(n: int, reason: str) -> SampleResult:
 class SerialEngine(Engine):
     """A lock around an engine, so concurrent callers take turns; a call that expired while
     waiting for its turn, or whose deadline no longer leaves the time to state an answer (the prompt
-    and ``ANSWER_ROUNDS`` steps as the latest call took them, and a stall), is dropped without running,
-    as a shared batch drops a queued job: started, it would be cut with nothing said."""
+    and ``ANSWER_ROUNDS`` steps of its rows as the latest call took them, and a stall), is dropped
+    without running, as a shared batch drops a queued job: started, it would be cut with nothing said."""
 
     thread_safe = True
 
@@ -95,7 +95,7 @@ class SerialEngine(Engine):
         with self.lock:
             expired = getattr(controller, "expired", None)
             s = self.stalls
-            reason = expired(s.prefill_s + ANSWER_ROUNDS * s.step_s + s.stall_s()) if expired else None
+            reason = expired(s.prefill_s + ANSWER_ROUNDS * s.row_step_s * n + s.stall_s()) if expired else None
             if reason:
                 return unstarted(n, reason)
             t0 = time.perf_counter()
