@@ -29,6 +29,10 @@ OUTSIDE_MS = 6.0
 # Strategies stop within one decode step after their deadline; that step, the time to build the
 # response and the time outside the server are kept inside the request's deadline as a reserve.
 RESERVE_MS, RESERVE_SHARE = 3.0 + OUTSIDE_MS, 0.1
+# The reserve's share is there for stalls: a row still stating its answer when the end comes (or a
+# thinking row that a stall carried past the moment its answer was due) may use this part of it to state
+# the answer, which cut at the end would be no answer at all: a miss whatever the clock says.
+GRACE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,12 @@ class Deadline:
     @property
     def end(self) -> float:
         return self.due - (RESERVE_MS + RESERVE_SHARE * max(self.ms, 0.0)) / 1000
+
+    @property
+    def grace_ms(self) -> float:
+        """Past :attr:`end`, the time a row may still take to state its answer (``GRACE_SHARE`` of the
+        reserve's share): the strategy then stops no later than ``due`` less ``RESERVE_MS`` and the rest."""
+        return GRACE_SHARE * RESERVE_SHARE * max(self.ms, 0.0)
 
     def run_ms(self, now: float) -> float:
         """Milliseconds a strategy started at ``now`` has until :attr:`end`."""

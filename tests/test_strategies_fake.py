@@ -107,6 +107,31 @@ def test_deadline_forces_answers_then_stops():
     assert all(r.forced_answer for r in t.rows)
 
 
+@pytest.fixture
+def clock(monkeypatch):
+    """Time that moves only when the fake engine sleeps (its steps and stalls): exact, on any machine."""
+    import time
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    return now
+
+
+@pytest.mark.parametrize("grace_ms", [0.0, 30.0])
+def test_a_stall_past_the_deadline_leaves_the_grace_to_state_the_answer(clock, grace_ms):
+    """A row reasoning at 1 ms a step meets a 40 ms wait for the CPU 30 ms before its deadline (60 ms),
+    before its answer was due: at the deadline it is still reasoning.  Without a grace it is cut with no
+    answer; with one (a server's share of its reserve) it is given the answer prefix and states it."""
+    e = fake("1", think=10_000, after_force=["3"], step_seconds=0.001, stalls={30: 0.04})
+    t = strategy("single", e, FAM, RunConfig(budget=10_000, deadline_ms=60, grace_ms=grace_ms)).run("q")
+    assert t.early_stop == "deadline" or grace_ms
+    if grace_ms:
+        assert t.answer == "3" and t.rows[0].forced_answer and t.wall_s <= (60 + grace_ms) / 1000
+    else:
+        assert t.answer is None and not t.rows[0].forced_answer
+
+
 def test_capabilities_are_checked():
     class NoLogprobs(type(fake("1"))):
         logprobs = False

@@ -32,11 +32,13 @@ class FakeEngine(Engine):
         after_force: Script = ("7",),
         logprob: Callable[[Row, int], float] | None = None,
         step_seconds: float = 0.0,
+        stalls: dict[int, float] | None = None,
     ):
         self.scripts = scripts
         self.after_force = list(after_force)
         self.logprob = logprob or (lambda row, step: 0.0)
         self.step_seconds = step_seconds
+        self.stalls = stalls or {}  # step -> seconds of a wait before it (another process had the CPU)
 
     def _script(self, prompt: str, i: int, seed: int) -> list[str]:
         if callable(self.scripts):
@@ -68,8 +70,8 @@ class FakeEngine(Engine):
         limit = [params.max_tokens] * n
         steps = 0
         while any(not r.finished for r in rows):
-            if self.step_seconds:
-                time.sleep(self.step_seconds)
+            if self.step_seconds or steps in self.stalls:
+                time.sleep(self.step_seconds + self.stalls.get(steps, 0.0))
             stepped = []
             for r in rows:
                 if r.finished:

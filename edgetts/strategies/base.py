@@ -52,6 +52,9 @@ class RunConfig:
     # Where a caller's deadline fixed the end (perf_counter s; a server's Deadline.end): the call's
     # controllers stop there exactly, and deadline_ms is the time that was left when it was made.
     ends_at: float | None = None
+    # Past the deadline, time a row may still take to state its answer (a server's, from its reserve:
+    # Deadline.grace_ms); 0 stops every row at the deadline.
+    grace_ms: float = 0.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False  # ignore the model's chat template
     cancel: object = None  # a threading.Event: when set, every row stops at the next step
@@ -128,7 +131,7 @@ class BudgetController:
         self.deadline_s = deadline_s  # seconds after ``started``
         self.expected_tokens = cfg.expected_tokens
         self.last_step: float | None = None
-        self.step_s = 0.0  # running estimate of one decode step
+        self.step_s = self.quiet_s = 0.0  # running estimates of one decode step (quiet_s: stalls left out)
         # The longest wait seen beyond a step's running estimate (another process had the CPU), and the
         # one the engine says to expect where it measures its stalls: the answer keeps room for one more.
         self.stall_s = self.engine_stall = 0.0
@@ -194,6 +197,24 @@ class BudgetController:
         stall = max(self.stall_s, self.engine_stall)
         return self.deadline_s - now < forced_decode + (steps + 1) * self.step_s * ANSWER_SAFETY + stall
 
+    def _grace(self, ctl: Control, left: float) -> bool:
+        """When the deadline has come, or not even the forced text fits before it, and ``cfg.grace_ms``
+        past it remain: rows stating their answer go on; rows still reasoning (a stall carried them past
+        the moment their answer was due) are given the answer prefix where its decode and the answer's
+        steps fit in the grace, else cut.  Steps are counted at their pace without stalls (``quiet_s``):
+        the one that carried the row here would count twice.  False: stop every row now."""
+        room, step = left + self.cfg.grace_ms / 1000, self.quiet_s
+        if self.cfg.grace_ms <= 0 or room < step:  # no grace (run, C): exactly the stop at the deadline
+            return False
+        thinking = [r for r in ctl.live() if r.index not in self.answer_start and r.index not in ctl.pending]
+        forced_decode = len(thinking) * self.forced_len * (self.token_s or 0)
+        for r in thinking:
+            if room >= forced_decode + (min(self.cfg.answer_tokens, ANSWER_STEPS) + 1) * step:
+                self._force_answer(ctl, r)
+            else:
+                ctl.stop(r.index, "deadline")
+        return bool(ctl.live())
+
     def __call__(self, ctl: Control, stepped: list[int]) -> None:
         if self.cfg.cancel is not None and self.cfg.cancel.is_set():
             ctl.stop_all("cancelled")
@@ -207,10 +228,13 @@ class BudgetController:
             if self.step_s and engine_step is None:
                 self.stall_s = max(self.stall_s, dt - self.step_s)
             self.step_s = dt if self.step_s == 0 else 0.7 * self.step_s + 0.3 * dt
+            # the same, with a step counted at most twice the estimate: a stall barely moves it, a device
+            # that slowed down moves it within a few steps (the grace past the deadline goes by it)
+            self.quiet_s = dt if self.quiet_s == 0 else 0.7 * self.quiet_s + 0.3 * min(dt, 2 * self.quiet_s)
         else:  # the first call follows the prefill: its cost a token (without any wait in a queue before it)
             prefill = ctl.prefill_s if ctl.prefill_s is not None else now
             self.token_s = prefill / self.prompt_tokens
-            self.step_s = engine_step or 0.0  # the engine's estimate, where it has one
+            self.step_s = self.quiet_s = engine_step or 0.0  # the engine's estimate, where it has one
         self.engine_stall = ctl.stall_s or 0.0  # the stall the engine says to expect
         self.last_step = now
         for i in stepped:
@@ -236,15 +260,17 @@ class BudgetController:
                 return
         elif self.deadline_s is not None:
             left = self.deadline_s - now
-            if left < self.step_s:
-                ctl.stop_all("deadline")
-                return
             thinking = [r for r in ctl.live() if r.index not in self.answer_start and r.index not in ctl.pending]
             forced_decode = len(thinking) * self.forced_len * (self.token_s or 0)
-            if thinking and self._answer_due(now, len(thinking), min(self.cfg.answer_tokens, ANSWER_STEPS)):
-                if left < forced_decode + self.step_s:  # not even the forced text fits: stop on time
+            due = thinking and self._answer_due(now, len(thinking), min(self.cfg.answer_tokens, ANSWER_STEPS))
+            # The end has come, or not even the forced text fits before it: stop on time, or use the grace.
+            if left < self.step_s or (due and left < forced_decode + self.step_s):
+                if not self._grace(ctl, left):
                     ctl.stop_all("deadline")
                     return
+                self.on_step(ctl, stepped)
+                return
+            if due:
                 for r in thinking:
                     self._force_answer(ctl, r)
         self.on_step(ctl, stepped)
