@@ -55,6 +55,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgetts.pareto.config import build_config
+from edgetts.profiling.calibrate import cell_of
 from edgetts.runtime import Policy
 
 CGROUP = Path("/sys/fs/cgroup/cpu/edgetts-bench")
@@ -95,7 +96,7 @@ def hog() -> subprocess.Popen:
 
 def cells(d: Path) -> dict:
     summary = json.loads((d / "summary.json").read_text())
-    return {(c["strategy"], c["n"], c["budget"]): c for c in summary["cells"]}
+    return {cell_of(c): c for c in summary["cells"]}
 
 
 def mean_profile(a: Path, b: Path, out: Path) -> Path:
@@ -105,7 +106,7 @@ def mean_profile(a: Path, b: Path, out: Path) -> Path:
     summary = json.loads((a / "summary.json").read_text())
     other = cells(b)
     for c in summary["cells"]:
-        twin = other[c["strategy"], c["n"], c["budget"]]["latency_s"]
+        twin = other[cell_of(c)]["latency_s"]
         c["latency_s"] = {k: (v + twin[k]) / 2 if isinstance(v, int | float) else v for k, v in c["latency_s"].items()}
     (out / "summary.json").write_text(json.dumps(summary))
     return out
@@ -113,6 +114,7 @@ def mean_profile(a: Path, b: Path, out: Path) -> Path:
 
 def compare(calibrated: Path, direct: Path) -> dict:
     cal, ref = cells(calibrated), cells(direct)
+
     def error(k, stat):
         return abs(cal[k]["latency_s"][stat] - ref[k]["latency_s"][stat]) / ref[k]["latency_s"][stat]
 
@@ -124,11 +126,7 @@ def compare(calibrated: Path, direct: Path) -> dict:
     grid = [lo * (hi / lo) ** (k / 39) for k in range(40)]
     pick_cal, pick_ref = Policy(cfg_cal), Policy(cfg_ref)
 
-    def chosen(policy, d):
-        p = policy.select(d).point
-        return p["strategy"], p["n"], p["budget"]
-
-    same = sum(chosen(pick_cal, d) == chosen(pick_ref, d) for d in grid) / len(grid)
+    same = sum(cell_of(pick_cal.select(d).point) == cell_of(pick_ref.select(d).point) for d in grid) / len(grid)
     return {"latency_mape": sum(errors.values()) / len(errors), "same_choice": same,
             "p95_mape": sum(error(k, "p95") for k in errors) / len(errors),  # the quantile configs are built on
             "cells": {"/".join(map(str, k)): round(v, 4) for k, v in sorted(errors.items())},
@@ -175,9 +173,10 @@ def main() -> None:
             floor = compare(after, before)
             reference = mean_profile(before, after, base / "direct-mean")
             brief = ("latency_mape", "same_choice")
+            vs_before, vs_after = compare(cal, before), compare(cal, after)
             r = {**compare(cal, reference), "calibrate_s": round(seconds, 2),
-                 "vs_before": {k: compare(cal, before)[k] for k in brief},
-                 "vs_after": {k: compare(cal, after)[k] for k in brief},
+                 "vs_before": {k: vs_before[k] for k in brief},
+                 "vs_after": {k: vs_after[k] for k in brief},
                  "direct_floor": {k: floor[k] for k in brief}}  # fmt: skip
             trials.append(r)
             print(f"{name}, trial {trial}: latency error {r['latency_mape']:.3f} (worst cell "

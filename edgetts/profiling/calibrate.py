@@ -189,7 +189,7 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
     spec, _ = split_settings(EngineSpec.from_dict(next(iter(recs.values()))["engine"]).resolved())
     spec = EngineSpec(spec.engine, _artifact(label, spec, models, model_dir), spec.url, spec.options)
     spec = spec.with_options(threads=setting.get("threads") or serving_threads(), gpu_layers=setting.get("gpu_layers"))
-    cells = sorted({(r["strategy"], r["n"], r["budget"]) for r in recs.values()})
+    cells = sorted({cell_of(r) for r in recs.values()})
     n_max, budgets = max(n for _, n, _ in cells), sorted({b for *_, b in cells})
     answer = RunConfig().answer_tokens
     engine, family = open_engine(spec, max_rows=n_max, max_tokens=max(budgets) + answer, memory_mb=memory_mb)
@@ -333,6 +333,7 @@ def spread_cell(scaled: dict, deviations: list[float]) -> dict:
 
 
 def cell_of(rec: dict) -> tuple:
+    """The cell a record, a summary cell or a frontier point belongs to: (strategy, n, budget)."""
     return rec["strategy"], rec["n"], rec["budget"]
 
 
