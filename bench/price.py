@@ -103,7 +103,7 @@ def served(config: str, levels: list[float], requests: int, seed: int, rounds: i
                 for name in names if r % 2 == 0 else names[::-1]:
                     res = asyncio.run(sl.run_level(procs[name][1], sl.edgetts_call, arrivals, work))
                     got = {k: res[k] for k in ("goodput_per_s", "deadline_met_admitted", "refused_share",
-                                               "accuracy_answered")}  # fmt: skip
+                                               "accuracy_answered", "price_mean", "points_by_deadline")}  # fmt: skip
                     runs.setdefault(str(level), {}).setdefault(name, []).append(got)
                     print(json.dumps({"level": level, "round": r, "server": name, **got}), file=sys.stderr)
     finally:
@@ -111,7 +111,12 @@ def served(config: str, levels: list[float], requests: int, seed: int, rounds: i
             proc.terminate()
             proc.wait(10)
     # Per level and server: the mean over rounds, and the worst round's share on time.
-    out = {lv: {name: {**{k: round(mean(g[k] for g in got), 4) for k in got[0]},
+    def avg(values):
+        values = [v for v in values if v is not None]
+        return round(mean(values), 6) if values else None
+
+    out = {lv: {name: {**{k: avg(g[k] for g in got) for k in got[0] if k != "points_by_deadline"},
+                       "points_by_deadline_rounds": [g["points_by_deadline"] for g in got],
                        "deadline_met_admitted": min(g["deadline_met_admitted"] for g in got),
                        "goodput_per_s_rounds": [g["goodput_per_s"] for g in got]}
                 for name, got in by.items()} for lv, by in runs.items()}  # fmt: skip

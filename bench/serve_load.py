@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -202,6 +203,7 @@ def _figures(results: list, span: float) -> dict:
     lat = sorted(r[4] for r in answered) or [0.0]
     # time outside the server's clock: connection, parsing, both event loops, the client library
     outside = sorted(r[4] - r[6] for r in answered if r[6] is not None) or [0.0]
+    prices = [r[9]["price"] for r in answered if r[9] and r[9].get("price") is not None]
     return {
         "requests": len(results), "answered": len(answered), "refused_share": round(
             sum(r[0] == "refused" for r in results) / len(results), 4),
@@ -223,6 +225,12 @@ def _figures(results: list, span: float) -> dict:
         "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
         "outside_p50_ms": round(outside[len(outside) // 2], 2),
         "outside_p99_ms": round(outside[min(len(outside) - 1, int(0.99 * len(outside)))], 2),
+        # per deadline class: how many took each point, or were refused (what a policy does with each class)
+        "points_by_deadline": {str(d): dict(sorted(Counter(
+            "refused" if r[0] == "refused" else (r[9] or {}).get("point_id", r[0]) for r in results if r[3] == d
+        ).items())) for d in sorted({r[3] for r in results})},
+        # the price on compute the answered requests' points were chosen under (edgetts only)
+        "price_mean": round(sum(prices) / len(prices), 6) if prices else None,
     }  # fmt: skip
 
 

@@ -180,8 +180,9 @@ def serve(
         "Needs an energy meter here and a config with energy_j."
     ),
     load_price: bool = typer.Option(
-        False, "--load-price", help="A price on engine time that follows the load: 0 while the admitted work is "
-        "small beside a request's deadline, rising as it grows, so cheaper points are chosen before anyone is refused."
+        False, "--load-price", help="A price on engine time that follows the load: 0 while the requests admitted "
+        "lately ask for under a fifth of the engine's time, rising to its ceiling at three fifths, so that under "
+        "load cheaper points are chosen before anyone is refused."
     ),
     sequential: bool = typer.Option(False, help="One request at a time per engine instead of one shared batch."),
     batch_rows: int = typer.Option(

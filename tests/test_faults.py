@@ -3,6 +3,7 @@ thread that is gone seen at once, and the server's own answers to what a client 
 
 import asyncio
 import contextlib
+import math
 import shutil
 import socket
 import threading
@@ -311,9 +312,34 @@ def test_serve_holds_a_mean_budget_with_its_price(direct_profile, tmp_path):
         app.state.server.executor.close()
 
 
-def test_a_load_aware_price_is_zero_when_idle_and_rises_with_the_work_held(three_points, monkeypatch):
+def test_a_load_price_follows_the_engine_time_asked_for_lately_and_falls_to_zero_when_idle():
+    from edgetts.runtime.pricing import LoadPrice
+
+    now = [0.0]
+    lp = LoadPrice(clock=lambda: now[0])
+    assert lp.load() == 0.0 and lp.price(1.0) == 0.0  # idle: the most accurate point that fits
+    # A steady 500 engine-ms asked per second (a request holding 5 ms every 10 ms): half the engine's time.
+    for _ in range(int(20 * lp.TAU_S / 0.01)):
+        now[0] += 0.01
+        lp.admitted(5.0)
+    assert lp.load() == pytest.approx(0.5, rel=0.02)
+    ramp = (lp.load() - lp.FREE) / (lp.FULL - lp.FREE)
+    assert 0 < ramp < 1 and lp.price(1.0) == pytest.approx(lp.SHARE * ramp)
+    for _ in range(int(20 * lp.TAU_S / 0.01)):  # twice that: more than the ramp's top, and bounded there
+        now[0] += 0.01
+        lp.admitted(10.0)
+    assert lp.load() == pytest.approx(1.0, rel=0.02) and lp.price(2.0) == pytest.approx(lp.SHARE * 2.0)
+    now[0] += lp.TAU_S  # a short lull lowers it (by e), it does not reset it
+    assert 0 < lp.price(1.0) < lp.SHARE
+    now[0] += 10 * lp.TAU_S  # a few time constants of idleness: back to 0
+    assert lp.load() < 0.01 and lp.price(1.0) == 0.0
+    lp.admitted(math.nan)  # nothing measurable moves nothing
+    lp.admitted(-5.0)
+    assert lp.load() < 0.01
+
+
+def test_serve_with_a_load_price_prices_engine_time_when_busy_and_not_when_idle(three_points, monkeypatch):
     from edgetts.runtime.http import create_app
-    from edgetts.runtime.server import LOAD_FREE, LOAD_FULL, LOAD_PRICE_SHARE
 
     app = create_app(str(three_points[1]), threads=1, load_price=True)
     server = app.state.server
@@ -322,21 +348,18 @@ def test_a_load_aware_price_is_zero_when_idle_and_rises_with_the_work_held(three
         work = {p["id"]: server.executor.work_ms(p) for p in server.policy.frontier}
         assert server.efficient_price() == pytest.approx(
             max(acc / work[f"p{ms}"] for ms, acc in ((10, 0.4), (20, 0.6), (40, 0.7))))
-        top = LOAD_PRICE_SHARE * server.efficient_price()
-        held = {"ms": 0.0}
-        monkeypatch.setattr(server.executor, "held_ms", lambda busy: held["ms"])
-        assert server._priced_by_load([], 100.0) == 0.0  # idle: the most accurate point that fits
-        held["ms"] = 100.0 * LOAD_FREE
-        assert server._priced_by_load([], 100.0) == 0.0  # little work held beside the request's time
-        held["ms"] = 100.0 * (LOAD_FREE + LOAD_FULL) / 2
-        assert server._priced_by_load([], 100.0) == pytest.approx(top * 0.5)
-        held["ms"] = 1000.0
-        assert server._priced_by_load([], 100.0) == pytest.approx(top)  # bounded
-        r = _post(app, {"prompt": Q, "deadline_ms": 100}, headers={"Authorization": ""})  # held work 1 s: priced
+        r = _post(app, {"prompt": Q, "deadline_ms": 100}, headers={"Authorization": ""})
+        assert r.status_code == 200 and r.json()["edgetts"]["price"] == 0.0  # the first request: idle
+        assert server.load_price.load() > 0  # it counted the engine time that request held
+        top = server.load_price.SHARE * server.efficient_price()  # at the step cost that request measured
+        load = {"share": 10.0}  # ten times the engine's time asked for lately
+        monkeypatch.setattr(server.load_price, "load", lambda: load["share"])
+        r = _post(app, {"prompt": Q, "deadline_ms": 100}, headers={"Authorization": ""})
         assert r.status_code == 200 and r.json()["edgetts"]["price"] == pytest.approx(top, rel=0.05)
         # 20 ms more for 10 points of accuracy is not worth it under load: the 20 ms point, not a refusal
         assert r.json()["edgetts"]["point_id"] == "p20"
-        held["ms"] = 0.0
+        assert f"edgetts_price {server.price}" in server.metrics.render()
+        load["share"] = 0.0
         r = _post(app, {"prompt": Q, "deadline_ms": 100}, headers={"Authorization": ""})
         assert r.json()["edgetts"]["price"] == 0.0 and r.json()["edgetts"]["point_id"] == "p40"  # idle: accurate
     finally:

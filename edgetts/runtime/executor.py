@@ -247,10 +247,6 @@ class Executor:
         scheduler = getattr(self.engine(point)[0], "scheduler", None)
         return scheduler.work_ms(solo, n or point["n"]) if scheduler is not None else solo
 
-    def held_ms(self, busy: list[Plan]) -> float:
-        """Engine time the admitted requests ``busy`` hold, over their engines (:meth:`work_ms`)."""
-        return sum(self.work_ms(p.point, p.solo_ms, p.n) for p in busy)
-
     def _beside(self, point: dict, busy: list[Plan]) -> tuple[Engine, list[Plan]]:
         """The engine of ``point`` and the ``busy`` plans on it (requests on other engines run apart)."""
         engine, _ = self.engine(point)

@@ -17,12 +17,18 @@ over the last few dozen requests rather than since the start (a long quiet spell
 a burst of expensive points).  :class:`MeanSpend` is what ``serve`` and ``edgetts run -`` hold:
 a :class:`MeanBudget` fed each answer's latency, or on a battery the energy the device drew
 since the previous answer.
+
+:class:`LoadPrice` is ``serve --load-price``: a price on engine time set by how much of the
+engine's time the admitted requests have asked for lately, the same for every request whatever
+its deadline (a load judged against each request's own time left priced the long deadlines at
+nearly 0, and their 8-row points then took the engine from the short ones).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 
 
 class MeanBudget:
@@ -54,6 +60,54 @@ class MeanBudget:
             if self.price < self.FLOOR:
                 self.price = 0.0
             return self.price
+
+
+class LoadPrice:
+    """The price on engine time in a server, from its load: each admitted request adds the engine time its
+    point holds (``work_ms``) to a sum that decays exponentially with ``TAU_S``, so at a steady rate of
+    ``r`` engine-ms asked per second the sum settles at ``r x TAU_S`` and :meth:`load` (the sum over
+    ``TAU_S`` in ms) at ``r / 1000``: 1 when the requests ask for all of the engine's time, falling to 0
+    within a few ``TAU_S`` of idleness.  The price is 0 up to a load of ``FREE`` (the most accurate
+    point that fits), rises linearly to ``SHARE`` x the ``efficient`` price at ``FULL`` and stays
+    there: the point with the most accuracy per engine-ms would be chosen at the whole efficient price
+    (on the tiny model the least accurate point, for every request), so at a fifth of it an engine-ms
+    spent beyond a cheaper point must buy a fifth of that point's accuracy per engine-ms.  The price
+    lowers the load it is set from (cheaper points hold less), so it settles where the two agree
+    instead of swinging.
+    """
+
+    # Measured on the tiny model (bench/price.py --serve, BENCHMARKS.md): bounds of 0.3-0.8 did about as
+    # well at twice the sequential capacity; with the rule before (a load against each request's own time
+    # left), ceilings from 0.05 to 1 of the efficient price did no better than a fifth.
+    FREE, FULL, SHARE = 0.2, 0.6, 0.2
+    TAU_S = 0.5  # tens of requests under load: a few of them do not swing it; a burst is seen within it
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.sum_ms, self.at = 0.0, clock()
+        self.lock = threading.Lock()
+
+    def admitted(self, work_ms: float) -> None:
+        """Count an admitted request that holds ``work_ms`` of engine time."""
+        if not (work_ms >= 0 and math.isfinite(work_ms)):
+            return
+        with self.lock:
+            now = self.clock()
+            self.sum_ms = self._decayed(now) + work_ms
+            self.at = now
+
+    def load(self) -> float:
+        """The share of the engine's time asked for lately (1: all of it; more: more than it has)."""
+        with self.lock:
+            return self._decayed(self.clock()) / (1000 * self.TAU_S)
+
+    def price(self, efficient: float) -> float:
+        """The price in force, ``efficient`` being the price at which the most efficient point is chosen."""
+        ramp = (self.load() - self.FREE) / (self.FULL - self.FREE)
+        return self.SHARE * efficient * min(1.0, max(0.0, ramp))
+
+    def _decayed(self, now: float) -> float:
+        return self.sum_ms * math.exp(-max(0.0, now - self.at) / self.TAU_S)
 
 
 class MeanSpend:

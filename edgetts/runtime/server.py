@@ -26,6 +26,12 @@ against each point's median); a shared batch measures the device's speed every r
 Engine failures answer 503 with ``Retry-After``; a request cut before any row answered is never
 ``deadline_met``.
 
+Points are chosen under the price on compute in force (:mod:`edgetts.runtime.pricing`): 0 by
+default (the most accurate point that fits), a fixed ``price``, one that a mean budget per
+request holds (:class:`~edgetts.runtime.pricing.MeanSpend`), or with ``load_price`` one on
+engine time that follows the load (:class:`~edgetts.runtime.pricing.LoadPrice`, fed the engine
+time of every admitted request).
+
 Chat requests render the whole ``messages`` list (system prompt, earlier turns) through the
 model's chat template; ``include_reasoning: true`` returns the reasoning of the first row that
 gave the winning answer as ``reasoning_content``.  A request whose rows were all stopped before
@@ -56,17 +62,9 @@ from edgetts.runtime.executor import Executor
 from edgetts.runtime.metrics import Metrics
 from edgetts.runtime.planning import Late, Plan, Request
 from edgetts.runtime.policy import DeadlineTooShort, Policy
-from edgetts.runtime.pricing import MeanSpend
+from edgetts.runtime.pricing import LoadPrice, MeanSpend
 from edgetts.strategies import STRATEGIES, StrategyError
 from edgetts.timing import MARGIN, Deadline
-
-# The load-aware price (``_priced_by_load``): 0 while the engine time the admitted requests hold is
-# under LOAD_FREE of a new request's time left, then rising to its ceiling at LOAD_FULL of it.  At the
-# ceiling an engine-ms spent beyond a cheaper point must buy LOAD_PRICE_SHARE of the accuracy per
-# engine-ms of the most efficient point (the whole of it would send every request to that point, on
-# this model the least accurate one, and leave the engine idle; of 0.05 to 1, none measured better than
-# a fifth, and a load against the admitted requests' own deadlines rather than the new one's was no better).
-LOAD_FREE, LOAD_FULL, LOAD_PRICE_SHARE = 0.25, 1.0, 0.2
 
 
 class APIError(Exception):
@@ -197,8 +195,8 @@ class Server:
         # battery, --mean-j) the energy the device drew per answer.
         mean = mean_j if mean_j is not None else mean_ms
         self.budget = MeanSpend(policy.frontier, mean, mean_j is not None, price) if mean is not None else None
-        # A price on engine time that follows the load (_priced_by_load).
-        self.load_price = load_price
+        # A price on engine time that follows the load (LoadPrice).
+        self.load_price = LoadPrice() if load_price else None
 
     def admit(self, rid: str, req: Request) -> Plan:
         """The plan for ``req`` beside the requests already admitted, or 429."""
@@ -215,8 +213,8 @@ class Server:
                 raise APIError(429, "the queue is full", code="queue_full", kind="rate_limit_error",
                                headers={"Retry-After": "1"})  # fmt: skip
             busy = list(self.pending.values())
-            if self.load_price:  # under load, engine time is what is scarce (charge())
-                self.price = self.metrics.price = self._priced_by_load(busy, budget)
+            if self.load_price is not None:  # under load, engine time is what is scarce (charge())
+                self.price = self.metrics.price = self.load_price.price(self.efficient_price())
             charge = self.charge()
 
             def cost(point):  # where the point would run: beside the admitted requests, with a margin
@@ -244,19 +242,11 @@ class Server:
                                headers={"Retry-After": str(retry)})  # fmt: skip
             plan = replace(plan, deadline=deadline, alone=not busy, order=self.admitted, price=self.price)
             self.admitted += 1
+            if self.load_price is not None:
+                self.load_price.admitted(self.executor.work_ms(plan.point, plan.solo_ms, plan.n))
             self.pending[rid] = plan
             self.metrics.queue_depth = len(self.pending)
             return plan
-
-    def _priced_by_load(self, busy: list, left_ms: float) -> float:
-        """The price on engine time for a request with ``left_ms`` to run in beside ``busy``: 0 while
-        the engine time they hold is under ``LOAD_FREE`` of that time (the most accurate point that fits),
-        rising linearly to ``LOAD_PRICE_SHARE`` x :meth:`efficient_price` at ``LOAD_FULL`` of it and held
-        there: a saturated engine delivers more correct answers per second on cheap points, and the wide
-        ones (n rows for a few points of accuracy) are the first to go."""
-        load = self.executor.held_ms(busy) / max(left_ms, 1.0)
-        top = LOAD_PRICE_SHARE * self.efficient_price()
-        return top * min(1.0, max(0.0, (load - LOAD_FREE) / (LOAD_FULL - LOAD_FREE)))
 
     def efficient_price(self) -> float:
         """The price at which the point with the most accuracy per engine-ms is chosen (the largest accuracy
@@ -267,7 +257,7 @@ class Server:
         """What the price multiplies, or None for the predicted latency: energy (J) with ``--mean-j``,
         engine time with ``--load-price``."""
         energy = self.budget.charge() if self.budget is not None else None
-        return energy or (self.executor.work_ms if self.load_price else None)
+        return energy or (self.executor.work_ms if self.load_price is not None else None)
 
     def slowdown(self) -> float:
         """How much slower the device runs than profiled: what the shared batch measures every round, or the
