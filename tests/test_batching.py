@@ -137,6 +137,7 @@ def test_a_round_admits_later_deadlines_only_while_the_earliest_keep_their_pace(
     wide, wider, small = entry(8, now + 10, 50), entry(8, now + 9, 50), entry(1, now + 11, 50)
     sched = Scheduler.__new__(Scheduler)
     sched.running, sched.prefill_chunk = [small, wide, urgent, wider], 64
+    sched.speed = SimpleNamespace(stall_s=lambda: 0.0)  # no stall seen lately
     sched.step_cost = lambda tokens: 0.0005 + 0.0001 * tokens
     chosen = [e for e, _ in sched._compose(now)]
     # urgent first; `wider` (due before `wide`) fits at 1.4 ms; `wide` would make 2.2 ms; `small` fits
@@ -151,6 +152,13 @@ def test_a_round_admits_later_deadlines_only_while_the_earliest_keep_their_pace(
     assert [e for e, _ in sched._compose(now)] == [urgent, closing]  # the others: beyond urgent's pace
     sched.running = [urgent, entry(8, now + 1, 40)]  # not closing yet: it waits while the urgent one runs
     assert [e for e, _ in sched._compose(now)] == [urgent]
+    # After stalls of 10 ms, controllers force their answers 10 ms earlier, and a job's last rounds begin
+    # 10 ms earlier too: due in 40 ms, beyond its last rounds' 15 x 2.3 ms alone, within them with the stall.
+    later = entry(8, now + 0.040, 40)
+    sched.running = [urgent, later]
+    assert [e for e, _ in sched._compose(now)] == [urgent]
+    sched.speed = SimpleNamespace(stall_s=lambda: 0.010)
+    assert [e for e, _ in sched._compose(now)] == [urgent, later]
 
 
 def test_the_online_step_cost_recovers_a_known_line_and_stays_non_negative():

@@ -391,6 +391,9 @@ class Scheduler:
         Returns (entry, prompt tokens it may prefill)."""
         jobs = sorted((x for x in self.running if not x.job.done), key=lambda x: x.due)
         chosen, tokens, pace, starting = [], 0, math.inf, False
+        # A wait like the device's recent ones: controllers force their answers that much earlier
+        # (the expected stall is in their margin), so a job's last rounds begin that much earlier too.
+        stall = self.speed.stall_s()
         for entry in jobs:
             job = entry.job
             # its pace: the time left over the steps it expects (1.5x that margin measured no better)
@@ -410,7 +413,7 @@ class Scheduler:
             # pace: left out until then, its controller would never run to force its answer, and it would
             # end with nothing said.  It does not set the pace for the jobs due after it.
             cost = self.step_cost(tokens + width)
-            last = job.live and entry.due - now <= LAST_CHANCE_ROUNDS * cost
+            last = job.live and entry.due - now <= LAST_CHANCE_ROUNDS * cost + stall
             if chosen and cost > min(pace, own) and not last:
                 continue
             chosen.append((entry, width))
