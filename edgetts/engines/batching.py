@@ -52,7 +52,8 @@ from edgetts.timing import ANSWER_ROUNDS, ANSWER_SAFETY, MARGIN, SHARE_ROWS
 
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
 # Rounds before its end from which a job is in every round: a few more than its controller needs to force
-# and state an answer (ANSWER_ROUNDS, with the controllers' safety factor).
+# and state an answer (ANSWER_ROUNDS, with the controllers' safety factor); the stall the batch expects
+# comes on top, as it does in the controllers' own margin.
 LAST_CHANCE_ROUNDS = (ANSWER_ROUNDS + 1) * ANSWER_SAFETY
 
 
