@@ -106,6 +106,15 @@ def _post(app, body, headers=None):
     return asyncio.run(go())
 
 
+def _get(app, path):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get(path)
+
+    return asyncio.run(go())
+
+
 def test_an_answer_cut_before_any_row_answered_is_never_on_time(app_and_server, monkeypatch):
     from edgetts.runtime.executor import Outcome
 
@@ -358,8 +367,13 @@ def test_serve_with_a_load_price_prices_engine_time_when_busy_and_not_when_idle(
         assert r.status_code == 200 and r.json()["edgetts"]["price"] == pytest.approx(top, rel=0.05)
         # 20 ms more for 10 points of accuracy is not worth it under load: the 20 ms point, not a refusal
         assert r.json()["edgetts"]["point_id"] == "p20"
-        assert f"edgetts_price {server.price}" in server.metrics.render()
-        load["share"] = 0.0
+        metrics = dict(line.split() for line in _get(app, "/metrics").text.splitlines() if line[0] != "#")
+        # the price at the ceiling, at the step cost the batch measures now
+        assert float(metrics["edgetts_price"]) == pytest.approx(server.load_price.SHARE * server.efficient_price())
+        assert float(metrics["edgetts_engine_load"]) == 10.0
+        load["share"] = 0.0  # the server went idle: /metrics says the price now, before any request comes
+        metrics = _get(app, "/metrics").text
+        assert "edgetts_price 0.0\n" in metrics and "edgetts_engine_load 0.0\n" in metrics
         r = _post(app, {"prompt": Q, "deadline_ms": 100}, headers={"Authorization": ""})
         assert r.json()["edgetts"]["price"] == 0.0 and r.json()["edgetts"]["point_id"] == "p40"  # idle: accurate
     finally:

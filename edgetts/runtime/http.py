@@ -182,6 +182,8 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
     @app.get("/metrics")
     async def metrics():
         server.metrics.slowdown = round(server.slowdown(), 4)
+        server.metrics.price = server.price_now()
+        server.metrics.load = server.load_price.load() if server.load_price is not None else None
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -22,6 +22,7 @@ class Metrics:
         self.responses, self.response_total, self.response_buckets = 0, 0.0, [0] * len(BUCKETS)
         self.price = 0.0  # the price on compute in force
         self.slowdown = 1.0  # the device's speed against the profile's (set when rendered)
+        self.load: float | None = None  # the share of the engine's time asked for lately (a load price's)
 
     def request(self, outcome: str, seconds: float = 0.0, point: str | None = None, tokens: int = 0,
                 missed: bool = False) -> None:  # fmt: skip
@@ -77,4 +78,8 @@ class Metrics:
             lines += [f'edgetts_response_seconds_bucket{{le="+Inf"}} {self.responses}',
                       f"edgetts_response_seconds_sum {self.response_total}",
                       f"edgetts_response_seconds_count {self.responses}"]  # fmt: skip
+            if self.load is not None:
+                lines += ["# HELP edgetts_engine_load Share of the engine's time the requests admitted lately "
+                          "asked for (1: all of it), which the load price follows.",
+                          "# TYPE edgetts_engine_load gauge", f"edgetts_engine_load {self.load}"]  # fmt: skip
             return "\n".join(lines) + "\n"

@@ -248,6 +248,11 @@ class Server:
             self.metrics.queue_depth = len(self.pending)
             return plan
 
+    def price_now(self) -> float:
+        """The price a request arriving now would be chosen under: the load price as the load is now (it
+        falls while the server is idle), else the price in force."""
+        return self.load_price.price(self.efficient_price()) if self.load_price is not None else self.price
+
     def efficient_price(self) -> float:
         """The price at which the point with the most accuracy per engine-ms is chosen (the largest accuracy
         over engine time of the frontier: that point is then worth 0 and every other less)."""
