@@ -25,7 +25,9 @@ serve_load arrivals and deadline mix (``bench/serve_load.py``: the same arrivals
 correct answers on time per second, the share of admitted requests on time (an empty answer a
 miss) and the share refused.  Each level runs ``--rounds`` times with fresh arrival times, the two
 servers taking turns to go first (a machine whose speed drifts favours neither); the goodput ratio
-is of the mean goodputs over the rounds, the share on time the worst round's.
+is of the mean goodputs over the rounds, the share on time the worst round's; per level and server
+also the mean price (``price_mean``) and, per round, the points each deadline class took
+(``points_by_deadline_rounds``).
 
 The last line is one JSON object with ``mean_budget_error`` (worst |achieved - budget| / budget)
 and ``accuracy_vs_static_at_budget`` (worst, in points), and with ``--serve``

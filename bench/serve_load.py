@@ -22,7 +22,9 @@ whose median and 99th percentile are ``outside_p50_ms`` and ``outside_p99_ms``;
 ``late_by_deadline`` and ``empty_by_deadline`` count late and empty answers per deadline, and
 ``misses`` describes the first of them one by one: deadline, client's and server's milliseconds,
 empty or not, and the server's point, tokens generated, ``early_stop`` and predicted milliseconds;
-``error_kinds`` names failed calls).
+``points_by_deadline`` counts, per deadline, the requests each point answered and those refused;
+``price_mean`` is the mean price on compute the answers were chosen under; ``error_kinds`` names
+failed calls).
 ``--plot FILE`` draws goodput and deadline share against load.  An answer with no text (cut
 before any row stated one) counts as a miss in every share.  The servers (and the hogs below)
 run niced below the client, so what is measured is the server keeping its deadlines;

@@ -78,6 +78,8 @@ def test_gpu_energy_counter_is_read_before_and_after(monkeypatch, no_sysfs):
         pass
     m = measured()
     assert m.energy_source == "nvml" and m.energy_j == pytest.approx(3.0)  # one step of 3000 mJ
+    # the mean power is over the interval the two reads bound, which holds the query
+    assert meter.source.span() >= m.seconds and m.avg_power_w == pytest.approx(3.0 / meter.source.span())
 
 
 def test_rapl_counter_wraps_and_none_says_why(monkeypatch, no_sysfs):

@@ -173,6 +173,8 @@ def test_rapl_counters_sum_packages_and_survive_wraps(root):
     # package 0: 0.9 + 0.6 + 9.0 + 1.5 = 12.0 J; package 1: 0.5 J
     assert m.energy_source == "rapl" and m.energy_rail == "package-0+package-1"
     assert m.energy_j == pytest.approx(12.5)
+    # the mean power is over the interval the first and last reads bound, which holds the query
+    assert meter.source.span() >= m.seconds and m.avg_power_w == pytest.approx(12.5 / meter.source.span())
 
 
 @pytest.mark.parametrize("layout", ["hwmon", "iio"])

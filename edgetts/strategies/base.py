@@ -197,17 +197,16 @@ class BudgetController:
         stall = max(self.stall_s, self.engine_stall)
         return self.deadline_s - now < forced_decode + (steps + 1) * self.step_s * ANSWER_SAFETY + stall
 
-    def _grace(self, ctl: Control, left: float) -> bool:
+    def _grace(self, ctl: Control, left: float, thinking: list[Row], forced_decode: float) -> bool:
         """When the deadline has come, or not even the forced text fits before it, and ``cfg.grace_ms``
         past it remain: rows stating their answer go on; rows still reasoning (a stall carried them past
-        the moment their answer was due) are given the answer prefix where its decode and the answer's
-        steps fit in the grace, else cut.  Steps are counted at their pace without stalls (``quiet_s``):
-        the one that carried the row here would count twice.  False: stop every row now."""
+        the moment their answer was due; ``thinking``, whose forced text decodes in ``forced_decode``) are
+        given the answer prefix where its decode and the answer's steps fit in the grace, else cut.  Steps
+        are counted at their pace without stalls (``quiet_s``): the one that carried the row here would
+        count twice.  False: stop every row now."""
         room, step = left + self.cfg.grace_ms / 1000, self.quiet_s
         if self.cfg.grace_ms <= 0 or room < step:  # no grace (run, C): exactly the stop at the deadline
             return False
-        thinking = [r for r in ctl.live() if r.index not in self.answer_start and r.index not in ctl.pending]
-        forced_decode = len(thinking) * self.forced_len * (self.token_s or 0)
         for r in thinking:
             if room >= forced_decode + (min(self.cfg.answer_tokens, ANSWER_STEPS) + 1) * step:
                 self._force_answer(ctl, r)
@@ -265,7 +264,7 @@ class BudgetController:
             due = thinking and self._answer_due(now, len(thinking), min(self.cfg.answer_tokens, ANSWER_STEPS))
             # The end has come, or not even the forced text fits before it: stop on time, or use the grace.
             if left < self.step_s or (due and left < forced_decode + self.step_s):
-                if not self._grace(ctl, left):
+                if not self._grace(ctl, left, thinking, forced_decode):
                     ctl.stop_all("deadline")
                     return
                 self.on_step(ctl, stepped)
