@@ -150,15 +150,23 @@ def test_calibrate_refuses_what_it_cannot_re_time(small_profile, tmp_path):
 
 @pytest.fixture
 def fake_jetson(tmp_path, monkeypatch):
-    """A Jetson whose ``nvpmodel -q`` reads the mode a switch command wrote into a state file."""
+    """A Jetson with modes 0 (MAXN), 1 (15W) and 2 (7W): ``nvpmodel -m N`` sets one by its number (a
+    name or an unknown number fails, as the real tool does) and ``nvpmodel -q`` prints its name on the
+    ``NV Power Mode:`` line and its number on the next."""
     root, bin_ = tmp_path / "root", tmp_path / "bin"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")
     bin_.mkdir()
     state = tmp_path / "mode"
-    state.write_text("MAXN")
+    state.write_text("0")
     tool = bin_ / "nvpmodel"
-    tool.write_text(f'#!/bin/sh\nif [ "$1" = "-q" ]; then echo "NV Power Mode: $(cat {state})"; echo 0; fi\n')
+    tool.write_text(f"""#!/bin/sh
+name() {{ case "$1" in 0) echo MAXN;; 1) echo 15W;; 2) echo 7W;; *) return 1;; esac; }}
+if [ "$1" = "-q" ]; then m=$(cat {state}); echo "NV Fan Mode:quiet"; echo "NV Power Mode: $(name $m)"; echo $m; fi
+if [ "$1" = "-m" ]; then
+  name "$2" >/dev/null || {{ echo "NVPM ERROR: Invalid mode: $2" >&2; exit 1; }}; echo $2 > {state}
+fi
+""")
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("EDGETTS_SYSFS_ROOT", str(root))
     monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
@@ -167,14 +175,15 @@ def fake_jetson(tmp_path, monkeypatch):
 
 def test_settings_are_an_axis_power_modes_included(small_profile, tmp_path, fake_jetson):
     out = tmp_path / "cal"
-    switch = f"echo {{power_mode}} > {fake_jetson}"
-    r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(out), "--setting", "power_mode=15W",
-                            "--setting", "threads=1,power_mode=MAXN", "--switch", switch, "--quiet"])  # fmt: skip
+    r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(out), "--setting", "power_mode=1",
+                            "--setting", "threads=1,power_mode=0", "--switch", "nvpmodel -m {power_mode}",
+                            "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    first = next(iter(RecordLog(out / "power_mode=15W" / "records.jsonl").load().values()))
-    assert first["profiled_with"]["power_mode"] == "15W"  # read back from the device, not taken on trust
+    first = next(iter(RecordLog(out / "power_mode=1" / "records.jsonl").load().values()))
+    # read back from the device, not taken on trust: the mode's name, and the number it was set by
+    assert first["profiled_with"]["power_mode"] == "15W" and first["profiled_with"]["power_mode_id"] == 1
     cfg = tmp_path / "both.json"
-    r = runner.invoke(app, ["pareto", str(out / "power_mode=15W"), str(out / "threads=1,power_mode=MAXN"), "--out",
+    r = runner.invoke(app, ["pareto", str(out / "power_mode=1"), str(out / "threads=1,power_mode=0"), "--out",
                             str(cfg), "--accept-unvalidated"])  # fmt: skip
     assert r.exit_code == 0, r.output
     front = json.loads(cfg.read_text())["frontier"]
@@ -189,26 +198,41 @@ def test_settings_are_an_axis_power_modes_included(small_profile, tmp_path, fake
     line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "mixed.json"), "--deadline-ms",
                                               "1000", Q]))  # fmt: skip
     assert "profiled under 2 settings (threads=1,power_mode=15W; threads=1,power_mode=MAXN)" in line
-    one = tmp_path / "15w.json"
-    r = runner.invoke(app, ["pareto", str(out / "power_mode=15W"), str(out / "threads=1,power_mode=MAXN"), "--out",
-                            str(one), "--setting", "power_mode=15W", "--accept-unvalidated", "--no-plot"])  # fmt: skip
-    assert r.exit_code == 0 and all(p["profiled_with"]["power_mode"] == "15W"
-                                    for p in json.loads(one.read_text())["frontier"])  # fmt: skip
-    fake_jetson.write_text("MAXN")
+    for named in ("15W", "1"):  # one setting's points, the mode asked for by name or by number
+        one = tmp_path / f"{named}.json"
+        r = runner.invoke(app, ["pareto", str(out / "power_mode=1"), str(out / "threads=1,power_mode=0"), "--out",
+                                str(one), "--setting", f"power_mode={named}", "--accept-unvalidated", "--no-plot"])
+        assert r.exit_code == 0 and all(p["profiled_with"]["power_mode"] == "15W"
+                                        for p in json.loads(one.read_text())["frontier"])  # fmt: skip
+    fake_jetson.write_text("0")
     r = runner.invoke(app, ["run", "--config", str(one), "--deadline-ms", "60000", Q])
     assert r.exit_code == 0 and "profiled with power_mode=15W; running with power_mode=MAXN" in r.stderr
 
 
-def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_jetson):
-    args = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "power_mode=15W", "--quiet"]
+def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_jetson, monkeypatch):
+    args = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "power_mode=1", "--quiet"]
     assert "needs --switch" in one_line_error(runner.invoke(app, args))
     assert "failed (exit 3)" in one_line_error(runner.invoke(app, [*args, "--switch", "exit 3"]))
     line = one_line_error(runner.invoke(app, [*args, "--switch", "true"]))  # the mode did not change
-    assert "reports power mode 'MAXN', not '15W'" in line
+    assert "reports power mode 'MAXN' (mode 0), not '1'" in line
+    named = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "power_mode=15W", "--quiet"]
+    line = one_line_error(runner.invoke(app, [*named, "--switch", "nvpmodel -m {power_mode}"]))
+    assert "failed (exit 1): NVPM ERROR: Invalid mode: 15W" in line  # nvpmodel -m takes the mode's number
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    busy = ["calibrate", str(small_profile), "--out", str(tmp_path / "busy"), "--setting", "power_mode=2", "--switch",
+            "nvpmodel -m {power_mode}", "--quiet"]  # fmt: skip
+    assert "is not a profile directory" in one_line_error(runner.invoke(app, busy))
+    assert fake_jetson.read_text().strip() == "0"  # a refused calibration leaves the device's mode alone
+    monkeypatch.setenv("EDGETTS_SYSFS_ROOT", str(tmp_path / "nowhere"))  # no Jetson: the mode cannot be read
+    line = one_line_error(runner.invoke(app, [*args, "--switch", "true"]))
+    assert "the power mode cannot be read back" in line
     assert not (tmp_path / "o").exists()
     twice = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "threads=1", "--setting",
              "threads=1", "--quiet"]  # fmt: skip
     assert "--setting threads=1 is given more than once" in one_line_error(runner.invoke(app, twice))
+    within = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "threads=1,threads=2"]
+    assert "threads is given twice" in one_line_error(runner.invoke(app, within))
     assert not (tmp_path / "o").exists()  # refused before measuring anything
 
 

@@ -159,6 +159,11 @@ def setting_of(point: dict) -> str:
     return ",".join(f"{k}={was[k]}" for k in SETTING_KEYS if was.get(k) is not None)
 
 
+def _has(was: dict, key: str, value) -> bool:
+    """Whether settings ``was`` have ``key=value``; a power mode is named or numbered (``15W`` or ``1``)."""
+    return was.get(key) == value or (key == "power_mode" and str(was.get("power_mode_id")) == str(value))
+
+
 def one_setting(config: dict, where: str) -> None:
     """Refuse (one line) a config whose points were profiled under different settings: a runtime runs
     under one, and the others' latencies do not hold there."""
@@ -201,7 +206,7 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
         for cell in summary["cells"]:
             candidates.append(_point(cell, quantile))
     if setting:
-        candidates = [p for p in candidates if all(profiled_with(p).get(k) == v for k, v in setting.items())]
+        candidates = [p for p in candidates if all(_has(profiled_with(p), k, v) for k, v in setting.items())]
         if not candidates:
             wanted = ", ".join(f"{k}={v}" for k, v in setting.items())
             raise ParetoError(f"no profiled cell was measured under {wanted}")

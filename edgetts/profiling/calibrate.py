@@ -75,6 +75,8 @@ def parse_setting(text: str) -> dict:
         key, sep, value = part.strip().partition("=")
         if not sep or key not in SETTINGS or not value.strip():
             raise ProfileError(f"--setting {text!r}: expected KEY=VALUE with KEY one of {', '.join(SETTINGS)}")
+        if key in out:
+            raise ProfileError(f"--setting {text!r}: {key} is given twice")
         try:
             out[key] = SETTINGS[key](value.strip())
         except ValueError:
@@ -128,8 +130,9 @@ def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
 
 
 def switch_power_mode(mode: str, switch: str | None) -> None:
-    """Run the user's ``switch`` command for ``mode`` and read the mode back (``nvpmodel -q``)."""
-    from edgetts.telemetry.device import power_mode
+    """Run the user's ``switch`` command for ``mode`` and read the mode back (``nvpmodel -q``): ``mode`` may
+    be the mode's name or its number (``nvpmodel -m`` takes the number); what is recorded is its name."""
+    from edgetts.telemetry.device import power_mode_query
 
     if not switch:
         raise ProfileError("a power_mode setting needs --switch, the command that sets it (e.g. 'sudo nvpmodel -m "
@@ -140,9 +143,14 @@ def switch_power_mode(mode: str, switch: str | None) -> None:
         last = f": {why[-1]}" if why else ""
         raise ProfileError(f"--switch for power_mode={mode} failed (exit {proc.returncode}){last}")
     time.sleep(1)  # clocks settle after a mode change
-    now = power_mode()
-    if now != mode:
-        raise ProfileError(f"after --switch the device reports power mode {now!r}, not {mode!r}: nothing measured")
+    now = power_mode_query()
+    if now is None:
+        raise ProfileError(f"after --switch for power_mode={mode} the power mode cannot be read back (no Jetson "
+                           "here, or `nvpmodel -q` fails): nothing measured")  # fmt: skip
+    if mode not in (now[0], str(now[1])):
+        number = f" (mode {now[1]})" if now[1] is not None else ""
+        raise ProfileError(f"after --switch the device reports power mode {now[0]!r}{number}, not {mode!r}: nothing "
+                           "measured")  # fmt: skip
 
 
 def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = None, model_dir: str | None = None,
@@ -159,11 +167,11 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
 
     cfg = SweepConfig(**sweep_file["sweep"])
     examples = load_dataset(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
-    if "power_mode" in setting:
-        switch_power_mode(setting["power_mode"], switch)
     with profile_dir(out):
         if any(p.name != ".edgetts-lock" for p in out.iterdir()):
             raise ProfileError(f"{out} is not empty: calibrate into a new directory")
+        if "power_mode" in setting:  # after the checks: a refused calibration leaves the device's mode alone
+            switch_power_mode(setting["power_mode"], switch)
         t0 = time.perf_counter()
         retimed = {}
         by_model: dict[str, dict] = {}

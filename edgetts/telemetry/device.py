@@ -71,25 +71,38 @@ def gpus() -> list[dict]:
     return out
 
 
-def power_mode() -> str | None:
-    """The Jetson's power mode as ``nvpmodel -q`` names it (``MAXN``, ``15W``...), or None where there
-    is no Jetson or nvpmodel cannot be read."""
+def power_mode_query() -> tuple[str, int | None] | None:
+    """The Jetson's power mode as ``nvpmodel -q`` reports it: its name (``MAXN``, ``15W``...) from the
+    ``NV Power Mode:`` line and its number (what ``nvpmodel -m`` takes) from the line after it; None
+    where there is no Jetson or nvpmodel cannot be read."""
     if sysfs.read_text(sysfs.path("/etc/nv_tegra_release")) is None:
         return None
     try:
         out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    for line in out.splitlines():
+    lines = [line.strip() for line in out.splitlines()]
+    for k, line in enumerate(lines):
         if "power mode" in line.lower() and ":" in line:
-            return line.split(":", 1)[1].strip() or None
+            name = line.split(":", 1)[1].strip()
+            after = lines[k + 1] if k + 1 < len(lines) else ""
+            return (name, int(after) if after.isdigit() else None) if name else None
     return None
 
 
+def power_mode() -> str | None:
+    """The Jetson's power mode by name, as ``nvpmodel -q`` reports it, or None (see ``power_mode_query``)."""
+    mode = power_mode_query()
+    return mode[0] if mode else None
+
+
 def with_power_mode(settings: dict) -> dict:
-    """An engine's run-time settings with this device's power mode, where it has one (a Jetson)."""
-    mode = power_mode()
-    return {**settings, **({"power_mode": mode} if mode else {})}
+    """An engine's run-time settings with this device's power mode, where it has one (a Jetson): its name,
+    and its number (``power_mode_id``) where ``nvpmodel -q`` gives one."""
+    mode = power_mode_query()
+    if mode is None:
+        return dict(settings)
+    return {**settings, "power_mode": mode[0], **({"power_mode_id": mode[1]} if mode[1] is not None else {})}
 
 
 def jetson() -> dict | None:
