@@ -164,7 +164,7 @@ def test_a_round_admits_later_deadlines_only_while_the_earliest_keep_their_pace(
 def test_the_online_step_cost_recovers_a_known_line_and_stays_non_negative():
     import random
 
-    from edgetts.engines.batching import StepCost
+    from edgetts.engines.speed import StepCost
 
     cost, rng = StepCost(), random.Random(0)
     for _ in range(2000):

@@ -195,11 +195,11 @@ def test_refused_connections_are_closed_and_a_mid_body_disconnect_is_quiet(direc
 
 
 def test_device_speed_follows_the_rounds_and_fades_with_time(monkeypatch):
-    from edgetts.engines import batching
+    from edgetts.engines import speed as device_speed
 
     clock = [100.0]
-    monkeypatch.setattr(batching.time, "perf_counter", lambda: clock[0])
-    speed = batching.DeviceSpeed()
+    monkeypatch.setattr(device_speed.time, "perf_counter", lambda: clock[0])
+    speed = device_speed.DeviceSpeed()
     fit = (0.001, 0.0001)  # a round of 10 tokens: 2 ms as serving began
 
     def rounds(k, seconds, dt=0.002):
@@ -220,11 +220,11 @@ def test_device_speed_follows_the_rounds_and_fades_with_time(monkeypatch):
 def test_stalls_beside_other_work_are_kept_for_admission(monkeypatch):
     """A device whose cores other work shares runs most rounds at speed and some after a wait for the CPU:
     the wait is what a short request must expect to meet, and admission adds it to every prediction."""
-    from edgetts.engines import batching
+    from edgetts.engines import speed as device_speed
 
     clock = [100.0]
-    monkeypatch.setattr(batching.time, "perf_counter", lambda: clock[0])
-    speed = batching.DeviceSpeed()
+    monkeypatch.setattr(device_speed.time, "perf_counter", lambda: clock[0])
+    speed = device_speed.DeviceSpeed()
     fit = (0.001, 0.0001)  # a round of 10 tokens: 2 ms
 
     def rounds(k, seconds, every=0, stall=0.0):

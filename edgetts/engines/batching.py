@@ -25,7 +25,7 @@ runs rounds.  Each ``sample`` call becomes a :class:`~edgetts.engines.llamacpp_j
 The thread is the only one touching the llama.cpp context; callers block on a future.  The
 scheduler records the time of each round (sampling, controllers and the decode) against the
 tokens decoded in it, and how much slower than at the start the device runs them
-(:class:`DeviceSpeed`); from those it answers admission's questions about the batch
+(:class:`~edgetts.engines.speed.DeviceSpeed`); from those it answers admission's questions about the batch
 (:meth:`Scheduler.cost_ms`, :meth:`Scheduler.fits`, :meth:`Scheduler.work_ms`), so that what
 admits a request and what then runs it share one model of the batch.
 :class:`BatchedEngine` is the :class:`~edgetts.engines.base.Engine` face of a scheduler, so
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.spec import FORCED_SLACK
-from edgetts.engines.stalls import Stalls, fade
+from edgetts.engines.speed import DeviceSpeed, StepCost
 from edgetts.timing import ANSWER_ROUNDS, ANSWER_SAFETY, MARGIN, SHARE_ROWS
 
 MIN_CHUNK = 8  # prompt tokens a starting job gets in a round, however tight the others' pace
@@ -66,83 +66,6 @@ class _Entry:
     # The controller's ``expired(min_s)``: why the call should not run on (cancelled, or its
     # deadline leaves less than ``min_s``), or None; looked up once, asked every round.
     expired: Callable[[float], str | None] | None = None
-
-
-class StepCost:
-    """``a + b x tokens`` seconds for a round, fitted online by least squares over exponentially
-    weighted sums (about the last ``window`` rounds count), both parts kept non-negative: an update
-    is a few float operations, where a solve over hundreds of kept samples cost the scheduler's
-    thread 5% of its time under load."""
-
-    def __init__(self, window: int = 400):
-        self.keep = 1.0 - 1.0 / window
-        self.n = self.x = self.y = self.xx = self.xy = 0.0
-
-    def add(self, x: float, y: float) -> None:
-        k = self.keep
-        self.n, self.x, self.y = k * self.n + 1.0, k * self.x + x, k * self.y + y
-        self.xx, self.xy = k * self.xx + x * x, k * self.xy + x * y
-
-    def fit(self) -> tuple[float, float]:
-        if self.n <= 0:
-            return 0.0, 0.0
-        spread = self.n * self.xx - self.x * self.x
-        if spread <= 1e-9 * self.n * self.xx:  # one width only: no slope to see
-            return self.y / self.n, 0.0
-        b = (self.n * self.xy - self.x * self.y) / spread
-        a = (self.y - b * self.x) / self.n
-        if b < 0:
-            return self.y / self.n, 0.0
-        if a < 0:
-            return 0.0, self.xy / self.xx
-        return a, b
-
-
-class DeviceSpeed:
-    """How much slower the device runs rounds now than it did when serving began (1: as fast), and
-    how long its stalls are.
-
-    Every round's seconds are compared with what a reference fit predicts for its tokens: the
-    online fit frozen after the first ``WARM`` rounds served (the device as the server found it,
-    which is how it was profiled).  The ratio is smoothed over time: a device that throttles, or
-    that other work starts to share, is followed within a fraction of a second (``TAU_UP_S``: every
-    request admitted meanwhile is predicted at the old speed, and a level of load can turn over in
-    a second), one that gets faster again more surely (``TAU_S``); with no rounds it fades back
-    toward 1 (``IDLE_S``): a slowdown that nothing measures any more is forgotten with time, never
-    with refusals.  What a round took beyond the smoothed prediction goes to
-    :class:`~edgetts.engines.stalls.Stalls`: a mean slowdown hides the waits for the CPU that a
-    short request meets, and admission adds one to every prediction.
-    """
-
-    WARM, TAU_UP_S, TAU_S, IDLE_S = 200, 0.25, 1.0, 5.0
-
-    def __init__(self):
-        self.rounds, self.reference, self.value, self.last = 0, None, 1.0, time.perf_counter()
-        self.stalls = Stalls()
-
-    def add(self, tokens: int, seconds: float, fit: tuple[float, float]) -> None:
-        now = time.perf_counter()
-        self.rounds += 1
-        if self.reference is None:
-            if self.rounds >= self.WARM:
-                self.reference = fit
-            self.last = now
-            return
-        a, b = self.reference
-        expected = a + b * tokens
-        if expected > 0:
-            ratio = min(seconds / expected, 20.0)  # one round stalled by a page fault must not dominate
-            tau = self.TAU_UP_S if ratio > self.value else self.TAU_S  # slower: followed at once; faster: surely
-            self.value += (ratio - self.value) * (1.0 - math.exp(-(now - self.last) / tau))
-            self.stalls.add(seconds - expected * self.value)
-        self.last = now
-
-    def slowdown(self) -> float:
-        return 1.0 + max(0.0, self.value - 1.0) * fade(time.perf_counter() - self.last, self.TAU_S, self.IDLE_S)
-
-    def stall_s(self) -> float:
-        """A wait beyond the mean slowdown that a request should expect to meet (see the class doc)."""
-        return self.stalls.stall_s()
 
 
 class Scheduler:
@@ -232,7 +155,7 @@ class Scheduler:
         """Predicted latency of a request of ``n`` rows (``solo_ms`` alone, at profile speed) beside ``busy``,
         ending at ``end``: only rows ending earlier slow its rounds (rounds go earliest deadline first),
         beyond the engine's rows requests wait their turn, the device runs at its speed now and a stall of
-        the device's recent ones is met once (:class:`DeviceSpeed`)."""
+        the device's recent ones is met once (:class:`~edgetts.engines.speed.DeviceSpeed`)."""
         ahead = sum(r for d, _, r in busy if d <= end)
         waves = math.ceil((sum(r for *_, r in busy) + n) / self.engine.max_rows)
         a, b = self._fit_or_guess()
