@@ -50,7 +50,7 @@ def run(
     budget: int = typer.Option(None, min=1, help="Thinking tokens per row; default 256, or the point's."),
     deadline_ms: float = typer.Option(None, min=0.001, help="Wall-clock deadline for the whole answer."),
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
-    seed: int = typer.Option(0, help="Sampling seed (row i uses seed + i)."),
+    seed: int = typer.Option(0, min=0, max=4294967295, help="Sampling seed (row i uses seed + i)."),
     family: str = typer.Option("auto", help="Reasoning format: auto, tiny, deepseek-r1, qwen3, plain."),
     threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
     gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),

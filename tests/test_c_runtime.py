@@ -229,9 +229,14 @@ def test_command_line_errors(built, config, tmp_path):
     with pytest.raises(BuildError, match=r"frontier\[0\].*kv_unified"):
         build_c(bad, tmp_path / "o")
     for args in (["--threads", "1e12"], ["--threads", "0"], ["--gpu-layers", "-2"], ["--gpu-layers", "2.5"],
-                 ["--n", "1e12"], ["--budget", "nan"], ["--n", "-3"]):  # fmt: skip
+                 ["--n", "1e12"], ["--budget", "nan"], ["--n", "-3"], ["--energy-j", "nan"], ["--energy-j", "-1"],
+                 ["--seed", "-1"], ["--seed", "3.5"], ["--seed", "4294967296"]):  # fmt: skip
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: --"), (args, proc.stderr)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {args[0]} must be"), (args, proc.stderr)
+    for args, said in ((["--bogus"], "unknown option --bogus"), (["--bogus", "1"], "unknown option --bogus"),
+                       (["--price"], "--price needs a value")):  # fmt: skip
+        proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {said}"), (args, proc.stderr)
 
 
 def test_the_callers_settings_run_and_a_difference_is_said(built, config):

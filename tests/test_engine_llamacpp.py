@@ -55,6 +55,17 @@ def test_same_seeds_same_outputs_and_rows_differ(engine):
     assert c == a[3:5]  # per-row seeds make a row independent of its batch
 
 
+def test_every_seed_repeats_even_the_one_llama_cpp_reads_as_random(engine):
+    """llama.cpp draws a random seed for 0xFFFFFFFF (seed -1, or seed + i past 2**32 - 2): such a row
+    would differ from run to run; edgetts gives it seed 0's tokens instead, as the C runtime does."""
+    p = prompts(5)[4]
+    params = SamplingParams(max_tokens=48)
+    runs = [engine.sample(p, 3, params, seeds=[-1, 2**32 - 1, 0]).texts for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2] and len(set(runs[0])) == 1
+    assert engine.sample(p, 1, SamplingParams(seed=2**32 + 5, max_tokens=48)).texts == \
+        engine.sample(p, 1, SamplingParams(seed=5, max_tokens=48)).texts  # 32 bits, as llama.cpp takes
+
+
 def test_forcing_one_row_leaves_the_others_unchanged(engine):
     p = prompts(3)[2]
     params = SamplingParams(seed=3, max_tokens=80)

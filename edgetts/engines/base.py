@@ -67,6 +67,18 @@ class SamplingParams:
             raise EngineError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
+# llama.cpp (and llama-server) read this seed as "draw a random one": a row seeded with it would not repeat.
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def draw_seed(seed: int) -> int:
+    """The 32-bit seed a row's sampler draws with: ``seed`` modulo 2**32, except the one value llama.cpp
+    reads as "random" (``RANDOM_SEED``, which ``seed = -1`` or ``seed + i`` past 2**32 - 2 reach), which
+    becomes 0: a row's tokens always follow from its seed.  The C runtime maps seeds the same way."""
+    s = seed & 0xFFFFFFFF
+    return 0 if s == RANDOM_SEED else s
+
+
 @dataclass
 class Row:
     """One continuation.  ``tokens`` holds generated and forced tokens in order."""

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams
+from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams, draw_seed
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.offload import llama_gpu_layers, offloaded_layers
 
@@ -329,7 +329,7 @@ class LlamaCppEngine(Engine):
         if params.min_p > 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(draw_seed(seed)))
         return chain
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> int:

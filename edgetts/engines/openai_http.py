@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
-from edgetts.engines.base import Control, Controller, Engine, EngineError, Row, SampleResult, SamplingParams
+from edgetts.engines.base import Control, Controller, Engine, EngineError, Row, SampleResult, SamplingParams, draw_seed
 
 
 class OpenAIHTTPEngine(Engine):
@@ -113,7 +113,7 @@ class OpenAIHTTPEngine(Engine):
             "n": n,
         }
         if seed is not None:
-            body["seed"] = seed
+            body["seed"] = draw_seed(seed)  # -1 and 2**32 - 1 ask llama-server for a random seed
         # Extensions llama-server, vLLM and llama-cpp-python's server read; sent even when off,
         # because their own defaults (top-k 40, min-p 0.05) would otherwise change the sampling.
         body["top_k"] = params.top_k

@@ -157,8 +157,16 @@ int main(int argc, char **argv)
                  "Reads one question per line on stdin; prints one JSON object per line.");
             return 0;
         }
-        if (i + 1 >= argc) {
-            return usage("a value is missing after the last option");
+        static const char *const known[] = {"--config", "--model-dir", "--point", "--gpu-layers", "--deadline-ms",
+                                             "--energy-j", "--price", "--seed", "--threads", "--n", "--budget"};
+        int is_known = 0;
+        for (size_t k = 0; k < sizeof known / sizeof *known; k++) {
+            is_known |= strcmp(a, known[k]) == 0;
+        }
+        if (!is_known || i + 1 >= argc) {
+            char why[256];
+            snprintf(why, sizeof why, is_known ? "%s needs a value" : "unknown option %s", a);
+            return usage(why);
         }
         const char *val = argv[++i];
         if (strcmp(a, "--config") == 0) {
@@ -191,6 +199,10 @@ int main(int argc, char **argv)
             }
             deadline = v;
         } else if (strcmp(a, "--energy-j") == 0) {
+            if (!(v > 0) || isinf(v)) {
+                fprintf(stderr, "error: --energy-j must be a positive number of joules, got %s\n", val);
+                return 2;
+            }
             energy = v;
         } else if (strcmp(a, "--price") == 0) {
             if (!(v >= 0) || isinf(v)) {
@@ -198,7 +210,11 @@ int main(int argc, char **argv)
                 return 2;
             }
             price = v;
-        } else if (strcmp(a, "--seed") == 0 && v >= 0 && v <= 4294967295.0) {
+        } else if (strcmp(a, "--seed") == 0) {
+            if (!(v >= 0 && v <= 4294967295.0) || v != floor(v)) {
+                fprintf(stderr, "error: --seed must be a whole number from 0 to 4294967295, got %s\n", val);
+                return 2;
+            }
             seed = (unsigned)v;
         } else if (strcmp(a, "--threads") == 0) {
             if (!(v >= 1 && v <= 4096) || v != (int)v) {

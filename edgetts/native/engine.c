@@ -166,7 +166,9 @@ static struct llama_sampler *make_sampler(const ett_sampling *sp, unsigned seed)
         llama_sampler_chain_add(chain, llama_sampler_init_min_p(sp->min_p, 1));
     }
     llama_sampler_chain_add(chain, llama_sampler_init_temp(sp->temperature));
-    llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
+    /* LLAMA_DEFAULT_SEED asks llama.cpp for a random seed: a row's tokens must follow from its seed, so that
+     * one value becomes 0 (edgetts.engines.base.draw_seed, the same mapping) */
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(seed == LLAMA_DEFAULT_SEED ? 0u : seed));
     return chain;
 }
 
