@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from edgetts.cli_display import print_eval, problem_progress
 from edgetts.engines.base import EngineError
+from edgetts.engines.spec import MAX_THREADS
 from edgetts.models import ModelNotFound
 from edgetts.quantization import QuantizeError
 from edgetts.strategies.base import StrategyError
@@ -199,7 +200,7 @@ def evaluate(
         "auto", help="Reasoning format: auto (guessed from the model), tiny, deepseek-r1, qwen3, plain."
     ),
     cut_probe: bool = typer.Option(True, help="On the hardest level, also cut reasoning at half its median."),
-    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    threads: int = typer.Option(None, min=1, max=MAX_THREADS, help="CPU threads for llama.cpp."),
     gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),

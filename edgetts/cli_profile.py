@@ -13,6 +13,7 @@ import typer
 from edgetts.cli import (
     ENGINE_HELP,
     GPU_LAYERS_HELP,
+    MAX_THREADS,
     MEMORY_HELP,
     _gpu_layers,
     _interrupts,
@@ -50,7 +51,9 @@ def profile(
         None, help=f"pooled (one pool of rows per problem answers every cell, on engines with probes) or "
         f"direct (every cell run as in production). Default: {GRID['mode']}."
     ),
-    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one, as serve)."),
+    threads: int = typer.Option(
+        None, min=1, max=MAX_THREADS, help="CPU threads for llama.cpp (default: all cores but one, as serve)."
+    ),
     gpu_layers: str = typer.Option(None, help=GPU_LAYERS_HELP + " Default: the sweep's, else auto."),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     out: str = typer.Option("runs/profile", help="Profile directory (resumed if it holds this sweep)."),

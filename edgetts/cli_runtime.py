@@ -17,6 +17,7 @@ import typer
 from edgetts.cli import (
     ENGINE_HELP,
     GPU_LAYERS_HELP,
+    MAX_THREADS,
     MEMORY_HELP,
     _gpu_layers,
     _memory_mb,
@@ -52,7 +53,7 @@ def run(
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
     seed: int = typer.Option(0, min=0, max=4294967295, help="Sampling seed (row i uses seed + i)."),
     family: str = typer.Option("auto", help="Reasoning format: auto, tiny, deepseek-r1, qwen3, plain."),
-    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp."),
+    threads: int = typer.Option(None, min=1, max=MAX_THREADS, help="CPU threads for llama.cpp."),
     gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     raw_prompt: bool = typer.Option(False, "--raw-prompt", help="Ignore the model's chat template."),
@@ -163,7 +164,9 @@ def serve(
     max_queue: int = typer.Option(32, min=1, help="Requests admitted at once (running and waiting)."),
     overload: str = typer.Option("downgrade", help="When the queue makes a deadline unmeetable: downgrade or refuse."),
     max_body_kb: int = typer.Option(256, min=1, help="Largest request body accepted."),
-    threads: int = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: all cores but one)."),
+    threads: int = typer.Option(
+        None, min=1, max=MAX_THREADS, help="CPU threads for llama.cpp (default: all cores but one)."
+    ),
     gpu_layers: str = typer.Option("auto", help=GPU_LAYERS_HELP),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP + " Sizes the default --batch-rows."),
     price: float = typer.Option(

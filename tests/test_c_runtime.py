@@ -234,7 +234,8 @@ def test_command_line_errors(built, config, tmp_path):
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {args[0]} must be"), (args, proc.stderr)
     for args, said in ((["--bogus"], "unknown option --bogus"), (["--bogus", "1"], "unknown option --bogus"),
-                       (["--price"], "--price needs a value")):  # fmt: skip
+                       (["--price"], "--price needs a value"),
+                       (["--threads", "100000"], "threads must be from 0 (the default) to 512")):  # fmt: skip
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {said}"), (args, proc.stderr)
 
@@ -354,14 +355,15 @@ def test_build_c_never_overwrites_a_users_files(built, config, tmp_path):
 
 
 def test_the_constants_c_shares_with_python_come_from_python(built):
-    from edgetts.engines.spec import FORCED_SLACK, PROMPT_RESERVE
+    from edgetts.engines.spec import FORCED_SLACK, MAX_THREADS, PROMPT_RESERVE
     from edgetts.timing import ANSWER_SAFETY, ANSWER_STEPS
 
     text = (built / "src" / "edgetts_constants.h").read_text()
     values = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define ETT_"))
     assert values == {"ETT_ANSWER_TOKENS": str(RunConfig().answer_tokens), "ETT_ANSWER_STEPS": str(ANSWER_STEPS),
                       "ETT_ANSWER_SAFETY": repr(float(ANSWER_SAFETY)), "ETT_PROMPT_RESERVE": str(PROMPT_RESERVE),
-                      "ETT_FORCED_SLACK": str(FORCED_SLACK), "ETT_RUNS": str(Policy.RUNS)}  # fmt: skip
+                      "ETT_FORCED_SLACK": str(FORCED_SLACK), "ETT_RUNS": str(Policy.RUNS),
+                      "ETT_MAX_THREADS": str(MAX_THREADS)}  # fmt: skip
     assert "#define ETT_" not in (Path(__file__).parent.parent / "edgetts" / "native" / "internal.h").read_text()
 
 

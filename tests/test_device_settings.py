@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from edgetts.cli import app
 from edgetts.engines import EngineError, EngineSpec, offload
 from edgetts.engines.memory import GGUFInfo, check_fits, memory_cap_mb, plan_memory
+from edgetts.engines.spec import open_engine
 from edgetts.pareto.config import point_spec, profiled_with
 from edgetts.profiling.records import RecordLog
 from edgetts.runtime import Policy
@@ -177,6 +178,21 @@ def test_serve_refuses_in_one_line_when_nothing_fits(direct_profile, tmp_path):
     cfg = _config(direct_profile, tmp_path)
     r = runner.invoke(app, ["serve", "--config", str(cfg), "--port", "0", "--memory-mb", "2"])
     assert "--batch-rows" in one_line_error(r)
+
+
+def test_more_threads_than_llama_cpp_runs_are_refused_in_one_line(direct_profile, tmp_path, monkeypatch):
+    """Asked for 100,000 threads llama.cpp crashed the process (its pools hold GGML_MAX_N_THREADS)."""
+    cfg = _config(direct_profile, tmp_path)
+    said = "threads must be a whole number from 1 to 512"
+    for args in (["run", "--threads", "100000", Q], ["serve", "--config", str(cfg), "--port", "0", "--threads", "513"],
+                 ["profile", "--threads", "513", "--out", str(tmp_path / "p")]):  # fmt: skip
+        assert "less than or equal to 512" in one_line_error(runner.invoke(app, args))  # the flag's own range
+    with pytest.raises(EngineError, match=said):  # a config's or a sweep's options
+        open_engine(EngineSpec("llama.cpp", "tiny", options={"threads": 100000}))
+    args = ["calibrate", str(direct_profile), "--out", str(tmp_path / "c"), "--setting", "threads=100000", "--quiet"]
+    assert said in one_line_error(runner.invoke(app, args)) and not (tmp_path / "c").exists()
+    monkeypatch.setenv("EDGETTS_THREADS", "100000")
+    assert "EDGETTS_THREADS must be a whole number from 1 to 512" in one_line_error(runner.invoke(app, ["run", Q]))
 
 
 def test_settings_are_not_measurements(direct_profile, tmp_path):

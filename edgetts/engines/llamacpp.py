@@ -37,6 +37,7 @@ import numpy as np
 from edgetts.engines.base import Controller, Engine, EngineError, EngineFailure, SampleResult, SamplingParams, draw_seed
 from edgetts.engines.llamacpp_job import Job
 from edgetts.engines.offload import llama_gpu_layers, offloaded_layers
+from edgetts.engines.spec import MAX_THREADS
 
 GGUF_MAGIC = b"GGUF"
 _backend_ready = False
@@ -121,8 +122,8 @@ def default_threads() -> int:
             value = int(env)
         except ValueError:
             raise EngineError(f"EDGETTS_THREADS must be a positive integer, got {env!r}") from None
-        if value < 1:
-            raise EngineError(f"EDGETTS_THREADS must be a positive integer, got {env!r}")
+        if not 1 <= value <= MAX_THREADS:
+            raise EngineError(f"EDGETTS_THREADS must be a whole number from 1 to {MAX_THREADS}, got {env!r}")
         return value
     return os.cpu_count() or 1
 
@@ -202,6 +203,10 @@ class LlamaCppEngine(Engine):
     ):
         global _backend_ready
         path = check_gguf(model_path)
+        threads = n_threads or default_threads()
+        if not 1 <= threads <= MAX_THREADS:
+            raise EngineError(f"threads must be a whole number from 1 to {MAX_THREADS} (llama.cpp's limit), got "
+                              f"{threads}")  # fmt: skip
         import llama_cpp as lc
 
         _set_log(lc, verbose)
@@ -232,7 +237,6 @@ class LlamaCppEngine(Engine):
         cp.n_batch = batch_cap
         cp.n_ubatch = n_batch
         cp.n_seq_max = n_seq
-        threads = n_threads or default_threads()
         cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = kv_unified
         cp.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]

@@ -36,6 +36,8 @@ GENERIC_OPTIONS = {"family": str}  # options every engine takes
 # them (with flash attention and the power mode) as ``profiled_with``; Pareto points carry the
 # options without them, and the runtime takes the user's, or this device's defaults.
 SETTINGS = ("threads", "gpu_layers")
+# llama.cpp's thread pools hold at most GGML_MAX_N_THREADS threads; asked for far more, it crashes the process.
+MAX_THREADS = 512
 
 
 @dataclass(frozen=True)

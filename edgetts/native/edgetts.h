@@ -74,7 +74,7 @@ typedef struct edgetts_point_info {
 typedef struct edgetts_options {
     const char *config_path; /* optional: checked against the embedded config (same bytes) */
     const char *model_dir;   /* optional: look for each model's file name in this directory */
-    int threads;             /* llama.cpp threads; 0: $EDGETTS_THREADS, else all online cores but one */
+    int threads;             /* llama.cpp threads, at most 512; 0: $EDGETTS_THREADS, else all online cores but one */
     int gpu_layers;          /* EDGETTS_GPU_LAYERS_AUTO (the default): every layer where llama.cpp can
                                 offload, none otherwise; -1: all layers; N >= 0: that many */
 } edgetts_options;

@@ -8,7 +8,7 @@
 #include "llama.h"
 
 /* The constants the Python runtime and this one share (ETT_ANSWER_TOKENS, ETT_ANSWER_STEPS,
- * ETT_ANSWER_SAFETY, ETT_PROMPT_RESERVE, ETT_FORCED_SLACK, ETT_RUNS), written by build-c from the
+ * ETT_ANSWER_SAFETY, ETT_PROMPT_RESERVE, ETT_FORCED_SLACK, ETT_RUNS, ETT_MAX_THREADS), written by build-c from the
  * Python values next to frontier.c (edgetts.export.build_c.constants_h): one source for both. */
 #include "edgetts_constants.h"
 

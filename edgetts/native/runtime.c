@@ -95,7 +95,7 @@ static int default_threads(void)
     if (env != NULL && *env != '\0') {
         char *end;
         long v = strtol(env, &end, 10);
-        if (*end == '\0' && v >= 1 && v <= 4096) {
+        if (*end == '\0' && v >= 1 && v <= ETT_MAX_THREADS) {
             return (int)v;
         }
     }
@@ -239,9 +239,10 @@ edgetts_status edgetts_open(const edgetts_options *opts, edgetts_runtime **out, 
         rt->max_budget = p->budget > rt->max_budget ? p->budget : rt->max_budget;
     }
     pthread_once(&backend_once, backend_init);
-    if (opts->threads < 0 || opts->gpu_layers < EDGETTS_GPU_LAYERS_AUTO) {
+    if (opts->threads < 0 || opts->threads > ETT_MAX_THREADS || opts->gpu_layers < EDGETTS_GPU_LAYERS_AUTO) {
         edgetts_close(rt);
-        snprintf(err, err_len, "threads must be >= 0 and gpu_layers >= -1 (or EDGETTS_GPU_LAYERS_AUTO)");
+        snprintf(err, err_len, "threads must be from 0 (the default) to %d (llama.cpp's limit) and gpu_layers >= -1 "
+                 "(or EDGETTS_GPU_LAYERS_AUTO)", ETT_MAX_THREADS);
         return EDGETTS_E_ARGUMENT;
     }
     /* The caller's settings run every engine; the ones a point was profiled with are compared only. */
