@@ -228,6 +228,14 @@ def test_command_line_errors(built, config, tmp_path):
     bad.write_text(json.dumps(cfg))
     with pytest.raises(BuildError, match=r"frontier\[0\].*kv_unified"):
         build_c(bad, tmp_path / "o")
+    cfg = json.loads(config.read_text())
+    cfg["frontier"][0]["engine_options"] = {**cfg["frontier"][0].get("engine_options", {}), "n_ctx": 8}
+    small = tmp_path / "small-context.json"
+    small.write_text(json.dumps(cfg))
+    build_c(small, tmp_path / "small")
+    proc = subprocess.run([str(tmp_path / "small" / "bin" / "edgetts-answer"), "--point", "0"], input="2+3\n",
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "n_ctx must be at least 256" in proc.stderr, proc.stderr  # not an abort
     for args in (["--threads", "1e12"], ["--threads", "0"], ["--gpu-layers", "-2"], ["--gpu-layers", "2.5"],
                  ["--n", "1e12"], ["--budget", "nan"], ["--n", "-3"], ["--energy-j", "nan"], ["--energy-j", "-1"],
                  ["--seed", "-1"], ["--seed", "3.5"], ["--seed", "4294967296"]):  # fmt: skip

@@ -116,6 +116,11 @@ def test_budget_logprobs_and_timing(engine):
 def test_bad_models_and_shapes(tmp_path, engine):
     with pytest.raises(EngineError, match="no such file"):
         LlamaCppEngine(tmp_path / "missing.gguf")
+    # below its sequences llama.cpp aborted the process on the first decode; a negative n_batch failed it
+    for kwargs, said in (({"n_ctx": 8}, "n_ctx must be at least 256 for 4 row"), ({"n_ctx": -1}, "n_ctx must be"),
+                         ({"n_batch": -5}, "n_batch must be at least 1")):  # fmt: skip
+        with pytest.raises(EngineError, match=said):
+            LlamaCppEngine(engine.path, **{"n_ctx": 512, "max_rows": 4, **kwargs})
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF but not really a model")
     with pytest.raises(EngineError, match="could not load"):

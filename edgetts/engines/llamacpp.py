@@ -221,6 +221,12 @@ class LlamaCppEngine(Engine):
         if not 1 <= n_seq <= MAX_SEQUENCES:
             most = MAX_SEQUENCES // 2 if kv_unified else MAX_SEQUENCES
             raise EngineError(f"at most {most} rows fit one llama.cpp context, asked for {max_rows}")
+        # llama.cpp sizes its logical batch, and the outputs it reserves, from the n_ctx asked for before
+        # rounding it up to 256: below the sequences it holds, it aborts the process on the first decode.
+        if n_ctx < max(256, n_seq):
+            raise EngineError(f"n_ctx must be at least {max(256, n_seq)} for {max_rows} row(s), got {n_ctx}")
+        if n_batch < 1:
+            raise EngineError(f"n_batch must be at least 1 (0: the default, 512), got {n_batch}")
         self.probes = kv_unified
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = llama_gpu_layers(n_gpu_layers)  # auto: every layer where llama.cpp can offload

@@ -69,6 +69,13 @@ edgetts_status ett_engine_open(ett_engine *e, const char *path, int max_rows, in
     if (!is_gguf(path, err, err_len)) {
         return EDGETTS_E_MODEL;
     }
+    /* llama.cpp sizes its batch and reserved outputs from n_ctx before rounding it up to 256: below the
+     * sequences it holds it aborts on the first decode (the Python engine refuses the same) */
+    int least = 2 * max_rows > 256 ? 2 * max_rows : 256;
+    if (n_ctx_opt > 0 && n_ctx_opt < least) {
+        snprintf(err, err_len, "n_ctx must be at least %d for %d row(s), got %d", least, max_rows, n_ctx_opt);
+        return EDGETTS_E_CONTEXT;
+    }
     struct llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = gpu_layers;
     e->model = llama_model_load_from_file(path, mp);
