@@ -161,7 +161,8 @@ def setting_of(point: dict) -> str:
 
 def _has(was: dict, key: str, value) -> bool:
     """Whether settings ``was`` have ``key=value``; a power mode is named or numbered (``15W`` or ``1``)."""
-    return was.get(key) == value or (key == "power_mode" and str(was.get("power_mode_id")) == str(value))
+    number = was.get("power_mode_id") if key == "power_mode" else None
+    return was.get(key) == value or (number is not None and str(number) == str(value))
 
 
 def one_setting(config: dict, where: str) -> None:
