@@ -283,3 +283,46 @@ def test_the_shard_index_comes_from_the_scheduler(tmp_path, monkeypatch):
     d = tmp_path / "k8s"
     assert runner.invoke(app, ["profile", "--out", str(d), "--shard", "2", *SMALL, "--mode", "direct"]).exit_code == 0
     assert json.loads((d / "sweep.json").read_text())["shard"] == [1, 2]
+
+
+def test_reading_another_run_s_profile_changes_nothing_and_damage_is_one_line(small_profile, tmp_path):
+    """calibrate and merge read a profile that a running edgetts profile may still be appending to: a
+    partial last line is that run's write in progress, left as it is (the profile's own run, which holds
+    the lock, cuts it); damaged files are one line each, not a traceback."""
+    src = _copy(small_profile, tmp_path / "src")
+    records = src / "records.jsonl"
+    partial = records.read_bytes() + b'{"key": "tiny|single|n1|b32|r0|arith-L5-00'  # a line being written
+    records.write_bytes(partial)
+    r = runner.invoke(app, ["calibrate", str(src), "--out", str(tmp_path / "cal"), "--anchor-s", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge", str(src), "--out", str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    assert records.read_bytes() == partial  # the writer's line in progress is still there to be finished
+    assert len(RecordLog(tmp_path / "merged" / "records.jsonl").load()) == len(RecordLog(records).load(repair=False))
+
+    lines = partial.decode().splitlines(keepends=True)[:-1]
+    first = json.loads(lines[0])
+    cases = {"rounds": dict(first, rounds=[[1e308, "x"]]), "prompt": dict(first, prompt_tokens="32"),
+             "cell": {k: v for k, v in first.items() if k != "budget"}}  # fmt: skip
+    for name, bad in cases.items():
+        records.write_text(json.dumps(bad) + "\n" + "".join(lines[1:]))
+        line = one_line_error(runner.invoke(app, ["calibrate", str(src), "--out", str(tmp_path / name), "--quiet"]))
+        assert f"1 of {len(lines)} records are damaged" in line and first["key"] in line, name
+    records.write_text("".join(lines))
+    (src / "models.json").write_text("[1, 2")
+    for args in (["calibrate", str(src), "--out", str(tmp_path / "m1")], ["merge", str(src), "--out",
+                                                                          str(tmp_path / "m2")]):  # fmt: skip
+        assert "models.json is damaged" in one_line_error(runner.invoke(app, args))
+    for summary in ('{"cells": "x"}', "[]", '{"cells": [{"strategy": "single"}]}'):
+        (src / "summary.json").write_text(summary)
+        line = one_line_error(runner.invoke(app, ["pareto", str(src), "--out", str(tmp_path / "c.json")]))
+        assert "damaged" in line and "run edgetts profile on it again" in line
+    assert not any((tmp_path / n).exists() for n in (*cases, "m1", "m2", "c.json"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_config_that_is_a_fifo_is_refused_as_such(tmp_path):
+    os.mkfifo(tmp_path / "pareto.json")
+    line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "pareto.json"), "--deadline-ms",
+                                              "100", "2+3"]))  # fmt: skip
+    assert "not a regular file" in line

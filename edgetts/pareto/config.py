@@ -51,14 +51,28 @@ class ParetoError(ValueError):
     """A profile or config that cannot be used; the message names the field or file."""
 
 
+PROFILE_FILES = ("summary.json", "sweep.json", "device.json")
+
+
 def _load_profile(d: Path) -> tuple[dict, dict, dict]:
-    for name in ("summary.json", "sweep.json", "device.json"):
+    for name in PROFILE_FILES:
         if not (d / name).is_file():
             raise ParetoError(f"{d}: not a profile directory (no {name})")
     try:
-        return tuple(json.loads((d / n).read_text()) for n in ("summary.json", "sweep.json", "device.json"))
+        summary, sweep, device = (json.loads((d / n).read_text()) for n in PROFILE_FILES)
     except json.JSONDecodeError as e:
         raise ParetoError(f"{d}: unreadable profile file ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParetoError(f"{d}: unreadable profile file ({getattr(e, 'strerror', None) or e})") from None
+    task = sweep.get("sweep") if isinstance(sweep, dict) else None
+    if not (isinstance(summary, dict) and isinstance(summary.get("cells"), list)
+            and all(isinstance(c, dict) for c in summary["cells"])
+            and isinstance(summary.get("latency_validation", {}), dict)
+            and isinstance(task, dict) and all(k in task for k in ("dataset", "limit", "seed"))
+            and isinstance(device, dict)):  # fmt: skip
+        raise ParetoError(f"{d}: damaged profile files (summary.json, sweep.json or device.json is not what edgetts "
+                          "writes); run edgetts profile on it again to rewrite them")  # fmt: skip
+    return summary, sweep, device
 
 
 def parse_constraints(spec: dict | None) -> dict:
@@ -204,8 +218,12 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
         device = device or dev
         s = sweep["sweep"]
         task = task or {"dataset": s["dataset"], "limit": s["limit"], "seed": s["seed"]}
-        for cell in summary["cells"]:
-            candidates.append(_point(cell, quantile))
+        for k, cell in enumerate(summary["cells"]):
+            try:
+                candidates.append(_point(cell, quantile))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise ParetoError(f"{d}/summary.json: cell {k} is damaged (not what edgetts writes); run edgetts "
+                                  "profile on it again to rewrite the summary") from None
     if setting:
         candidates = [p for p in candidates if all(_has(profiled_with(p), k, v) for k, v in setting.items())]
         if not candidates:
@@ -342,7 +360,7 @@ def _check_values(p: dict, where: str) -> None:
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ParetoError(f"{path}: no such file")
+        raise ParetoError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -95,14 +95,36 @@ def _source(src: Path) -> tuple[dict, dict, dict]:
     from edgetts.profiling.records import RecordLog
 
     sweep, models = read_profile(src)
-    records = RecordLog(src / "records.jsonl").load()
+    records = RecordLog(src / "records.jsonl").load(repair=False)  # another run's file: read only
     if not records:
         raise ProfileError(f"{src}: the profile holds no records to re-time")
     lacking = sum(1 for r in records.values() if not isinstance(r.get("rounds"), list) or not r["rounds"])
     if lacking:
         raise ProfileError(f"{src}: {lacking} of {len(records)} records lack per-row token counts (rounds), which "
                            "re-timing needs; profile the source again with this version of edgetts")  # fmt: skip
+    damaged = [k for k, r in records.items() if not _sound(r)]
+    if damaged:
+        raise ProfileError(f"{src}: {len(damaged)} of {len(records)} records are damaged (their model, cell, prompt "
+                           f"tokens or rounds are not what edgetts writes), the first {damaged[0]!r}")  # fmt: skip
     return sweep, records, models
+
+
+def _sound(rec: dict) -> bool:
+    """Whether a record holds what re-timing reads, of the types edgetts writes (a hand-edited or damaged
+    file must fail in one line, not in the middle of the arithmetic)."""
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**9
+
+    try:
+        return (isinstance(rec["model"], str) and isinstance(rec["strategy"], str) and count(rec["n"])
+                and count(rec["budget"]) and count(rec["prompt_tokens"])
+                and all(isinstance(rnd, list) and rnd and all(isinstance(row, list) and len(row) == 2
+                                                                and count(row[0]) and isinstance(row[1], bool)
+                                                                for row in rnd)
+                        for rnd in rec["rounds"]))  # fmt: skip
+    except (KeyError, TypeError):
+        return False
 
 
 def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:

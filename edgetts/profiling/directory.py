@@ -104,7 +104,9 @@ def read_profile(d: Path) -> tuple[dict, dict]:
     sweep, why = _read_object(d / "sweep.json", key="digest")
     if why:
         raise ProfileError(f"{d / 'sweep.json'} is damaged ({why})")
-    models, _ = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
+    models, why = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
+    if why:
+        raise ProfileError(f"{d / 'models.json'} is damaged ({why})")
     return sweep, models
 
 

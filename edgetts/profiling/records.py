@@ -26,18 +26,21 @@ class RecordLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def load(self) -> dict[str, dict]:
-        """All complete records by key, after cutting a partial last line if there is one."""
+    def load(self, repair: bool = True) -> dict[str, dict]:
+        """All complete records by key, after cutting a partial last line if there is one: on disk too
+        with ``repair`` (the profile's own run, under its lock, about to append), in memory only
+        without (another command reading the directory: calibrate's source, merge's shards, where
+        the partial line may be a running profile's write in progress)."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a write cut short by a kill: drop the partial line on disk too
+        if end < len(data) and repair:  # a write cut short by a kill: drop the partial line on disk too
             with self.path.open("r+b") as f:
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-            data = data[:end]
+        data = data[:end]
         records: dict[str, dict] = {}
         bad: list[tuple[int, str]] = []  # (line number, what is wrong): all reported at once
         for n, line in enumerate(data.split(b"\n"), 1):

@@ -77,7 +77,7 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
     missing = [f"{i}/{n}" for n in counts for i in range(n) if (i, n) not in shards]
     records: dict[str, dict] = {}
     for d in dirs:
-        for key, rec in RecordLog(d / "records.jsonl").load().items():
+        for key, rec in RecordLog(d / "records.jsonl").load(repair=False).items():  # read only
             records.setdefault(key, rec)  # the same query measured by two runs of a shard counts once
     with profile_dir(out):
         if any(p.name != ".edgetts-lock" for p in out.iterdir()):
