@@ -208,8 +208,8 @@ def pareto(
 
     try:
         spec = json.loads(constraints) if constraints else None
-    except json.JSONDecodeError as e:
-        fail(f"--constraints is not valid JSON ({e.msg})")
+    except (json.JSONDecodeError, RecursionError) as e:
+        fail(f"--constraints is not valid JSON ({getattr(e, 'msg', 'nested too deep')})")
     from pathlib import Path
 
     out = out or str(Path(profiles[0]) / "pareto.json")

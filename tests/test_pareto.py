@@ -134,6 +134,7 @@ POINTS = [
         (lambda c: c["frontier"].reverse(), "not sorted"),
         (lambda c: c["frontier"][1].pop("accuracy"), "frontier[1].accuracy"),
         (lambda c: c["frontier"][0].update(n="8"), "frontier[0].n"),
+        (lambda c: c["frontier"][0].update(n=10**12), "frontier[0].n is 1000000000000; it must be from 1"),
     ],
 )
 def test_loading_validates_with_one_line_errors(tmp_path, mutate, message):

@@ -183,3 +183,25 @@ def test_pictures_never_replace_a_users_file(direct_profile, tmp_path):
     for _ in range(2):  # pictures edgetts wrote are replaced
         r = runner.invoke(app, args)
         assert r.exit_code == 0 and "no pictures" not in r.output and mine.read_bytes().startswith(b"\x89PNG")
+
+
+def test_json_nested_past_python_s_recursion_is_a_one_line_error(small_profile, tmp_path):
+    """json.loads raises RecursionError (not a ValueError) on deep nesting: every file a user hands
+    edgetts (a config, a dataset, a profile's files, --constraints) is refused in one line."""
+    import shutil
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    (tmp_path / "data.jsonl").write_text(deep + "\n")
+    prof = tmp_path / "prof"
+    shutil.copytree(small_profile, prof, ignore=shutil.ignore_patterns(".edgetts-lock"))
+    (prof / "summary.json").write_text(deep)
+    (prof / "models.json").write_text(deep)
+    cases = [(["run", "--config", str(tmp_path / "config.json"), "--deadline-ms", "100", "q"], "nested too deep"),
+             (["profile", "--dataset", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "o")], "nested too deep"),
+             (["pareto", str(prof), "--out", str(tmp_path / "c.json")], "unreadable profile file"),
+             (["calibrate", str(prof), "--out", str(tmp_path / "c")], "models.json is damaged"),
+             (["pareto", str(small_profile), "--out", str(tmp_path / "c.json"), "--constraints",
+               "[" * 3000 + "]" * 3000], "--constraints is not valid JSON")]  # fmt: skip
+    for args, says in cases:
+        assert says in one_line_error(runner.invoke(app, args)), args

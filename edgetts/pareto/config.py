@@ -62,7 +62,7 @@ def _load_profile(d: Path) -> tuple[dict, dict, dict]:
         summary, sweep, device = (json.loads((d / n).read_text()) for n in PROFILE_FILES)
     except json.JSONDecodeError as e:
         raise ParetoError(f"{d}: unreadable profile file ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
         raise ParetoError(f"{d}: unreadable profile file ({getattr(e, 'strerror', None) or e})") from None
     task = sweep.get("sweep") if isinstance(sweep, dict) else None
     if not (isinstance(summary, dict) and isinstance(summary.get("cells"), list)
@@ -283,7 +283,7 @@ def write_config(config: dict, path: str | Path) -> Path:
 def _is_config(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("schema") == SCHEMA
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -339,9 +339,9 @@ def _check_values(p: dict, where: str) -> None:
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
-    for name in ("n", "budget"):
-        if p[name] < 1:
-            raise ParetoError(f"{where}.{name} is {p[name]}; it must be at least 1")
+    for name in ("n", "budget"):  # the C runtime's range (ints in the frontier it compiles in)
+        if not 1 <= p[name] <= 1_000_000:
+            raise ParetoError(f"{where}.{name} is {p[name]}; it must be from 1 to 1000000")
     if not number(p["latency_ms"]):
         raise ParetoError(f"{where}.latency_ms is {p['latency_ms']}; expected a finite number >= 0")
     q = p["latency_quantiles_ms"]
@@ -367,4 +367,6 @@ def load_config(path: str | Path) -> dict:
         raise ParetoError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:
         raise ParetoError(f"{path}: not a text file (an edgetts.pareto/v1 config is JSON)") from None
+    except RecursionError:
+        raise ParetoError(f"{path}: not valid JSON (nested too deep)") from None
     return _paths(validate(config, str(path)), path.parent.resolve(), relative=False)

@@ -88,7 +88,7 @@ def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
     """(the JSON object in ``path``, None), or ({}, why it is not one, or has no string ``key``)."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         return {}, f"not JSON: {getattr(e, 'msg', None) or e}"
     if not isinstance(value, dict) or (key is not None and not isinstance(value.get(key), str)):
         return {}, "not the object edgetts writes"

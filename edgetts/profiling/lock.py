@@ -36,7 +36,7 @@ def holder(directory: str | Path) -> dict | None:
     """What the lock file says about its last holder (pid, host, started), or None."""
     try:
         info = json.loads((Path(directory) / LOCK_NAME).read_text() or "null")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) else None
 

@@ -51,7 +51,7 @@ class RecordLog:
                 key = rec["key"]
                 if not isinstance(key, str):
                     raise TypeError
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 bad.append((n, "damaged record (not a JSON object with a 'key')"))
                 continue
             if key in records:

@@ -106,7 +106,7 @@ def load(path: str | Path) -> dict:
         raise QuantizeError(f"{path}: {'not a regular file' if path.exists() else 'no such manifest file'}")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise QuantizeError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise QuantizeError(f"{path}: not an {SCHEMA} manifest")

@@ -66,8 +66,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 where = f"{path}:{n}"
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise DatasetError(f"{where}: not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
                 out.append(_parse_record(rec, where, f"{path.stem}-{n}"))
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e.reason})") from None
