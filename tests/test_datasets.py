@@ -75,6 +75,11 @@ def test_gsm8k_and_math_styles(tmp_path):
         ('{"text": "q", "answer": "1"}\n', "bad.jsonl:1: missing 'question'"),
         ("[1, 2]\n", "bad.jsonl:1: expected a JSON object"),
         ("\n\n", "bad.jsonl: no records"),
+        ('{"question": "q", "answer": NaN}\n', "bad.jsonl:1: 'answer' is nan; expected a string or a finite number"),
+        ('{"question": "q", "answer": 1e400}\n', "bad.jsonl:1: 'answer' is inf"),
+        ('{"question": "\\ud800 q", "answer": "1"}\n', "bad.jsonl:1: 'question' holds invalid Unicode"),
+        ('{"question": "q", "answer": "1", "level": [1]}\n', "bad.jsonl:1: 'level' is [1]"),
+        ('{"question": "q", "answer": "1", "id": {"a": 1}}\n', "bad.jsonl:1: 'id' is {\"a\": 1}"),
     ],
 )
 def test_malformed_files_name_file_and_line(tmp_path, content, message):

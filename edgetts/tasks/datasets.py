@@ -15,6 +15,7 @@ A missing file, a line that is not JSON, or a record without the needed fields r
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +45,26 @@ def _parse_record(rec: object, where: str, default_id: str) -> Example:
     if not isinstance(question, str) or not question.strip():
         raise DatasetError(f"{where}: missing 'question' (GSM8K style) or 'problem' (MATH style)")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):
+            raise DatasetError(f"{where}: 'answer' is {answer}; expected a string or a finite number")
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
         raise DatasetError(f"{where}: missing 'answer'")
     if "question" in rec and "####" in answer:
         answer = answer.rsplit("####", 1)[1]
     answer = answer.strip().replace(",", "") if "question" in rec else answer.strip()
-    return Example(str(rec.get("id", default_id)), question, answer, rec.get("level"), rec)
+    level, ident = rec.get("level"), rec.get("id", default_id)
+    if not (level is None or isinstance(level, str) or (isinstance(level, (int, float)) and not isinstance(level, bool)
+                                                         and math.isfinite(level))):  # fmt: skip
+        raise DatasetError(f"{where}: 'level' is {json.dumps(level)[:40]}; expected a number or a string")
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool):
+        raise DatasetError(f"{where}: 'id' is {json.dumps(ident)[:40]}; expected a string or a number")
+    for name, text in (("question", question), ("answer", answer), ("id", str(ident)), ("level", str(level))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DatasetError(f"{where}: '{name}' holds invalid Unicode (a lone surrogate)") from None
+    return Example(str(ident), question, answer, level, rec)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
