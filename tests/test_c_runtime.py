@@ -205,6 +205,13 @@ def test_answer_stream_and_deadline_choice(built, config):
         assert isinstance(o["deadline_met"], bool) and o["generated_tokens"] > 0
     best = run_c(built, config, questions[:1])[0]
     assert best["point_id"] == max(front, key=lambda p: p["accuracy"])["id"] and best["deadline_met"] is None
+    # a line that is not text is refused as Python refuses it, and the stream goes on
+    proc = subprocess.run([str(built / "bin" / "edgetts-answer"), "--config", str(config)],
+                          input=questions[0].encode() + b"\xff\xfe\n" + questions[1].encode() + b"\n",
+                          capture_output=True)  # fmt: skip
+    bad, good = (json.loads(line) for line in proc.stdout.decode().splitlines())
+    assert bad == {"error": "the question is not valid UTF-8 text", "status": "bad argument"}
+    assert good["answer"] is not None or good["generated_tokens"] > 0
 
 
 def test_command_line_errors(built, config, tmp_path):

@@ -20,31 +20,14 @@
 #include <string.h>
 
 #include "edgetts.h"
-
-/* Bytes of the well-formed UTF-8 sequence at p (1..4), or 0 where it is not one: a row's text is
- * the bytes of its token pieces, and a piece may end in the middle of a character. */
-static int utf8_length(const unsigned char *p)
-{
-    int n = p[0] < 0x80 ? 1 : p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3
-            : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
-    for (int k = 1; k < n; k++) {
-        if ((p[k] & 0xc0) != 0x80) {
-            return 0;
-        }
-    }
-    if ((n == 3 && p[0] == 0xe0 && p[1] < 0xa0) || (n == 3 && p[0] == 0xed && p[1] > 0x9f)
-        || (n == 4 && p[0] == 0xf0 && p[1] < 0x90) || (n == 4 && p[0] == 0xf4 && p[1] > 0x8f)) {
-        return 0; /* overlong, a surrogate, or past U+10FFFF */
-    }
-    return n;
-}
+#include "utf8.h"
 
 /* A JSON string; bytes that are not UTF-8 become U+FFFD, as Python decodes them ("replace"). */
 static void json_string(const char *s)
 {
     putchar('"');
     for (const unsigned char *p = (const unsigned char *)s; *p;) {
-        int n = utf8_length(p);
+        int n = ett_utf8_length(p);
         if (n == 0) {
             fputs("\\ufffd", stdout);
             p++;

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "utf8.h"
 
 struct edgetts_runtime {
     ett_engine *engines;
@@ -414,6 +415,9 @@ static edgetts_status run(edgetts_runtime *rt, int index, const char *question, 
     }
     if (blank) {
         return fail(rt, EDGETTS_E_ARGUMENT, "the question is empty");
+    }
+    if (!ett_utf8_valid(question)) {
+        return fail(rt, EDGETTS_E_ARGUMENT, "the question is not valid UTF-8 text");
     }
     rt->calls = rt->calls < 0x3fffffff ? rt->calls + 1 : 1;
     ett_run r = {&rt->engines[rt->engine_of[index]], p, p->info.strategy, n, budget,
