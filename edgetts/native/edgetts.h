@@ -45,7 +45,8 @@ extern "C" {
 
 typedef enum edgetts_status {
     EDGETTS_OK = 0,
-    EDGETTS_E_ARGUMENT = 1,   /* a bad argument: deadline <= 0, n out of range, NULL pointer, a question empty or not UTF-8, ... */
+    EDGETTS_E_ARGUMENT = 1,   /* a bad argument: deadline <= 0, n out of range, NULL pointer, a question
+                                 empty or not UTF-8, ... */
     EDGETTS_E_CONFIG = 2,     /* the config file is not the one this library was built from */
     EDGETTS_E_MODEL = 3,      /* a model file is missing, not a GGUF, or corrupt */
     EDGETTS_E_CONTEXT = 4,    /* llama.cpp could not create a context (out of memory?) */
