@@ -340,7 +340,7 @@ def quantize(
     onnx: str = typer.Option(None, help="Comma list of ONNX exports PRECISION[:EXECUTION], e.g. int4:cpu,fp16:cuda."),
     recipe: str = typer.Option(None, help="A recipe file, e.g. quantize/jetson-agx-orin-64gb.yaml."),
     out: str = typer.Option(..., help="Output directory (gets manifest.json)."),
-    threads: int = typer.Option(0, min=0, help="Quantization threads (0: all cores)."),
+    threads: int = typer.Option(0, min=0, max=MAX_THREADS, help="Quantization threads (0: all cores)."),
     imatrix: str = typer.Option(None, help="Importance matrix (llama.cpp GGUF imatrix file)."),
     converter: str = typer.Option(
         None, help="llama.cpp's convert_hf_to_gguf.py for Hugging Face directories (or set EDGETTS_CONVERTER)."

@@ -10,12 +10,16 @@ def load_mapping(path: str | Path, allowed: set[str], error: type[Exception], wh
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: no such {what}")
+    if not path.is_file():  # a FIFO or a device would block or never end when read
+        raise error(f"{path}: {'not a regular file' if path.exists() else f'no such {what}'}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise error(f"{path}: not valid YAML (nested too deep)") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of {what} options")
     unknown = {str(k) for k in data} - allowed

@@ -292,6 +292,7 @@ def test_a_fifo_or_directory_where_a_gguf_belongs_is_refused_at_once(tmp_path):
     folder.mkdir()
     cases = [[str(fifo), "--to", "q8_0"], [str(folder), "--to", "q8_0"]]
     cases += [["tiny", "--to", "q8_0", "--imatrix", str(p)] for p in (fifo, folder)]
+    cases += [["tiny", "--recipe", str(fifo)], ["tiny", "--to", "q8_0", "--threads", "100000"]]  # the latter aborted
     for args in cases:
         # A subprocess, so that a regression (blocking on the pipe) fails here instead of hanging the suite.
         cmd = [sys.executable, "-m", "edgetts", "quantize", *args, "--out", str(tmp_path / "o")]
