@@ -273,7 +273,7 @@ from edgetts import cli_profile, cli_runtime  # noqa: E402, F401
 def standin(
     shape: str = typer.Option(..., help="qwen3-0.6b, r1-distill-qwen-1.5b, narrow-qwen3 or narrow-r1."),
     out: str = typer.Option(..., help="GGUF file to write."),
-    seed: int = typer.Option(0, help="Seed of the random weights."),
+    seed: int = typer.Option(0, min=0, help="Seed of the random weights."),
     dtype: str = typer.Option("f16", help="f16 or f32 (quantize it afterwards with edgetts quantize)."),
 ) -> None:
     """Write a random-weight stand-in GGUF of a real reasoning model.

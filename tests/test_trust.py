@@ -27,6 +27,8 @@ runner = CliRunner()
         (["run"], "Missing argument"),
         (["run", "q", "--bogus"], "No such option: --bogus"),
         (["bogus"], "No such command"),
+        (["standin", "--shape", "narrow-qwen3", "--seed", "-1", "--out", "x.gguf"], "'--seed'"),  # was a traceback
+        (["run", "q", "--seed", "-1"], "'--seed'"),  # a row seeded 2**32 - 1 drew a random seed
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args, says):
