@@ -193,7 +193,7 @@ def evaluate(
     n: int = typer.Option(8, min=1, help="Rows per majority vote."),
     pool: int = typer.Option(32, min=1, help="Samples drawn per problem; votes are averaged over subsets of it."),
     limit: int = typer.Option(None, min=1, help="Use at most this many problems, spread over levels."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    seed: int = typer.Option(0, min=0, max=4294967295, help="Sampling seed."),
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature."),
     max_tokens: int = typer.Option(160, min=1, help="Token budget per sample."),
     family: str = typer.Option(

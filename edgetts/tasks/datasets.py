@@ -69,8 +69,8 @@ def _parse_record(rec: object, where: str, default_id: str) -> Example:
 
 def read_jsonl(path: str | Path) -> list[Example]:
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO or a device would block or never end when read
+        raise DatasetError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     out: list[Example] = []
     try:
         with path.open(encoding="utf-8") as f:
