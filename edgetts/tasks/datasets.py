@@ -58,7 +58,7 @@ def _parse_record(rec: object, where: str, default_id: str) -> Example:
                                                          and math.isfinite(level))):  # fmt: skip
         raise DatasetError(f"{where}: 'level' is {json.dumps(level)[:40]}; expected a number or a string")
     if not isinstance(ident, (str, int)) or isinstance(ident, bool):
-        raise DatasetError(f"{where}: 'id' is {json.dumps(ident)[:40]}; expected a string or a number")
+        raise DatasetError(f"{where}: 'id' is {json.dumps(ident)[:40]}; expected a string or an integer")
     for name, text in (("question", question), ("answer", answer), ("id", str(ident)), ("level", str(level))):
         try:
             text.encode("utf-8")
