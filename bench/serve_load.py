@@ -21,7 +21,9 @@ from when it had each request's headers; the client's figure also holds the time
 whose median and 99th percentile are ``outside_p50_ms`` and ``outside_p99_ms``;
 ``late_by_deadline`` and ``empty_by_deadline`` count late and empty answers per deadline, and
 ``misses`` describes the first of them one by one: deadline, client's and server's milliseconds,
-empty or not, and the server's point, tokens generated, ``early_stop`` and predicted milliseconds;
+empty or not, when it was sent (``sent_s``, seconds into the level; with ``--throttle`` the hogs
+start at ``hogs_at_s``), and the server's point, tokens generated, ``early_stop`` and predicted
+milliseconds;
 ``points_by_deadline`` counts, per deadline, the requests each point answered and those refused;
 ``price_mean`` is the mean price on compute the answers were chosen under; ``error_kinds`` names
 failed calls).
@@ -179,6 +181,7 @@ async def run_level(url, call, arrivals, work, throttle: bool = False) -> dict:
         span = max(arrivals[-1], time.perf_counter() - t0)
     figures = _figures(results, span)
     if throttle:
+        figures["hogs_at_s"] = round(middle, 3)  # when the CPU-bound processes started, seconds into the level
         for part, chosen in (("before", [r for r in results if r[7] < middle]),
                              ("after", [r for r in results if r[7] >= middle])):  # fmt: skip
             half = arrivals[len(arrivals) // 2] if part == "before" else span - middle
@@ -195,6 +198,7 @@ def _miss(r: tuple) -> dict:
     """An admitted request that was late or came back empty, as the client and the server saw it."""
     info = r[9] or {}
     return {"deadline_ms": r[3], "client_ms": round(r[4], 1), "server_ms": r[6], "empty": r[1] is None,
+            "sent_s": round(r[7], 3),  # seconds into the level (with --throttle, against hogs_at_s)
             **{k: info.get(k) for k in ("point_id", "generated_tokens", "early_stop", "predicted_ms")}}  # fmt: skip
 
 
