@@ -32,8 +32,10 @@ before any row stated one) counts as a miss in every share.  The servers (and th
 run niced below the client, so what is measured is the server keeping its deadlines;
 ``client_lag_p99_ms`` says how far behind schedule the client itself sent requests.
 
-``--throttle``: at the middle arrival of each level two CPU-bound processes start (the device
-slows down) and each level also reports its figures ``before`` and ``after``; the last line then
+``--throttle``: at the middle arrival of each level two CPU-bound processes start to spin (the
+device slows down; they are started half a second before the level, asleep until then, so that
+their start-up costs nobody anything at that moment) and each level also reports its figures
+``before`` and ``after``; the last line then
 has ``deadline_met_admitted_before`` and ``deadline_met_admitted_after`` (the worst level and
 server each; targets at least 0.99) and ``answered_admitted`` (the worst level's share of
 admitted requests answered with a non-empty answer; target at least 0.99), per server too.
@@ -137,9 +139,13 @@ def llama_server_call(n: int, slots: int):
     return call
 
 
-def hogs(count: int = 2) -> list[subprocess.Popen]:
-    """CPU-bound processes beside the server (niced as the server is: the client keeps its priority)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(NICE))
+def hogs(count: int = 2, at: float = 0.0) -> list[subprocess.Popen]:
+    """CPU-bound processes beside the server (niced as the server is: the client keeps its priority),
+    spinning from ``at`` (a ``time.time()``): started beforehand and asleep until then, so that
+    starting them costs the client and the server nothing at that moment (a fork and an interpreter's
+    start-up in the client's event loop delayed the answers it was receiving then by 10-25 ms)."""
+    code = f"import time\ntime.sleep(max(0.0, {at!r} - time.time()))\nwhile True: pass"
+    return [subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: os.nice(NICE))
             for _ in range(count)]  # fmt: skip
 
 
@@ -150,35 +156,33 @@ async def run_level(url, call, arrivals, work, throttle: bool = False) -> dict:
     """Send ``work`` (question, gold, deadline) at ``arrivals`` (seconds from now); client-side figures.
     With ``throttle``, two CPU-bound processes start at the level's middle arrival (the device slows
     down) and the figures are given for the requests sent before and after."""
-    results, started = [], []
+    results = []
     middle = arrivals[len(arrivals) // 2]
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
-        t0 = time.perf_counter()
+    lead = 0.5 if throttle else 0.0  # the hogs start up (and fall asleep) before the level begins
+    wall0 = time.time() + lead
+    started = hogs(at=wall0 + middle) if throttle else []
+    try:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
+            t0 = time.perf_counter() + (wall0 - time.time())  # the level's start, on the client's clock
 
-        async def slow_down():
-            await asyncio.sleep(max(0.0, t0 + middle - time.perf_counter()))
-            started.extend(hogs())
+            async def one(at, item):
+                question, gold, deadline = item
+                await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+                sent = time.perf_counter()
+                try:
+                    kind, answer, server_met, server_ms, info = await call(client, url, question, deadline)
+                except httpx.HTTPError as e:
+                    kind, answer, server_met, server_ms, info = f"error {type(e).__name__}", None, None, None, None
+                ms = 1000 * (time.perf_counter() - sent)
+                lag = 1000 * (sent - t0 - at)  # how far behind its schedule the client sent it
+                results.append((kind, answer, gold, deadline, ms, server_met, server_ms, at, lag, info))
 
-        async def one(at, item):
-            question, gold, deadline = item
-            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            sent = time.perf_counter()
-            try:
-                kind, answer, server_met, server_ms, info = await call(client, url, question, deadline)
-            except httpx.HTTPError as e:
-                kind, answer, server_met, server_ms, info = f"error {type(e).__name__}", None, None, None, None
-            ms = 1000 * (time.perf_counter() - sent)
-            lag = 1000 * (sent - t0 - at)  # how far behind its schedule the client sent it
-            results.append((kind, answer, gold, deadline, ms, server_met, server_ms, at, lag, info))
-
-        try:
-            await asyncio.gather(*(one(at, item) for at, item in zip(arrivals, work)),
-                                 *([slow_down()] if throttle else []))  # fmt: skip
-        finally:
-            for p in started:
-                p.kill()
-                p.wait()
-        span = max(arrivals[-1], time.perf_counter() - t0)
+            await asyncio.gather(*(one(at, item) for at, item in zip(arrivals, work)))
+            span = max(arrivals[-1], time.perf_counter() - t0)
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
     figures = _figures(results, span)
     if throttle:
         figures["hogs_at_s"] = round(middle, 3)  # when the CPU-bound processes started, seconds into the level
