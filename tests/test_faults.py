@@ -217,40 +217,6 @@ def test_device_speed_follows_the_rounds_and_fades_with_time(monkeypatch):
     assert speed.slowdown() < 1.05
 
 
-def test_a_round_s_cost_follows_a_device_that_slows_within_a_fraction_of_a_second(monkeypatch):
-    """The online fit of a round's cost weighs a few hundred rounds and takes about a second to follow a
-    device that halves its speed; the measured speed follows within a quarter of one, and the batch plans
-    its rounds (paces, a job's last rounds, the controllers' step) with whichever says more."""
-    from types import SimpleNamespace
-
-    from edgetts.engines import speed as device_speed
-    from edgetts.engines.batching import Scheduler
-
-    clock = [100.0]
-    monkeypatch.setattr(device_speed.time, "perf_counter", lambda: clock[0])
-    speed, fit = device_speed.DeviceSpeed(), device_speed.StepCost()
-    assert speed.cost_now(10) == 0.0  # no reference yet: nothing to say
-
-    def rounds(k, per_token):
-        for i in range(k):
-            tokens = (1, 8, 20)[i % 3]
-            seconds = per_token * (2 + tokens)
-            clock[0] += seconds
-            fit.add(tokens, seconds)
-            speed.add(tokens, seconds, fit.fit())
-
-    rounds(speed.WARM + 100, 0.0001)  # 1.2 ms for a round of 10 tokens
-    assert speed.cost_now(10) == pytest.approx(0.0012, rel=0.05)
-    rounds(220, 0.0002)  # the device halves its speed: 220 rounds, about half a second
-    a, b = fit.fit()
-    assert a + b * 10 < 1.6 * 0.0012  # the fit still well short of the new 2.4 ms
-    assert speed.cost_now(10) > 1.8 * 0.0012  # the speed there
-    sched = SimpleNamespace(_fit=(a, b), speed=speed)
-    assert Scheduler.step_cost(sched, 10) == speed.cost_now(10)
-    sched.speed = SimpleNamespace(cost_now=lambda tokens: 0.0)  # a device as fast as ever: the fit decides
-    assert Scheduler.step_cost(sched, 10) == pytest.approx(a + b * 10)
-
-
 def test_stalls_beside_other_work_are_kept_for_admission(monkeypatch):
     """A device whose cores other work shares runs most rounds at speed and some after a wait for the CPU:
     the wait is what a short request must expect to meet, and admission adds it to every prediction."""

@@ -137,12 +137,9 @@ class Scheduler:
 
     def step_cost(self, tokens: int) -> float:
         """Predicted seconds of one round carrying ``tokens`` tokens: its sampling, controllers and decode
-        (a + b x tokens, fitted online on whole rounds, from bare decodes timed at start), or what the
-        device's measured speed says if that is more: the fit follows a device that slows down over a
-        second of rounds, the speed within a quarter of one, and a job's pace and last rounds must not
-        be planned at the old speed meanwhile."""
+        (a + b x tokens, fitted online on whole rounds, from bare decodes timed at start)."""
         a, b = self._fit
-        return max(a + b * tokens, self.speed.cost_now(tokens))
+        return a + b * tokens
 
     # -- the batch's model of itself, for admission -------------------------------------------
     # ``busy``: the requests admitted to this engine, as (end: perf_counter s, time alone: ms, rows), the
@@ -255,8 +252,8 @@ class Scheduler:
             if reason and (not entry.job.live or entry.job.sampled):  # left out of rounds until too late:
                 entry.job.stop_live(reason)  # its controller never ran to stop it, so stop it here
                 self._finish(entry)
-        # a round like the recent ones and the device's stalls: the controllers' priors
-        step_s, stall_s = self.step_cost(self.round_tokens), self.speed.stall_s()
+        a, b = self._fit  # a round like the recent ones, as fitted, and the device's stalls: the controllers' priors
+        step_s, stall_s = a + b * self.round_tokens, self.speed.stall_s()
         for entry in list(self.running):
             job = entry.job
             if job.live and not job.sampled:  # only right after a decode that held its rows' logits

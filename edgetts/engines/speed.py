@@ -89,15 +89,6 @@ class DeviceSpeed:
     def slowdown(self) -> float:
         return 1.0 + max(0.0, self.value - 1.0) * fade(time.perf_counter() - self.last, self.TAU_S, self.IDLE_S)
 
-    def cost_now(self, tokens: int) -> float:
-        """Seconds a round of ``tokens`` takes at the speed lately measured: the reference fit times the
-        smoothed ratio (0 before there is a reference).  It follows a device that slows within
-        ``TAU_UP_S``, where an online fit over a few hundred rounds takes about a second."""
-        if self.reference is None:
-            return 0.0
-        a, b = self.reference
-        return (a + b * tokens) * self.value
-
     def stall_s(self) -> float:
         """A wait beyond the mean slowdown that a request should expect to meet (see the class doc)."""
         return self.stalls.stall_s()
