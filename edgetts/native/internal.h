@@ -11,6 +11,10 @@
  * ETT_ANSWER_SAFETY, ETT_PROMPT_RESERVE, ETT_FORCED_SLACK, ETT_RUNS, ETT_MAX_THREADS), written by build-c from the
  * Python values next to frontier.c (edgetts.export.build_c.constants_h): one source for both. */
 #include "edgetts_constants.h"
+#if !defined(ETT_ANSWER_TOKENS) || !defined(ETT_ANSWER_STEPS) || !defined(ETT_ANSWER_SAFETY) \
+    || !defined(ETT_PROMPT_RESERVE) || !defined(ETT_FORCED_SLACK) || !defined(ETT_RUNS) || !defined(ETT_MAX_THREADS)
+#error "edgetts_constants.h was written by an older edgetts build-c than these sources: run edgetts build-c again"
+#endif
 
 /* A frontier point as build-c embeds it (frontier.c is generated). */
 typedef struct ett_point {
