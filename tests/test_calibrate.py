@@ -174,6 +174,8 @@ fi
 
 
 def test_settings_are_an_axis_power_modes_included(small_profile, tmp_path, fake_jetson):
+    r = runner.invoke(app, ["doctor", "--json"])  # the mode a user is in, and the number to give for it
+    assert r.exit_code == 0 and "; power mode MAXN (mode 0)" in json.loads(r.stdout)["accelerators"]["jetson"]
     out = tmp_path / "cal"
     r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(out), "--setting", "power_mode=1",
                             "--setting", "threads=1,power_mode=0", "--switch", "nvpmodel -m {power_mode}",
