@@ -143,7 +143,7 @@ def hogs(count: int = 2, at: float = 0.0) -> list[subprocess.Popen]:
     """CPU-bound processes beside the server (niced as the server is: the client keeps its priority),
     spinning from ``at`` (a ``time.time()``): started beforehand and asleep until then, so that
     starting them costs the client and the server nothing at that moment (a fork and an interpreter's
-    start-up in the client's event loop delayed the answers it was receiving then by 10-25 ms)."""
+    start-up in the client's event loop delayed answers it was receiving then by 15-24 ms, BENCHMARKS.md)."""
     code = f"import time\ntime.sleep(max(0.0, {at!r} - time.time()))\nwhile True: pass"
     return [subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: os.nice(NICE))
             for _ in range(count)]  # fmt: skip

@@ -13,7 +13,6 @@ import typer
 from edgetts.cli import (
     ENGINE_HELP,
     GPU_LAYERS_HELP,
-    MAX_THREADS,
     MEMORY_HELP,
     _gpu_layers,
     _interrupts,
@@ -24,6 +23,7 @@ from edgetts.cli import (
     user_errors,
 )
 from edgetts.cli_display import pictures, print_summary, progress_bar
+from edgetts.engines.spec import MAX_THREADS
 from edgetts.profiling.config import SweepConfig
 
 # The default sweep, which profile --help shows.

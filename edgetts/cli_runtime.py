@@ -17,7 +17,6 @@ import typer
 from edgetts.cli import (
     ENGINE_HELP,
     GPU_LAYERS_HELP,
-    MAX_THREADS,
     MEMORY_HELP,
     _gpu_layers,
     _memory_mb,
@@ -27,6 +26,7 @@ from edgetts.cli import (
     fail,
     user_errors,
 )
+from edgetts.engines.spec import MAX_THREADS
 
 
 @app.command()

@@ -15,8 +15,7 @@ from importlib import metadata
 
 from edgetts.models import BUILTIN, BUILTIN_HF
 from edgetts.tasks.datasets import BUILTIN as BUILTIN_DATA
-from edgetts.telemetry import sysfs
-from edgetts.telemetry.device import llama_devices, power_mode_query
+from edgetts.telemetry.device import jetson, llama_devices
 from edgetts.telemetry.energy import probe_all, probe_nvml
 
 ENGINE_MODULES = {
@@ -54,12 +53,12 @@ def _engine(name: str, module: str, dist: str) -> dict:
 def jetson_release() -> str | None:
     """The Jetson's release line, with its power mode as ``nvpmodel -q`` reports it (name and the number
     ``nvpmodel -m`` and ``edgetts calibrate --setting power_mode=`` take), or None on another machine."""
-    text = sysfs.read_text(sysfs.path("/etc/nv_tegra_release"))
-    if not text:
+    found = jetson()
+    if found is None:
         return None
-    mode = power_mode_query()
-    said = f"{mode[0]} (mode {mode[1]})" if mode and mode[1] is not None else mode[0] if mode else "unread"
-    return f"{text.splitlines()[0].strip()}; power mode {said}"
+    name, number = found["power_mode"], found["power_mode_id"]
+    said = f"{name} (mode {number})" if number is not None else name or "unread"
+    return f"{found['release']}; power mode {said}"
 
 
 def llama_offload() -> dict:

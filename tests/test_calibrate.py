@@ -320,11 +320,3 @@ def test_reading_another_run_s_profile_changes_nothing_and_damage_is_one_line(sm
         line = one_line_error(runner.invoke(app, ["pareto", str(src), "--out", str(tmp_path / "c.json")]))
         assert "damaged" in line and "run edgetts profile on it again" in line
     assert not any((tmp_path / n).exists() for n in (*cases, "m1", "m2", "c.json"))
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
-def test_a_config_that_is_a_fifo_is_refused_as_such(tmp_path):
-    os.mkfifo(tmp_path / "pareto.json")
-    line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "pareto.json"), "--deadline-ms",
-                                              "100", "2+3"]))  # fmt: skip
-    assert "not a regular file" in line

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -207,3 +208,11 @@ def test_json_nested_past_python_s_recursion_is_a_one_line_error(small_profile, 
                "[" * 3000 + "]" * 3000], "--constraints is not valid JSON")]  # fmt: skip
     for args, says in cases:
         assert says in one_line_error(runner.invoke(app, args)), args
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_config_that_is_a_fifo_is_refused_as_such(tmp_path):
+    os.mkfifo(tmp_path / "pareto.json")
+    line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "pareto.json"), "--deadline-ms",
+                                              "100", "2+3"]))  # fmt: skip
+    assert "not a regular file" in line

@@ -7,9 +7,9 @@
 #include "edgetts.h"
 #include "llama.h"
 
-/* The constants the Python runtime and this one share (ETT_ANSWER_TOKENS, ETT_ANSWER_STEPS,
- * ETT_ANSWER_SAFETY, ETT_PROMPT_RESERVE, ETT_FORCED_SLACK, ETT_RUNS, ETT_MAX_THREADS), written by build-c from the
- * Python values next to frontier.c (edgetts.export.build_c.constants_h): one source for both. */
+/* The constants the Python runtime and this one share (the ETT_ names checked below), written by
+ * build-c from the Python values next to frontier.c (edgetts.export.build_c.constants_h): one source
+ * for both.  A header an older build-c wrote lacks the newer ones: the build stops and says so. */
 #include "edgetts_constants.h"
 #if !defined(ETT_ANSWER_TOKENS) || !defined(ETT_ANSWER_STEPS) || !defined(ETT_ANSWER_SAFETY) \
     || !defined(ETT_PROMPT_RESERVE) || !defined(ETT_FORCED_SLACK) || !defined(ETT_RUNS) || !defined(ETT_MAX_THREADS)

@@ -90,12 +90,6 @@ def power_mode_query() -> tuple[str, int | None] | None:
     return None
 
 
-def power_mode() -> str | None:
-    """The Jetson's power mode by name, as ``nvpmodel -q`` reports it, or None (see ``power_mode_query``)."""
-    mode = power_mode_query()
-    return mode[0] if mode else None
-
-
 def with_power_mode(settings: dict) -> dict:
     """An engine's run-time settings with this device's power mode, where it has one (a Jetson): its name,
     and its number (``power_mode_id``) where ``nvpmodel -q`` gives one."""
@@ -113,8 +107,9 @@ def jetson() -> dict | None:
     for name, path in (("cpu0_khz", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq"),
                        ("gpu_hz", "/sys/devices/gpu.0/devfreq/17000000.ga10b/cur_freq")):  # fmt: skip
         clocks[name] = sysfs.read_int(sysfs.path(path))
-    return {"release": release.splitlines()[0].strip() if release else None, "power_mode": power_mode(),
-            "clocks": clocks}
+    mode = power_mode_query()
+    return {"release": release.splitlines()[0].strip() if release else None, "power_mode": mode and mode[0],
+            "power_mode_id": mode and mode[1], "clocks": clocks}
 
 
 def llama_devices() -> dict | None:
