@@ -128,7 +128,8 @@ def calibrate(
     ),
     switch: str = typer.Option(
         None, help="Command that sets a power_mode, with {power_mode} in it, e.g. 'sudo nvpmodel -m {power_mode}' "
-        "(nvpmodel takes the mode's number: --setting power_mode=1); the mode is read back before measuring."
+        "(nvpmodel takes the mode's number: --setting power_mode=1), run with the mode quoted, no input and 120 s at "
+        "most; the mode is read back before measuring."
     ),
     model_dir: str = typer.Option(None, help="Folder holding the profiled model files here (found by file name)."),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),

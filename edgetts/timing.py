@@ -33,6 +33,9 @@ RESERVE_MS, RESERVE_SHARE = 3.0 + OUTSIDE_MS, 0.1
 # thinking row that a stall carried past the moment its answer was due) may use this part of it to state
 # the answer, which cut at the end would be no answer at all: a miss whatever the clock says.
 GRACE_SHARE = 0.5
+# A deadline this large never binds (edgetts.h's EDGETTS_NO_DEADLINE): a config's policy picks the most
+# accurate point for it, and the answer reports no deadline, as the C runtime's does.
+NO_DEADLINE_MS = 1e300
 
 
 @dataclass(frozen=True)

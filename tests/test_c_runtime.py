@@ -214,6 +214,28 @@ def test_answer_stream_and_deadline_choice(built, config):
     assert good["answer"] is not None or good["generated_tokens"] > 0
 
 
+def test_no_deadline_is_the_same_answer_on_both_runtimes_in_strict_json(built, config):
+    """A deadline that never binds (inf, or C's EDGETTS_NO_DEADLINE) picks the most accurate point on both
+    runtimes, and both report no deadline: no Infinity in the JSON, no "deadline met" for what had none."""
+    from edgetts.timing import NO_DEADLINE_MS
+
+    header = (built / "include" / "edgetts.h").read_text()
+    assert float(header.split("#define EDGETTS_NO_DEADLINE ")[1].split()[0]) == NO_DEADLINE_MS
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    question = load_dataset("arith", limit=1, seed=4)[0].question
+    c = run_c(built, config, [question], "--seed", "2")[0]
+    for deadline in ("inf", "1e300"):
+        res = runner.invoke(app, ["run", question, "--config", str(config), "--deadline-ms", deadline, "--json",
+                                  "--seed", "2", "--threads", "1"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        py = strict(res.output.strip().splitlines()[-1])
+        assert (py["deadline_ms"], py["deadline_met"], c["deadline_met"]) == (None, None, None)
+        assert (py["answer"], py["generated_tokens"]) == (c["answer"], c["generated_tokens"])
+
+
 def test_command_line_errors(built, config, tmp_path):
     exe = str(built / "bin" / "edgetts-answer")
     other = tmp_path / "other.json"

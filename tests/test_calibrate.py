@@ -220,6 +220,26 @@ def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_je
     named = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "power_mode=15W", "--quiet"]
     line = one_line_error(runner.invoke(app, [*named, "--switch", "nvpmodel -m {power_mode}"]))
     assert "failed (exit 1): NVPM ERROR: Invalid mode: 15W" in line  # nvpmodel -m takes the mode's number
+    # the mode is one word to the command, never more commands; a command that asks fails, one that hangs ends
+    sneaky = tmp_path / "sneaky"
+    line = one_line_error(runner.invoke(app, ["calibrate", str(small_profile), "--out", str(tmp_path / "o"),
+                                              "--setting", f"power_mode=1;touch {sneaky}", "--switch",
+                                              "nvpmodel -m {power_mode}", "--quiet"]))  # fmt: skip
+    assert f"Invalid mode: 1;touch {sneaky}" in line and not sneaky.exists()
+    assert "failed (exit 1)" in one_line_error(runner.invoke(app, [*args, "--switch", "read reboot"]))
+    monkeypatch.setattr("edgetts.profiling.calibrate.SWITCH_TIMEOUT_S", 1)
+    assert "did not finish in 1 s" in one_line_error(runner.invoke(app, [*args, "--switch", "sleep 30; true"]))
+    alone = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "threads=1", "--switch",
+             "nvpmodel -m {power_mode}"]  # fmt: skip
+    assert "--switch sets power modes" in one_line_error(runner.invoke(app, alone))
+    # braces other than {power_mode} are the shell's; one command for two modes would set neither right
+    braces = ["calibrate", str(small_profile), "--out", str(tmp_path / "braces"), "--setting", "power_mode=1",
+              "--switch", "awk '{print}' /dev/null && nvpmodel -m {power_mode}", "--quiet", "--anchor-s", "0"]
+    r = runner.invoke(app, braces)
+    assert r.exit_code == 0 and fake_jetson.read_text().strip() == "1", r.output
+    fake_jetson.write_text("0")
+    two = [*args, "--setting", "power_mode=2", "--switch", "nvpmodel -m 1"]
+    assert "has no {power_mode} in it" in one_line_error(runner.invoke(app, two))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     busy = ["calibrate", str(small_profile), "--out", str(tmp_path / "busy"), "--setting", "power_mode=2", "--switch",

@@ -39,7 +39,9 @@ the settings measured here) and a summary whose accuracies and intervals are the
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -66,6 +68,7 @@ ANY = ("*", 0, 0)  # the factors' key for the overall factor (a cell no anchor r
 # as a busy machine's does) is made again once, as a user would; a second failure is said and kept.
 ATTEMPTS = 2
 log = logging.getLogger("edgetts.profiling")
+SWITCH_TIMEOUT_S = 120  # a power mode switch takes seconds; one that hangs must not hold the calibration
 
 
 def parse_setting(text: str) -> dict:
@@ -159,9 +162,22 @@ def switch_power_mode(mode: str, switch: str | None) -> None:
     if not switch:
         raise ProfileError("a power_mode setting needs --switch, the command that sets it (e.g. 'sudo nvpmodel -m "
                            "{power_mode}')")  # fmt: skip
-    proc = subprocess.run(switch.format(power_mode=mode), shell=True, capture_output=True, text=True)
+    # The mode goes into the user's shell command quoted: it is one word to nvpmodel, never more commands.
+    # No stdin: a command that asks (nvpmodel asks whether to reboot for some modes) fails instead of waiting.
+    # (sudo asks for its password on the terminal, not on stdin, so it still can.)
+    # Only {power_mode} is replaced: the command's other braces are the shell's (awk '{print}').
+    proc = subprocess.Popen(switch.replace("{power_mode}", shlex.quote(mode)), shell=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=SWITCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # its children may hold its output open: not long
+            proc.communicate(timeout=2)
+        raise ProfileError(f"--switch for power_mode={mode} did not finish in {SWITCH_TIMEOUT_S} s: nothing "
+                           "measured") from None  # fmt: skip
     if proc.returncode != 0:
-        why = (proc.stderr or proc.stdout).strip().splitlines()
+        why = (stderr or stdout).strip().splitlines()
         last = f": {why[-1]}" if why else ""
         raise ProfileError(f"--switch for power_mode={mode} failed (exit {proc.returncode}){last}")
     time.sleep(1)  # clocks settle after a mode change
@@ -400,6 +416,10 @@ def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=No
     """Each of ``settings`` into ``out/<setting>`` (or ``out`` itself for one setting); returns (name, dir,
     summary) per setting."""
     settings = settings or [{}]
+    if switch and not any("power_mode" in s for s in settings):  # a flag that would do nothing: say so
+        raise ProfileError("--switch sets power modes: give it with --setting power_mode=M")
+    if switch and "{power_mode}" not in switch and len({s.get("power_mode") for s in settings}) > 1:
+        raise ProfileError("--switch has no {power_mode} in it: it would set the same mode for every setting")
     names = [setting_name(s) for s in settings]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # before anything is measured: the second would find the first's directory

@@ -22,6 +22,7 @@ from edgetts.engines import EngineError, EngineSpec, open_engine
 from edgetts.engines.base import SamplingParams
 from edgetts.runtime.policy import Policy, Selection
 from edgetts.strategies import STRATEGIES, RunConfig, StrategyError, Trace, create
+from edgetts.timing import NO_DEADLINE_MS
 
 DEFAULTS = {"strategy": "majority", "n": 8, "budget": 256}
 
@@ -101,7 +102,8 @@ class Answerer:
         if self.family:
             spec = EngineSpec(spec.engine, spec.artifact, spec.url, {**spec.options, "family": self.family})
         spec = spec.with_options(**self.engine_defaults)
-        cfg = RunConfig(n=n, budget=budget, deadline_ms=deadline_ms, raw_prompt=self.raw_prompt,
+        binding = deadline_ms if deadline_ms is None or deadline_ms < NO_DEADLINE_MS else None
+        cfg = RunConfig(n=n, budget=budget, deadline_ms=binding, raw_prompt=self.raw_prompt,
                         sampling=SamplingParams(temperature=self.temperature,
                                                 seed=self.seed if seed is None else seed))  # fmt: skip
         rows = 1 if STRATEGIES[strategy].single_row else n
