@@ -182,6 +182,11 @@ def merge(
         fail(str(e))
     if result["missing_shards"]:
         typer.echo(f"warning: shard(s) {', '.join(result['missing_shards'])} of this sweep were not given", err=True)
+    if result["mixed_settings"]:
+        mixed = "; ".join(f"{k or 'unknown'} ({len(v)} dir(s))" for k, v in result["mixed_settings"].items())
+        typer.echo(f"warning: the shards were measured under different settings ({mixed}): each cell's latency "
+                   "mixes them; calibrate the merged profile (edgetts calibrate) for the device it will run on",
+                   err=True)  # fmt: skip
     typer.echo(f"merged {out}: {describe(result)}; wrote {path}")
 
 

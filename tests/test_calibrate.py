@@ -307,6 +307,27 @@ def test_the_shard_index_comes_from_the_scheduler(tmp_path, monkeypatch):
     assert json.loads((d / "sweep.json").read_text())["shard"] == [1, 2]
 
 
+def test_merge_joins_only_shards_timed_alike_and_says_when_settings_differ(small_profile, tmp_path, monkeypatch):
+    """A calibration's records carry another device's or setting's latencies: joined with measured shards
+    (or a calibration to another setting), each cell would mix them silently.  Measured shards from
+    machines of other settings join (the accuracy is the artifact's), said in a warning."""
+    cal = tmp_path / "cal"
+    r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(cal), "--setting", "threads=1",
+                            "--anchor-s", "0", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    line = one_line_error(runner.invoke(app, ["merge", str(small_profile), str(cal), "--out", str(tmp_path / "m")]))
+    assert "is a calibration to threads=1" in line and "is measured" in line and not (tmp_path / "m").exists()
+    parts = []
+    for i in range(2):
+        monkeypatch.setenv("EDGETTS_THREADS", str(i + 1))  # machines whose defaults differ
+        parts.append(tmp_path / f"shard{i}")
+        assert runner.invoke(app, ["profile", "--out", str(parts[-1]), "--shard", f"{i}/2", *DIRECT]).exit_code == 0
+    r = runner.invoke(app, ["merge", *map(str, parts), "--out", str(tmp_path / "joined")])
+    assert r.exit_code == 0 and "measured under different settings (threads=1" in r.stderr, r.output
+    sweep = json.loads((tmp_path / "joined" / "sweep.json").read_text())
+    assert [s.split(",")[0] for s in sweep["mixed_settings"]] == ["threads=1", "threads=2"]
+
+
 def test_reading_another_run_s_profile_changes_nothing_and_damage_is_one_line(small_profile, tmp_path):
     """calibrate and merge read a profile that a running edgetts profile may still be appending to: a
     partial last line is that run's write in progress, left as it is (the profile's own run, which holds

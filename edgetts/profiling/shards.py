@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
+from edgetts.pareto.config import setting_of
 from edgetts.profiling.directory import ProfileError, profile_dir, read_profile, write_summary
 from edgetts.profiling.records import RecordLog
 
@@ -75,17 +76,22 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
     if len(counts) > 1:
         raise ProfileError(f"the shards split the sweep differently ({', '.join(f'{i}/{n}' for i, n in shards)})")
     missing = [f"{i}/{n}" for n in counts for i in range(n) if (i, n) not in shards]
+    _one_timing(dirs, sweeps)
     records: dict[str, dict] = {}
+    settings: dict[str, list[str]] = {}  # setting -> the directories measured under it
     for d in dirs:
         for key, rec in RecordLog(d / "records.jsonl").load(repair=False).items():  # read only
             records.setdefault(key, rec)  # the same query measured by two runs of a shard counts once
+            where = settings.setdefault(setting_of(rec), [])
+            if str(d) not in where:
+                where.append(str(d))
     with profile_dir(out):
         if any(p.name != ".edgetts-lock" for p in out.iterdir()):
             raise ProfileError(f"{out} is not empty: merge into a new directory")
         write_json_atomic(out / "sweep.json", {
             "digest": sweeps[0]["digest"], "sweep": sweeps[0]["sweep"],
             "merged_from": [str(d) for d in dirs], "shards": [f"{i}/{n}" for i, n in shards],
-            "missing_shards": missing,
+            "missing_shards": missing, "mixed_settings": sorted(settings) if len(settings) > 1 else [],
         })  # fmt: skip
         if (dirs[0] / "device.json").is_file():
             shutil.copyfile(dirs[0] / "device.json", out / "device.json")
@@ -98,7 +104,26 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
         for key in sorted(records):
             log.append(records[key])
         summary = write_summary(out)
-    return {**summary, "shards": [f"{i}/{n}" for i, n in shards], "missing_shards": missing}
+    return {**summary, "shards": [f"{i}/{n}" for i, n in shards], "missing_shards": missing,
+            "mixed_settings": {k: v for k, v in sorted(settings.items())} if len(settings) > 1 else {}}
+
+
+def _one_timing(dirs: list[Path], sweeps: list[dict]) -> None:
+    """Refuse (one line) to join a calibration (records re-timed for one device and setting) with measured
+    shards or with a calibration to another setting: each record would keep its own device's latency and
+    a cell's would be neither's.  Measured shards from several machines join (the accuracy is the
+    artifact's); where their settings differ, the merge says so (``mixed_settings``)."""
+    kinds = [(d, (s.get("calibrated_from") or {}).get("setting") if "calibrated_from" in s else None)
+             for d, s in zip(dirs, sweeps)]  # fmt: skip
+    for d, kind in kinds[1:]:
+        first, was = kinds[0]
+        if kind != was:
+            def say(k):
+                named = ",".join(f"{a}={b}" for a, b in k.items()) if isinstance(k, dict) else ""
+                return "measured" if k is None else f"a calibration to {named or 'its default setting'}"
+
+            raise ProfileError(f"{d} is {say(kind)} and {first} is {say(was)}: only shards timed alike merge "
+                               "(calibrate the merged profile instead)")  # fmt: skip
 
 
 def describe(result: dict) -> str:
