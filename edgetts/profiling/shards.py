@@ -10,7 +10,9 @@ do not depend on the shard, so the shards' records together are the unsplit swee
 profile directory: records deduplicated by key (a shard run twice counts once), ``models.json``
 united (the same artifact everywhere, by sha256), each shard's latency check kept
 (``latency-validation-<model>-shard<I>.json``) and the summary and its intervals recomputed from
-the records alone.  Shards missing from the set are named in the result (``missing_shards``).
+the records alone.  Shards missing from the set are named in the result (``missing_shards``), and
+the settings where shards were measured under several (``mixed_settings``); a calibration joins
+only calibrations to its own setting.
 """
 
 from __future__ import annotations
