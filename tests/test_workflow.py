@@ -193,3 +193,28 @@ def test_a_mean_budget_is_held_by_the_price():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="mean budget"):
             MeanBudget(bad)
+
+
+def test_a_budget_nothing_meets_leaves_a_price_that_comes_back():
+    """Hours under a budget below the cheapest point (a too-tight --mean-ms, a slow device) must not wind the
+    price up past where choices change: it reached infinity after about 1,500 requests, which the policy
+    refuses, and would never have come down once the device was fast again."""
+    from edgetts.pareto.config import SCHEMA
+    from edgetts.runtime import Policy
+    from edgetts.runtime.pricing import MeanSpend
+
+    front = [{"id": f"p{i}", "latency_ms": ms, "accuracy": acc, "model": "m", "artifact": "m.gguf",
+              "engine": "llama.cpp", "strategy": "majority", "n": 1, "budget": 8, "latency_quantiles_ms": {},
+              "accuracy_ci95": [0, 1]}
+             for i, (ms, acc) in enumerate([(10.0, 0.40), (20.0, 0.60), (40.0, 0.70)])]  # fmt: skip
+    policy = Policy({"schema": SCHEMA, "device": {}, "task": {"dataset": "x"},
+                     "objective": {"latency_quantile": "p95"}, "frontier": front})  # fmt: skip
+    spend = MeanSpend(front, 8.0)
+    for _ in range(5000):  # the device runs everything 3x slower than profiled: even the cheapest misses 8 ms
+        spend.observe(3 * policy.select(1e9, price=spend.price).point["latency_ms"])
+    assert 0 < spend.price < 1.0
+    chosen = []
+    for _ in range(300):  # fast again: 0.4x the profile, the budget sits between the points
+        chosen.append(policy.select(1e9, price=spend.price).point["latency_ms"])
+        spend.observe(0.4 * chosen[-1])
+    assert sum(0.4 * ms for ms in chosen[-100:]) / 100 == pytest.approx(8.0, rel=0.15) and chosen[-1] > 10

@@ -11,6 +11,10 @@ price in log space by a step proportional to how far the recent mean is from the
   points, only the small moves the noise of the recent mean makes;
 * a price that falls below ``FLOOR`` is 0 (the most accurate point that fits), and a price
   at 0 that must rise starts from ``FLOOR``.
+* the price stops at a ceiling (``MeanSpend``: ``CEILING`` times the price from which the
+  cheapest point wins on its profile, :func:`cheapest_price`): under a budget that nothing
+  meets it would otherwise rise without end (to infinity in about 1,500 requests), and come back
+  as slowly once the budget can be met again.
 
 The recent mean is exponentially weighted over about ``window`` requests, so a budget is held
 over the last few dozen requests rather than since the start (a long quiet spell does not buy
@@ -35,10 +39,10 @@ class MeanBudget:
     FLOOR = 1e-5  # accuracy per unit: below this a price is 0
     STEP = 0.5  # the log-price moves by at most this per request (a factor of about 1.65)
 
-    def __init__(self, budget: float, window: int = 20, gain: float = 1.0):
+    def __init__(self, budget: float, window: int = 20, gain: float = 1.0, ceiling: float = math.inf):
         if not (budget > 0 and math.isfinite(budget)):
             raise ValueError(f"the mean budget must be a finite number > 0, got {budget!r}")
-        self.budget, self.gain = budget, gain
+        self.budget, self.gain, self.ceiling = budget, gain, ceiling
         self.keep = 1.0 - 1.0 / max(1, window)
         self.mean: float | None = None
         self.price = 0.0
@@ -56,7 +60,9 @@ class MeanBudget:
                 if error > 0:
                     self.price = self.FLOOR
                 return self.price
-            self.price *= math.exp(step)
+            # Never past the ceiling, where no choice changes any more: under a budget nothing meets, a price
+            # rising for ever (to infinity after about 1,500 requests) would take as long to come back.
+            self.price = min(self.price * math.exp(step), max(self.ceiling, self.FLOOR))
             if self.price < self.FLOOR:
                 self.price = 0.0
             return self.price
@@ -122,7 +128,8 @@ class MeanSpend:
     """
 
     def __init__(self, frontier: list[dict], budget: float, joules: bool = False, price: float = 0.0):
-        self.target = MeanBudget(budget)
+        self.target = MeanBudget(budget, ceiling=CEILING * cheapest_price(frontier, "energy_j" if joules else
+                                                                          "latency_ms"))  # fmt: skip
         self.target.price = price
         self.energy = _energy_counter(frontier) if joules else None
         self.drawn = self.energy.joules() if self.energy else 0.0  # the counter's reading at the last answer
@@ -148,6 +155,21 @@ class MeanSpend:
     def close(self) -> None:
         if self.energy is not None:
             self.energy.close()
+
+
+# The ceiling of a held budget's price, over the price from which the cheapest point is chosen by its profile:
+# a server's costs (beside the batch) and a slower device shift where the choices change, not by this much.
+CEILING = 10.0
+
+
+def cheapest_price(frontier: list[dict], cost: str) -> float:
+    """The price from which the cheapest point (by ``cost``) is worth the most of the frontier: each point's
+    accuracy over the cheapest's, per unit of its cost over the cheapest's, at most (0: no point costs more)."""
+    known = [(p[cost], p["accuracy"]) for p in frontier if isinstance(p.get(cost), int | float) and p[cost] >= 0]
+    if not known:
+        return 0.0
+    c0, a0 = min(known, key=lambda x: (x[0], -x[1]))
+    return max([(a - a0) / (c - c0) for c, a in known if c > c0 and a > a0], default=0.0)
 
 
 def _energy_counter(frontier: list[dict]):
