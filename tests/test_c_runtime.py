@@ -212,6 +212,16 @@ def test_answer_stream_and_deadline_choice(built, config):
     bad, good = (json.loads(line) for line in proc.stdout.decode().splitlines())
     assert bad == {"error": "the question is not valid UTF-8 text", "status": "bad argument"}
     assert good["answer"] is not None or good["generated_tokens"] > 0
+    # a NUL ends a C string: the rest of the line would go unread, so both runtimes refuse the line
+    lines = questions[0].encode() + b"\0 and then 9*9\n" + questions[1].encode() + b"\n"
+    proc = subprocess.run([str(built / "bin" / "edgetts-answer"), "--config", str(config)], input=lines,
+                          capture_output=True)  # fmt: skip
+    bad, good = (json.loads(line) for line in proc.stdout.decode().splitlines())
+    assert bad == {"error": "the question holds a NUL character", "status": "bad argument"} and "answer" in good
+    res = runner.invoke(app, ["run", "-", "--config", str(config), "--deadline-ms", "1e9", "--json", "--threads", "1"],
+                        input=lines)  # fmt: skip
+    said = [json.loads(line) for line in res.stdout.splitlines()]
+    assert said[0] == {"line": 1, "error": "the question holds a NUL character"} and "answer" in said[1]
 
 
 def test_no_deadline_is_the_same_answer_on_both_runtimes_in_strict_json(built, config):

@@ -239,6 +239,12 @@ int main(int argc, char **argv)
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
             line[--len] = '\0';
         }
+        if (strlen(line) != (size_t)len) { /* a C string ends at a NUL: the rest would go unread, unsaid */
+            printf("{\"error\": \"the question holds a NUL character\", \"status\": \"%s\"}\n",
+                   edgetts_status_name(EDGETTS_E_ARGUMENT));
+            fflush(stdout);
+            continue;
+        }
         edgetts_result res;
         if (point >= 0) {
             st = edgetts_run_point(rt, point, line, n, budget, deadline, seed, &res);

@@ -88,6 +88,8 @@ class Answerer:
             question.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes on the command line or standard input
             raise StrategyError("the question is not valid UTF-8 text") from None
+        if "\0" in question:  # the C runtime's questions are C strings, which end there: refused by both alike
+            raise StrategyError("the question holds a NUL character")
         spec, strategy, n, budget, selection, profiled = self.spec, self.strategy, self.n, self.budget, None, None
         if self.policy is not None:
             from edgetts.pareto.config import point_spec, profiled_with
