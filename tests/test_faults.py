@@ -3,6 +3,7 @@ thread that is gone seen at once, and the server's own answers to what a client 
 
 import asyncio
 import contextlib
+import json
 import math
 import shutil
 import socket
@@ -307,6 +308,11 @@ def test_serve_holds_a_mean_budget_with_its_price(direct_profile, tmp_path):
 
     d = tmp_path / "p"
     shutil.copytree(direct_profile, d)
+    cfg = json.loads((d / "pareto.json").read_text())
+    [point] = cfg["frontier"]  # a dearer, more accurate twin: a price has a choice to make
+    cfg["frontier"].append(dict(point, id=point["id"] + "-twin", latency_ms=2 * point["latency_ms"],
+                                accuracy=min(1.0, point["accuracy"] + 0.1)))  # fmt: skip
+    (d / "pareto.json").write_text(json.dumps(cfg))
     app = create_app(str(d / "pareto.json"), threads=1, mean_ms=0.01)  # far below any answer's time
     try:
         prices = []
