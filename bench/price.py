@@ -8,8 +8,9 @@
    Pareto config is built from the first half's records only, the other half is held out.
 2. Held-out problems arrive one after another (``--requests`` of them, drawn with replacement,
    seeded); for each, the policy picks a point at a deadline no point misses, with the price a
-   :class:`~edgetts.runtime.pricing.MeanBudget` sets, and the request costs what that point's
-   record for that problem measured (its latency; correct or not as recorded).  Budgets: three
+   :class:`~edgetts.runtime.pricing.MeanSpend` sets (as ``run -`` and ``serve`` hold a budget), and
+   the request costs what that point's record for that problem measured (its latency; correct or
+   not as recorded).  Budgets: three
    means between the fastest and the slowest frontier point's held-out mean latency.
 3. Per budget: the achieved mean against the budget, and the accuracy against the most accurate
    single static point whose held-out mean fits the budget.
@@ -55,7 +56,7 @@ from edgetts.pareto.config import frontier
 from edgetts.profiling.records import RecordLog
 from edgetts.profiling.summary import summarize
 from edgetts.runtime import Policy
-from edgetts.runtime.pricing import MeanBudget
+from edgetts.runtime.pricing import MeanSpend
 
 
 def config_from(records: dict, base: dict) -> dict:
@@ -203,7 +204,7 @@ def main() -> None:
     roomy = 10 * max(p["latency_ms"] for p in front)
     results = []
     for budget in budgets:
-        ctl = MeanBudget(budget)
+        ctl = MeanSpend(front, budget)  # what run - and serve hold a --mean-ms with
         costs, correct = [], []
         for _ in range(args.requests):
             q = rng.choice(held)
