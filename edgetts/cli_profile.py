@@ -131,7 +131,9 @@ def calibrate(
         "(nvpmodel takes the mode's number: --setting power_mode=1), run with the mode quoted, no input and 120 s at "
         "most; the mode is read back before measuring."
     ),
-    model_dir: str = typer.Option(None, help="Folder holding the profiled model files here (found by file name)."),
+    model_dir: str = typer.Option(
+        None, help="Folder holding the profiled model files here (found by file name; else where the source had them)."
+    ),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     anchor_s: float = typer.Option(
         30.0, min=0.0, max=86400.0, help="Seconds of direct runs that anchor each cell's latencies (one pass over the "

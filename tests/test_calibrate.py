@@ -148,6 +148,37 @@ def test_calibrate_refuses_what_it_cannot_re_time(small_profile, tmp_path):
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3))  # nothing left behind
 
 
+def test_every_model_is_found_before_anything_is_measured(small_profile, tmp_path):
+    """A profile of two variants: each file is looked for in --model-dir, then where the source had it (a
+    built-in model where edgetts is installed); one missing refuses the calibration before any of it runs."""
+    from edgetts.models import BUILTIN
+
+    src = _copy(small_profile, tmp_path / "src")
+    twin = tmp_path / "files" / "twin.gguf"  # the same weights under another name: a second variant
+    twin.parent.mkdir()
+    shutil.copyfile(BUILTIN["tiny"], twin)
+    records = RecordLog(src / "records.jsonl").load()
+    log = RecordLog(src / "records.jsonl")
+    for rec in records.values():
+        log.append(dict(rec, model=str(twin), key=rec["key"].replace("tiny", str(twin), 1),
+                        engine=dict(rec["engine"], artifact=str(twin))))  # fmt: skip
+    models = json.loads((src / "models.json").read_text())
+    models[str(twin)] = dict(models["tiny"], artifact=str(twin))
+    (src / "models.json").write_text(json.dumps(models))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    twin.rename(moved / twin.name)
+    args = ["calibrate", str(src), "--anchor-s", "0", "--quiet"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "ok"), "--model-dir", str(moved)])
+    assert r.exit_code == 0, r.output  # twin.gguf from --model-dir, tiny where edgetts keeps it
+    models = {json.loads(line)["model"] for line in (tmp_path / "ok" / "records.jsonl").read_text().splitlines()}
+    assert models == {"tiny", str(twin)}
+    assert "no such model file" in one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "gone")]))
+    assert not (tmp_path / "gone").exists()  # nothing measured, nothing left behind
+    line = one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--model-dir", str(tmp_path / "x")]))
+    assert "no such folder" in line
+
+
 @pytest.fixture
 def fake_jetson(tmp_path, monkeypatch):
     """A Jetson with modes 0 (MAXN), 1 (15W) and 2 (7W): ``nvpmodel -m N`` sets one by its number (a

@@ -131,8 +131,8 @@ def _sound(rec: dict) -> bool:
 
 
 def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
-    """The artifact to open here for the source's model ``label``: the same file (sha256), found at the
-    source's path or by its name in ``model_dir``."""
+    """The artifact to open here for the source's model ``label``: the same file (sha256), found by its name
+    in ``model_dir``, else at the source's path."""
     from edgetts.models import BUILTIN
     from edgetts.quantization.manifest import digest
 
@@ -143,15 +143,17 @@ def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
     if not want:
         raise ProfileError(f"the source profile does not record the sha256 of {label} (models.json); profile it "
                            "again with this version of edgetts")  # fmt: skip
-    path = Path(BUILTIN.get(spec.artifact, spec.artifact)).expanduser()
-    if model_dir is not None:
-        path = Path(model_dir) / path.name
-    if not path.exists():
-        raise ProfileError(f"{path}: no such model file here (give --model-dir, the folder that holds it)")
-    if digest(path) != want:
-        raise ProfileError(f"{path} is not the artifact the source profiled (sha256 differs): a different file "
+    source = Path(BUILTIN.get(spec.artifact, spec.artifact)).expanduser()
+    # --model-dir first, then where the source found it (a built-in model is where edgetts is installed)
+    places = ([Path(model_dir) / source.name] if model_dir is not None else []) + [source]
+    found = [p for p in places if p.is_file()]
+    if not found:
+        raise ProfileError(f"{places[0]}: no such model file here (give --model-dir, the folder that holds it)")
+    path = next((p for p in found if digest(p) == want), None)
+    if path is None:
+        raise ProfileError(f"{found[0]} is not the artifact the source profiled (sha256 differs): a different file "
                            "samples different tokens, so its accuracy is not the source's")  # fmt: skip
-    return str(path) if model_dir is not None or spec.artifact not in BUILTIN else spec.artifact
+    return spec.artifact if path == source and spec.artifact in BUILTIN else str(path)
 
 
 def switch_power_mode(mode: str, switch: str | None) -> None:
@@ -208,23 +210,35 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
     with profile_dir(out):
         if any(p.name != ".edgetts-lock" for p in out.iterdir()):
             raise ProfileError(f"{out} is not empty: calibrate into a new directory")
+        by_model: dict[str, dict] = {}
+        for key, rec in records.items():
+            by_model.setdefault(rec["model"], {})[key] = rec
+        # every model's file found before anything is measured or switched: a missing second one must not
+        # leave the first one's measurements behind
+        specs = {label: _local_spec(label, recs, models, model_dir) for label, recs in by_model.items()}
         if "power_mode" in setting:  # after the checks: a refused calibration leaves the device's mode alone
             switch_power_mode(setting["power_mode"], switch)
         t0 = time.perf_counter()
         retimed = {}
-        by_model: dict[str, dict] = {}
-        for key, rec in records.items():
-            by_model.setdefault(rec["model"], {})[key] = rec
         for label, recs in by_model.items():
-            retimed.update(_retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress,
+            retimed.update(_retime(label, recs, specs[label], cfg, examples, setting, memory_mb, out, progress,
                                    anchor_s))
         _write(out, src, sweep_file, models, retimed, setting, time.perf_counter() - t0)
         return write_summary(out)
 
 
-def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, out, progress, anchor_s) -> dict:
-    from edgetts.engines import EngineSpec, open_engine
-    from edgetts.engines.spec import serving_threads, split_settings
+def _local_spec(label: str, recs: dict, models: dict, model_dir: str | None):
+    """The engine spec of the source's model ``label`` with its artifact as found here, without settings."""
+    from edgetts.engines import EngineSpec
+    from edgetts.engines.spec import split_settings
+
+    spec, _ = split_settings(EngineSpec.from_dict(next(iter(recs.values()))["engine"]).resolved())
+    return EngineSpec(spec.engine, _artifact(label, spec, models, model_dir), spec.url, spec.options)
+
+
+def _retime(label, recs, spec, cfg, examples, setting, memory_mb, out, progress, anchor_s) -> dict:
+    from edgetts.engines import open_engine
+    from edgetts.engines.spec import serving_threads
     from edgetts.profiling.latency import calibrate
     from edgetts.profiling.runner import _energy
     from edgetts.profiling.validation import PROBLEMS, validate
@@ -232,8 +246,6 @@ def _retime(label, recs, models, cfg, examples, setting, model_dir, memory_mb, o
     from edgetts.telemetry.device import with_power_mode
     from edgetts.telemetry.meters import QueryMeter
 
-    spec, _ = split_settings(EngineSpec.from_dict(next(iter(recs.values()))["engine"]).resolved())
-    spec = EngineSpec(spec.engine, _artifact(label, spec, models, model_dir), spec.url, spec.options)
     spec = spec.with_options(threads=setting.get("threads") or serving_threads(), gpu_layers=setting.get("gpu_layers"))
     cells = sorted({cell_of(r) for r in recs.values()})
     n_max, budgets = max(n for _, n, _ in cells), sorted({b for *_, b in cells})
@@ -416,6 +428,8 @@ def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=No
     """Each of ``settings`` into ``out/<setting>`` (or ``out`` itself for one setting); returns (name, dir,
     summary) per setting."""
     settings = settings or [{}]
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise ProfileError(f"--model-dir {model_dir}: no such folder")
     if switch and not any("power_mode" in s for s in settings):  # a flag that would do nothing: say so
         raise ProfileError("--switch sets power modes: give it with --setting power_mode=M")
     if switch and "{power_mode}" not in switch and len({s.get("power_mode") for s in settings}) > 1:
