@@ -87,6 +87,8 @@ def test_strict_constraints_and_quantile(profiles, tmp_path):
         build_config(profiles, constraints={"speed": {"max": 1}})
     with pytest.raises(ParetoError, match="no measured point"):
         build_config(profiles, constraints={"accuracy": {"min": 1.5}})
+    with pytest.raises(ParetoError, match="is given twice"):  # its cells would count twice
+        build_config([*profiles, f"{profiles[0]}/"])
     # Energy is set in copies of the profiles, so both cases hold whatever source this machine has.
     unmeasured = _with_energy(profiles, tmp_path / "none", lambda i: None)
     with pytest.raises(ParetoError, match=r"energy_j: no profiled point measured it \(energy source: none\)"):

@@ -201,6 +201,12 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
     if quantile not in QUANTILES:
         raise ParetoError(f"quantile must be one of {', '.join(QUANTILES)}, got {quantile!r}")
     constraints = parse_constraints(constraints)
+    seen: dict[Path, Path] = {}
+    for d in map(Path, profiles):  # one directory twice would count each of its cells twice
+        if d.resolve() in seen:
+            raise ParetoError(f"{d} is given twice (as {seen[d.resolve()]})" if seen[d.resolve()] != d
+                              else f"{d} is given twice")  # fmt: skip
+        seen[d.resolve()] = d
     candidates, device, task, checks = [], None, None, {}
     for d in map(Path, profiles):
         summary, sweep, dev = _load_profile(d)
