@@ -115,17 +115,18 @@ def _one_timing(dirs: list[Path], sweeps: list[dict]) -> None:
     shards or with a calibration to another setting: each record would keep its own device's latency and
     a cell's would be neither's.  Measured shards from several machines join (the accuracy is the
     artifact's); where their settings differ, the merge says so (``mixed_settings``)."""
-    kinds = [(d, (s.get("calibrated_from") or {}).get("setting") if "calibrated_from" in s else None)
-             for d, s in zip(dirs, sweeps)]  # fmt: skip
-    for d, kind in kinds[1:]:
-        first, was = kinds[0]
-        if kind != was:
-            def say(k):
-                named = ",".join(f"{a}={b}" for a, b in k.items()) if isinstance(k, dict) else ""
-                return "measured" if k is None else f"a calibration to {named or 'its default setting'}"
 
-            raise ProfileError(f"{d} is {say(kind)} and {first} is {say(was)}: only shards timed alike merge "
-                               "(calibrate the merged profile instead)")  # fmt: skip
+    def kind(sweep: dict) -> dict | None:  # None: measured; else the setting it was calibrated to
+        return (sweep.get("calibrated_from") or {}).get("setting") if "calibrated_from" in sweep else None
+
+    def say(k: dict | None) -> str:
+        named = ",".join(f"{a}={b}" for a, b in k.items()) if isinstance(k, dict) else ""
+        return "measured" if k is None else f"a calibration to {named or 'its default setting'}"
+
+    for d, sweep in zip(dirs[1:], sweeps[1:]):
+        if kind(sweep) != kind(sweeps[0]):
+            raise ProfileError(f"{d} is {say(kind(sweep))} and {dirs[0]} is {say(kind(sweeps[0]))}: only shards "
+                               "timed alike merge (calibrate the merged profile instead)")  # fmt: skip
 
 
 def describe(result: dict) -> str:
