@@ -258,7 +258,7 @@ def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_je
                                               "nvpmodel -m {power_mode}", "--quiet"]))  # fmt: skip
     assert f"Invalid mode: 1;touch {sneaky}" in line and not sneaky.exists()
     assert "failed (exit 1)" in one_line_error(runner.invoke(app, [*args, "--switch", "read reboot"]))
-    monkeypatch.setattr("edgetts.profiling.calibrate.SWITCH_TIMEOUT_S", 1)
+    monkeypatch.setattr("edgetts.profiling.power_modes.SWITCH_TIMEOUT_S", 1)
     assert "did not finish in 1 s" in one_line_error(runner.invoke(app, [*args, "--switch", "sleep 30; true"]))
     alone = ["calibrate", str(small_profile), "--out", str(tmp_path / "o"), "--setting", "threads=1", "--switch",
              "nvpmodel -m {power_mode}"]  # fmt: skip
@@ -267,8 +267,18 @@ def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_je
     braces = ["calibrate", str(small_profile), "--out", str(tmp_path / "braces"), "--setting", "power_mode=1",
               "--switch", "awk '{print}' /dev/null && nvpmodel -m {power_mode}", "--quiet", "--anchor-s", "0"]
     r = runner.invoke(app, braces)
-    assert r.exit_code == 0 and fake_jetson.read_text().strip() == "1", r.output
-    fake_jetson.write_text("0")
+    assert r.exit_code == 0, r.output
+    # measured in mode 1, and the device is back in the mode it was in before
+    assert json.loads((tmp_path / "braces" / "records.jsonl").read_text().splitlines()[0])["profiled_with"][
+        "power_mode_id"] == 1
+    assert fake_jetson.read_text().strip() == "0" and "power mode set back to MAXN (mode 0)" in r.output
+    # a calibration that fails after another switched the mode leaves the device as it found it too
+    (tmp_path / "two" / "power_mode=2").mkdir(parents=True)
+    (tmp_path / "two" / "power_mode=2" / "mine.txt").write_text("")
+    r = runner.invoke(app, ["calibrate", str(small_profile), "--out", str(tmp_path / "two"), "--setting",
+                            "power_mode=1", "--setting", "power_mode=2", "--switch", "nvpmodel -m {power_mode}",
+                            "--quiet", "--anchor-s", "0"])  # fmt: skip
+    assert r.exit_code == 2 and "not a profile directory" in r.output and fake_jetson.read_text().strip() == "0"
     two = [*args, "--setting", "power_mode=2", "--switch", "nvpmodel -m 1"]
     assert "has no {power_mode} in it" in one_line_error(runner.invoke(app, two))
     (tmp_path / "busy").mkdir()

@@ -35,14 +35,13 @@ forced), and only time is measured here:
 The result is a profile directory like any other: this device's ``device.json``, the source's
 sweep (with ``calibrated_from``), the re-timed records (``mode`` ``calibrated``, ``profiled_with``
 the settings measured here) and a summary whose accuracies and intervals are the source's.
+:func:`calibrate_settings` runs one calibration per setting; where they switch power modes, the
+device is set back to the mode it was in at the end, whatever happened.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shlex
-import subprocess
 import time
 from pathlib import Path
 from statistics import median
@@ -57,6 +56,8 @@ from edgetts.profiling.directory import (
     record_key,
     write_summary,  # fmt: skip
 )
+from edgetts.profiling.power_modes import set_back, switch_power_mode
+from edgetts.telemetry.device import power_mode_query
 
 SETTINGS = {"threads": int, "gpu_layers": int, "power_mode": str}
 ANCHOR_S = 30.0  # default seconds of direct calls for the anchors (the fit and the check take the rest of a minute)
@@ -68,7 +69,6 @@ ANY = ("*", 0, 0)  # the factors' key for the overall factor (a cell no anchor r
 # as a busy machine's does) is made again once, as a user would; a second failure is said and kept.
 ATTEMPTS = 2
 log = logging.getLogger("edgetts.profiling")
-SWITCH_TIMEOUT_S = 120  # a power mode switch takes seconds; one that hangs must not hold the calibration
 
 
 def parse_setting(text: str) -> dict:
@@ -154,43 +154,6 @@ def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
         raise ProfileError(f"{found[0]} is not the artifact the source profiled (sha256 differs): a different file "
                            "samples different tokens, so its accuracy is not the source's")  # fmt: skip
     return spec.artifact if path == source and spec.artifact in BUILTIN else str(path)
-
-
-def switch_power_mode(mode: str, switch: str | None) -> None:
-    """Run the user's ``switch`` command for ``mode`` and read the mode back (``nvpmodel -q``): ``mode`` may
-    be the mode's name or its number (``nvpmodel -m`` takes the number); what is recorded is its name."""
-    from edgetts.telemetry.device import power_mode_query
-
-    if not switch:
-        raise ProfileError("a power_mode setting needs --switch, the command that sets it (e.g. 'sudo nvpmodel -m "
-                           "{power_mode}')")  # fmt: skip
-    # The mode goes into the user's shell command quoted: it is one word to nvpmodel, never more commands.
-    # No stdin: a command that asks (nvpmodel asks whether to reboot for some modes) fails instead of waiting.
-    # (sudo asks for its password on the terminal, not on stdin, so it still can.)
-    # Only {power_mode} is replaced: the command's other braces are the shell's (awk '{print}').
-    proc = subprocess.Popen(switch.replace("{power_mode}", shlex.quote(mode)), shell=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=SWITCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # its children may hold its output open: not long
-            proc.communicate(timeout=2)
-        raise ProfileError(f"--switch for power_mode={mode} did not finish in {SWITCH_TIMEOUT_S} s: nothing "
-                           "measured") from None  # fmt: skip
-    if proc.returncode != 0:
-        why = (stderr or stdout).strip().splitlines()
-        last = f": {why[-1]}" if why else ""
-        raise ProfileError(f"--switch for power_mode={mode} failed (exit {proc.returncode}){last}")
-    time.sleep(1)  # clocks settle after a mode change
-    now = power_mode_query()
-    if now is None:
-        raise ProfileError(f"after --switch for power_mode={mode} the power mode cannot be read back (no Jetson "
-                           "here, or `nvpmodel -q` fails): nothing measured")  # fmt: skip
-    if mode not in (now[0], str(now[1])):
-        number = f" (mode {now[1]})" if now[1] is not None else ""
-        raise ProfileError(f"after --switch the device reports power mode {now[0]!r}{number}, not {mode!r}: nothing "
-                           "measured")  # fmt: skip
 
 
 def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = None, model_dir: str | None = None,
@@ -438,15 +401,21 @@ def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=No
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # before anything is measured: the second would find the first's directory
         raise ProfileError(f"--setting {', '.join(twice)} is given more than once")
+    # the device's mode before: set back at the end, whatever happened (a Jetson left at 7W is a slow robot)
+    before = power_mode_query() if any("power_mode" in s for s in settings) else None
     done = []
-    for setting in settings:
-        name = setting_name(setting)
-        target = Path(out) if len(settings) == 1 else Path(out) / name
-        t0 = time.perf_counter()
-        summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress, anchor_s)
-        check = summary.get("latency_validation") or {}
-        say(f"calibrated {name} into {target} in {time.perf_counter() - t0:.1f} s"
-            + (f" (latency check {'ok' if check.get('ok') else 'FAILED'}: off by "
-               f"{100 * (check.get('mape') or 0):.0f}%)" if check else ""))  # fmt: skip
-        done.append((name, target, summary))
+    try:
+        for setting in settings:
+            name = setting_name(setting)
+            target = Path(out) if len(settings) == 1 else Path(out) / name
+            t0 = time.perf_counter()
+            summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress, anchor_s)
+            check = summary.get("latency_validation") or {}
+            say(f"calibrated {name} into {target} in {time.perf_counter() - t0:.1f} s"
+                + (f" (latency check {'ok' if check.get('ok') else 'FAILED'}: off by "
+                   f"{100 * (check.get('mape') or 0):.0f}%)" if check else ""))  # fmt: skip
+            done.append((name, target, summary))
+    finally:
+        if before is not None:
+            set_back(before, switch, say)
     return done
