@@ -207,7 +207,7 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
             raise ParetoError(f"{d} is given twice (as {seen[d.resolve()]})" if seen[d.resolve()] != d
                               else f"{d} is given twice")  # fmt: skip
         seen[d.resolve()] = d
-    candidates, device, task, checks = [], None, None, {}
+    candidates, device, task, checks, origin = [], None, None, {}, {}
     for d in map(Path, profiles):
         summary, sweep, dev = _load_profile(d)
         check = summary.get("latency_validation")
@@ -230,6 +230,7 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
             except (KeyError, TypeError, ValueError, AttributeError):
                 raise ParetoError(f"{d}/summary.json: cell {k} is damaged (not what edgetts writes); run edgetts "
                                   "profile on it again to rewrite the summary") from None
+            origin[id(candidates[-1])] = d
     if setting:
         candidates = [p for p in candidates if all(_has(profiled_with(p), k, v) for k, v in setting.items())]
         if not candidates:
@@ -241,6 +242,12 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
             p["id"] = f"{p['id']}@{p['setting']}"
     if not candidates:
         raise ParetoError("the profiles hold no measured cells")
+    seen_at: dict[str, Path] = {}
+    for p in candidates:  # one point measured twice (a profile and its calibration to the same setting...)
+        first = seen_at.setdefault(p["id"], origin[id(p)])
+        if first != origin[id(p)]:
+            raise ParetoError(f"{p['id']} is measured in both {first} and {origin[id(p)]} under the same setting: "
+                              "as one point twice it would be chosen by either's latency; give one of them")
     for metric in constraints:
         if all(p.get(metric) is None for p in candidates):
             why = f" (energy source: {candidates[0].get('energy_source')})" if metric == "energy_j" else ""
