@@ -243,3 +243,12 @@ def test_a_failed_latency_check_is_said_when_a_config_runs(direct_profile, tmp_p
     assert r.exit_code == 0, r.output
     assert "runs/p (off by 31%) failed their direct check" in r.stderr
 
+
+
+def test_a_config_profiled_in_a_power_mode_says_so_where_there_is_none():
+    from edgetts.engines.spec import settings_note
+
+    profiled = {"threads": 5, "gpu_layers": -1, "power_mode": "15W", "power_mode_id": 1}
+    note = settings_note("p", profiled, {"threads": 5, "gpu_layers": -1})  # run on a machine with no Jetson
+    assert note == "note: p: latencies were profiled with power_mode=15W; running with power_mode=none (no Jetson here)"
+    assert settings_note("p", {"threads": 5}, {"threads": 5}) is None  # profiled off a Jetson: nothing to say

@@ -145,6 +145,8 @@ def settings_note(what: str, profiled: dict | None, running: dict) -> str | None
     """One line saying where ``running`` differs from the settings ``what`` was profiled with, or None."""
     if not profiled:
         return None
+    if profiled.get("power_mode") is not None and "power_mode" not in running:  # profiled on a Jetson, run elsewhere
+        running = {**running, "power_mode": "none (no Jetson here)"}
     keys = [k for k in (*SETTINGS, "offload", "flash_attn", "power_mode") if k in profiled and k in running]
     diff = [k for k in keys if profiled[k] != running[k]]
     if not diff:
