@@ -134,6 +134,11 @@ def calibrate(
     model_dir: str = typer.Option(
         None, help="Folder holding the profiled model files here (found by file name; else where the source had them)."
     ),
+    artifact: list[str] = typer.Option(
+        None, help="For a source measured through a server (openai-http): the model file here that the server ran "
+        "(MODEL=FILE where it measured several; default: the served name, as a built-in name or a file). Nothing can "
+        "check it is the same file: the calibration says so."
+    ),
     memory_mb: float = typer.Option(None, help=MEMORY_HELP),
     anchor_s: float = typer.Option(
         30.0, min=0.0, max=86400.0, help="Seconds of direct runs that anchor each cell's latencies (one pass over the "
@@ -153,7 +158,7 @@ def calibrate(
         settings = [parse_setting(s) for s in setting or []]
         with progress_bar(quiet) as progress, user_errors():
             done = calibrate_settings(profile_dir, out, settings, switch, model_dir, _memory_mb(memory_mb), progress,
-                                      say=typer.echo, anchor_s=anchor_s)  # fmt: skip
+                                      say=typer.echo, anchor_s=anchor_s, artifacts=artifact)  # fmt: skip
         for _, target, _ in done:
             config, _ = build_config([target], require_validated=False)
             write_config(config, Path(target) / "pareto.json")

@@ -177,6 +177,8 @@ def test_every_model_is_found_before_anything_is_measured(small_profile, tmp_pat
     assert not (tmp_path / "gone").exists()  # nothing measured, nothing left behind
     line = one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--model-dir", str(tmp_path / "x")]))
     assert "no such folder" in line
+    line = one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--artifact", str(twin)]))
+    assert "--artifact names the file of a model the source measured through a server" in line
 
 
 @pytest.fixture
@@ -408,3 +410,48 @@ def test_reading_another_run_s_profile_changes_nothing_and_damage_is_one_line(sm
         line = one_line_error(runner.invoke(app, ["pareto", str(src), "--out", str(tmp_path / "c.json")]))
         assert "damaged" in line and "run edgetts profile on it again" in line
     assert not any((tmp_path / n).exists() for n in (*cases, "m1", "m2", "c.json"))
+
+
+def test_a_profile_measured_through_a_server_is_timed_here_on_its_file(tiny_server, tmp_path, caplog):
+    """Accuracy measured once through an OpenAI-compatible server (the same GGUF behind it), time measured
+    here on the file: the served name finds a built-in model, --artifact names any file; nothing can
+    check it is the file the server ran (no sha256 there), and the calibration says and records so."""
+    from edgetts.models import BUILTIN
+
+    src = tmp_path / "http"
+    r = runner.invoke(app, ["profile", "--engine", "openai-http", "--url", tiny_server + "/v1", "--model", "tiny",
+                            "--strategies", "single,majority", "--budgets", "32", "--n", "2", "--mode", "direct",
+                            "--limit", "6", "--quiet", "--out", str(src)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    copy = tmp_path / "files" / "mine.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(BUILTIN["tiny"], copy)
+    for out, extra in (("by-name", []), ("by-file", ["--artifact", str(copy)])):
+        caplog.clear()
+        r = runner.invoke(app, ["calibrate", str(src), "--out", str(tmp_path / out), "--anchor-s", "0", "--quiet",
+                                *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert "was measured through a server: nothing can check" in caplog.text
+        recs = RecordLog(tmp_path / out / "records.jsonl").load()
+        assert all(rec["engine"]["engine"] == "llama.cpp" and rec["source_model"].startswith("openai-http:tiny@")
+                   for rec in recs.values())  # fmt: skip
+        assert _accuracy(tmp_path / out) == _accuracy(src)
+        [(_, files)] = json.loads((tmp_path / out / "sweep.json").read_text())["calibrated_from"]["artifacts"].items()
+        assert files["artifact_checked"] is False
+    front = json.loads((tmp_path / "by-file" / "pareto.json").read_text())["frontier"]
+    assert all(p["engine"] == "llama.cpp" and p["id"].startswith("mine/") for p in front)
+    # the file is then known by its sha256: calibrating the calibration checks it as any local profile's
+    caplog.clear()
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "by-file"), "--out", str(tmp_path / "again"), "--anchor-s",
+                            "0", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0 and "nothing can check" not in caplog.text, r.output
+    for bad, said in ((["--artifact", str(tmp_path / "none.gguf")], "no such file"),
+                      (["--artifact", f"other={copy}", "--artifact", str(copy)], "is given twice")):  # fmt: skip
+        line = one_line_error(runner.invoke(app, ["calibrate", str(src), "--out", str(tmp_path / "x"), *bad]))
+        assert said in line, line
+    # a served name that is no file here: say what to give
+    records = src / "records.jsonl"
+    records.write_text(records.read_text().replace('"artifact": "tiny"', '"artifact": "qwen3-0.6b"'))
+    line = one_line_error(runner.invoke(app, ["calibrate", str(src), "--out", str(tmp_path / "x")]))
+    assert "was measured through a server" in line and "give --artifact FILE" in line
+    assert not (tmp_path / "x").exists()

@@ -8,7 +8,8 @@ forced), and only time is measured here:
 
 1. the source is checked: its records must carry ``rounds`` (profiles made before they did
    cannot be re-timed), and each model's artifact here must have the sha256 the source recorded
-   in ``models.json`` (another file would sample other tokens);
+   in ``models.json`` (another file would sample other tokens), or for a model the source
+   measured through a server, be the file the user names (:mod:`edgetts.profiling.source`);
 2. per model, the engine opens under the requested settings (``threads``, ``gpu_layers``; a
    ``power_mode`` is switched by the user's command and read back before anything is measured)
    and the pooled profiler's step-time model is fitted (:func:`edgetts.profiling.latency.calibrate`,
@@ -52,11 +53,11 @@ from edgetts.profiling.directory import (
     _latency_file,
     _read_object,
     profile_dir,
-    read_profile,
     record_key,
     write_summary,  # fmt: skip
 )
 from edgetts.profiling.power_modes import set_back, switch_power_mode
+from edgetts.profiling.source import local_spec, parse_artifacts, read_source, served_models
 from edgetts.telemetry.device import power_mode_query
 
 SETTINGS = {"threads": int, "gpu_layers": int, "power_mode": str}
@@ -93,76 +94,14 @@ def setting_name(setting: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in setting.items()) or "default"
 
 
-def _source(src: Path) -> tuple[dict, dict, dict]:
-    """(sweep file, records by key, models.json) of the source profile, checked (see the module doc)."""
-    from edgetts.profiling.records import RecordLog
-
-    sweep, models = read_profile(src)
-    records = RecordLog(src / "records.jsonl").load(repair=False)  # another run's file: read only
-    if not records:
-        raise ProfileError(f"{src}: the profile holds no records to re-time")
-    lacking = sum(1 for r in records.values() if not isinstance(r.get("rounds"), list) or not r["rounds"])
-    if lacking:
-        raise ProfileError(f"{src}: {lacking} of {len(records)} records lack per-row token counts (rounds), which "
-                           "re-timing needs; profile the source again with this version of edgetts")  # fmt: skip
-    damaged = [k for k, r in records.items() if not _sound(r)]
-    if damaged:
-        raise ProfileError(f"{src}: {len(damaged)} of {len(records)} records are damaged (their model, cell, prompt "
-                           f"tokens or rounds are not what edgetts writes), the first {damaged[0]!r}")  # fmt: skip
-    return sweep, records, models
-
-
-def _sound(rec: dict) -> bool:
-    """Whether a record holds what re-timing reads, of the types edgetts writes (a hand-edited or damaged
-    file must fail in one line, not in the middle of the arithmetic)."""
-
-    def count(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**9
-
-    try:
-        return (isinstance(rec["model"], str) and isinstance(rec["strategy"], str) and count(rec["n"])
-                and count(rec["budget"]) and count(rec["prompt_tokens"])
-                and all(isinstance(rnd, list) and rnd and all(isinstance(row, list) and len(row) == 2
-                                                                and count(row[0]) and isinstance(row[1], bool)
-                                                                for row in rnd)
-                        for rnd in rec["rounds"]))  # fmt: skip
-    except (KeyError, TypeError):
-        return False
-
-
-def _artifact(label: str, spec, models: dict, model_dir: str | None) -> str:
-    """The artifact to open here for the source's model ``label``: the same file (sha256), found by its name
-    in ``model_dir``, else at the source's path."""
-    from edgetts.models import BUILTIN
-    from edgetts.quantization.manifest import digest
-
-    if spec.url:
-        raise ProfileError(f"{label} was measured through a server ({spec.url}): there is no local artifact to time "
-                           "here; calibrate a profile of the model file instead")  # fmt: skip
-    want = models.get(label, {}).get("sha256")
-    if not want:
-        raise ProfileError(f"the source profile does not record the sha256 of {label} (models.json); profile it "
-                           "again with this version of edgetts")  # fmt: skip
-    source = Path(BUILTIN.get(spec.artifact, spec.artifact)).expanduser()
-    # --model-dir first, then where the source found it (a built-in model is where edgetts is installed)
-    places = ([Path(model_dir) / source.name] if model_dir is not None else []) + [source]
-    found = [p for p in places if p.is_file()]
-    if not found:
-        raise ProfileError(f"{places[0]}: no such model file here (give --model-dir, the folder that holds it)")
-    path = next((p for p in found if digest(p) == want), None)
-    if path is None:
-        raise ProfileError(f"{found[0]} is not the artifact the source profiled (sha256 differs): a different file "
-                           "samples different tokens, so its accuracy is not the source's")  # fmt: skip
-    return spec.artifact if path == source and spec.artifact in BUILTIN else str(path)
-
-
 def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = None, model_dir: str | None = None,
                       switch: str | None = None, memory_mb: float | None = None, progress=None,
-                      anchor_s: float = ANCHOR_S) -> dict:  # fmt: skip
+                      anchor_s: float = ANCHOR_S, artifacts: list[str] | None = None) -> dict:  # fmt: skip
     """Re-time the profile ``src`` for this device under ``setting`` into ``out`` (new or empty); returns
-    the summary (see the module doc)."""
+    the summary (see the module doc).  ``artifacts``: ``--artifact`` values, the files here of models the
+    source measured through a server (:mod:`edgetts.profiling.source`)."""
     src, out, setting = Path(src), Path(out), dict(setting or {})
-    sweep_file, records, models = _source(src)
+    sweep_file, records, models = read_source(src)
     if out.resolve() == src.resolve():
         raise ProfileError(f"--out {out} is the source profile: calibrate into a new directory")
     from edgetts.profiling.config import SweepConfig
@@ -176,27 +115,43 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
         by_model: dict[str, dict] = {}
         for key, rec in records.items():
             by_model.setdefault(rec["model"], {})[key] = rec
+        given = parse_artifacts(artifacts, served_models(by_model))
         # every model's file found before anything is measured or switched: a missing second one must not
         # leave the first one's measurements behind
-        specs = {label: _local_spec(label, recs, models, model_dir) for label, recs in by_model.items()}
+        specs = {label: local_spec(label, recs, models, model_dir, given) for label, recs in by_model.items()}
         if "power_mode" in setting:  # after the checks: a refused calibration leaves the device's mode alone
             switch_power_mode(setting["power_mode"], switch)
         t0 = time.perf_counter()
-        retimed = {}
+        retimed, files = {}, {}
         for label, recs in by_model.items():
-            retimed.update(_retime(label, recs, specs[label], cfg, examples, setting, memory_mb, out, progress,
-                                   anchor_s))
-        _write(out, src, sweep_file, models, retimed, setting, time.perf_counter() - t0)
+            spec, checked = specs[label]
+            new = _retime(label, recs, spec, cfg, examples, setting, memory_mb, out, progress, anchor_s)
+            if not checked:  # measured through a server: its records now name the file that ran here
+                new, models = _relabel(new, spec, models), {**models, **_model_entry(spec)}
+                files[label] = {"file": spec.artifact, "artifact_checked": False}
+                log.warning("note: %s was measured through a server: nothing can check that %s is the file it ran (no "
+                            "sha256 there); the accuracies are the source's only if it is", label, spec.artifact)
+            retimed.update(new)
+        _write(out, src, sweep_file, models, retimed, setting, time.perf_counter() - t0, files)
         return write_summary(out)
 
 
-def _local_spec(label: str, recs: dict, models: dict, model_dir: str | None):
-    """The engine spec of the source's model ``label`` with its artifact as found here, without settings."""
-    from edgetts.engines import EngineSpec
-    from edgetts.engines.spec import split_settings
+def _relabel(records: dict, spec, models: dict) -> dict:
+    """``records`` under the model label of ``spec`` (the file that ran here), keys included."""
+    out = {}
+    for r in records.values():
+        key = record_key(spec.label, r["strategy"], r["n"], r["budget"], r["repeat"], r["problem"])
+        out[key] = {**r, "model": spec.label, "key": key, "source_model": r["model"]}
+    return out
 
-    spec, _ = split_settings(EngineSpec.from_dict(next(iter(recs.values()))["engine"]).resolved())
-    return EngineSpec(spec.engine, _artifact(label, spec, models, model_dir), spec.url, spec.options)
+
+def _model_entry(spec) -> dict:
+    """``models.json``'s entry for the file that ran here, so that a calibration of this profile checks it."""
+    from edgetts.models import resolve_model
+    from edgetts.quantization.manifest import digest
+
+    path = resolve_model(spec.artifact)
+    return {spec.label: {"artifact": spec.artifact, "bytes": path.stat().st_size, "sha256": digest(path)}}
 
 
 def _retime(label, recs, spec, cfg, examples, setting, memory_mb, out, progress, anchor_s) -> dict:
@@ -370,7 +325,8 @@ def _replayed(rec: dict, steps, forced_len: int, factor: float, extra: float = 0
             "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1)}
 
 
-def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, setting: dict, seconds: float) -> None:
+def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, setting: dict, seconds: float,
+           files: dict | None = None) -> None:  # fmt: skip
     from edgetts.profiling.records import RecordLog
     from edgetts.telemetry.device import fingerprint
 
@@ -378,7 +334,7 @@ def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, 
     write_json_atomic(out / "device.json", fingerprint())
     write_json_atomic(out / "sweep.json", {
         **sweep_file, "calibrated_from": {"profile": str(src), "device": source_device, "setting": setting,
-                                          "seconds": round(seconds, 2)},
+                                          "seconds": round(seconds, 2), **({"artifacts": files} if files else {})},
     })  # fmt: skip
     write_json_atomic(out / "models.json", models)
     log = RecordLog(out / "records.jsonl")
@@ -387,7 +343,8 @@ def _write(out: Path, src: Path, sweep_file: dict, models: dict, records: dict, 
 
 
 def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=None, memory_mb=None, progress=None,
-                       say=print, anchor_s: float = ANCHOR_S) -> list[tuple[str, Path, dict]]:  # fmt: skip
+                       say=print, anchor_s: float = ANCHOR_S, artifacts: list[str] | None = None,
+                       ) -> list[tuple[str, Path, dict]]:  # fmt: skip
     """Each of ``settings`` into ``out/<setting>`` (or ``out`` itself for one setting); returns (name, dir,
     summary) per setting."""
     settings = settings or [{}]
@@ -409,7 +366,8 @@ def calibrate_settings(src, out, settings: list[dict], switch=None, model_dir=No
             name = setting_name(setting)
             target = Path(out) if len(settings) == 1 else Path(out) / name
             t0 = time.perf_counter()
-            summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress, anchor_s)
+            summary = calibrate_profile(src, target, setting, model_dir, switch, memory_mb, progress, anchor_s,
+                                        artifacts)
             check = summary.get("latency_validation") or {}
             say(f"calibrated {name} into {target} in {time.perf_counter() - t0:.1f} s"
                 + (f" (latency check {'ok' if check.get('ok') else 'FAILED'}: off by "
