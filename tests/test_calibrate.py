@@ -449,6 +449,15 @@ def test_a_profile_measured_through_a_server_is_timed_here_on_its_file(tiny_serv
                       (["--artifact", f"other={copy}", "--artifact", str(copy)], "is given twice")):  # fmt: skip
         line = one_line_error(runner.invoke(app, ["calibrate", str(src), "--out", str(tmp_path / "x"), *bad]))
         assert said in line, line
+    # two servers' models that would run here as one file: refused, not one model's records over the other's
+    two = _copy(src, tmp_path / "two")
+    log = RecordLog(two / "records.jsonl")
+    for rec in RecordLog(src / "records.jsonl").load().values():
+        other = rec["model"].replace(tiny_server, "http://127.0.0.1:9")
+        log.append(dict(rec, model=other, key=rec["key"].replace(rec["model"], other),
+                        engine=dict(rec["engine"], url="http://127.0.0.1:9/v1")))  # fmt: skip
+    line = one_line_error(runner.invoke(app, ["calibrate", str(two), "--out", str(tmp_path / "x")]))
+    assert "would be timed here as one file twice (tiny)" in line
     # a served name that is no file here: say what to give
     records = src / "records.jsonl"
     records.write_text(records.read_text().replace('"artifact": "tiny"', '"artifact": "qwen3-0.6b"'))

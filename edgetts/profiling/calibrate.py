@@ -119,6 +119,11 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
         # every model's file found before anything is measured or switched: a missing second one must not
         # leave the first one's measurements behind
         specs = {label: local_spec(label, recs, models, model_dir, given) for label, recs in by_model.items()}
+        named = [label if checked else spec.label for label, (spec, checked) in specs.items()]
+        if len(set(named)) < len(named):  # two servers' models run here as one file: one model's records
+            twice = sorted({n for n in named if named.count(n) > 1})
+            raise ProfileError(f"the source's models would be timed here as one file twice ({', '.join(twice)}): "
+                               "calibrate a profile of each server's model on its own")  # fmt: skip
         if "power_mode" in setting:  # after the checks: a refused calibration leaves the device's mode alone
             switch_power_mode(setting["power_mode"], switch)
         t0 = time.perf_counter()
@@ -127,7 +132,7 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
             spec, checked = specs[label]
             new = _retime(label, recs, spec, cfg, examples, setting, memory_mb, out, progress, anchor_s)
             if not checked:  # measured through a server: its records now name the file that ran here
-                new, models = _relabel(new, spec, models), {**models, **_model_entry(spec)}
+                new, models = _relabel(new, spec), {**models, **_model_entry(spec)}
                 files[label] = {"file": spec.artifact, "artifact_checked": False}
                 log.warning("note: %s was measured through a server: nothing can check that %s is the file it ran (no "
                             "sha256 there); the accuracies are the source's only if it is", label, spec.artifact)
@@ -136,7 +141,7 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
         return write_summary(out)
 
 
-def _relabel(records: dict, spec, models: dict) -> dict:
+def _relabel(records: dict, spec) -> dict:
     """``records`` under the model label of ``spec`` (the file that ran here), keys included."""
     out = {}
     for r in records.values():
