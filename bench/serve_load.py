@@ -22,8 +22,8 @@ whose median and 99th percentile are ``outside_p50_ms`` and ``outside_p99_ms``;
 ``late_by_deadline`` and ``empty_by_deadline`` count late and empty answers per deadline, and
 ``misses`` describes the first of them one by one: deadline, client's and server's milliseconds,
 empty or not, when it was sent (``sent_s``, seconds into the level; with ``--throttle`` the hogs
-start at ``hogs_at_s``), and the server's point, tokens generated, ``early_stop`` and predicted
-milliseconds;
+start at ``hogs_at_s``), and the server's point, tokens generated, ``early_stop``, predicted
+milliseconds and, for an empty answer, the server's ``error`` (how its rows ended);
 ``points_by_deadline`` counts, per deadline, the requests each point answered and those refused;
 ``price_mean`` is the mean price on compute the answers were chosen under; ``error_kinds`` names
 failed calls).
@@ -196,6 +196,7 @@ async def run_level(url, call, arrivals, work, throttle: bool = False) -> dict:
 
 
 MISSES = 10  # admitted requests late or empty, described one by one (the first ones) per level and server
+MISS_FIELDS = ("point_id", "generated_tokens", "early_stop", "predicted_ms", "error")  # the server's, per miss
 
 
 def _miss(r: tuple) -> dict:
@@ -203,7 +204,7 @@ def _miss(r: tuple) -> dict:
     info = r[9] or {}
     return {"deadline_ms": r[3], "client_ms": round(r[4], 1), "server_ms": r[6], "empty": r[1] is None,
             "sent_s": round(r[7], 3),  # seconds into the level (with --throttle, against hogs_at_s)
-            **{k: info.get(k) for k in ("point_id", "generated_tokens", "early_stop", "predicted_ms")}}  # fmt: skip
+            **{k: info.get(k) for k in MISS_FIELDS}}  # fmt: skip
 
 
 def _figures(results: list, span: float) -> dict:

@@ -53,6 +53,7 @@ import math
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -343,9 +344,10 @@ class Server:
             "deadline_met": met, "generated_tokens": trace.generated_tokens,
             "predicted_ms": round(plan.predicted_ms, 3), "price": plan.price,
         }  # fmt: skip
-        if trace.answer is None:
-            info["error"] = ("no row stated an answer before the deadline" if trace.early_stop == "deadline"
-                             else "no row stated an answer")  # fmt: skip
+        if trace.answer is None:  # how its rows ended tells a cut (deadline, length) from a model that said nothing
+            ends = sorted(Counter(r.finish_reason or "unknown" for r in trace.rows).items())
+            why = " before the deadline" if trace.early_stop == "deadline" else ""
+            info["error"] = f"no row stated an answer{why} (rows ended: {', '.join(f'{k} {v}' for k, v in ends)})"
         out = {
             "text": text,
             "model": opts["model"] or plan.point["model"],
