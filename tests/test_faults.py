@@ -479,3 +479,23 @@ def test_a_serial_engine_drops_a_call_that_could_no_longer_state_an_answer(monke
     # Four rows need four times a row's steps (on a CPU a step costs about its rows): the same time is too little.
     wide = create("majority", serial, fam, RunConfig(n=4, budget=64, deadline_ms=3 * ANSWER_ROUNDS * 2)).run("q")
     assert wide.generated_tokens == 0 and wide.early_stop == "deadline"
+
+
+def test_a_fresh_server_has_run_each_point_before_its_first_request(direct_profile, tmp_path):
+    """The first requests of a fresh server met a batch whose step cost came from bare decodes alone and were
+    admitted at predictions several times too short under a burst: every point runs once at start-up,
+    through the shared batch as a request would, and nothing of it is counted as a request."""
+    from edgetts.runtime.http import create_app
+
+    d = tmp_path / "p"
+    shutil.copytree(direct_profile, d)
+    said = []
+    app = create_app(str(d / "pareto.json"), threads=1, notify=said.append)
+    try:
+        server = app.state.server
+        assert any("(warm-up)" in line for line in said), said
+        [(engine, _)] = server.executor.engines.values()
+        assert engine.scheduler.speed.rounds > 0  # rounds served as requests' are (the bare decodes are not)
+        assert "edgetts_requests_total{" not in server.metrics.render()  # no request counted
+    finally:
+        app.state.server.executor.close()

@@ -284,6 +284,19 @@ class Executor:
             raise Late(total_ms)  # dropped while queued: nothing was computed
         return Outcome(trace, total_ms, now <= deadline.due, 1000 * engine.take_held_s() if serial else None)
 
+    def warm_up(self, question: str = "1+1") -> None:
+        """Run every local point's strategy once, as requests will, before the first one comes: a fresh
+        server's first requests otherwise pay for first-time code paths and meet a batch whose step cost
+        was fitted on bare decodes only (its rounds' sampling and controllers unseen), and under a burst
+        they were admitted at predictions several times too short."""
+        for point in self.policy.frontier:
+            if point.get("url"):  # a remote server warms itself
+                continue
+            engine, family = self.engine(point)
+            create(point["strategy"], engine, family, RunConfig(n=point["n"], budget=point["budget"])).run(question)
+            if isinstance(engine, SerialEngine):
+                engine.take_held_s()
+
     def slowdown(self) -> float:
         """The device's slowdown as the shared batches measure it every round (the largest; 1 without one)."""
         return max([e.scheduler.slowdown() for e, _ in self.engines.values() if hasattr(e, "scheduler")] + [1.0])

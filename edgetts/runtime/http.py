@@ -262,6 +262,9 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
             executor.engine(point)  # open every engine now: the first request must not pay for it
             if len(executor.engines) > opened:
                 say(f"edgetts serve: opened {point_spec(point).label} in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        executor.warm_up()
+        say(f"edgetts serve: ran each point once in {time.perf_counter() - t0:.1f} s (warm-up)")
     except BaseException:
         executor.close()
         raise
