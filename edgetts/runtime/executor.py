@@ -284,16 +284,21 @@ class Executor:
             raise Late(total_ms)  # dropped while queued: nothing was computed
         return Outcome(trace, total_ms, now <= deadline.due, 1000 * engine.take_held_s() if serial else None)
 
-    def warm_up(self, question: str = "1+1") -> None:
-        """Run every local point's strategy once, as requests will, before the first one comes: a fresh
-        server's first requests otherwise pay for first-time code paths and meet a batch whose step cost
-        was fitted on bare decodes only (its rounds' sampling and controllers unseen), and under a burst
-        they were admitted at predictions several times too short."""
+    def warm_up(self, question: str = "1+1", budget: int = 16) -> None:
+        """Run each local point's strategy and width once, as requests will, before the first one comes: a
+        fresh server's first requests otherwise pay for first-time code paths and meet a batch whose step
+        cost was fitted on bare decodes only (its rounds' sampling and controllers unseen), and under a
+        burst they were admitted at predictions several times too short.  A few rounds do it: at most
+        ``budget`` thinking tokens a row, so that a large model on a small device starts in seconds."""
+        done = set()
         for point in self.policy.frontier:
-            if point.get("url"):  # a remote server warms itself
+            shape = (json.dumps(self._spec(point).to_dict(), sort_keys=True), point["strategy"], point["n"])
+            if point.get("url") or shape in done:  # a remote server warms itself
                 continue
+            done.add(shape)
             engine, family = self.engine(point)
-            create(point["strategy"], engine, family, RunConfig(n=point["n"], budget=point["budget"])).run(question)
+            cfg = RunConfig(n=point["n"], budget=min(point["budget"], budget))
+            create(point["strategy"], engine, family, cfg).run(question)
             if isinstance(engine, SerialEngine):
                 engine.take_held_s()
 
