@@ -59,10 +59,10 @@ def switch_power_mode(mode: str, switch: str | None, then: str = "nothing measur
                            f"{then}")  # fmt: skip
 
 
-def set_back(before: tuple, switch: str, say=print) -> None:
+def set_back(before: tuple, switch: str | None, say=print) -> None:
     """Set the device back to the mode ``before`` (``power_mode_query()``'s answer) where it is in another
     now; a failure is a warning (the calibrations are written), never an error."""
-    if power_mode_query() == before:
+    if not switch or power_mode_query() == before:  # without a switch nothing changed the mode
         return
     mode = before[0] if before[1] is None else str(before[1])  # nvpmodel -m takes the number
     if "{power_mode}" not in switch:
