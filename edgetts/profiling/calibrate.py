@@ -52,6 +52,7 @@ from edgetts.profiling.directory import (
     ProfileError,
     _latency_file,
     _read_object,
+    model_entry,
     profile_dir,
     record_key,
     write_summary,  # fmt: skip
@@ -132,7 +133,8 @@ def calibrate_profile(src: str | Path, out: str | Path, setting: dict | None = N
             spec, checked = specs[label]
             new = _retime(label, recs, spec, cfg, examples, setting, memory_mb, out, progress, anchor_s)
             if not checked:  # measured through a server: its records now name the file that ran here
-                new, models = _relabel(new, spec), {**models, **_model_entry(spec)}
+                # models.json names the file that ran here: a calibration of this profile checks it
+                new, models = _relabel(new, spec), {**models, spec.label: model_entry(spec)}
                 files[label] = {"file": spec.artifact, "artifact_checked": False}
                 log.warning("note: %s was measured through a server: nothing can check that %s is the file it ran (no "
                             "sha256 there); the accuracies are the source's only if it is", label, spec.artifact)
@@ -148,15 +150,6 @@ def _relabel(records: dict, spec) -> dict:
         key = record_key(spec.label, r["strategy"], r["n"], r["budget"], r["repeat"], r["problem"])
         out[key] = {**r, "model": spec.label, "key": key, "source_model": r["model"]}
     return out
-
-
-def _model_entry(spec) -> dict:
-    """``models.json``'s entry for the file that ran here, so that a calibration of this profile checks it."""
-    from edgetts.models import resolve_model
-    from edgetts.quantization.manifest import digest
-
-    path = resolve_model(spec.artifact)
-    return {spec.label: {"artifact": spec.artifact, "bytes": path.stat().st_size, "sha256": digest(path)}}
 
 
 def _retime(label, recs, spec, cfg, examples, setting, memory_mb, out, progress, anchor_s) -> dict:

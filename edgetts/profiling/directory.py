@@ -182,22 +182,28 @@ def record_key(model: str, strategy: str, n: int, budget: int, repeat: int, prob
     return f"{model}|{strategy}|n{n}|b{budget}|r{repeat}|{problem}"
 
 
-def write_models(out: Path, specs) -> None:
-    """``models.json``: each local model's artifact and sha256 (what ``edgetts calibrate`` checks the
-    artifact it re-times against), written once per model."""
+def model_entry(spec) -> dict:
+    """``models.json``'s entry for a local model: its artifact, size and sha256 (``OSError`` or
+    ``ValueError`` where the artifact cannot be resolved)."""
     from edgetts.models import resolve_model
     from edgetts.quantization.manifest import digest
 
+    artifact = resolve_model(spec.artifact)
+    return {"artifact": spec.artifact, "bytes": artifact.stat().st_size, "sha256": digest(artifact)}
+
+
+def write_models(out: Path, specs) -> None:
+    """``models.json``: each local model's artifact and sha256 (what ``edgetts calibrate`` checks the
+    artifact it re-times against), written once per model."""
     path = out / "models.json"
     known, _ = _read_object(path) if path.exists() else ({}, None)
     for spec in specs:
         if spec.url or spec.label in known:
             continue
         try:
-            artifact = resolve_model(spec.artifact)
+            known[spec.label] = model_entry(spec)
         except (OSError, ValueError):
             continue
-        known[spec.label] = {"artifact": spec.artifact, "bytes": artifact.stat().st_size, "sha256": digest(artifact)}
     write_json_atomic(path, known)
 
 

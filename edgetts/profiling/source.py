@@ -145,7 +145,7 @@ def _served_artifact(label: str, spec, model_dir: str | None, given: str | None)
     if served in BUILTIN:
         return served
     places = [Path(served).expanduser()] + ([Path(model_dir) / Path(served).name] if model_dir else [])
-    found = next((p for p in places if served and p.exists()), None)
+    found = next((p for p in places if p.exists()), None) if served else None
     if found is None:
         raise ProfileError(f"{label} was measured through a server ({spec.url}): give --artifact FILE, the model "
                            "file that server ran, to time it here")  # fmt: skip
