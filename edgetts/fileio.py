@@ -3,6 +3,7 @@
 :func:`write_atomic` writes through a temporary sibling and a rename, so a reader (or a process
 killed mid-write) never sees half a file, and removes the temporary file when the write fails,
 so a failure leaves no ``.tmp`` behind; :func:`write_json_atomic` writes JSON that way.
+:func:`not_a_file` says why a path given as an input file cannot be read as one.
 """
 
 from __future__ import annotations
@@ -31,3 +32,9 @@ def write_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write ``obj`` as JSON through a temporary file and a rename: readers never see half a file."""
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def not_a_file(path: Path, what: str = "file") -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one: a directory, a FIFO or a device
+    (reading it would fail, block or never end) is ``not a regular file``; else ``no such <what>``."""
+    return "not a regular file" if path.exists() else f"no such {what}"

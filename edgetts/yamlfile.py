@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgetts.fileio import not_a_file
+
 
 def load_mapping(path: str | Path, allowed: set[str], error: type[Exception], what: str) -> dict:
     """The mapping in ``path``; a missing file, bad YAML, a non-mapping or an unknown key raises ``error``."""
     import yaml
 
     path = Path(path)
-    if not path.is_file():  # a FIFO or a device would block or never end when read
-        raise error(f"{path}: {'not a regular file' if path.exists() else f'no such {what}'}")
+    if not path.is_file():
+        raise error(f"{path}: {not_a_file(path, what)}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from edgetts.engines import REGISTRY
 from edgetts.engines.base import EngineError
 from edgetts.engines.spec import EngineSpec, split_settings
+from edgetts.fileio import not_a_file
 from edgetts.models import BUILTIN
 from edgetts.outputs import OutputError, check_output, write_text
 
@@ -373,7 +374,7 @@ def _check_values(p: dict, where: str) -> None:
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ParetoError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+        raise ParetoError(f"{path}: {not_a_file(path)}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -107,7 +107,7 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
             log.append(records[key])
         summary = write_summary(out)
     return {**summary, "shards": [f"{i}/{n}" for i, n in shards], "missing_shards": missing,
-            "mixed_settings": {k: v for k, v in sorted(settings.items())} if len(settings) > 1 else {}}
+            "mixed_settings": dict(sorted(settings.items())) if len(settings) > 1 else {}}
 
 
 def _one_timing(dirs: list[Path], sweeps: list[dict]) -> None:

@@ -27,7 +27,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from edgetts.fileio import write_json_atomic
+from edgetts.fileio import not_a_file, write_json_atomic
 from edgetts.quantization import QuantizeError
 
 SCHEMA = "edgetts.manifest/v1"
@@ -103,7 +103,7 @@ def load(path: str | Path) -> dict:
     """The manifest at ``path``, its shape checked (artifact files are not looked at)."""
     path = Path(path)
     if not path.is_file():
-        raise QuantizeError(f"{path}: {'not a regular file' if path.exists() else 'no such manifest file'}")
+        raise QuantizeError(f"{path}: {not_a_file(path, 'manifest file')}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

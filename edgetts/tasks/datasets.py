@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgetts.fileio import not_a_file
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN = {"arith": DATA_DIR / "arith_eval.jsonl"}
 
@@ -69,8 +71,8 @@ def _parse_record(rec: object, where: str, default_id: str) -> Example:
 
 def read_jsonl(path: str | Path) -> list[Example]:
     path = Path(path)
-    if not path.is_file():  # a FIFO or a device would block or never end when read
-        raise DatasetError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: {not_a_file(path)}")
     out: list[Example] = []
     try:
         with path.open(encoding="utf-8") as f:
