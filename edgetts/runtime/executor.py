@@ -298,9 +298,7 @@ class Executor:
             done.add(shape)
             engine, family = self.engine(point)
             cfg = RunConfig(n=point["n"], budget=min(point["budget"], budget))
-            create(point["strategy"], engine, family, cfg).run(question)
-            if isinstance(engine, SerialEngine):
-                engine.take_held_s()
+            create(point["strategy"], engine, family, cfg).run(question)  # (run() restarts a serial engine's count)
 
     def slowdown(self) -> float:
         """The device's slowdown as the shared batches measure it every round (the largest; 1 without one)."""

@@ -228,7 +228,8 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
                gpu_layers: int | None = None, memory_mb: float | None = None, notify=None,
                price: float = 0.0, mean_ms: float | None = None, load_price: bool = False,
                mean_j: float | None = None):  # fmt: skip
-    """The app serving ``config``; every engine its frontier names is opened before it returns.
+    """The app serving ``config``; every engine its frontier names is opened, and each point's strategy
+    run once (:meth:`~edgetts.runtime.executor.Executor.warm_up`), before it returns.
 
     ``batching=False`` runs one request at a time per engine (the sequential server); ``rows``
     is how many rows a batched engine holds at once (default: room for several requests);
