@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from edgetts.cli import app
 from edgetts.profiling.records import RecordLog
 from edgetts.profiling.runner import ProfileError
-from edgetts.profiling.shards import parse_shard
+from edgetts.profiling.shards import _missing, parse_shard
 
 runner = CliRunner()
 Q = "Evaluate left to right: 8*4-3"
@@ -310,6 +310,13 @@ def test_shard_indices():
             parse_shard(bad, env)
     with pytest.raises(ProfileError, match=r"JOB_COMPLETION_INDEX='abc' .*is not a whole number"):
         parse_shard("3", {"JOB_COMPLETION_INDEX": "abc"})
+
+
+def test_missing_shards_are_named_without_counting_to_n():
+    assert _missing([(0, 3), (2, 3)]) == ["1/3"]
+    assert _missing([(1, 2)]) == ["0/2"] and _missing([]) == []
+    huge = 10**20  # N comes from a file: a merge must not count to it
+    assert _missing([(1, huge)], listed=3) == [f"0/{huge}", f"2/{huge}", f"3/{huge}", f"... and {huge - 4} more of {huge}"]
 
 
 def test_a_sweep_in_three_shards_merges_into_the_unsplit_sweep(direct_profile, tmp_path):

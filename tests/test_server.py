@@ -178,6 +178,9 @@ def test_models_health_metrics_and_auth(live, client):
         ({"messages": [{"role": "user", "content": Q}], "deadline_ms": -5}, 400, "deadline_ms"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"strategy": "beam"}}, 400, "edgetts.strategy"),
         ({"messages": [{"role": "user", "content": Q}], "stop": [1, 2]}, 400, "stop"),
+        ({"messages": [{"role": "banana", "content": "x"}, {"role": "user", "content": Q}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budegt": 64}}, 400, "edgetts"),
+        ({"messages": [{"role": "user", "content": Q}], "edgetts": False}, 400, "edgetts"),
     ],
 )
 def test_bad_requests_are_4xx_json(live, body, status, param):

@@ -1,5 +1,7 @@
 """Strategy logic on the scripted fake engine: exact control, no model."""
 
+import dataclasses
+
 import pytest
 
 from edgetts.engines import EngineError, SamplingParams, create
@@ -151,3 +153,19 @@ def test_bad_options_and_values():
         strategy("adaptive", fake("1"), FAM, RunConfig(), threshold=1.5)
     with pytest.raises(EngineError, match="temperature"):
         RunConfig(sampling=SamplingParams(temperature=-0.5))
+
+
+def test_messages_a_chat_template_refuses_are_the_request_s_error():
+    # Many templates (Gemma's, Mistral's, Llama 2's) insist that roles alternate; a chat that breaks
+    # the rule is the caller's error (a StrategyError, a 400 in serve), not the engine's failure.
+    alternate = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                 "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                 "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")  # fmt: skip
+    e = fake("5")
+    e.chat_template = lambda: alternate
+    fam = dataclasses.replace(FAM, chat=True)
+    ok = ({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "q"})
+    assert strategy("single", e, fam, RunConfig(messages=ok)).run("q").answer == "5"
+    twice = ({"role": "user", "content": "a"}, {"role": "user", "content": "q"})
+    with pytest.raises(StrategyError, match="chat template refuses these messages: Conversation roles must alternate"):
+        strategy("single", e, fam, RunConfig(messages=twice)).run("q")

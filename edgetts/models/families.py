@@ -53,6 +53,10 @@ def guess_family(model: str, chat_template: str | None, model_name: str | None =
     return FAMILIES["plain"]
 
 
+class ChatTemplateRefused(ValueError):
+    """The chat template would not render these messages (many insist that roles alternate)."""
+
+
 def render_chat(template: str, question: str | list[dict], bos: str = "", eos: str = "") -> str:
     """A chat template rendered for one user turn (or a whole ``messages`` list), ready for the assistant's reply."""
     import jinja2
@@ -65,11 +69,14 @@ def render_chat(template: str, question: str | list[dict], bos: str = "", eos: s
     env.globals["raise_exception"] = raise_exception
     # Reasoning templates read ``enable_thinking``; left undefined, some (llama.cpp's copy of the
     # DeepSeek-R1-Distill template) close the reasoning block at once and the model never thinks.
-    return env.from_string(template).render(
-        messages=[{"role": "user", "content": question}] if isinstance(question, str) else question,
-        add_generation_prompt=True, bos_token=bos, eos_token=eos,
-        enable_thinking=True,
-    )
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": question}] if isinstance(question, str) else question,
+            add_generation_prompt=True, bos_token=bos, eos_token=eos,
+            enable_thinking=True,
+        )
+    except jinja2.TemplateError as e:  # the template's own raise_exception, or what it cannot render
+        raise ChatTemplateRefused(f"the model's chat template refuses these messages: {e}") from None
 
 
 def build_prompt(family: Family, question: str, chat_template: str | None = None, raw: bool = False,

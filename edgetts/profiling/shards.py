@@ -27,6 +27,7 @@ from edgetts.profiling.directory import ProfileError, profile_dir, read_profile,
 from edgetts.profiling.records import RecordLog
 
 ENV_INDEX = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
+MISSING_LISTED = 10  # missing shards named one by one in sweep.json and the warning; the rest are counted
 
 
 def parse_shard(text: str, env: dict | None = None) -> tuple[int, int]:
@@ -77,7 +78,7 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
     counts = {n for _, n in shards}
     if len(counts) > 1:
         raise ProfileError(f"the shards split the sweep differently ({', '.join(f'{i}/{n}' for i, n in shards)})")
-    missing = [f"{i}/{n}" for n in counts for i in range(n) if (i, n) not in shards]
+    missing = _missing(shards)
     _one_timing(dirs, sweeps)
     records: dict[str, dict] = {}
     settings: dict[str, list[str]] = {}  # setting -> the directories measured under it
@@ -108,6 +109,22 @@ def merge(dirs: list[str | Path], out: str | Path) -> dict:
         summary = write_summary(out)
     return {**summary, "shards": [f"{i}/{n}" for i, n in shards], "missing_shards": missing,
             "mixed_settings": dict(sorted(settings.items())) if len(settings) > 1 else {}}
+
+
+def _missing(shards: list[tuple[int, int]], listed: int = MISSING_LISTED) -> list[str]:
+    """The shards of the split that were not given, the first ``listed`` of them by name and the rest as a
+    count (``"... and 97 more of N"``): N comes from a file and may be any number, so nothing here counts
+    to N."""
+    if not shards:
+        return []
+    n, given = shards[0][1], {i for i, _ in shards}
+    names, i = [], 0
+    while i < n and len(names) < listed:
+        if i not in given:
+            names.append(f"{i}/{n}")
+        i += 1
+    rest = n - len(given) - len(names)
+    return names + ([f"... and {rest} more of {n}"] if rest > 0 else [])
 
 
 def _one_timing(dirs: list[Path], sweeps: list[dict]) -> None:

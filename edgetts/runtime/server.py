@@ -79,6 +79,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")  # the chat roles OpenAI's API knows
+EXTENSION_FIELDS = {"strategy", "n", "budget"}  # the request's "edgetts" object
+
+
 def _number(body, name, lo=None, hi=None, integer=False, required=False):
     v = body.get(name)
     if v is None:
@@ -111,6 +115,8 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
             if not isinstance(content, str) or not isinstance(m.get("role"), str):
                 raise APIError(400, f"messages[{i}] needs a string 'role' and a string (or text-part) 'content'",
                                "messages")  # fmt: skip
+            if m["role"] not in ROLES:
+                raise APIError(400, f"messages[{i}].role must be one of: {', '.join(ROLES)}", "messages")
             turns.append({"role": _text(m["role"], "messages"), "content": _text(content, "messages")})
         last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
         if last_user is None:
@@ -146,9 +152,13 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(400, "'model' must be a string", "model")
-    ext = body.get("edgetts") or {}
+    ext = {} if body.get("edgetts") is None else body["edgetts"]
     if not isinstance(ext, dict):
         raise APIError(400, "'edgetts' must be an object", "edgetts")
+    unknown = sorted(set(ext) - EXTENSION_FIELDS)
+    if unknown:  # a misspelt field would otherwise be ignored and the request answered as if it were absent
+        raise APIError(400, f"edgetts.{unknown[0]} is not a field: edgetts takes {', '.join(sorted(EXTENSION_FIELDS))}",
+                       "edgetts")  # fmt: skip
     strategy = ext.get("strategy")
     if strategy is not None and (not isinstance(strategy, str) or strategy not in STRATEGIES):
         raise APIError(400, f"edgetts.strategy must be one of: {', '.join(STRATEGIES)}", "edgetts.strategy")

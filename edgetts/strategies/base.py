@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 from edgetts.engines.base import Control, Engine, Row, SampleResult, SamplingParams
-from edgetts.models.families import Family, build_prompt
+from edgetts.models.families import ChatTemplateRefused, Family, build_prompt
 from edgetts.strategies.pooling import Estimate
 from edgetts.tasks.grading import extract_answer
 from edgetts.timing import ANSWER_SAFETY, ANSWER_STEPS
@@ -316,8 +316,11 @@ class Strategy(ABC):
         messages = None
         if self.cfg.messages:  # the question (a strategy may have added to it) is the last turn
             messages = [*self.cfg.messages[:-1], dict(self.cfg.messages[-1], content=question)]
-        return build_prompt(self.family, question, self.engine.chat_template(), raw=self.cfg.raw_prompt,
-                            messages=messages)  # fmt: skip
+        try:
+            return build_prompt(self.family, question, self.engine.chat_template(), raw=self.cfg.raw_prompt,
+                                messages=messages)  # fmt: skip
+        except ChatTemplateRefused as e:  # the request's messages, not the model, are at fault
+            raise StrategyError(str(e)) from None
 
     def sample(self, prompt: str, n: int, started: float, seeds: list[int], logprobs: int | None = None,
                controller: BudgetController | None = None,
