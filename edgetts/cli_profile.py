@@ -79,8 +79,9 @@ def profile(
     try:
         cfg = (SweepConfig.from_yaml(config) if config else SweepConfig()).override(
             models=list(model) if model else None, dataset=dataset, limit=limit, seed=seed,
-            strategies=[s.strip() for s in strategies.split(",") if s.strip()] if strategies else None,
-            budgets=ints("--budgets", budgets) if budgets else None, n=ints("--n", n) if n else None,
+            strategies=[s.strip() for s in strategies.split(",") if s.strip()] if strategies is not None else None,
+            budgets=ints("--budgets", budgets) if budgets is not None else None,
+            n=ints("--n", n) if n is not None else None,  # an empty list is refused, not read as the default
             repeats=repeats, mode=mode, threads=threads, engine=engine, url=url,
             gpu_layers=("auto" if _gpu_layers(gpu_layers) is None else _gpu_layers(gpu_layers))
             if gpu_layers is not None else None,

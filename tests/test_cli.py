@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from edgetts.cli import app
@@ -65,6 +66,26 @@ def test_bad_models_are_exit_2(tmp_path):
 def test_bad_options_are_exit_2():
     assert runner.invoke(app, ["evaluate", "--n", "0"]).exit_code == 2
     assert "unknown family" in _one_line_error(runner.invoke(app, ["evaluate", "--family", "gpt5"]))
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--budgets", "16,16"], "budgets: 16 is given twice"),  # its cells were measured twice, into one record
+    (["--n", "1,4,1"], "n: 1 is given twice"),
+    (["--strategies", "single,single"], "strategies: 'single' is given twice"),
+    (["--model", "tiny", "--model", "tiny"], "models: 'tiny' is given twice"),
+    (["--strategies", ""], "strategies: expected a non-empty list"),  # not the default grid
+    (["--budgets", ""], "budgets: expected a non-empty list"),
+])
+def test_a_sweep_that_lists_a_value_twice_or_nothing_is_refused(tmp_path, args, reason):
+    r = runner.invoke(app, ["profile", "--out", str(tmp_path / "p"), "--quiet", *args])
+    assert reason in _one_line_error(r) and not (tmp_path / "p").exists()
+
+
+def test_a_sweep_file_with_a_temperature_that_is_not_a_number_is_refused(tmp_path):
+    for t in (".nan", ".inf", "-1"):
+        (tmp_path / "s.yaml").write_text(f"temperature: {t}\n")
+        r = runner.invoke(app, ["profile", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "p")])
+        assert "temperature: expected a number >= 0" in _one_line_error(r)
 
 
 def test_run_prints_answer_and_trace():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,12 @@ class SweepConfig:
         def ints(name, values, lo=1):
             if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in values):
                 raise ConfigError(f"{name}: expected a non-empty list of integers >= {lo}, got {values!r}")
+            once(name, values)
+
+        def once(name, values):  # a value given twice would measure its cells twice, into one record each
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise ConfigError(f"{name}: {twice!r} is given twice")
 
         if not isinstance(self.models, list) or not self.models:
             raise ConfigError(f"models: expected a non-empty list of names, paths or engine specs, got {self.models!r}")
@@ -113,7 +120,10 @@ class SweepConfig:
                 raise ConfigError(str(err)) from None
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if not self.strategies or bad:
-            raise ConfigError(f"strategies: unknown {bad or self.strategies!r}; choose from {', '.join(STRATEGIES)}")
+            what = f"unknown {bad!r}" if bad else "expected a non-empty list"
+            raise ConfigError(f"strategies: {what}; choose from {', '.join(STRATEGIES)}")
+        once("strategies", self.strategies)
+        once("models", self.models)
         ints("budgets", self.budgets)
         ints("n", self.n)
         ints("repeats", [self.repeats])
@@ -122,7 +132,7 @@ class SweepConfig:
             ints("limit", [self.limit])
         if self.mode not in MODES:
             raise ConfigError(f"mode: {self.mode!r} is not available; choose from {', '.join(MODES)}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
             raise ConfigError(f"temperature: expected a number >= 0, got {self.temperature!r}")
 
     @classmethod
