@@ -210,6 +210,27 @@ def test_json_nested_past_python_s_recursion_is_a_one_line_error(small_profile, 
         assert says in one_line_error(runner.invoke(app, args)), args
 
 
+def test_yaml_aliases_that_expand_to_billions_of_values_are_refused(tmp_path):
+    """A YAML alias is a reference: ten lines of aliases stand for 10^9 values, which the sweep's digest
+    (json.dumps) expanded until memory ran out. A sweep or recipe file is refused in one line instead, as is
+    one that holds itself; a few aliases, as people use them, still load."""
+    bomb = "engine:\n  options:\n    l0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"    l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    (tmp_path / "cycle.yaml").write_text("engine:\n  options:\n    a: &a [*a]\n")
+    (tmp_path / "recipe.yaml").write_text("gguf: &q [" + ", ".join(["*q"] * 3) + "]\n")
+    (tmp_path / "fine.yaml").write_text("budgets: &b [16]\nn: [1]\nstrategies: [single]\nlimit: 2\n"
+                                        "engine:\n  options: {a: *b, b: *b}\n")  # fmt: skip
+    for args in (["profile", "--config", str(tmp_path / "bomb.yaml")],
+                 ["profile", "--config", str(tmp_path / "cycle.yaml")],
+                 ["quantize", "tiny", "--recipe", str(tmp_path / "recipe.yaml")]):  # fmt: skip
+        assert "more than 100,000 values once its aliases" in one_line_error(
+            runner.invoke(app, [*args, "--out", str(tmp_path / "o")])), args
+    from edgetts.profiling.config import SweepConfig
+
+    assert SweepConfig.from_yaml(tmp_path / "fine.yaml").budgets == [16]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_config_that_is_a_fifo_is_refused_as_such(tmp_path):
     os.mkfifo(tmp_path / "pareto.json")
