@@ -317,7 +317,8 @@ def _replayed(rec: dict, steps, forced_len: int, factor: float, extra: float = 0
     ttft = steps.token_s * (rec["prompt_tokens"] + 1)
     rounds = [[(int(s), bool(f)) for s, f in rnd] for rnd in rec["rounds"]]
     latency = steps.latency(ttft, rec["prompt_tokens"], rounds, forced_len) * factor + extra
-    ttft *= factor
+    # ``extra`` is a drawn deviation and may be negative: a first token never comes after the answer
+    ttft = min(ttft * factor, latency / len(rounds))
     longest = max(s for rnd in rounds for s, _ in rnd)
     return {**rec, "mode": "calibrated", "source_mode": rec.get("source_mode", rec.get("mode")), "latency_s": latency,
             "ttft_s": ttft, "tpot_s": (latency - ttft * len(rounds)) / max(1, longest - 1)}

@@ -11,8 +11,11 @@ was damaged by something else, and loading refuses rather than guessing.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+from edgetts.profiling.summary import damage
 
 # Deleting a line loses nothing that cannot be measured again: a resumed run measures every missing key.
 REPAIR = "delete the line(s) named and run the same command again (a query left without a record is measured again)"
@@ -20,6 +23,22 @@ REPAIR = "delete the line(s) named and run the same command again (a query left 
 
 class RecordsError(ValueError):
     pass
+
+
+class NotFinite(ValueError):
+    """A record's number is NaN or infinite: edgetts never writes one (a summary would carry it into the
+    Pareto config), so the line was written by something else."""
+
+
+def _not_finite(name: str):
+    raise NotFinite(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise NotFinite(text)
+    return value
 
 
 class RecordLog:
@@ -47,15 +66,23 @@ class RecordLog:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)  # bytes: invalid UTF-8 is a ValueError like bad JSON
+                # bytes: invalid UTF-8 is a ValueError like bad JSON
+                rec = json.loads(line, parse_constant=_not_finite, parse_float=_finite)
                 key = rec["key"]
                 if not isinstance(key, str):
                     raise TypeError
+            except NotFinite:
+                bad.append((n, "damaged record (a number that is not finite: NaN, Infinity or beyond a double)"))
+                continue
             except (ValueError, KeyError, TypeError, RecursionError):
                 bad.append((n, "damaged record (not a JSON object with a 'key')"))
                 continue
             if key in records:
                 bad.append((n, f"duplicate record {key!r}"))
+                continue
+            wrong = damage(rec)
+            if wrong:
+                bad.append((n, f"damaged record {key!r} ({wrong})"))
                 continue
             records[key] = rec
         if bad:

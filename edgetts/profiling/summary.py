@@ -48,6 +48,47 @@ def _one_or_mixed(values) -> str | None:
     return None if not known else known[0] if len(known) == 1 else "mixed:" + ",".join(known)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# What summarize reads from each record, and what edgetts writes there: a record that breaks these was
+# written by something else, and is refused when the log is read (a string where a latency goes was a
+# TypeError traceback in the middle of a merge).
+RECORD_FIELDS = {
+    "model": lambda v: isinstance(v, str), "strategy": lambda v: isinstance(v, str),
+    "n": lambda v: _count(v) and v >= 1, "budget": _count,
+    "correct": lambda v: _number(v) and 0 <= v <= 1,  # a direct run's 0 or 1, a pooled estimate between
+    "latency_s": lambda v: _number(v) and v >= 0, "ttft_s": _number, "tpot_s": _number,
+    "generated_tokens": lambda v: _number(v) and v >= 0, "thinking_tokens": lambda v: _number(v) and v >= 0,
+    "answer_tokens": _number, "rows_used": lambda v: _number(v) and v >= 0,
+    "energy_j": lambda v: v is None or _number(v), "avg_power_w": lambda v: v is None or _number(v),
+    "energy_source": lambda v: isinstance(v, str), "peak_rss_mb": _number,
+}
+OPTIONAL_FIELDS = {
+    "peak_gpu_mb": lambda v: v is None or _number(v), "kv_bytes": lambda v: v is None or _number(v),
+    "memory_mb": lambda v: v is None or _number(v), "energy_rail": lambda v: v is None or isinstance(v, str),
+    "engine": lambda v: v is None or isinstance(v, dict), "profiled_with": lambda v: v is None or isinstance(v, dict),
+}  # fmt: skip
+
+
+def damage(rec: dict) -> str | None:
+    """What is wrong with a record that summarize would read (None: nothing)."""
+    for name, ok in RECORD_FIELDS.items():
+        if name not in rec:
+            return f"no {name!r}"
+        if not ok(rec[name]):
+            return f"its {name!r} is {str(rec[name])[:40]!r}, not what edgetts writes"
+    for name, ok in OPTIONAL_FIELDS.items():
+        if name in rec and not ok(rec[name]):
+            return f"its {name!r} is {str(rec[name])[:40]!r}, not what edgetts writes"
+    return None
+
+
 def summarize(records: dict[str, dict]) -> dict:
     cells: dict[tuple, list[dict]] = {}
     for _, rec in sorted(records.items()):  # in key order: the same records give the same sums, whatever their order
