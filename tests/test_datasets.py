@@ -80,6 +80,12 @@ def test_gsm8k_and_math_styles(tmp_path):
         ('{"question": "\\ud800 q", "answer": "1"}\n', "bad.jsonl:1: 'question' holds invalid Unicode"),
         ('{"question": "q", "answer": "1", "level": [1]}\n', "bad.jsonl:1: 'level' is [1]"),
         ('{"question": "q", "answer": "1", "id": {"a": 1}}\n', "bad.jsonl:1: 'id' is {\"a\": 1}"),
+        ('{"question": "  ", "answer": "1"}\n', "bad.jsonl:1: the question is empty"),
+        # a profile keys its records by id: two problems under one id were measured into one record
+        ('{"question": "q", "answer": "1", "id": 7}\n{"question": "r", "answer": "2", "id": "7"}\n',
+         "bad.jsonl:2: id '7' is also line 1's"),
+        ('{"question": "q", "answer": "1", "id": "bad-2"}\n{"question": "r", "answer": "2"}\n',
+         "bad.jsonl:2: id 'bad-2' is also line 1's"),
     ],
 )
 def test_malformed_files_name_file_and_line(tmp_path, content, message):

@@ -44,7 +44,9 @@ def _parse_record(rec: object, where: str, default_id: str) -> Example:
         raise DatasetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     question = rec.get("question", rec.get("problem"))
     answer = rec.get("answer")
-    if not isinstance(question, str) or not question.strip():
+    if isinstance(question, str) and not question.strip():
+        raise DatasetError(f"{where}: the {'question' if 'question' in rec else 'problem'} is empty")
+    if not isinstance(question, str):
         raise DatasetError(f"{where}: missing 'question' (GSM8K style) or 'problem' (MATH style)")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         if not math.isfinite(answer):
@@ -74,6 +76,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DatasetError(f"{path}: {not_a_file(path)}")
     out: list[Example] = []
+    seen: dict[str, int] = {}  # id -> line: a profile's records are keyed by id
     try:
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -85,6 +88,10 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 except (json.JSONDecodeError, RecursionError) as e:
                     raise DatasetError(f"{where}: not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
                 out.append(_parse_record(rec, where, f"{path.stem}-{n}"))
+                if out[-1].id in seen:
+                    raise DatasetError(f"{where}: id {out[-1].id!r} is also line {seen[out[-1].id]}'s; each "
+                                       "problem needs its own id (or none: the line number)")  # fmt: skip
+                seen[out[-1].id] = n
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not out:
