@@ -8,10 +8,15 @@
    one-second rates (max/min).
 2. The same llama.cpp call (the tiny model, one row of 32 tokens, the median of 40 calls) on 2
    threads, ``bench/calibrate.py``'s ``threads=2`` setting, in ``--processes`` fresh processes one
-   after another: whether the machine keeps one speed from process to process in that setting.
+   after another: whether the machine keeps one speed from process to process in that setting;
+   and, in each process, the medians of four blocks of 30 more calls 1.5 s apart: whether it
+   keeps one speed within a process (if a process's speed were its own, a calibration could
+   average processes; if it moves within one, only time does).  The CPU time the hypervisor
+   says it took from this VM meanwhile (``steal`` in ``/proc/stat``) is reported beside it.
 
-The last line is one JSON object with ``quota`` (per period: ``slowdown``, ``spread``) and
-``call_ms`` (per process).
+The last line is one JSON object with ``quota`` (per period: ``slowdown``, ``spread``),
+``call_ms`` (per process), ``blocks_ms`` (per process, the four blocks' medians) and
+``steal_share`` (stolen over all CPU time while the calls ran).
 """
 
 from __future__ import annotations
@@ -53,7 +58,23 @@ for _ in range(40):
     engine.sample("What is 12+35?", 1, SamplingParams(max_tokens=32, ignore_eos=True))
     times.append(time.perf_counter() - t0)
 print(1000 * statistics.median(times))
+blocks = []
+for _ in range(4):
+    time.sleep(1.5)
+    times = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        engine.sample("What is 12+35?", 1, SamplingParams(max_tokens=32, ignore_eos=True))
+        times.append(time.perf_counter() - t0)
+    blocks.append(1000 * statistics.median(times))
+print(" ".join(map(str, blocks)))
 """
+
+
+def cpu_times() -> tuple[int, int]:
+    """(stolen, all) CPU time of this machine so far, in clock ticks (``/proc/stat``'s first line)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    return fields[7], sum(fields)
 
 
 def loop_rates(seconds: float, period_us: int | None) -> list[float]:
@@ -87,12 +108,18 @@ def main() -> None:
     cal.make_quota()  # back to the calibration bench's period
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    calls = []
+    calls, blocks = [], []
+    stolen0, all0 = cpu_times()
     for _ in range(args.processes):
         out = subprocess.run([sys.executable, "-c", CALL], capture_output=True, text=True, check=True, env=env)
-        calls.append(round(float(out.stdout.split()[-1]), 2))
-        print(f"a 1-row 32-token call on 2 threads, a fresh process: {calls[-1]} ms", file=sys.stderr)
+        first, rest = out.stdout.strip().split("\n")[-2:]
+        calls.append(round(float(first), 2))
+        blocks.append([round(float(v), 2) for v in rest.split()])
+        print(f"a 1-row 32-token call on 2 threads, a fresh process: {calls[-1]} ms; then, blocks 1.5 s apart: "
+              f"{blocks[-1]} ms ({max(blocks[-1]) / min(blocks[-1]):.2f}x)", file=sys.stderr)  # fmt: skip
+    stolen1, all1 = cpu_times()
     print(json.dumps({"bare_spread": round(max(bare) / min(bare), 2), "quota": quota, "call_ms": calls,
+                      "blocks_ms": blocks, "steal_share": round((stolen1 - stolen0) / max(1, all1 - all0), 5),
                       "machine": f"{os.uname().machine}, {os.cpu_count()} CPUs"}))  # fmt: skip
 
 
