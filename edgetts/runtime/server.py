@@ -79,7 +79,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-ROLES = ("system", "developer", "user", "assistant", "tool")  # the chat roles OpenAI's API knows
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's (function: the older tool)
 EXTENSION_FIELDS = {"strategy", "n", "budget"}  # the request's "edgetts" object
 
 
