@@ -613,3 +613,14 @@ def test_stalled_headers_and_bodies_get_408_and_the_connection_closes(config):
         assert httpx.post(live + "/v1/completions", json={"prompt": Q}, timeout=60).status_code == 200
     finally:
         _stop(proc)
+
+
+def test_metrics_labels_are_escaped():
+    """A point id comes from a model's file name or a config: a quote, a backslash or a newline in it must
+    stay inside its label in Prometheus' text format."""
+    from edgetts.runtime.metrics import Metrics
+
+    m = Metrics()
+    m.request("ok", 0.01, point='odd"name\\x\nb/single/n1/b32')
+    line = next(x for x in m.render().splitlines() if x.startswith("edgetts_point_chosen_total{"))
+    assert line == 'edgetts_point_chosen_total{point="odd\\"name\\\\x\\nb/single/n1/b32"} 1'

@@ -51,7 +51,7 @@ class Metrics:
     def render(self) -> str:
         with self.lock:
             lines = ["# HELP edgetts_requests_total Requests by outcome.", "# TYPE edgetts_requests_total counter"]
-            lines += [f'edgetts_requests_total{{outcome="{o}"}} {c}' for o, c in sorted(self.outcomes.items())]
+            lines += [f'edgetts_requests_total{{outcome="{_label(o)}"}} {c}' for o, c in sorted(self.outcomes.items())]
             lines += ["# HELP edgetts_request_seconds End-to-end latency of answered requests.",
                       "# TYPE edgetts_request_seconds histogram"]  # fmt: skip
             lines += [f'edgetts_request_seconds_bucket{{le="{b}"}} {c}' for b, c in zip(BUCKETS, self.buckets)]
@@ -61,7 +61,7 @@ class Metrics:
                       "# TYPE edgetts_deadline_misses_total counter", f"edgetts_deadline_misses_total {self.misses}",
                       "# HELP edgetts_point_chosen_total Requests per frontier point.",
                       "# TYPE edgetts_point_chosen_total counter"]  # fmt: skip
-            lines += [f'edgetts_point_chosen_total{{point="{p}"}} {c}' for p, c in sorted(self.points.items())]
+            lines += [f'edgetts_point_chosen_total{{point="{_label(p)}"}} {c}' for p, c in sorted(self.points.items())]
             lines += ["# HELP edgetts_queue_depth Requests admitted and not finished.",
                       "# TYPE edgetts_queue_depth gauge", f"edgetts_queue_depth {self.queue_depth}",
                       "# HELP edgetts_tokens_generated_total Tokens generated over all rows.",
@@ -83,3 +83,9 @@ class Metrics:
                           "asked for (1: all of it), which the load price follows.",
                           "# TYPE edgetts_engine_load gauge", f"edgetts_engine_load {self.load}"]  # fmt: skip
             return "\n".join(lines) + "\n"
+
+
+def _label(value: object) -> str:
+    """A label value in Prometheus' text format: a point id comes from a model's file name or a config,
+    and a quote or a newline in it would end the label (or the line) early."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
