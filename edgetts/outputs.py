@@ -2,7 +2,9 @@
 
 :func:`check_output` refuses, with one line, an output path that cannot be a file (a
 directory, or a path under an existing file), a parent that does not exist when the command
-does not create parents, and an existing file that edgetts did not write (``ours`` decides,
+does not create parents, an existing path that is not a regular file (a named pipe, which
+reading would block on, or a device such as ``/dev/null``, which the rename would replace), and
+an existing file that edgetts did not write (``ours`` decides,
 from the file's content), so a command never overwrites a user's file.  :func:`write_text`
 writes through a temporary sibling and a rename, and removes the temporary file if anything
 fails, so a failed command leaves neither a partial file nor a ``.tmp`` behind.
@@ -32,6 +34,8 @@ def check_output(path: str | Path, ours: Callable[[Path], bool] | None = None, m
             if parent != path.parent and not make_parents:
                 raise OutputError(f"cannot write {path}: no directory {path.parent}")
             break
+    if path.exists() and not path.is_file():  # a FIFO would block the check below; a device the rename replaces
+        raise OutputError(f"{path} exists and is not a regular file; give a file name")
     if path.exists() and ours is not None and not ours(path):
         raise OutputError(f"{path} exists and was not written by edgetts; remove it or choose another output")
     return path

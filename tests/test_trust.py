@@ -232,6 +232,16 @@ def test_yaml_aliases_that_expand_to_billions_of_values_are_refused(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_an_output_that_is_a_fifo_is_refused_not_waited_on(small_profile, tmp_path):
+    """Checking whether an existing output is edgetts' own reads it: a named pipe there blocked pareto
+    until someone wrote to it."""
+    os.mkfifo(tmp_path / "out")
+    for args in (["pareto", str(small_profile), "--out", str(tmp_path / "out")],
+                 ["export-c", str(small_profile / "pareto.json"), "--out", str(tmp_path / "out")]):  # fmt: skip
+        assert "exists and is not a regular file" in one_line_error(runner.invoke(app, args)), args
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_config_that_is_a_fifo_is_refused_as_such(tmp_path):
     os.mkfifo(tmp_path / "pareto.json")
     line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "pareto.json"), "--deadline-ms",
