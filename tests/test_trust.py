@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import typer
-from conftest import one_line_error
+from conftest import SMALL, one_line_error
 from typer.testing import CliRunner
 
 from edgetts.cli import app
@@ -239,6 +239,26 @@ def test_an_output_that_is_a_fifo_is_refused_not_waited_on(small_profile, tmp_pa
     for args in (["pareto", str(small_profile), "--out", str(tmp_path / "out")],
                  ["export-c", str(small_profile / "pareto.json"), "--out", str(tmp_path / "out")]):  # fmt: skip
         assert "exists and is not a regular file" in one_line_error(runner.invoke(app, args)), args
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("name", ["records.jsonl", "models.json", ".edgetts-lock"])
+def test_a_named_pipe_in_a_profile_directory_is_refused_not_waited_on(small_profile, tmp_path, name):
+    """Resuming, merging or calibrating a profile reads its files: a named pipe in place of one blocked the
+    command (and the lock's was an OSError traceback)."""
+    import shutil
+
+    prof = tmp_path / "prof"
+    shutil.copytree(small_profile, prof, ignore=shutil.ignore_patterns(".edgetts-lock"))
+    (prof / name).unlink(missing_ok=True)
+    os.mkfifo(prof / name)
+    commands = [["profile", "--out", str(prof), *SMALL]]
+    if name != ".edgetts-lock":  # merge and calibrate read a profile without taking its lock
+        commands += [["merge", str(prof), "--out", str(tmp_path / "m")],
+                     ["calibrate", str(prof), "--out", str(tmp_path / "c")]]  # fmt: skip
+    for args in commands:
+        line = one_line_error(runner.invoke(app, args))
+        assert "not a regular file" in line and name in line, (args, line)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")

@@ -50,6 +50,9 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool, shard: tuple[int, int]
     """Make the locked directory ``out`` ready for ``cfg`` (see the module docstring); a shard of a
     sweep (``(i, n)``) resumes only into a directory of the same shard."""
     sweep, device = out / "sweep.json", out / "device.json"
+    odd = next((e for e in sorted(out.iterdir()) if not (e.is_file() or e.is_dir())), None)
+    if odd is not None:  # a named pipe would block a read of it, a socket or device fail
+        raise ProfileError(f"{odd} {NOT_OURS}")
     records = _has_records(out)
     if not records:  # new, or a stub left by a run that failed before its first record: nothing to keep
         for entry in out.iterdir():
@@ -84,8 +87,13 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool, shard: tuple[int, int]
                               **({"shard": list(shard)} if shard else {})})  # fmt: skip
 
 
+NOT_OURS = "is not a regular file; remove it (a profile directory holds edgetts' files)"
+
+
 def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
     """(the JSON object in ``path``, None), or ({}, why it is not one, or has no string ``key``)."""
+    if not path.is_file():  # a named pipe would block the read
+        return {}, "not a regular file"
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -99,6 +107,8 @@ def read_profile(d: Path) -> tuple[dict, dict]:
     """(``sweep.json``, ``models.json`` or {}) of a profile directory another command reads (calibrate,
     merge); a one-line :class:`ProfileError` for a folder that is not one or a damaged sweep file."""
     for name in ("sweep.json", "records.jsonl"):
+        if (d / name).exists() and not (d / name).is_file():
+            raise ProfileError(f"{d / name} {NOT_OURS}")
         if not (d / name).is_file():
             raise ProfileError(f"{d}: not a profile directory (no {name})")
     sweep, why = _read_object(d / "sweep.json", key="digest")

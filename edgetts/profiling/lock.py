@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +55,10 @@ def hold(directory: str | Path):
     if key in _held:  # held further out in this process: the outer block releases it
         yield
         return
-    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a named pipe or a device: no lock, and not ours to truncate
+        os.close(fd)
+        raise LockError(f"{key / LOCK_NAME} is not a regular file; remove it (edgetts keeps its lock there)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

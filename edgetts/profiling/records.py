@@ -52,6 +52,8 @@ class RecordLog:
         the partial line may be a running profile's write in progress)."""
         if not self.path.exists():
             return {}
+        if not self.path.is_file():  # a named pipe would block the read below
+            raise RecordsError(f"{self.path} is not a regular file; remove it (or use another directory)")
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data) and repair:  # a write cut short by a kill: drop the partial line on disk too
