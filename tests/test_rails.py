@@ -50,6 +50,24 @@ def test_without_an_input_rail_the_rails_add_up_and_off_channels_are_skipped(roo
     assert total.watts() is None
 
 
+def test_readings_no_rail_gives_are_not_power(root):
+    """A rail near 0 A reads a little below zero (the monitor's offset): no power, not negative power. A
+    value no board draws, a value that is not a number, and a named pipe in a captured tree (which would
+    block the meter's thread) are failed reads: that sample is skipped."""
+    import os
+
+    d = orin_hwmon(root, {"VDD_IN": (5000, 2000)})
+    total = rails.find_rails()
+    write(d / "curr1_input", -3)
+    assert total.watts() == 0.0
+    for bad in ("-99999999999999999999999", "1" * 5000, "abc", 10**9):
+        write(d / "curr1_input", bad)
+        assert total.watts() is None, bad
+    (d / "curr1_input").unlink()
+    os.mkfifo(d / "curr1_input")
+    assert total.watts() is None
+
+
 def test_legacy_iio_reads_milliwatts_and_does_not_count_the_input_twice(root):
     legacy_iio(root, {"POM_5V_IN": 9800, "POM_5V_GPU": 2100, "POM_5V_CPU": 3300})
     total = rails.find_rails()

@@ -29,6 +29,7 @@ from edgetts.telemetry import sysfs
 HWMON = "/sys/class/hwmon"
 IIO = "/sys/bus/i2c/drivers/ina3221x"
 INPUT_RAILS = ("VDD_IN", "POM_5V_IN")  # the board's input: the total of everything else
+MAX_MW = 1e7  # 10 kW: far above any board a rail monitor sits on
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,14 @@ class Rail:
     layout: str  # "hwmon" or "iio"
 
     def milliwatts(self) -> float | None:
+        """The rail's power now, or None when a read failed or gave what no rail draws: an INA3221 near
+        0 A reads a few mA below zero (its offset), counted as 0; megawatts, either sign, are a damaged
+        reading, not power."""
         values = [sysfs.read_int(f) for f in self.files]
         if any(v is None for v in values):
             return None
-        return values[0] * values[1] / 1000 if len(values) == 2 else float(values[0])
+        mw = values[0] * values[1] / 1000 if len(values) == 2 else float(values[0])
+        return None if abs(mw) > MAX_MW else max(mw, 0.0)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ GPU layout in a temporary folder and point the whole program at it.  ``/proc`` o
 from __future__ import annotations
 
 import os
+import stat
 
 
 def root() -> str:
@@ -21,13 +22,25 @@ def path(p: str) -> str:
     return p if r == "/" else os.path.join(r, p.lstrip("/"))
 
 
+MAX_BYTES = 65536  # a sysfs attribute holds at most a page; a release file a line or two
+
+
 def read_text(p: str) -> str | None:
-    """The stripped contents of ``p`` (already under the root), or None when it cannot be read."""
+    """The stripped contents of ``p`` (already under the root), or None when it cannot be read.  Only a
+    regular file is read (sysfs attributes are), and only its first ``MAX_BYTES``: a named pipe in a
+    tree under ``EDGETTS_SYSFS_ROOT`` would block the meter's thread, a device never end."""
     try:
-        with open(p) as f:
-            return f.read().strip()
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, MAX_BYTES).decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)
 
 
 def read_int(p: str) -> int | None:
