@@ -178,13 +178,18 @@ def test_models_health_metrics_and_auth(live, client):
         ({"messages": [{"role": "user", "content": Q}], "deadline_ms": -5}, 400, "deadline_ms"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"strategy": "beam"}}, 400, "edgetts.strategy"),
         ({"messages": [{"role": "user", "content": Q}], "stop": [1, 2]}, 400, "stop"),
+        ({"messages": [{"role": "user", "content": Q}], "stop": ["\ud800"]}, 400, "stop"),
+        ({"messages": [{"role": "user", "content": Q}], "model": "\ud800"}, 400, "model"),  # echoed: it was a 500
+        ({"messages": [{"role": "user", "content": Q}], "model": "x" * 300}, 400, "model"),
         ({"messages": [{"role": "banana", "content": "x"}, {"role": "user", "content": Q}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budegt": 64}}, 400, "edgetts"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": False}, 400, "edgetts"),
     ],
 )
 def test_bad_requests_are_4xx_json(live, body, status, param):
-    r = httpx.post(live + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    # json.dumps escapes a lone surrogate as JSON allows (httpx's own encoder cannot write one at all)
+    r = httpx.post(live + "/v1/chat/completions", content=json.dumps(body),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == status and r.json()["error"]["param"] == param
 
 

@@ -146,12 +146,16 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
                              or len(stop) > 4):  # fmt: skip
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    for s in stop or []:
+        _text(s, "stop")
     for flag in ("stream", "include_reasoning"):
         if flag in body and not isinstance(body[flag], bool):
             raise APIError(400, f"'{flag}' must be a boolean", flag)
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, "'model' must be a string", "model")
+    if model is not None and (not isinstance(model, str) or len(model) > 256):
+        raise APIError(400, "'model' must be a string of at most 256 characters", "model")
+    if model is not None:
+        _text(model, "model")  # it is echoed in the response, which a lone surrogate cannot be written into
     ext = {} if body.get("edgetts") is None else body["edgetts"]
     if not isinstance(ext, dict):
         raise APIError(400, "'edgetts' must be an object", "edgetts")
