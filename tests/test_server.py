@@ -184,6 +184,7 @@ def test_models_health_metrics_and_auth(live, client):
         ({"messages": [{"role": "banana", "content": "x"}, {"role": "user", "content": Q}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budegt": 64}}, 400, "edgetts"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": False}, 400, "edgetts"),
+        ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budget": 0}}, 400, "edgetts.budget"),
     ],
 )
 def test_bad_requests_are_4xx_json(live, body, status, param):

@@ -83,8 +83,10 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # Open
 EXTENSION_FIELDS = {"strategy", "n", "budget"}  # the request's "edgetts" object
 
 
-def _number(body, name, lo=None, hi=None, integer=False, required=False):
+def _number(body, name, lo=None, hi=None, integer=False, required=False, within=""):
+    """``body[name]`` checked; ``within`` names the object it is in for the error (``edgetts.``)."""
     v = body.get(name)
+    name = within + name
     if v is None:
         if required:
             raise APIError(400, f"'{name}' is required", name)
@@ -173,8 +175,8 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
         seed=_number(body, "seed", 0, 2**31 - 1, integer=True) or 0,
         max_tokens=_number(body, "max_tokens", 1, 1_000_000, integer=True),
         strategy=strategy,
-        n=_number(ext, "n", 1, 64, integer=True),
-        budget=_number(ext, "budget", 1, 1_000_000, integer=True),
+        n=_number(ext, "n", 1, 64, integer=True, within="edgetts."),
+        budget=_number(ext, "budget", 1, 1_000_000, integer=True, within="edgetts."),
         messages=messages,
         include_reasoning=bool(body.get("include_reasoning")),
         arrived=time.perf_counter() if arrived is None else arrived,
