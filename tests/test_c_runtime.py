@@ -285,6 +285,11 @@ def test_command_line_errors(built, config, tmp_path):
                        (["--threads", "100000"], "threads must be from 0 (the default) to 512")):  # fmt: skip
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {said}"), (args, proc.stderr)
+    # a one-row point with n above 1 ran one row and said n=8, as the server did; both refuse it now
+    single = next(i for i, p in enumerate(json.loads(config.read_text())["frontier"]) if p["strategy"] == "single")
+    proc = subprocess.run([exe, "--point", str(single), "--n", "8"], input="2+3\n", capture_output=True, text=True)
+    out = json.loads(proc.stdout.splitlines()[0])
+    assert out["status"] == "bad argument" and "runs single, one row; n=8 would be ignored" in out["error"]
 
 
 def test_the_callers_settings_run_and_a_difference_is_said(built, config):

@@ -119,6 +119,10 @@ def test_completion_deadline_picks_cheaper_points_and_experts_override(client, c
                                                                "budget": 64}})  # fmt: skip
     info = forced.model_extra["edgetts"]
     assert (info["strategy"], info["n"], info["budget"]) == ("majority", 3, 20)  # max_tokens caps the budget
+    # a one-row strategy forced on a point of eight rows runs (and says) one row, not the point's n
+    one = client.completions.create(model="edgetts", prompt=Q, extra_body={"deadline_ms": roomy, "edgetts": {
+        "strategy": "single"}}).model_extra["edgetts"]  # fmt: skip
+    assert (one["strategy"], one["n"]) == ("single", 1)
 
 
 def test_a_deadline_no_point_meets_is_the_callers_error(live, config):
@@ -185,6 +189,7 @@ def test_models_health_metrics_and_auth(live, client):
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budegt": 64}}, 400, "edgetts"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": False}, 400, "edgetts"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budget": 0}}, 400, "edgetts.budget"),
+        ({"messages": [{"role": "user", "content": Q}], "edgetts": {"strategy": "single", "n": 8}}, 400, "edgetts"),
     ],
 )
 def test_bad_requests_are_4xx_json(live, body, status, param):
@@ -470,7 +475,8 @@ def test_admission_downgrades_before_refusing_and_cannot_lock(config):
         assert ex.predict_ms(alone.point, crowd) == pytest.approx(2 * before)
         del engine.scheduler.slowdown
         # ...scaled by the rows and budget they ask beyond their point (here the fastest, the only one in time)
-        wide = ex.plan(Request(Q, deadline_ms=front[0]["latency_ms"], n=ex.max_n, budget=ex.max_budget))
+        wide = ex.plan(Request(Q, deadline_ms=front[0]["latency_ms"], strategy="majority", n=ex.max_n,
+                               budget=ex.max_budget))  # fmt: skip
         scale = ex.max_n / wide.point["n"] * ex.max_budget / wide.point["budget"]
         assert wide.point is front[0] and scale > 1
         assert wide.solo_ms == pytest.approx(policy.predicted_ms(front[0]) * scale)

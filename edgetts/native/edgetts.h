@@ -144,7 +144,8 @@ edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double 
                               unsigned int seed, edgetts_result *res);
 
 /* Runs frontier point `index` with n and budget overridden where > 0 (for experts); no policy,
- * no recalibration.  n may not exceed the largest n of the frontier, nor budget its largest budget. */
+ * no recalibration.  n may not exceed the largest n of the frontier, nor budget its largest budget;
+ * a point of the one-row strategy (single) takes no n above 1 (EDGETTS_E_ARGUMENT). */
 edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *question, int n, int budget,
                                  double deadline_ms, unsigned int seed, edgetts_result *res);
 

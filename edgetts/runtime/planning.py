@@ -97,7 +97,11 @@ def make_plan(policy: Policy, req: Request, budget_ms: float, max_n: int, max_bu
     strategy = req.strategy or p["strategy"]
     if strategy not in STRATEGIES:
         raise StrategyError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    n = req.n or p["n"]
+    if req.strategy and STRATEGIES[strategy].single_row and req.n is not None and req.n > 1:
+        raise StrategyError(f"strategy {strategy} runs one row; n={req.n} would be ignored (drop it, or use "
+                            "majority, esc...)")  # fmt: skip
+    # A one-row strategy runs one row whatever n the point or the request has, and says so.
+    n = 1 if STRATEGIES[strategy].single_row else req.n or p["n"]
     if n > max_n:
         raise StrategyError(f"n must be at most {max_n} on this server, got {n}")
     budget = req.budget or p["budget"]
