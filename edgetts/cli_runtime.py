@@ -163,9 +163,10 @@ def serve(
     api_key: str = typer.Option(None, envvar="EDGETTS_API_KEY", help="Require this bearer key (except /healthz)."),
     deadline_ms: float = typer.Option(2000.0, min=1, max=3_600_000,
                                       help="Deadline for requests that give none (at most an hour, as a body's)."),
-    max_queue: int = typer.Option(32, min=1, help="Requests admitted at once (running and waiting)."),
+    max_queue: int = typer.Option(32, min=1, max=4096, help="Requests admitted at once (running and waiting; "
+                                  "each holds a thread)."),
     overload: str = typer.Option("downgrade", help="When the queue makes a deadline unmeetable: downgrade or refuse."),
-    max_body_kb: int = typer.Option(256, min=1, help="Largest request body accepted."),
+    max_body_kb: int = typer.Option(256, min=1, max=1024 * 1024, help="Largest request body accepted (at most 1 GB)."),
     threads: int = typer.Option(
         None, min=1, max=MAX_THREADS, help="CPU threads for llama.cpp (default: all cores but one)."
     ),
