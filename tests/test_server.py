@@ -161,7 +161,12 @@ def test_stop_temperature_and_seed(client):
 
 def test_models_health_metrics_and_auth(live, client):
     assert "edgetts" in [m.id for m in client.models.list().data]
+    assert client.models.retrieve("edgetts").id == "edgetts"  # OpenAI's retrieve
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
     assert httpx.get(live + "/healthz").json()["status"] == "ok"  # no key needed
+    head = httpx.head(live + "/healthz")  # probes that read the status alone
+    assert head.status_code == 200 and head.content == b""
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=live + "/v1", api_key="wrong", max_retries=0).models.list()
     r = httpx.get(live + "/metrics")

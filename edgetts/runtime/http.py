@@ -164,13 +164,22 @@ def build_app(server: Server, api_key: str | None, max_body_bytes: int, read_tim
     async def completions(request: Request):
         return await answer(request, chat=False)
 
+    def model_list() -> list[dict]:
+        seen = sorted({p["model"] for p in server.policy.frontier})
+        return [{"id": m, "object": "model", "created": 0, "owned_by": "edgetts"} for m in ["edgetts", *seen]]
+
     @app.get("/v1/models")
     async def models():
-        seen = sorted({p["model"] for p in server.policy.frontier})
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "edgetts"} for m in ["edgetts", *seen]]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_list()}
 
-    @app.get("/healthz")
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):  # OpenAI's retrieve (client.models.retrieve)
+        found = next((m for m in model_list() if m["id"] == model), None)
+        if found is None:
+            raise APIError(404, f"no model {model!r} here; GET /v1/models lists them", "model", code="model_not_found")
+        return found
+
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: probes that only read the status
     async def healthz():
         body = {"status": "ok", "frontier_points": len(server.policy.frontier), "queue": len(server.pending),
                 "slowdown": round(server.slowdown(), 4)}  # fmt: skip
