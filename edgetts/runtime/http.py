@@ -23,7 +23,8 @@ from edgetts.pareto.config import point_spec
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.listen import FIRST_BYTE
 from edgetts.runtime.policy import Policy
-from edgetts.runtime.server import APIError, Server, sse
+from edgetts.runtime.request_body import APIError
+from edgetts.runtime.server import Server, sse
 
 CLOSE = {"Connection": "close"}  # the server closes the connection after this response
 
