@@ -212,6 +212,20 @@ def test_the_lock_names_its_holder_and_is_released(tmp_path):
     assert len(RecordLog(tmp_path / "records.jsonl").load()) == 5
 
 
+def test_calibrate_and_merge_into_a_directory_another_run_writes_say_so_in_one_line(small_profile, tmp_path):
+    """They take the output's lock as profile does; a held one was a LockError traceback."""
+    from edgetts.profiling.lock import hold, holder
+
+    with hold(tmp_path):
+        info = holder(tmp_path)
+        for args in (["calibrate", str(small_profile), "--out", str(tmp_path), "--quiet"],
+                     ["merge", str(small_profile), "--out", str(tmp_path)]):  # fmt: skip
+            proc = subprocess.run([sys.executable, "-m", "edgetts", *args], capture_output=True, text=True, timeout=120)
+            err = proc.stderr.strip()
+            assert proc.returncode == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+            assert f"pid {info['pid']} on {info['host']}" in err
+
+
 @pytest.mark.parametrize(
     "damage, says, repair",
     [

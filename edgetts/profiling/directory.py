@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
 from edgetts.profiling.config import SweepConfig
-from edgetts.profiling.lock import LOCK_NAME, hold
+from edgetts.profiling.lock import LOCK_NAME, LockError, hold
 from edgetts.profiling.records import RecordLog
 from edgetts.profiling.summary import summarize
 
@@ -178,7 +178,11 @@ def profile_dir(out: Path):
     # file there.  One with a lock file is checked under the lock, where no other run changes it.
     if not (out / LOCK_NAME).exists():
         _refuse_foreign(out)
-    with hold(out):
+    with ExitStack() as held:
+        try:
+            held.enter_context(hold(out))
+        except LockError as e:  # another run writes it (or the lock file is not one): a user's error, one line
+            raise ProfileError(str(e)) from None
         _refuse_foreign(out)
         try:
             yield out

@@ -37,7 +37,6 @@ from edgetts.profiling.directory import (
     write_models,
     write_summary,
 )
-from edgetts.profiling.lock import LockError
 from edgetts.profiling.records import RecordLog
 
 
@@ -57,11 +56,8 @@ def run_profile(
     ``memory_mb`` caps the memory an engine may plan for (default: what the device has free).
     ``shard=(i, n)`` measures the i-th of n disjoint slices of the problems (every n-th problem from
     the i-th, so each slice spans the levels), for ``edgetts merge`` to join."""
-    try:
-        with profile_dir(Path(out)):
-            return _measure(cfg, out, force, progress, memory_mb, shard)
-    except LockError as e:
-        raise ProfileError(str(e)) from None
+    with profile_dir(Path(out)):  # another run holding it is a one-line ProfileError
+        return _measure(cfg, out, force, progress, memory_mb, shard)
 
 
 def _measure(cfg: SweepConfig, out: str | Path, force: bool, progress, memory_mb: float | None,
