@@ -236,7 +236,7 @@ def test_an_output_that_is_a_fifo_is_refused_not_waited_on(small_profile, tmp_pa
     """Checking whether an existing output is edgetts' own reads it: a named pipe there blocked pareto
     until someone wrote to it."""
     os.mkfifo(tmp_path / "out")
-    for args in (["pareto", str(small_profile), "--out", str(tmp_path / "out")],
+    for args in (["pareto", str(small_profile), "--out", str(tmp_path / "out"), "--accept-unvalidated"],
                  ["export-c", str(small_profile / "pareto.json"), "--out", str(tmp_path / "out")]):  # fmt: skip
         assert "exists and is not a regular file" in one_line_error(runner.invoke(app, args)), args
 
