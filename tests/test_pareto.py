@@ -87,6 +87,9 @@ def test_strict_constraints_and_quantile(profiles, tmp_path):
         build_config(profiles, constraints={"speed": {"max": 1}})
     with pytest.raises(ParetoError, match="no measured point"):
         build_config(profiles, constraints={"accuracy": {"min": 1.5}})
+    for bad in (float("nan"), True, "5"):  # a NaN bound compared false with every point and held none back
+        with pytest.raises(ParetoError, match="bounds must be numbers"):
+            build_config(profiles, constraints={"memory_mb": {"max": bad}})
     with pytest.raises(ParetoError, match="is given twice"):  # its cells would count twice
         build_config([*profiles, f"{profiles[0]}/"])
     # Energy is set in copies of the profiles, so both cases hold whatever source this machine has.

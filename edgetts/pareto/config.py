@@ -85,7 +85,9 @@ def parse_constraints(spec: dict | None) -> dict:
             raise ParetoError(f"constraints: unknown metric {metric!r}; choose from {', '.join(sorted(METRICS))}")
         if not isinstance(bound, dict) or not bound or set(bound) - {"max", "min"}:
             raise ParetoError(f"constraints.{metric}: expected {{max: v}} and/or {{min: v}}")
-        if not all(isinstance(v, (int, float)) for v in bound.values()):
+        # NaN compares false with everything: a NaN bound would hold no point back, silently
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+                   for v in bound.values()):  # fmt: skip
             raise ParetoError(f"constraints.{metric}: bounds must be numbers")
     return spec
 
