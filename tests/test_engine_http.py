@@ -5,6 +5,7 @@ import time
 import pytest
 
 from edgetts.engines import EngineError, SamplingParams, create
+from edgetts.engines.base import EngineFailure
 from edgetts.models.families import FAMILIES
 from edgetts.tasks.grading import extract_answer
 
@@ -48,7 +49,8 @@ def _cut(ctl, stepped):
 
 
 def test_unreachable_server_is_a_clear_error():
-    with create("openai-http", "http://127.0.0.1:9", timeout=2) as e, pytest.raises(EngineError, match="request"):
+    # the server's fault, not the request's: serve answers 503 with Retry-After
+    with create("openai-http", "http://127.0.0.1:9", timeout=2) as e, pytest.raises(EngineFailure, match="request"):
         e.sample(PROMPT, 1, SamplingParams(max_tokens=4))
 
 
@@ -194,6 +196,53 @@ def test_calls_run_concurrently_up_to_the_bound():
             results = list(pool.map(lambda i: engine.sample("q", 1, SamplingParams(max_tokens=4)), range(8)))
         assert all(r.rows[0].text == " 29" for r in results)
         assert state["most"] == 3  # at once, and never more than the bound
+        engine.close()
+    finally:
+        httpd.shutdown()
+
+
+@pytest.mark.parametrize("status, body, why", [
+    (200, b'{"choices": [{"text": " 29"}], "usage": {"completion_tokens": 1000000000000}}', "completion_tokens"),
+    (200, b'{"choices": [{"text": " 29"}], "usage": {"completion_tokens": "3"}}', "completion_tokens"),
+    (200, b'{"choices": [{"text": " 29"}], "usage": 7}', "completion_tokens"),
+    (200, b'{"choices": [{"text": 29}]}', "a choice without text"),
+    (200, b'{"choices": ["x"]}', "a choice without text"),
+    (200, b'{"choices": []}', "no choices"),
+    (200, b"[" * 100000 + b"]" * 100000, "no choices"),
+    (500, b'{"error": "down"}', "answered 500"),
+    (429, b'{"error": "busy"}', "answered 429"),
+    (400, b'{"error": "prompt too long"}', "answered 400"),  # the request's fault
+])  # fmt: skip
+def test_a_broken_upstream_answer_is_an_engine_failure(status, body, why):
+    """An upstream's answer is checked before a row is extended by it: a token count of 10^12 sized a list
+    by it (memory ran out), a string or a choice without text was a TypeError, deep nesting a
+    RecursionError. Each, and an upstream failing or busy, is the engine's failure (503 with Retry-After
+    in serve; it was a 400 that clients do not retry); an upstream's 4xx stays the request's error."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgetts.engines.base import EngineFailure
+    from edgetts.engines.openai_http import OpenAIHTTPEngine
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        engine = OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}")
+        with pytest.raises(EngineError, match=why) as e:
+            engine.sample("q", 2, SamplingParams(max_tokens=4))
+        assert isinstance(e.value, EngineFailure) == (status != 400)
         engine.close()
     finally:
         httpd.shutdown()

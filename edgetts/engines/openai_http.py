@@ -32,7 +32,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
-from edgetts.engines.base import Control, Controller, Engine, EngineError, Row, SampleResult, SamplingParams, draw_seed
+from edgetts.engines.base import (
+    Control,
+    Controller,
+    Engine,
+    EngineError,
+    EngineFailure,
+    Row,
+    SampleResult,
+    SamplingParams,
+    draw_seed,
+)
 
 
 class OpenAIHTTPEngine(Engine):
@@ -90,17 +100,22 @@ class OpenAIHTTPEngine(Engine):
         self._httpx = httpx
 
     def _post(self, body: dict) -> dict:
+        # The upstream unreachable, failing (5xx), busy (429) or answering garbage is the server's fault, which
+        # a client may retry (EngineFailure: 503 in serve); a 4xx is this request's (a prompt too long there).
         try:
             r = self.client.post("/completions", json=body)
         except self._httpx.HTTPError as e:
-            raise EngineError(f"{self.base_url}: request failed ({type(e).__name__}: {e})") from None
+            raise EngineFailure(f"{self.base_url}: request failed ({type(e).__name__}: {e})") from None
         if r.status_code != 200:
-            raise EngineError(f"{self.base_url}/completions answered {r.status_code}: {r.text[:200]}")
+            kind = EngineFailure if r.status_code >= 500 or r.status_code == 429 else EngineError
+            raise kind(f"{self.base_url}/completions answered {r.status_code}: {r.text[:200]}")
         try:
             out = r.json()
-            out["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise EngineError(f"{self.base_url}/completions: not an OpenAI completions response") from None
+        except (ValueError, RecursionError):
+            out = None
+        why = _unlike_completions(out, body["max_tokens"] * body["n"])
+        if why:  # what a row would be extended by: checked before any of it is used
+            raise EngineFailure(f"{self.base_url}/completions: not an OpenAI completions response ({why})")
         return out
 
     def _body(self, prompt: str, params: SamplingParams, max_tokens: int, seed: int | None, n: int = 1) -> dict:
@@ -131,7 +146,7 @@ class OpenAIHTTPEngine(Engine):
         """One request per row (or one with n choices) continuing each row's text."""
         if self.parallel == "n" and all(not r.text for r in rows) and len(set(budgets)) == 1:
             out = self._post(self._body(prompt, params, budgets[0], params.seed, n=len(rows)))
-            per_row = (out.get("usage", {}).get("completion_tokens") or 0) // max(1, len(rows))
+            per_row = ((out.get("usage") or {}).get("completion_tokens") or 0) // max(1, len(rows))
             for r, ch in zip(rows, sorted(out["choices"], key=lambda c: c.get("index", 0))):
                 self._extend(r, ch, per_row, t0)
             return
@@ -143,7 +158,7 @@ class OpenAIHTTPEngine(Engine):
         with ThreadPoolExecutor(max(1, len(rows))) as pool:
             outs = list(pool.map(one, range(len(rows))))
         for r, out in zip(rows, outs):
-            self._extend(r, out["choices"][0], out.get("usage", {}).get("completion_tokens") or 0, t0)
+            self._extend(r, out["choices"][0], (out.get("usage") or {}).get("completion_tokens") or 0, t0)
 
     @staticmethod
     def _extend(r: Row, choice: dict, n_tokens: int, t0: float) -> None:
@@ -212,3 +227,19 @@ class OpenAIHTTPEngine(Engine):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _unlike_completions(out, most_tokens: int) -> str | None:
+    """Why ``out`` is not a completions response edgetts can use (None: it is): choices with text, and a
+    token count that is a whole number no larger than what was asked (a count from a broken server
+    sized lists by it)."""
+    if not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
+        return "no choices"
+    for ch in out["choices"]:
+        if not (isinstance(ch, dict) and isinstance(ch.get("text") or "", str) and isinstance(ch.get("index", 0), int)):
+            return "a choice without text"
+    usage = out.get("usage") or {}
+    used = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if not isinstance(usage, dict) or not (used is None or (isinstance(used, int) and 0 <= used <= most_tokens)):
+        return f"completion_tokens {str(used)[:20]} for at most {most_tokens} asked"
+    return None
