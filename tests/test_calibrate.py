@@ -318,6 +318,17 @@ def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_je
     assert not (tmp_path / "o").exists()  # refused before measuring anything
 
 
+def test_setting_values():
+    from edgetts.profiling.calibrate import parse_setting
+
+    assert parse_setting("threads=2,gpu_layers=-1") == {"threads": 2, "gpu_layers": -1}
+    assert parse_setting("power_mode=MAXN_SUPER") == {"power_mode": "MAXN_SUPER"}
+    for bad in ("threads=0", "gpu_layers=-2", "threads=2.5", "power_mode=a\nb", "power_mode=1;reboot",
+                "power_mode=15 W", "power_mode=" + "x" * 65, "bogus=1", "threads=1,threads=2"):  # fmt: skip
+        with pytest.raises(ProfileError, match="--setting"):
+            parse_setting(bad)
+
+
 def test_shard_indices():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard("3", {"JOB_COMPLETION_INDEX": "2"}) == (2, 3)

@@ -43,6 +43,7 @@ device is set back to the mode it was in at the end, whatever happened.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from statistics import median
@@ -88,6 +89,10 @@ def parse_setting(text: str) -> dict:
             raise ProfileError(f"--setting {text!r}: {key} must be a whole number") from None
         if (key == "threads" and out[key] < 1) or (key == "gpu_layers" and out[key] < -1):
             raise ProfileError(f"--setting {text!r}: threads must be >= 1 and gpu_layers >= -1")
+        if key == "power_mode" and not re.fullmatch(r"[\w.+-]{1,64}", out[key], re.ASCII):
+            # a mode is a number or a name (MAXN, 15W, MAXN_SUPER): nothing that breaks a line or a command
+            raise ProfileError(f"--setting {text!r}: a power mode is a number or a name of letters, digits "
+                               "and _ . + - (as nvpmodel -q prints it)")  # fmt: skip
     return out
 
 
