@@ -275,7 +275,12 @@ def test_a_power_mode_needs_a_switch_that_works(small_profile, tmp_path, fake_je
     line = one_line_error(runner.invoke(app, ["calibrate", str(small_profile), "--out", str(tmp_path / "o"),
                                               "--setting", f"power_mode=1;touch {sneaky}", "--switch",
                                               "nvpmodel -m {power_mode}", "--quiet"]))  # fmt: skip
-    assert f"Invalid mode: 1;touch {sneaky}" in line and not sneaky.exists()
+    assert "a power mode is a number or a name" in line and not sneaky.exists()  # refused as a setting
+    from edgetts.profiling.power_modes import switch_power_mode
+
+    with pytest.raises(ProfileError, match=f"Invalid mode: 1;touch {sneaky}"):  # and quoted where it is used
+        switch_power_mode(f"1;touch {sneaky}", "nvpmodel -m {power_mode}")
+    assert not sneaky.exists()
     assert "failed (exit 1)" in one_line_error(runner.invoke(app, [*args, "--switch", "read reboot"]))
     monkeypatch.setattr("edgetts.profiling.power_modes.SWITCH_TIMEOUT_S", 1)
     assert "did not finish in 1 s" in one_line_error(runner.invoke(app, [*args, "--switch", "sleep 30; true"]))
