@@ -121,7 +121,7 @@ def default_threads() -> int:
         try:
             value = int(env)
         except ValueError:
-            raise EngineError(f"EDGETTS_THREADS must be a positive integer, got {env!r}") from None
+            value = 0  # the same message as a number out of range
         if not 1 <= value <= MAX_THREADS:
             raise EngineError(f"EDGETTS_THREADS must be a whole number from 1 to {MAX_THREADS}, got {env!r}")
         return value
