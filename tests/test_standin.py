@@ -245,3 +245,12 @@ def test_logprobs_on_a_large_vocabulary_match_a_float64_reference():
         want = np.argsort(-ref, kind="stable")[:k]
         assert list(top) == [int(t) for t in want]
         assert all(abs(top[int(t)] - (ref[t] - lse)) < 1e-5 for t in want)
+
+
+def test_a_cache_that_is_a_file_is_said_so(tmp_path, monkeypatch):
+    from edgetts.models.standin import StandinError, cache_dir
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("EDGETTS_CACHE", str(tmp_path / "file"))
+    with pytest.raises(StandinError, match="EDGETTS_CACHE=.* is not a directory"):  # it was "[Errno 17] File exists"
+        cache_dir()

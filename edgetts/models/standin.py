@@ -121,7 +121,10 @@ class StandinError(ValueError):
 
 def cache_dir() -> Path:
     root = os.environ.get("EDGETTS_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "edgetts"
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "edgetts"
+    if path.exists() and not path.is_dir():
+        raise StandinError(f"{'EDGETTS_CACHE=' if root else 'the cache '}{path} is not a directory")
+    return path
 
 
 def assets(version: str | None = None) -> Path:
