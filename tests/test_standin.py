@@ -248,9 +248,9 @@ def test_logprobs_on_a_large_vocabulary_match_a_float64_reference():
 
 
 def test_a_cache_that_is_a_file_is_said_so(tmp_path, monkeypatch):
-    from edgetts.models.standin import StandinError, cache_dir
+    from edgetts.models.standin import cache_dir
 
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("EDGETTS_CACHE", str(tmp_path / "file"))
-    with pytest.raises(StandinError, match="EDGETTS_CACHE=.* is not a directory"):  # it was "[Errno 17] File exists"
+    with pytest.raises(StandinError, match=r"EDGETTS_CACHE=.* is not a directory"):  # it was "[Errno 17] File exists"
         cache_dir()
