@@ -104,6 +104,20 @@ def test_run_json_with_deadline():
     assert t["answer"] == "29" and t["deadline_met"] is True and t["strategy"] == "esc"
 
 
+def test_a_one_row_strategy_forced_on_a_config_point_says_it_ran_one_row(small_profile, tmp_path):
+    """--strategy single on a point of several rows runs one row; it reported the point's n."""
+    config = json.loads((small_profile / "pareto.json").read_text())
+    top = config["frontier"][-1]
+    top.update(strategy="majority", n=4, id=top["id"].replace("/single/n1/", "/majority/n4/"))
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    r = runner.invoke(app, ["run", "Evaluate left to right: 8*4-3", "--config", str(tmp_path / "c.json"),
+                            "--deadline-ms", "100000", "--strategy", "single", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)
+    assert t["point"]["id"] == top["id"]  # the most accurate point: four rows
+    assert t["point"]["ran"]["strategy"] == "single" and t["point"]["ran"]["n"] == 1 and len(t["rows"]) == 1
+
+
 def test_run_rejects_bad_choices():
     msg = _one_line_error(runner.invoke(app, ["run", "q", "--strategy", "beam"]))
     assert "choose one of: single, budget-forcing, length-hint, majority" in msg

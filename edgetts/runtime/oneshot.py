@@ -101,6 +101,8 @@ class Answerer:
             strategy, n, budget = strategy or p["strategy"], n or p["n"], budget or p["budget"]
         strategy = strategy or DEFAULTS["strategy"]
         n, budget = n or DEFAULTS["n"], budget or DEFAULTS["budget"]
+        if STRATEGIES[strategy].single_row:  # one row whatever n the point has, and said so (as serve does)
+            n = 1
         if self.family:
             spec = EngineSpec(spec.engine, spec.artifact, spec.url, {**spec.options, "family": self.family})
         spec = spec.with_options(**self.engine_defaults)
@@ -108,8 +110,7 @@ class Answerer:
         cfg = RunConfig(n=n, budget=budget, deadline_ms=binding, raw_prompt=self.raw_prompt,
                         sampling=SamplingParams(temperature=self.temperature,
                                                 seed=self.seed if seed is None else seed))  # fmt: skip
-        rows = 1 if STRATEGIES[strategy].single_row else n
-        engine, fam, notes = self._engine(spec, rows, budget + cfg.answer_tokens, selection, profiled)
+        engine, fam, notes = self._engine(spec, n, budget + cfg.answer_tokens, selection, profiled)
         trace = create(strategy, engine, fam, cfg).run(question)
         return Answer(trace, spec.resolved(), strategy, n, budget, selection, tuple(notes), price)
 
