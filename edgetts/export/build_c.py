@@ -41,6 +41,7 @@ from edgetts.models import ModelNotFound, resolve_model
 from edgetts.models.families import FAMILIES, build_prompt, guess_family
 from edgetts.outputs import OutputError, check_output, contains
 from edgetts.pareto.config import load_config, point_spec, profiled_with
+from edgetts.strategies import STRATEGIES
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
 SOURCES = ("engine.c", "extract.c", "strategies.c", "runtime.c")
@@ -134,6 +135,7 @@ def point_c(i: int, p: dict) -> str:
         str(int(isinstance(was.get("gpu_layers"), int))), str(int(was.get("gpu_layers") or 0)),
         str(int(o.get("n_ctx") or 0)), str(int(o.get("n_batch") or 0)), str(flash),
         _c(family.think_start), _c(family.think_end), _c(family.answer_prefix), _c(prefix), _c(suffix),
+        str(int(STRATEGIES[p["strategy"]].single_row)),  # the Python strategy's own rule, not a name in C
     ]  # fmt: skip
     return "    {" + ", ".join(fields) + "}"
 

@@ -24,6 +24,7 @@ typedef struct ett_point {
     int n_ctx, n_batch, flash_attn;                       /* 0 (flash_attn: -1, auto) when absent */
     const char *think_start, *think_end, *answer_prefix;  /* the reasoning family */
     const char *prompt_prefix, *prompt_suffix;            /* the prompt around the question */
+    int one_row;                                          /* its strategy runs one row whatever n (single) */
 } ett_point;
 
 extern const ett_point ett_frontier[];

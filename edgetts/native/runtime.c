@@ -501,8 +501,9 @@ edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *que
     if (index < 0 || index >= ett_n_frontier) {
         return fail(rt, EDGETTS_E_ARGUMENT, "point %d is not in the frontier (0..%d)", index, ett_n_frontier - 1);
     }
-    if (n > 1 && strcmp(ett_frontier[index].info.strategy, "single") == 0) { /* as Python's run and serve */
-        return fail(rt, EDGETTS_E_ARGUMENT, "point %d runs single, one row; n=%d would be ignored", index, n);
+    if (n > 1 && ett_frontier[index].one_row) { /* as Python's run and serve */
+        return fail(rt, EDGETTS_E_ARGUMENT, "point %d runs %s, one row; n=%d would be ignored", index,
+                    ett_frontier[index].info.strategy, n);
     }
     n = n > 0 ? n : ett_frontier[index].info.n;
     budget = budget > 0 ? budget : ett_frontier[index].info.budget;
