@@ -81,6 +81,26 @@ def test_a_sweep_that_lists_a_value_twice_or_nothing_is_refused(tmp_path, args, 
     assert reason in _one_line_error(r) and not (tmp_path / "p").exists()
 
 
+def test_a_manifest_that_lists_a_model_twice_is_refused(tmp_path):
+    """The same file twice (a manifest listing it twice, or it beside a manifest holding it) was measured
+    twice into one record key each, and the directory then refused its own duplicate records."""
+    import hashlib
+    import shutil
+
+    from edgetts.models import BUILTIN
+
+    shutil.copyfile(BUILTIN["tiny"], tmp_path / "tiny.gguf")
+    entry = {"path": "tiny.gguf", "format": "gguf", "sha256": hashlib.sha256((tmp_path / "tiny.gguf").read_bytes())
+             .hexdigest(), "bytes": (tmp_path / "tiny.gguf").stat().st_size, "type": "f16"}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": "edgetts.manifest/v1", "artifacts": [entry]}))
+    sweep = ["profile", "--out", str(tmp_path / "p"), "--limit", "2", "--budgets", "16", "--strategies", "single"]
+    twice = [*sweep, "--model", str(tmp_path / "manifest.json"), "--model", str(tmp_path / "tiny.gguf")]
+    assert "tiny.gguf comes twice" in _one_line_error(runner.invoke(app, twice))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": "edgetts.manifest/v1", "artifacts": [entry, entry]}))
+    assert "comes twice" in _one_line_error(runner.invoke(app, [*sweep, "--model", str(tmp_path / "manifest.json")]))
+    assert not (tmp_path / "p").exists()
+
+
 def test_a_sweep_file_with_a_temperature_that_is_not_a_number_is_refused(tmp_path):
     for t in (".nan", ".inf", "-1"):
         (tmp_path / "s.yaml").write_text(f"temperature: {t}\n")

@@ -193,6 +193,11 @@ class SweepConfig:
                     continue  # a format no engine here runs
                 variant = EngineSpec(engine, str(path), None, spec.options)
                 out.append(variant.with_options(**self.engine.defaults()))
+        labels = [s.label for s in out]
+        twice = next((x for k, x in enumerate(labels) if x in labels[:k]), None)
+        if twice is not None:  # its cells would be measured twice, into one record each
+            raise ConfigError(f"models: {twice} comes twice (a manifest listing it twice, or it and a manifest "
+                              "holding it)")  # fmt: skip
         return out
 
     def resolved(self) -> dict:
