@@ -129,6 +129,9 @@ def test_serve_refuses_bad_configs_in_one_line(direct_profile, tmp_path, name, c
     pytest.importorskip("uvicorn")
     config = _config_with(direct_profile, tmp_path, name, **changes)
     assert says in one_line_error(runner.invoke(app, ["serve", "--config", config, "--port", "0"]))
+    if name == "beam":  # run too, whichever point its deadline picks (it was a KeyError on that point)
+        line = one_line_error(runner.invoke(app, ["run", "2+3", "--config", config, "--deadline-ms", "100000"]))
+        assert says in line
 
 
 def test_serve_and_export_c_refuse_a_config_that_is_not_json(tmp_path):

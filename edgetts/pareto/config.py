@@ -182,6 +182,17 @@ def _has(was: dict, key: str, value) -> bool:
     return was.get(key) == value or (number is not None and str(number) == str(value))
 
 
+def runnable_strategies(config: dict, where: str) -> None:
+    """Refuse (one line), before any engine opens, a point whose strategy this runtime does not have (a
+    config validates names as data only: a C header carries any name)."""
+    from edgetts.strategies import STRATEGIES
+
+    for i, point in enumerate(config["frontier"]):
+        if point["strategy"] not in STRATEGIES:
+            raise ParetoError(f"{where}: frontier[{i}].strategy {point['strategy']!r} is not one of: "
+                              f"{', '.join(STRATEGIES)}")  # fmt: skip
+
+
 def one_setting(config: dict, where: str) -> None:
     """Refuse (one line) a config whose points were profiled under different settings: a runtime runs
     under one, and the others' latencies do not hold there."""

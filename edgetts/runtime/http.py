@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from edgetts.engines.spec import serving_threads
-from edgetts.pareto.config import point_spec
+from edgetts.pareto.config import point_spec, runnable_strategies
 from edgetts.runtime.executor import Executor
 from edgetts.runtime.listen import FIRST_BYTE
 from edgetts.runtime.policy import Policy
@@ -221,17 +221,6 @@ def _stream(rid: str, created: int, out: dict, info: dict, chat: bool):
     yield "data: [DONE]\n\n"
 
 
-def _check_strategies(config: str, frontier: list[dict]) -> None:
-    """Refuse, before any engine opens, a point whose strategy this server does not have."""
-    from edgetts.pareto.config import ParetoError
-    from edgetts.strategies import STRATEGIES
-
-    for i, point in enumerate(frontier):
-        if point["strategy"] not in STRATEGIES:
-            raise ParetoError(f"{config}: frontier[{i}].strategy {point['strategy']!r} is not one of: "
-                              f"{', '.join(STRATEGIES)}")  # fmt: skip
-
-
 def create_app(config: str, api_key: str | None = None, default_deadline_ms: float = 2000.0, max_queue: int = 32,
                overload: str = "downgrade", max_body_bytes: int = 256 * 1024, threads: int | None = None,
                batching: bool = True, rows: int | None = None, read_timeout_s: float = 10.0,
@@ -253,7 +242,7 @@ def create_app(config: str, api_key: str | None = None, default_deadline_ms: flo
     # thread would otherwise keep it up to 5 ms at a time, and deadlines here are milliseconds.
     sys.setswitchinterval(0.0005)
     policy = Policy.load(config)
-    _check_strategies(config, policy.frontier)
+    runnable_strategies(policy.config, config)
     from edgetts.pareto.config import one_setting, validation_note
 
     one_setting(policy.config, config)

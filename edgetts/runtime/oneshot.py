@@ -55,9 +55,10 @@ class Answerer:
         self.policy, self.notes = None, []
         if config is not None:
             from edgetts.engines.spec import serving_threads
-            from edgetts.pareto.config import one_setting, validation_note
+            from edgetts.pareto.config import one_setting, runnable_strategies, validation_note
 
             self.policy = Policy.load(config)  # a missing or broken file is said first
+            runnable_strategies(self.policy.config, config)
             one_setting(self.policy.config, config)
             engine_defaults["threads"] = engine_defaults.get("threads") or serving_threads()
             self.notes += [line for line in [validation_note(self.policy.config, config)] if line]
