@@ -246,3 +246,54 @@ def test_a_broken_upstream_answer_is_an_engine_failure(status, body, why):
         engine.close()
     finally:
         httpd.shutdown()
+
+
+def test_a_call_ends_at_its_request_s_deadline_not_the_engine_s_timeout():
+    """An upstream slower than the request's deadline held the request for the engine's timeout (600 s by
+    default); each call is bounded by what the deadline leaves (and a little), its rows then end
+    ``deadline``, and without a deadline the engine's own timeout still applies."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgetts.engines.openai_http import OpenAIHTTPEngine
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(1.5)
+            body = b'{"choices": [{"text": " 29", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Deadline:  # what the engine reads of a strategy's controller
+        def __init__(self, seconds):
+            self.started, self.deadline_s = time.perf_counter(), seconds
+
+        def __call__(self, ctl, active):
+            pass
+
+    class Quiet(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the calls the engine gave up on: writing their answers fails, as it should
+
+    httpd = Quiet(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        engine = OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}", timeout=30)
+        t0 = time.perf_counter()
+        cut = engine.sample("q", 2, SamplingParams(max_tokens=4), controller=Deadline(0.2))
+        assert time.perf_counter() - t0 < 1.2 and [r.finish_reason for r in cut.rows] == ["deadline", "deadline"]
+        whole = engine.sample("q", 1, SamplingParams(max_tokens=4))  # no deadline: the call is waited for
+        assert whole.rows[0].text == " 29"
+        with pytest.raises(EngineFailure, match="request failed"):  # the engine's own timeout is a failure
+            OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}", timeout=0.3).sample(
+                "q", 1, SamplingParams(max_tokens=4), controller=Deadline(5.0))
+        engine.close()
+    finally:
+        httpd.shutdown()

@@ -94,16 +94,23 @@ class OpenAIHTTPEngine(Engine):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max(100, 8 * concurrency), max_keepalive_connections=4 * concurrency)
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, limits=limits)
+        self.timeout = timeout
         self.model = model
         self.parallel = parallel
         self.max_rounds = max_rounds
         self._httpx = httpx
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, body: dict, timeout: float | None = None) -> dict:
+        """One completions call; ``timeout``: the seconds its deadline leaves it (None: the engine's own)."""
         # The upstream unreachable, failing (5xx), busy (429) or answering garbage is the server's fault, which
         # a client may retry (EngineFailure: 503 in serve); a 4xx is this request's (a prompt too long there).
         try:
-            r = self.client.post("/completions", json=body)
+            r = self.client.post("/completions", json=body,
+                                 timeout=self._httpx.USE_CLIENT_DEFAULT if timeout is None else timeout)  # fmt: skip
+        except self._httpx.TimeoutException as e:
+            if timeout is not None and timeout < self.timeout:
+                raise _PastDeadline from None  # the call outlived its request's deadline: its rows are cut
+            raise EngineFailure(f"{self.base_url}: request failed ({type(e).__name__}: {e})") from None
         except self._httpx.HTTPError as e:
             raise EngineFailure(f"{self.base_url}: request failed ({type(e).__name__}: {e})") from None
         if r.status_code != 200:
@@ -142,10 +149,11 @@ class OpenAIHTTPEngine(Engine):
         """A rough count (4 characters a token) for local bookkeeping only."""
         return max(1, len(text) // 4)
 
-    def _round(self, prompt: str, rows: list[Row], params: SamplingParams, budgets: list[int], t0: float) -> None:
+    def _round(self, prompt: str, rows: list[Row], params: SamplingParams, budgets: list[int], t0: float,
+               timeout: float | None = None) -> None:  # fmt: skip
         """One request per row (or one with n choices) continuing each row's text."""
         if self.parallel == "n" and all(not r.text for r in rows) and len(set(budgets)) == 1:
-            out = self._post(self._body(prompt, params, budgets[0], params.seed, n=len(rows)))
+            out = self._post(self._body(prompt, params, budgets[0], params.seed, n=len(rows)), timeout)
             per_row = ((out.get("usage") or {}).get("completion_tokens") or 0) // max(1, len(rows))
             for r, ch in zip(rows, sorted(out["choices"], key=lambda c: c.get("index", 0))):
                 self._extend(r, ch, per_row, t0)
@@ -153,7 +161,7 @@ class OpenAIHTTPEngine(Engine):
 
         def one(k):
             r = rows[k]
-            return self._post(self._body(prompt + r.text, params, budgets[k], r.seed))
+            return self._post(self._body(prompt + r.text, params, budgets[k], r.seed), timeout)
 
         with ThreadPoolExecutor(max(1, len(rows))) as pool:
             outs = list(pool.map(one, range(len(rows))))
@@ -197,7 +205,12 @@ class OpenAIHTTPEngine(Engine):
         while active and rounds < self.max_rounds:
             budgets = [max(1, min(limit[r.index] - r.n_generated, horizon(r) if horizon else limit[r.index]))
                        for r in active]  # fmt: skip
-            self._round(prompt, active, params, budgets, t0)
+            try:
+                self._round(prompt, active, params, budgets, t0, _call_timeout(controller, self.timeout))
+            except _PastDeadline:  # an upstream slower than the deadline: the rows end there, not minutes later
+                for r in active:
+                    r.finished, r.finish_reason = True, "deadline"
+                break
             rounds += 1
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             for r in active:  # a row cut at its horizon stays open so the controller may continue or force it
@@ -227,6 +240,22 @@ class OpenAIHTTPEngine(Engine):
 
     def close(self) -> None:
         self.client.close()
+
+
+class _PastDeadline(Exception):
+    """A call timed out at its request's deadline (not at the engine's own timeout)."""
+
+
+PAST_DEADLINE = 0.1  # a call may run this share of its request's deadline past it (at least 50 ms)
+
+
+def _call_timeout(controller, default: float) -> float | None:
+    """The seconds a call may take: what the controller's deadline leaves, plus a little; None without one."""
+    deadline, started = getattr(controller, "deadline_s", None), getattr(controller, "started", None)
+    if deadline is None or started is None:
+        return None
+    left = deadline - (time.perf_counter() - started) + max(0.05, PAST_DEADLINE * deadline)
+    return min(default, max(0.01, left))
 
 
 def _unlike_completions(out, most_tokens: int) -> str | None:
