@@ -114,7 +114,12 @@ def run(
                     with _writing():
                         print_answer(answerer.answer(question, deadline_ms, energy_j, _price(price)), as_json)
                     return
+                if sys.stdin is None:  # started with standard input closed (<&-)
+                    fail("standard input is closed: give the questions there, one per line, or a question "
+                         "instead of -")  # fmt: skip
+                asked = 0
                 for line, out in answer_lines(answerer, sys.stdin, deadline_ms, energy_j, _price(price), spend):
+                    asked += 1
                     with _writing():
                         if isinstance(out, str):  # that question's reason; the others go on
                             failed.append(line)
@@ -122,6 +127,8 @@ def run(
                             typer.echo(said, err=not as_json)
                         else:
                             print_answer(out, as_json, line)
+                if not asked:  # an empty file or a pipe that wrote nothing: say so rather than print nothing
+                    fail("no question on standard input (one per line; blank lines are skipped)")
             finally:
                 if spend is not None:
                     spend.close()

@@ -171,6 +171,25 @@ def test_run_says_undecodable_questions_and_stops_quietly_when_the_reader_goes(t
     assert first == {"line": 1, "error": "the question is not valid UTF-8 text"}
 
 
+def test_run_with_no_question_on_standard_input_says_so(three_points):
+    """An empty file, blank lines only, or standard input closed (``<&-``: a traceback) each say so in one
+    line and exit 2, rather than print nothing and succeed."""
+    import os
+    import subprocess
+    import sys
+
+    _, path = three_points
+    args = ["run", "--config", str(path), "--deadline-ms", "1000", "-"]
+    for given in ("", "\n  \n\n"):
+        assert "no question on standard input" in one_line_error(runner.invoke(app, args, input=given))
+    proc = subprocess.run([sys.executable, "-m", "edgetts", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "no question on standard input" in proc.stderr
+    closed = subprocess.run([sys.executable, "-m", "edgetts", *args], capture_output=True, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(0))  # fmt: skip
+    assert closed.returncode == 2 and "standard input is closed" in closed.stderr and "Traceback" not in closed.stderr
+
+
 def test_a_mean_budget_is_held_by_the_price():
     from edgetts.runtime.pricing import MeanBudget
 
