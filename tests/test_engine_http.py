@@ -1,11 +1,16 @@
 """The OpenAI-compatible HTTP engine against a live llama-cpp-python server on the tiny model."""
 
+import contextlib
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from edgetts.engines import EngineError, SamplingParams, create
 from edgetts.engines.base import EngineFailure
+from edgetts.engines.openai_http import OpenAIHTTPEngine
 from edgetts.models.families import FAMILIES
 from edgetts.tasks.grading import extract_answer
 
@@ -154,31 +159,18 @@ def test_serve_answers_from_points_that_name_a_server(server, tmp_path):
         proc.wait(10)
 
 
-def test_calls_run_concurrently_up_to_the_bound():
-    """A server in front of a batching upstream sends its requests' calls at once, up to
-    ``concurrency``: the upstream sees them together (one at a time wasted its batching)."""
-    import json as _json
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+ANSWER = (200, b'{"choices": [{"text": " 29", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}')
 
-    from edgetts.engines.openai_http import OpenAIHTTPEngine
 
-    state = {"now": 0, "most": 0}
-    lock = threading.Lock()
+@contextlib.contextmanager
+def upstream(answer):
+    """A scripted OpenAI-compatible server: each call is answered ``answer()``'s (status, body); yields its URL."""
 
-    class Slow(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            with lock:
-                state["now"] += 1
-                state["most"] = max(state["most"], state["now"])
-            time.sleep(0.2)
-            with lock:
-                state["now"] -= 1
-            body = _json.dumps({"choices": [{"text": " 29", "finish_reason": "stop"}],
-                                "usage": {"completion_tokens": 1}}).encode()  # fmt: skip
-            self.send_response(200)
+            status, body = answer()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -187,18 +179,41 @@ def test_calls_run_concurrently_up_to_the_bound():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    class Quiet(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a call the engine gave up on: writing its answer fails, as it should
+
+    httpd = Quiet(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        engine = OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}", concurrency=3)
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+def test_calls_run_concurrently_up_to_the_bound():
+    """A server in front of a batching upstream sends its requests' calls at once, up to
+    ``concurrency``: the upstream sees them together (one at a time wasted its batching)."""
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow():
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return ANSWER
+
+    with upstream(slow) as url:
+        engine = OpenAIHTTPEngine(url, concurrency=3)
         assert engine.thread_safe
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda i: engine.sample("q", 1, SamplingParams(max_tokens=4)), range(8)))
         assert all(r.rows[0].text == " 29" for r in results)
         assert state["most"] == 3  # at once, and never more than the bound
         engine.close()
-    finally:
-        httpd.shutdown()
 
 
 @pytest.mark.parametrize("status, body, why", [
@@ -218,58 +233,24 @@ def test_a_broken_upstream_answer_is_an_engine_failure(status, body, why):
     by it (memory ran out), a string or a choice without text was a TypeError, deep nesting a
     RecursionError. Each, and an upstream failing or busy, is the engine's failure (503 with Retry-After
     in serve; it was a 400 that clients do not retry); an upstream's 4xx stays the request's error."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from edgetts.engines.base import EngineFailure
-    from edgetts.engines.openai_http import OpenAIHTTPEngine
-
-    class Broken(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        engine = OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}")
+    with upstream(lambda: (status, body)) as url:
+        engine = OpenAIHTTPEngine(url)
         with pytest.raises(EngineError, match=why) as e:
             engine.sample("q", 2, SamplingParams(max_tokens=4))
         assert isinstance(e.value, EngineFailure) == (status != 400)
         engine.close()
-    finally:
-        httpd.shutdown()
 
 
 def test_a_call_ends_at_its_request_s_deadline_not_the_engine_s_timeout():
     """An upstream slower than the request's deadline held the request for the engine's timeout (600 s by
     default); each call is bounded by what the deadline leaves (and a little), its rows then end
     ``deadline``, and without a deadline the engine's own timeout still applies."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    answered = threading.Event()
 
-    from edgetts.engines.openai_http import OpenAIHTTPEngine
-
-    class Slow(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(1.5)
-            body = b'{"choices": [{"text": " 29", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
+    def slow():
+        time.sleep(1.5)
+        answered.set()
+        return ANSWER
 
     class Deadline:  # what the engine reads of a strategy's controller
         def __init__(self, seconds):
@@ -278,22 +259,13 @@ def test_a_call_ends_at_its_request_s_deadline_not_the_engine_s_timeout():
         def __call__(self, ctl, active):
             pass
 
-    class Quiet(ThreadingHTTPServer):
-        def handle_error(self, request, client_address):
-            pass  # the calls the engine gave up on: writing their answers fails, as it should
-
-    httpd = Quiet(("127.0.0.1", 0), Slow)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        engine = OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}", timeout=30)
-        t0 = time.perf_counter()
+    with upstream(slow) as url:
+        engine = OpenAIHTTPEngine(url, timeout=30)
         cut = engine.sample("q", 2, SamplingParams(max_tokens=4), controller=Deadline(0.2))
-        assert time.perf_counter() - t0 < 1.2 and [r.finish_reason for r in cut.rows] == ["deadline", "deadline"]
+        # back before the upstream answered, its rows cut there (an order of events, not a time bound)
+        assert not answered.is_set() and [r.finish_reason for r in cut.rows] == ["deadline", "deadline"]
         whole = engine.sample("q", 1, SamplingParams(max_tokens=4))  # no deadline: the call is waited for
         assert whole.rows[0].text == " 29"
         with pytest.raises(EngineFailure, match="request failed"):  # the engine's own timeout is a failure
-            OpenAIHTTPEngine(f"http://127.0.0.1:{httpd.server_address[1]}", timeout=0.3).sample(
-                "q", 1, SamplingParams(max_tokens=4), controller=Deadline(5.0))
+            OpenAIHTTPEngine(url, timeout=0.3).sample("q", 1, SamplingParams(max_tokens=4), controller=Deadline(5.0))
         engine.close()
-    finally:
-        httpd.shutdown()
