@@ -37,23 +37,22 @@ def read_source(src: Path) -> tuple[dict, dict, dict]:
                            "re-timing needs; profile the source again with this version of edgetts")  # fmt: skip
     damaged = [k for k, r in records.items() if not _sound(r)]
     if damaged:
-        raise ProfileError(f"{src}: {len(damaged)} of {len(records)} records are damaged (their model, cell, "
-                           "problem, prompt tokens or rounds are not what edgetts writes), the first "
+        raise ProfileError(f"{src}: {len(damaged)} of {len(records)} records are damaged (their problem, "
+                           "repeat, prompt tokens or rounds are not what edgetts writes), the first "
                            f"{damaged[0]!r}")  # fmt: skip
     return sweep, records, models
 
 
 def _sound(rec: dict) -> bool:
-    """Whether a record holds what re-timing reads, of the types edgetts writes (a hand-edited or damaged
-    file must fail in one line, not in the middle of the arithmetic)."""
+    """Whether a record holds what re-timing reads beyond what every reader of the log checks (its model,
+    cell and timings: :data:`edgetts.profiling.summary.RECORD_FIELDS`), of the types edgetts writes (a
+    hand-edited or damaged file must fail in one line, not in the middle of the arithmetic)."""
 
     def count(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**9
 
     try:
-        return (isinstance(rec["model"], str) and isinstance(rec["strategy"], str) and count(rec["n"])
-                and count(rec["budget"]) and count(rec["prompt_tokens"]) and count(rec["repeat"])
-                and isinstance(rec["problem"], str)
+        return (count(rec["prompt_tokens"]) and count(rec["repeat"]) and isinstance(rec["problem"], str)
                 and all(isinstance(rnd, list) and rnd and all(isinstance(row, list) and len(row) == 2
                                                                 and count(row[0]) and isinstance(row[1], bool)
                                                                 for row in rnd)
