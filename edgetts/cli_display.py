@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from contextlib import contextmanager
 
 import typer
+
+
+def shown(text: str) -> str:
+    """``text`` for a terminal: control characters (a model's ESC sequence would drive the terminal, a NUL
+    cuts the line for C readers) and lone surrogates (not writable as UTF-8) as escapes like ``\\x1b``."""
+    if all(c.isprintable() or c == " " for c in text):
+        return text
+    return "".join(c if unicodedata.category(c) not in ("Cc", "Cs") else repr(c)[1:-1] for c in text)
 
 
 def pictures(config, candidates, png, html, quiet: bool = False) -> None:
@@ -185,8 +194,8 @@ def print_answer(out, as_json: bool, line: int | None = None) -> None:
                 + (f", run as {out.strategy} n={out.n} b={out.budget}" if ran else "")
                 + (f", price {out.price:.3g}" if out.price else "")
             )
-        typer.echo(trace.answer if trace.answer is not None else "(no answer)")
-        votes = ", ".join(f"{a}: {v:g}" for a, v in trace.votes.items()) or "none"
+        typer.echo(shown(trace.answer) if trace.answer is not None else "(no answer)")
+        votes = ", ".join(f"{shown(a)}: {v:g}" for a, v in trace.votes.items()) or "none"
         deadline = "" if trace.deadline_met is None else f", deadline {'met' if trace.deadline_met else 'MISSED'}"
         typer.echo(
             f"{trace.strategy}: {trace.rows_used} row(s), {trace.generated_tokens} tokens, "

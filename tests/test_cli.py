@@ -1,9 +1,11 @@
 import json
+import unicodedata
 
 import pytest
 from typer.testing import CliRunner
 
 from edgetts.cli import app
+from edgetts.cli_display import shown
 
 runner = CliRunner()
 
@@ -106,6 +108,8 @@ def test_a_sweep_file_with_a_temperature_that_is_not_a_number_is_refused(tmp_pat
         (tmp_path / "s.yaml").write_text(f"temperature: {t}\n")
         r = runner.invoke(app, ["profile", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "p")])
         assert "temperature: expected a number >= 0" in _one_line_error(r)
+    r = runner.invoke(app, ["run", "--temperature", "inf", "--n", "1", "2+2"])
+    assert _one_line_error(r) == "error: temperature must be a finite number >= 0, got inf"
 
 
 def test_run_prints_answer_and_trace():
@@ -114,6 +118,18 @@ def test_run_prints_answer_and_trace():
     answer, summary = r.stdout.strip().splitlines()[:2]
     assert answer == "57"
     assert summary.startswith("majority: 4 row(s)") and "votes 57:" in summary
+
+
+def test_answers_that_hold_control_characters_are_shown_escaped():
+    # at a huge temperature the tiny model samples byte tokens: NULs and other control characters in the votes
+    r = runner.invoke(app, ["run", "1+1", "--temperature", "1e300", "--n", "8", "--budget", "64"])
+    assert r.exit_code == 0, r.output
+    said = json.loads(runner.invoke(app, ["run", "1+1", "--temperature", "1e300", "--n", "8", "--budget", "64",
+                                          "--json"]).stdout)  # fmt: skip
+    raw = "".join(said["votes"])
+    assert any(unicodedata.category(c) == "Cc" for c in raw)  # the case this test is about
+    assert not any(unicodedata.category(c) in ("Cc", "Cs") for c in r.stdout.replace("\n", ""))
+    assert shown("a\x1b[2J\x00\udc80 é") == "a\\x1b[2J\\x00\\udc80 é" and shown("57") == "57"
 
 
 def test_run_json_with_deadline():

@@ -32,7 +32,8 @@ def warn_again(monkeypatch):
 def test_gpu_layers_values():
     assert offload.parse_gpu_layers("auto") is None and offload.parse_gpu_layers(None) is None
     assert offload.parse_gpu_layers("-1") == -1 and offload.parse_gpu_layers(12) == 12
-    for bad in ("-2", "1.5", "many", True, ""):
+    assert offload.parse_gpu_layers(offload.MAX_LAYERS) == offload.MAX_LAYERS
+    for bad in ("-2", "1.5", "many", True, "", "99999999999999999999999"):  # the last beyond llama.cpp's int32
         with pytest.raises(EngineError, match="gpu_layers must be auto"):
             offload.parse_gpu_layers(bad)
     assert one_line_error(runner.invoke(app, ["run", "--gpu-layers", "lots", Q])).startswith("error: --gpu-layers")

@@ -129,8 +129,9 @@ def test_bad_models_and_shapes(tmp_path, engine):
         engine.sample(prompts(1)[0], 8, SamplingParams(max_tokens=1000))
     with pytest.raises(EngineError, match="n must be between"):
         engine.sample(prompts(1)[0], 9, SamplingParams())
-    with pytest.raises(EngineError, match="temperature"):
-        SamplingParams(temperature=-1)
+    for t in (-1, float("nan"), float("inf")):  # inf would make every token alike: noise, not sampling
+        with pytest.raises(EngineError, match="temperature"):
+            SamplingParams(temperature=t)
 
 
 def test_probes_branch_a_row_without_disturbing_it(engine):

@@ -23,6 +23,7 @@ has it), so a thinking budget still cuts a row where it should.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -59,8 +60,8 @@ class SamplingParams:
     ignore_eos: bool = False  # never end a row on end-of-generation (benchmarks of fixed length)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # inf: every token alike, no sampling
+            raise EngineError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1:
             raise EngineError("top_k must be >= 0, top_p in (0, 1], min_p in [0, 1)")
         if self.max_tokens < 1:

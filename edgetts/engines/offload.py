@@ -27,6 +27,8 @@ from pathlib import Path
 from edgetts.engines.base import EngineError
 
 _warned = False
+# llama.cpp reads n_gpu_layers as an int32; more layers than any model has already means all of them (as in C)
+MAX_LAYERS = 100_000
 
 
 def parse_gpu_layers(value: object) -> int | None:
@@ -37,8 +39,9 @@ def parse_gpu_layers(value: object) -> int | None:
         n = int(value) if not isinstance(value, bool) and str(value).strip().lstrip("-").isdigit() else None
     except ValueError:
         n = None
-    if n is None or n < -1:
-        raise EngineError(f"gpu_layers must be auto, -1 (all layers) or a number of layers >= 0, got {value!r}")
+    if n is None or not -1 <= n <= MAX_LAYERS:
+        raise EngineError(f"gpu_layers must be auto, -1 (all layers) or a number of layers from 0 to {MAX_LAYERS}, "
+                          f"got {value!r}")  # fmt: skip
     return n
 
 
