@@ -159,6 +159,17 @@ def test_stop_temperature_and_seed(client):
     assert r.choices[0].text == "2"
 
 
+def test_fields_that_ask_for_nothing_pass_and_max_completion_tokens_caps_the_budget(client):
+    asked = [{"role": "user", "content": [{"type": "text", "text": Q}]}]
+    single = {"edgetts": {"strategy": "single"}}
+    r = client.chat.completions.create(model="edgetts", messages=asked, logprobs=False,
+                                       response_format={"type": "text"}, tool_choice="none",
+                                       tools=[{"type": "function", "function": {"name": "f"}}],
+                                       max_completion_tokens=16, extra_body=single)  # fmt: skip
+    plain = client.chat.completions.create(model="edgetts", messages=asked, extra_body=single)
+    assert r.model_extra["edgetts"]["budget"] == 16 < plain.model_extra["edgetts"]["budget"]
+
+
 def test_models_health_metrics_and_auth(live, client):
     assert "edgetts" in [m.id for m in client.models.list().data]
     assert client.models.retrieve("edgetts").id == "edgetts"  # OpenAI's retrieve
@@ -195,6 +206,15 @@ def test_models_health_metrics_and_auth(live, client):
         ({"messages": [{"role": "user", "content": Q}], "edgetts": False}, 400, "edgetts"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"budget": 0}}, 400, "edgetts.budget"),
         ({"messages": [{"role": "user", "content": Q}], "edgetts": {"strategy": "single", "n": 8}}, 400, "edgetts"),
+        # what one aggregated text answer cannot carry is refused, not ignored
+        ({"messages": [{"role": "user", "content": Q}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": Q}], "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"messages": [{"role": "user", "content": Q}], "response_format": {"type": "json_object"}}, 400,
+         "response_format"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": Q}, {"type": "image_url"}]}]}, 400,
+         "messages"),
+        ({"messages": [{"role": "user", "content": Q}], "max_tokens": 8, "max_completion_tokens": 9}, 400,
+         "max_completion_tokens"),
     ],
 )
 def test_bad_requests_are_4xx_json(live, body, status, param):

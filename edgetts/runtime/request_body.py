@@ -4,8 +4,11 @@
 and the reply's options, or raises :class:`APIError` (a status and OpenAI's error shape) naming
 the field at fault: a bad request is a 4xx, never a 5xx.  Text fields must be valid Unicode (JSON
 allows lone surrogates, which no tokenizer can encode and no response can echo); numbers must be
-finite and in range; chat roles are OpenAI's; the body's ``edgetts`` object (``strategy``, ``n``,
-``budget``) takes no other field, so a misspelt one is not silently ignored.
+finite and in range; chat roles are OpenAI's; content parts other than text (an image) are refused;
+fields that ask for an output no aggregated text answer gives (``logprobs``, ``tools``, JSON
+``response_format``, ``echo``...) are refused, not ignored; ``max_completion_tokens`` is
+``max_tokens``; the body's ``edgetts`` object (``strategy``, ``n``, ``budget``) takes no other
+field, so a misspelt one is not silently ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# OpenAI fields that ask for an output this server does not give (token log-probabilities, tool calls, JSON
+# mode, the prompt echoed, several completions to pick from, banned tokens): refused when they ask for it, since a
+# client relying on them would misread the answer; values that ask for nothing (false, 0, 1, [], "text") pass.
+UNSUPPORTED = {
+    "logprobs": lambda v: bool(v), "top_logprobs": lambda v: bool(v), "echo": lambda v: bool(v),
+    "suffix": lambda v: bool(v), "best_of": lambda v: v not in (None, 1), "logit_bias": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") in (None, "text")) if v else False,
+}
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's (function: the older tool)
 EXTENSION_FIELDS = {"strategy", "n", "budget"}  # the request's "edgetts" object
 
@@ -60,9 +72,9 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
         turns = []
         for i, m in enumerate(msgs):
             content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: their text, in order
-                parts = [c.get("text") for c in content if isinstance(c, dict) and c.get("type") == "text"]
-                content = "".join(p for p in parts if isinstance(p, str)) if parts else None
+            if isinstance(content, list):  # content parts: their text, in order; an image is not read, so refused
+                parts = [c.get("text") if isinstance(c, dict) and c.get("type") == "text" else None for c in content]
+                content = "".join(parts) if parts and all(isinstance(p, str) for p in parts) else None
             if not isinstance(content, str) or not isinstance(m.get("role"), str):
                 raise APIError(400, f"messages[{i}] needs a string 'role' and a string (or text-part) 'content'",
                                "messages")  # fmt: skip
@@ -91,6 +103,7 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
     if n not in (None, 1):
         raise APIError(400, "n > 1 is not supported: edgetts returns one aggregated answer (set edgetts.n for "
                        "the number of parallel samples)", "n")  # fmt: skip
+    _supported(body)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -122,7 +135,7 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
         deadline_ms=_number(body, "deadline_ms", 1, 3_600_000) or default_deadline_ms,
         temperature=_number(body, "temperature", 0, 2) if body.get("temperature") is not None else 1.0,
         seed=_number(body, "seed", 0, 2**31 - 1, integer=True) or 0,
-        max_tokens=_number(body, "max_tokens", 1, 1_000_000, integer=True),
+        max_tokens=_max_tokens(body),
         strategy=strategy,
         n=_number(ext, "n", 1, 64, integer=True, within="edgetts."),
         budget=_number(ext, "budget", 1, 1_000_000, integer=True, within="edgetts."),
@@ -131,6 +144,26 @@ def parse(body: object, chat: bool, default_deadline_ms: float, arrived: float |
         arrived=time.perf_counter() if arrived is None else arrived,
     )
     return req, {"stream": bool(body.get("stream")), "stop": stop or [], "model": model}
+
+
+def _supported(body: dict) -> None:
+    """A 400 naming the first field of ``body`` that asks for what this server does not do (:data:`UNSUPPORTED`)."""
+    for name, asks in UNSUPPORTED.items():
+        if asks(body.get(name)):
+            raise APIError(400, f"'{name}' is not supported: edgetts serve returns one aggregated text answer "
+                           "(send it without this field)", name)  # fmt: skip
+    if body.get("tools") and body.get("tool_choice", "auto") != "none":
+        raise APIError(400, "'tools' is not supported: edgetts serve returns text, never a tool call (send it "
+                       "without tools, or with tool_choice 'none')", "tools")  # fmt: skip
+
+
+def _max_tokens(body: dict) -> int | None:
+    """``max_tokens``, or ``max_completion_tokens`` (the newer name in OpenAI's chat API); both must agree."""
+    old, new = (_number(body, k, 1, 1_000_000, integer=True) for k in ("max_tokens", "max_completion_tokens"))
+    if old is not None and new is not None and old != new:
+        raise APIError(400, f"'max_tokens' ({old}) and 'max_completion_tokens' ({new}) differ: give one",
+                       "max_completion_tokens")  # fmt: skip
+    return new if new is not None else old
 
 
 def _text(s: str, param: str) -> str:

@@ -40,9 +40,11 @@ stating an answer gets an empty answer with ``finish_reason: "length"`` and
 ``edgetts.error`` saying why.
 
 Experts may force ``strategy``, ``n`` and ``budget`` in the body's ``edgetts`` object;
-``max_tokens`` caps the thinking budget; ``temperature`` and ``seed`` are honoured; ``stop``
-cuts the returned text.  ``n`` > 1 is refused (400): the server returns one aggregated answer.
-Other OpenAI parameters are ignored, as OpenAI-compatible servers usually do.  Bodies are checked
+``max_tokens`` (or ``max_completion_tokens``) caps the thinking budget; ``temperature`` and
+``seed`` are honoured; ``stop`` cuts the returned text.  ``n`` > 1 is refused (400): the server
+returns one aggregated answer; so are fields asking for what such an answer does not carry
+(``logprobs``, ``tools``, a JSON ``response_format``, ``echo``).  Other OpenAI parameters (sampling
+filters, penalties, ``user``) are ignored, as OpenAI-compatible servers usually do.  Bodies are checked
 in :mod:`edgetts.runtime.request_body`; every error is a JSON body in OpenAI's shape; bad
 requests are 4xx, never 5xx.
 """
