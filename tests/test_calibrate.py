@@ -329,7 +329,8 @@ def test_setting_values():
     assert parse_setting("threads=2,gpu_layers=-1") == {"threads": 2, "gpu_layers": -1}
     assert parse_setting("power_mode=MAXN_SUPER") == {"power_mode": "MAXN_SUPER"}
     for bad in ("threads=0", "gpu_layers=-2", "threads=2.5", "power_mode=a\nb", "power_mode=1;reboot",
-                "power_mode=15 W", "power_mode=" + "x" * 65, "bogus=1", "threads=1,threads=2"):  # fmt: skip
+                "power_mode=15 W", "power_mode=" + "x" * 65, "bogus=1", "threads=1,threads=2",
+                "gpu_layers=99999999999999999999"):  # fmt: skip
         with pytest.raises(ProfileError, match="--setting"):
             parse_setting(bad)
 

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from statistics import median
 
+from edgetts.engines.offload import MAX_LAYERS
 from edgetts.fileio import write_json_atomic
 from edgetts.profiling.directory import (
     ProfileError,
@@ -87,8 +88,8 @@ def parse_setting(text: str) -> dict:
             out[key] = SETTINGS[key](value.strip())
         except ValueError:
             raise ProfileError(f"--setting {text!r}: {key} must be a whole number") from None
-        if (key == "threads" and out[key] < 1) or (key == "gpu_layers" and out[key] < -1):
-            raise ProfileError(f"--setting {text!r}: threads must be >= 1 and gpu_layers >= -1")
+        if (key == "threads" and out[key] < 1) or (key == "gpu_layers" and not -1 <= out[key] <= MAX_LAYERS):
+            raise ProfileError(f"--setting {text!r}: threads must be >= 1 and gpu_layers from -1 to {MAX_LAYERS}")
         if key == "power_mode" and not re.fullmatch(r"[\w.+-]{1,64}", out[key], re.ASCII):
             # a mode is a number or a name (MAXN, 15W, MAXN_SUPER): nothing that breaks a line or a command
             raise ProfileError(f"--setting {text!r}: a power mode is a number or a name of letters, digits "
