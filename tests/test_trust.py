@@ -270,3 +270,44 @@ def test_a_config_that_is_a_fifo_is_refused_as_such(tmp_path):
     line = one_line_error(runner.invoke(app, ["run", "--config", str(tmp_path / "pareto.json"), "--deadline-ms",
                                               "100", "2+3"]))  # fmt: skip
     assert "not a regular file" in line
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"shard": "abc"}, "its shard is not [I, N]"),  # merge sorted shards by it: a TypeError traceback
+        ({"shard": [3, 2]}, "its shard is not [I, N]"),  # was merged as shard 3 of 2
+        ({"shard": [1, 2, 3]}, "its shard is not [I, N]"),
+        ({"sweep": 5}, "it holds no sweep"),
+        ({"sweep": {"budgets": "x"}}, "its sweep: budgets"),  # calibrate: a ConfigError traceback
+        ({"sweep": {"engine": "x"}}, "its sweep: engine"),  # calibrate: an AttributeError traceback
+        ({"sweep": {"dataset": 5}}, "its sweep: dataset"),
+        ({"sweep": {"seed": -1}}, "its sweep: seed"),
+    ],
+)
+def test_a_sweep_file_that_is_not_what_profile_writes_is_refused_by_merge_and_calibrate(
+    small_profile, tmp_path, change, says
+):
+    import shutil
+
+    prof = tmp_path / "prof"
+    shutil.copytree(small_profile, prof, ignore=shutil.ignore_patterns(".edgetts-lock"))
+    sweep = json.loads((prof / "sweep.json").read_text())
+    for key, value in change.items():
+        sweep[key] = {**sweep[key], **value} if isinstance(value, dict) else value
+    (prof / "sweep.json").write_text(json.dumps(sweep))
+    for args in (["merge", str(prof), "--out", str(tmp_path / "m")],
+                 ["calibrate", str(prof), "--out", str(tmp_path / "c")]):  # fmt: skip
+        line = one_line_error(runner.invoke(app, args))
+        assert "sweep.json is damaged" in line and says in line, (args, line)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_sweep_file_s_seed_and_dataset_are_checked_before_anything_runs(tmp_path):
+    for text, says in (("seed: x", "seed: expected a whole number"), ("seed: 1.5", "seed: expected"),
+                       ("dataset: 5", "dataset: expected"), ("engine: x", "engine: expected a mapping")):  # fmt: skip
+        (tmp_path / "s.yaml").write_text(text + "\n")
+        line = one_line_error(runner.invoke(app, ["profile", "--config", str(tmp_path / "s.yaml"), "--out",
+                                                  str(tmp_path / "p")]))  # fmt: skip
+        assert says in line, (text, line)
+    assert not (tmp_path / "p").exists()

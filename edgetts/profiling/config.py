@@ -40,6 +40,7 @@ from edgetts.engines import REGISTRY, EngineError, EngineSpec
 from edgetts.strategies import STRATEGIES
 
 MODES = ("pooled", "direct")
+MAX_SEED = 2**32 - 1  # as run's --seed (row seeds wrap at 2**32, engines.base.draw_seed)
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,8 @@ class SweepConfig:
             if unknown:
                 raise ConfigError(f"engine: unknown option(s) {', '.join(sorted(map(str, unknown)))}")
             self.engine = EngineOptions(**self.engine)
+        if not isinstance(self.engine, EngineOptions):
+            raise ConfigError(f"engine: expected a mapping of engine options, got {self.engine!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -98,6 +101,10 @@ class SweepConfig:
             if twice is not None:
                 raise ConfigError(f"{name}: {twice!r} is given twice")
 
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ConfigError(f"dataset: expected a built-in benchmark's name or a JSONL file, got {self.dataset!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: expected a whole number from 0 to {MAX_SEED}, got {self.seed!r}")
         if not isinstance(self.models, list) or not self.models:
             raise ConfigError(f"models: expected a non-empty list of names, paths or engine specs, got {self.models!r}")
         e = self.engine

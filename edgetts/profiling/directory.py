@@ -59,7 +59,7 @@ def prepare_dir(out: Path, cfg: SweepConfig, force: bool, shard: tuple[int, int]
             if entry.is_file() and entry.name != "records.jsonl" and _derived(entry.name):
                 entry.unlink()
     elif sweep.exists():
-        old, why = _read_object(sweep, key="digest")
+        old, why = _read_sweep(sweep)
         if why:
             raise ProfileError(
                 f"{sweep} is damaged ({why}) while records.jsonl holds measured queries; if they belong to this "
@@ -103,6 +103,17 @@ def _read_object(path: Path, key: str | None = None) -> tuple[dict, str | None]:
     return value, None
 
 
+def _read_sweep(path: Path) -> tuple[dict, str | None]:
+    """``sweep.json`` as :func:`_read_object` reads it, its ``shard`` (where there is one) checked too: merge
+    sorts, counts and names shards by it."""
+    sweep, why = _read_object(path, key="digest")
+    shard = sweep.get("shard")
+    whole = isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)  # bool is no index
+    if not why and shard is not None and not (whole and 0 <= shard[0] < shard[1]):
+        return {}, "its shard is not [I, N] with 0 <= I < N"
+    return sweep, why
+
+
 def read_profile(d: Path) -> tuple[dict, dict]:
     """(``sweep.json``, ``models.json`` or {}) of a profile directory another command reads (calibrate,
     merge); a one-line :class:`ProfileError` for a folder that is not one or a damaged sweep file."""
@@ -111,9 +122,17 @@ def read_profile(d: Path) -> tuple[dict, dict]:
             raise ProfileError(f"{d / name} {NOT_OURS}")
         if not (d / name).is_file():
             raise ProfileError(f"{d}: not a profile directory (no {name})")
-    sweep, why = _read_object(d / "sweep.json", key="digest")
+    sweep, why = _read_sweep(d / "sweep.json")
     if why:
         raise ProfileError(f"{d / 'sweep.json'} is damaged ({why})")
+    from edgetts.profiling.config import ConfigError, SweepConfig
+
+    if not isinstance(sweep.get("sweep"), dict):
+        raise ProfileError(f"{d / 'sweep.json'} is damaged (it holds no sweep)")
+    try:  # the sweep it measured, as profile wrote it: merge copies it, calibrate loads its dataset from it
+        SweepConfig(**sweep["sweep"])
+    except (ConfigError, TypeError) as e:
+        raise ProfileError(f"{d / 'sweep.json'} is damaged (its sweep: {e})") from None
     models, why = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
     if why:
         raise ProfileError(f"{d / 'models.json'} is damaged ({why})")
