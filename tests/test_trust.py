@@ -311,3 +311,17 @@ def test_a_sweep_file_s_seed_and_dataset_are_checked_before_anything_runs(tmp_pa
                                                   str(tmp_path / "p")]))  # fmt: skip
         assert says in line, (text, line)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("entry", [5, {"artifact": "tiny", "sha256": 5}, {"artifact": "tiny", "sha256": "x" * 64},
+                                   {"artifact": "tiny", "bytes": -1}, {"sha256": "0" * 64}])  # fmt: skip
+def test_a_models_file_that_is_not_what_profile_writes_is_refused(small_profile, tmp_path, entry):
+    import shutil
+
+    prof = tmp_path / "prof"
+    shutil.copytree(small_profile, prof, ignore=shutil.ignore_patterns(".edgetts-lock"))
+    (prof / "models.json").write_text(json.dumps({"tiny": entry}))  # 5 was an AttributeError traceback
+    for args in (["merge", str(prof), "--out", str(tmp_path / "m")],
+                 ["calibrate", str(prof), "--out", str(tmp_path / "c")]):  # fmt: skip
+        line = one_line_error(runner.invoke(app, args))
+        assert "models.json is damaged (model 'tiny'" in line, (args, line)

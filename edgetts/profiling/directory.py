@@ -25,13 +25,14 @@ the directory it created.  The summary is computed from the records alone
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
 from edgetts.fileio import write_json_atomic
-from edgetts.profiling.config import SweepConfig
+from edgetts.profiling.config import ConfigError, SweepConfig
 from edgetts.profiling.lock import LOCK_NAME, LockError, hold
 from edgetts.profiling.records import RecordLog
 from edgetts.profiling.summary import summarize
@@ -114,6 +115,17 @@ def _read_sweep(path: Path) -> tuple[dict, str | None]:
     return sweep, why
 
 
+def _model_sound(entry: object) -> bool:
+    """Whether ``entry`` is a ``models.json`` entry as :func:`model_entry` writes it (merge compares and copies
+    its sha256, calibrate checks files against it)."""
+    if not isinstance(entry, dict):
+        return False
+    sha, size = entry.get("sha256"), entry.get("bytes")
+    sha_ok = sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None)
+    size_ok = size is None or (type(size) is int and size >= 0)
+    return isinstance(entry.get("artifact"), str) and sha_ok and size_ok
+
+
 def read_profile(d: Path) -> tuple[dict, dict]:
     """(``sweep.json``, ``models.json`` or {}) of a profile directory another command reads (calibrate,
     merge); a one-line :class:`ProfileError` for a folder that is not one or a damaged sweep file."""
@@ -125,8 +137,6 @@ def read_profile(d: Path) -> tuple[dict, dict]:
     sweep, why = _read_sweep(d / "sweep.json")
     if why:
         raise ProfileError(f"{d / 'sweep.json'} is damaged ({why})")
-    from edgetts.profiling.config import ConfigError, SweepConfig
-
     if not isinstance(sweep.get("sweep"), dict):
         raise ProfileError(f"{d / 'sweep.json'} is damaged (it holds no sweep)")
     try:  # the sweep it measured, as profile wrote it: merge copies it, calibrate loads its dataset from it
@@ -134,6 +144,9 @@ def read_profile(d: Path) -> tuple[dict, dict]:
     except (ConfigError, TypeError) as e:
         raise ProfileError(f"{d / 'sweep.json'} is damaged (its sweep: {e})") from None
     models, why = _read_object(d / "models.json") if (d / "models.json").exists() else ({}, None)
+    bad = next((label for label, m in models.items() if not _model_sound(m)), None)
+    if bad is not None:
+        why = f"model {bad!r} is not an entry edgetts writes: artifact, bytes and a sha256 of 64 hex digits"
     if why:
         raise ProfileError(f"{d / 'models.json'} is damaged ({why})")
     return sweep, models
