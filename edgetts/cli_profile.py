@@ -231,7 +231,7 @@ def pareto(
         from edgetts.profiling.calibrate import parse_setting
         from edgetts.profiling.runner import ProfileError
 
-        wanted = parse_setting(setting) if setting else None
+        wanted = parse_setting(setting) if setting is not None else None  # "" is refused, not "every setting"
     except ProfileError as e:
         fail(str(e))
     try:

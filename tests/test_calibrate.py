@@ -408,6 +408,9 @@ def test_merge_joins_only_shards_timed_alike_and_says_when_settings_differ(small
     line = one_line_error(runner.invoke(app, ["pareto", str(small_profile), str(cal), "--out", str(tmp_path / "c.json"),
                                               "--accept-unvalidated"]))  # fmt: skip
     assert "is measured in both" in line and "under the same setting" in line
+    line = one_line_error(runner.invoke(app, ["pareto", str(cal), "--out", str(tmp_path / "c.json"), "--setting", "",
+                                              "--accept-unvalidated"]))  # fmt: skip
+    assert line.startswith("error: --setting ''")  # an empty setting kept every setting's points
     parts = []
     for i in range(2):
         monkeypatch.setenv("EDGETTS_THREADS", str(i + 1))  # machines whose defaults differ
