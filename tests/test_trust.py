@@ -325,3 +325,23 @@ def test_a_models_file_that_is_not_what_profile_writes_is_refused(small_profile,
                  ["calibrate", str(prof), "--out", str(tmp_path / "c")]):  # fmt: skip
         line = one_line_error(runner.invoke(app, args))
         assert "models.json is damaged (model 'tiny'" in line, (args, line)
+
+
+@pytest.mark.parametrize("check", ["garbage", "{}", '{"ok": "yes"}', '{"ok": true, "mape": NaN, "cells_checked": 3}'])
+def test_a_damaged_latency_check_counts_as_failed_not_as_absent(small_profile, tmp_path, check):
+    """A pooled profile's latencies are modelled: its direct check is what pareto trusts them by. A damaged
+    check file was left out of the summary (the profile then looked like one that needs none), and merge
+    died on one with fields missing (a KeyError traceback)."""
+    import shutil
+
+    prof = tmp_path / "prof"
+    shutil.copytree(small_profile, prof, ignore=shutil.ignore_patterns(".edgetts-lock"))
+    (prof / "latency-validation-tiny.json").write_text(check)
+    r = runner.invoke(app, ["merge", str(prof), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())["latency_validation"]
+    assert summary["ok"] is False and "latency-validation-tiny-part0.json" in summary["models"][0]["damaged"]
+    line = one_line_error(runner.invoke(app, ["pareto", str(tmp_path / "m"), "--out", str(tmp_path / "c.json")]))
+    assert "its latency check is damaged" in line
+    r = runner.invoke(app, ["pareto", str(tmp_path / "m"), "--out", str(tmp_path / "c.json"), "--accept-unvalidated"])
+    assert r.exit_code == 0, r.output

@@ -227,8 +227,14 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
         check = summary.get("latency_validation")
         if check is not None:
             checks[str(d)] = {k: check.get(k) for k in ("ok", "mape", "drift", "cells_checked")}
+            models = check.get("models") if isinstance(check.get("models"), list) else []
+            damaged = next((m["damaged"] for m in models if isinstance(m, dict) and m.get("damaged")), None)
+            if require_validated and damaged:
+                raise ParetoError(f"{d}: its latency check is damaged ({damaged}); check again (delete the file "
+                                  "where it was measured and run that profile command), or pass "
+                                  "--accept-unvalidated")  # fmt: skip
             if require_validated and not check.get("ok"):
-                mape, drift = check.get("mape"), check.get("drift")
+                mape, drift = _ratio(check.get("mape")), _ratio(check.get("drift"))
                 raise ParetoError(
                     f"{d}: its modelled latencies failed the direct check (off by "
                     f"{'n/a' if mape is None else f'{100 * mape:.0f}%'}, drift "
@@ -281,13 +287,18 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
     return config, candidates
 
 
+def _ratio(v: object) -> float | None:
+    """A check's mape or drift when it is a finite number (a summary edited by hand may hold anything)."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 def validation_note(config: dict, where: str) -> str | None:
     """One line when a profile behind ``config`` failed its direct latency check, else None."""
     failed = {d: c for d, c in (config.get("latency_validation") or {}).items() if isinstance(c, dict)
               and c.get("ok") is False}  # fmt: skip
     if not failed:
         return None
-    off = {d: "n/a" if c.get("mape") is None else f"{100 * c['mape']:.0f}%" for d, c in failed.items()}
+    off = {d: "n/a" if _ratio(c.get("mape")) is None else f"{100 * c['mape']:.0f}%" for d, c in failed.items()}
     parts = [f"{d} (off by {o})" for d, o in off.items()]
     return (f"note: {where}: the modelled latencies of {', '.join(parts)} failed their direct check; its "
             "deadlines may be missed")

@@ -25,6 +25,7 @@ the directory it created.  The summary is computed from the records alone
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from contextlib import ExitStack, contextmanager
@@ -261,6 +262,18 @@ def _latency_file(out: Path, kind: str, model: str) -> Path:
     return out / f"latency-{kind}-{safe}.json"
 
 
+def _check_unsound(check: dict) -> str | None:
+    """Why ``check`` is not a latency check as :func:`edgetts.profiling.validation.check` writes it, or None."""
+    def number(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+    cells = check.get("cells_checked")
+    if not (isinstance(check.get("ok"), bool) and type(cells) is int and cells >= 0
+            and number(check.get("mape")) and number(check.get("drift"))):  # fmt: skip
+        return "not the check edgetts writes (ok, cells_checked, mape, drift)"
+    return None
+
+
 def write_summary(out: str | Path) -> dict:
     """Summarize whatever records the directory holds (also after an interruption)."""
     out = Path(out)
@@ -268,8 +281,11 @@ def write_summary(out: str | Path) -> dict:
     checks = []
     for path in sorted(out.glob("latency-validation-*.json")):
         check, why = _read_object(path)
-        if not why:  # a damaged check is left out
-            checks.append(check)
+        why = why or _check_unsound(check)
+        if why:  # a damaged check is a failed one: nothing says these latencies were checked
+            check = {"model": path.stem.removeprefix("latency-validation-"), "cells_checked": 0, "mape": None,
+                     "drift": None, "ok": False, "damaged": f"{path.name}: {why}"}  # fmt: skip
+        checks.append(check)
     if checks:
         from edgetts.profiling.validation import combine
 
