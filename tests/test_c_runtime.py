@@ -218,6 +218,12 @@ def test_answer_stream_and_deadline_choice(built, config):
                           capture_output=True)  # fmt: skip
     bad, good = (json.loads(line) for line in proc.stdout.decode().splitlines())
     assert bad == {"error": "the question holds a NUL character", "status": "bad argument"} and "answer" in good
+    # no line at all (an empty file, or standard input closed) is said, as run - says it, not an empty success
+    for given in ({"stdin": subprocess.DEVNULL}, {"input": ""}):
+        proc = subprocess.run([str(built / "bin" / "edgetts-answer"), "--config", str(config)], capture_output=True,
+                              text=True, **given)  # fmt: skip
+        assert proc.returncode == 2 and proc.stdout == "", given
+        assert proc.stderr.endswith("error: no question on standard input (one per line)\n")
     res = runner.invoke(app, ["run", "-", "--config", str(config), "--deadline-ms", "1e9", "--json", "--threads", "1"],
                         input=lines)  # fmt: skip
     said = [json.loads(line) for line in res.stdout.splitlines()]

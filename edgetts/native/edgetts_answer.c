@@ -8,7 +8,8 @@
  * Without --deadline-ms the policy picks the most accurate point and no deadline binds.
  * --point runs one frontier point (its id or index) without the policy; --rows adds every
  * row's tokens and text.  A question that fails prints {"error": ...} and the next line goes
- * on; a bad command line or a runtime that cannot open exits 2 with one line on stderr.
+ * on; a bad command line, a runtime that cannot open or no line at all on stdin exits 2 with one
+ * line on stderr.
  * --threads and --gpu-layers run every engine (default: all cores but one, every layer where
  * llama.cpp can offload); where they differ from the settings the points were profiled with, a
  * note on stderr says so.
@@ -235,7 +236,9 @@ int main(int argc, char **argv)
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;
+    long asked = 0;
     while ((len = getline(&line, &cap, stdin)) >= 0) {
+        asked++;
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
             line[--len] = '\0';
         }
@@ -263,5 +266,9 @@ int main(int argc, char **argv)
     }
     free(line);
     edgetts_close(rt);
+    if (asked == 0) { /* an empty file, or standard input closed: say so, as edgetts run - does */
+        fputs("error: no question on standard input (one per line)\n", stderr);
+        return 2;
+    }
     return 0;
 }
