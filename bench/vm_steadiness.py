@@ -52,21 +52,18 @@ from edgetts.engines import EngineSpec, open_engine
 from edgetts.engines.base import SamplingParams
 spec = EngineSpec("llama.cpp", "tiny").resolved().with_options(threads=2)
 engine, _ = open_engine(spec, max_rows=1, max_tokens=48)
-times = []
-for _ in range(40):
-    t0 = time.perf_counter()
-    engine.sample("What is 12+35?", 1, SamplingParams(max_tokens=32, ignore_eos=True))
-    times.append(time.perf_counter() - t0)
-print(1000 * statistics.median(times))
-blocks = []
-for _ in range(4):
-    time.sleep(1.5)
+def median_ms(calls):
     times = []
-    for _ in range(30):
+    for _ in range(calls):
         t0 = time.perf_counter()
         engine.sample("What is 12+35?", 1, SamplingParams(max_tokens=32, ignore_eos=True))
         times.append(time.perf_counter() - t0)
-    blocks.append(1000 * statistics.median(times))
+    return 1000 * statistics.median(times)
+print(median_ms(40))
+blocks = []
+for _ in range(4):
+    time.sleep(1.5)
+    blocks.append(median_ms(30))
 print(" ".join(map(str, blocks)))
 """
 

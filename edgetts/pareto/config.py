@@ -287,9 +287,14 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
     return config, candidates
 
 
+def _finite(v: object) -> bool:
+    """Whether ``v`` is a finite number (a bool is not one; a file edited by hand may hold anything)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _ratio(v: object) -> float | None:
-    """A check's mape or drift when it is a finite number (a summary edited by hand may hold anything)."""
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    """A check's mape or drift when it is a finite number, else None."""
+    return v if _finite(v) else None
 
 
 def validation_note(config: dict, where: str) -> str | None:
@@ -375,7 +380,7 @@ def _check_values(p: dict, where: str) -> None:
     are checked by what runs them (the server at start-up): a C header carries any name as data."""
 
     def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        return _finite(v) and v >= 0
 
     for name in ("n", "budget"):  # the C runtime's range (ints in the frontier it compiles in)
         if not 1 <= p[name] <= 1_000_000:

@@ -19,7 +19,11 @@ deleted.  A directory of someone else's files is refused even with ``force``.  A
 repair, never as another sweep; a directory without records (a stub left by a run that failed
 before measuring anything) is simply reused.  A run that fails before its first record removes
 the directory it created.  The summary is computed from the records alone
-(:func:`write_summary`), so a resumed or merged profile summarizes like an uninterrupted one.
+(:func:`write_summary`), so a resumed or merged profile summarizes like an uninterrupted one; a
+latency check file that is not what edgetts writes counts there as a failed check (``damaged``),
+never as no check.  Commands that read another run's profile (:func:`read_profile`: merge,
+calibrate) check its ``sweep.json`` (shard and sweep, as ``profile --config`` checks a sweep)
+and ``models.json`` entries first, each refused in one line.
 """
 
 from __future__ import annotations

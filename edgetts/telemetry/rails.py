@@ -39,9 +39,9 @@ class Rail:
     layout: str  # "hwmon" or "iio"
 
     def milliwatts(self) -> float | None:
-        """The rail's power now, or None when a read failed or gave what no rail draws: an INA3221 near
-        0 A reads a few mA below zero (its offset), counted as 0; megawatts, either sign, are a damaged
-        reading, not power."""
+        """The rail's power now, or None when a read failed or gave what no rail draws: below zero counts
+        as 0 (an INA3221 near 0 A reads a few mA below, its offset); beyond ``MAX_MW`` (10 kW), either
+        sign, is a damaged reading, not power."""
         values = [sysfs.read_int(f) for f in self.files]
         if any(v is None for v in values):
             return None
