@@ -165,8 +165,9 @@ def test_policy_agrees_with_python_also_after_observations(built, config, tmp_pa
     lines, expected = [], []
     price, changed = 0.0, 0
     for k in range(1000):
-        if k % 100 == 50:  # a price on compute (accuracy per ms): none, small, large
-            price = rng.choice([0.0, rng.uniform(0, 0.002), rng.uniform(0.002, 0.05)])
+        if k % 100 == 50:  # a price on compute (accuracy per ms): none, small, large, and the extremes
+            # (price x ms overflows to inf for every point; a subnormal price): each kind twice
+            price = [0.0, rng.uniform(0, 0.002), rng.uniform(0.002, 0.05), 1e300, 5e-324][k // 100 % 5]
             lines.append(f"p {price!r} 0")
             expected.append(repr(price))
         if k % 50 == 25:  # the same observations on both sides
