@@ -118,6 +118,15 @@ int main(int argc, char **argv)
     expect(edgetts_open(NULL, NULL, NULL, 0) == EDGETTS_E_ARGUMENT, "NULL out", NULL);
 
     edgetts_runtime *rt = open_rt(argv[1]);
+    /* a mean budget no answer meets: each answer below raises the price (to its ceiling) */
+    expect(edgetts_set_mean_budget(NULL, 5, EDGETTS_COST_MS) == EDGETTS_E_ARGUMENT, "budget on NULL", NULL);
+    expect(edgetts_set_mean_budget(rt, NAN, EDGETTS_COST_MS) == EDGETTS_E_ARGUMENT, "NaN budget", NULL);
+    expect(edgetts_set_mean_budget(rt, 5, (edgetts_cost)9) == EDGETTS_E_ARGUMENT, "bad cost kind", NULL);
+    expect(edgetts_set_mean_budget(rt, 5, EDGETTS_COST_J) == EDGETTS_E_ARGUMENT
+               && strstr(edgetts_last_error(rt), "energy_j") != NULL, "joules without energy figures",
+           edgetts_last_error(rt));
+    expect(edgetts_spent(NULL, 1) == 0.0, "spent on NULL", NULL);
+    expect(edgetts_set_mean_budget(rt, 0.001, EDGETTS_COST_MS) == EDGETTS_OK, "mean budget", edgetts_last_error(rt));
     char *long_q = malloc(20001);
     memset(long_q, '7', 20000);
     long_q[20000] = '\0';
@@ -178,6 +187,7 @@ int main(int argc, char **argv)
         edgetts_result_free(&r);
     }
     free(long_q);
+    expect(edgetts_price(rt) > 0, "answers over the mean budget raise the price", NULL);
 
     /* a cancel from another thread stops the running call: fewer tokens than its rows and budget */
     int stopped = 0;

@@ -415,6 +415,7 @@ def test_build_c_never_overwrites_a_users_files(built, config, tmp_path):
 
 def test_the_constants_c_shares_with_python_come_from_python(built):
     from edgetts.engines.spec import FORCED_SLACK, MAX_THREADS, PROMPT_RESERVE
+    from edgetts.runtime.pricing import CEILING, MeanBudget
     from edgetts.timing import ANSWER_SAFETY, ANSWER_STEPS
 
     text = (built / "src" / "edgetts_constants.h").read_text()
@@ -422,7 +423,9 @@ def test_the_constants_c_shares_with_python_come_from_python(built):
     assert values == {"ETT_ANSWER_TOKENS": str(RunConfig().answer_tokens), "ETT_ANSWER_STEPS": str(ANSWER_STEPS),
                       "ETT_ANSWER_SAFETY": repr(float(ANSWER_SAFETY)), "ETT_PROMPT_RESERVE": str(PROMPT_RESERVE),
                       "ETT_FORCED_SLACK": str(FORCED_SLACK), "ETT_RUNS": str(Policy.RUNS),
-                      "ETT_MAX_THREADS": str(MAX_THREADS)}  # fmt: skip
+                      "ETT_MAX_THREADS": str(MAX_THREADS), "ETT_PRICE_FLOOR": repr(MeanBudget.FLOOR),
+                      "ETT_PRICE_STEP": repr(MeanBudget.STEP), "ETT_PRICE_WINDOW": str(MeanBudget.WINDOW),
+                      "ETT_PRICE_CEILING": repr(float(CEILING))}  # fmt: skip
     assert "#define ETT_" not in (Path(__file__).parent.parent / "edgetts" / "native" / "internal.h").read_text()
 
 

@@ -160,6 +160,23 @@ void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms);
  * minus price x predicted latency, as edgetts.runtime.Policy.select(price=...). */
 edgetts_status edgetts_set_price(edgetts_runtime *rt, double price);
 double edgetts_price(const edgetts_runtime *rt);
+
+/* A mean budget per answer, which then sets the price (as `edgetts run --mean-ms B -` and
+ * edgetts.runtime.pricing.MeanSpend, in the same operations): after each answer the price rises
+ * while the recent mean cost (weighted over about the last 20 answers) is above `budget` and falls
+ * while below, by a factor of at most e^0.5 an answer and never past ten times the price from which
+ * the cheapest point is chosen; a price below 1e-5 is 0.  The price edgetts_set_price set is where
+ * it starts.  EDGETTS_COST_MS: each answer costs its latency, counted by edgetts_answer itself.
+ * EDGETTS_COST_J (on a battery): each answer costs the energy the device drew since the previous
+ * answer, which the caller reads from its meter and reports with edgetts_spent, and the price
+ * weighs each point's profiled energy_j instead of its latency (EDGETTS_E_ARGUMENT when a point has
+ * none).  budget 0 stops holding one (the price stays where it is); negative, NaN or infinite:
+ * EDGETTS_E_ARGUMENT.  Answers of edgetts_run_point are not counted. */
+typedef enum edgetts_cost { EDGETTS_COST_MS = 0, EDGETTS_COST_J = 1 } edgetts_cost;
+edgetts_status edgetts_set_mean_budget(edgetts_runtime *rt, double budget, edgetts_cost cost);
+/* Counts one answer's cost (ms or J) against the mean budget; returns the price for the next answer
+ * (a negative, NaN or infinite cost, or no budget: the price as it is). */
+double edgetts_spent(edgetts_runtime *rt, double cost);
 double edgetts_policy_slowdown(const edgetts_runtime *rt);
 
 /* Thread-safe: stops the call running on `rt` at its next step; nothing when no call runs. */

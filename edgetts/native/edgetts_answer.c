@@ -1,13 +1,14 @@
 /* edgetts-answer: one question per line on stdin, one JSON object per line on stdout.
  *
- *   edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--seed S]
- *                  [--model-dir DIR] [--threads T] [--gpu-layers auto|-1|L]
+ *   edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--mean-ms B]
+ *                  [--seed S] [--model-dir DIR] [--threads T] [--gpu-layers auto|-1|L]
  *                  [--point ID] [--n N] [--budget B] [--rows]
  *
  * The frontier is compiled in; --config, when given, must be the file it was built from.
  * Without --deadline-ms the policy picks the most accurate point and no deadline binds.
  * --point runs one frontier point (its id or index) without the policy; --rows adds every
- * row's tokens and text.  A question that fails prints {"error": ...} and the next line goes
+ * row's tokens and text.  --mean-ms holds a mean latency per answer by moving the price (which
+ * --price then starts from), as `edgetts run --mean-ms B -` does.  A question that fails prints {"error": ...} and the next line goes
  * on; a bad command line, a runtime that cannot open or no line at all on stdin exits 2 with one
  * line on stderr.
  * --threads and --gpu-layers run every engine (default: all cores but one, every layer where
@@ -109,8 +110,8 @@ static void print_result(const edgetts_result *r, int rows)
 
 static int usage(const char *msg)
 {
-    fprintf(stderr, "error: %s\nusage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--seed S] "
-            "[--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n", msg);
+    fprintf(stderr, "error: %s\nusage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--mean-ms B] "
+            "[--seed S] [--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n", msg);
     return 2;
 }
 
@@ -124,7 +125,7 @@ static int number(const char *s, double *out)
 int main(int argc, char **argv)
 {
     edgetts_options opts;
-    double deadline = EDGETTS_NO_DEADLINE, energy = 0, price = 0, v;
+    double deadline = EDGETTS_NO_DEADLINE, energy = 0, price = 0, mean_ms = 0, v;
     int point = -1, n = 0, budget = 0, rows = 0;
     unsigned seed = 0;
     char err[1024];
@@ -136,13 +137,13 @@ int main(int argc, char **argv)
             continue;
         }
         if (strcmp(a, "--help") == 0) {
-            puts("usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--seed S] [--model-dir DIR]"
-                 " [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n"
+            puts("usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--mean-ms B] [--seed S]"
+                 " [--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n"
                  "Reads one question per line on stdin; prints one JSON object per line.");
             return 0;
         }
         static const char *const known[] = {"--config", "--model-dir", "--point", "--gpu-layers", "--deadline-ms",
-                                             "--energy-j", "--price", "--seed", "--threads", "--n", "--budget"};
+                                             "--energy-j", "--price", "--mean-ms", "--seed", "--threads", "--n", "--budget"};
         int is_known = 0;
         for (size_t k = 0; k < sizeof known / sizeof *known; k++) {
             is_known |= strcmp(a, known[k]) == 0;
@@ -194,6 +195,12 @@ int main(int argc, char **argv)
                 return 2;
             }
             price = v;
+        } else if (strcmp(a, "--mean-ms") == 0) {
+            if (!(v > 0) || isinf(v)) {
+                fprintf(stderr, "error: --mean-ms must be a positive number of milliseconds, got %s\n", val);
+                return 2;
+            }
+            mean_ms = v;
         } else if (strcmp(a, "--seed") == 0) {
             if (!(v >= 0 && v <= 4294967295.0) || v != floor(v)) {
                 fprintf(stderr, "error: --seed must be a whole number from 0 to 4294967295, got %s\n", val);
@@ -225,6 +232,9 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (mean_ms > 0 && point >= 0) {
+        return usage("--mean-ms holds a budget by choosing points; --point runs one (give one of them)");
+    }
     edgetts_runtime *rt = NULL;
     edgetts_status st = edgetts_open(&opts, &rt, err, sizeof err);
     if (st != EDGETTS_OK) {
@@ -233,6 +243,7 @@ int main(int argc, char **argv)
     }
     fputs(edgetts_notes(rt), stderr);
     edgetts_set_price(rt, price);
+    edgetts_set_mean_budget(rt, mean_ms, EDGETTS_COST_MS); /* checked above: cannot fail */
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;

@@ -12,7 +12,8 @@
  * for both.  A header an older build-c wrote lacks the newer ones: the build stops and says so. */
 #include "edgetts_constants.h"
 #if !defined(ETT_ANSWER_TOKENS) || !defined(ETT_ANSWER_STEPS) || !defined(ETT_ANSWER_SAFETY) \
-    || !defined(ETT_PROMPT_RESERVE) || !defined(ETT_FORCED_SLACK) || !defined(ETT_RUNS) || !defined(ETT_MAX_THREADS)
+    || !defined(ETT_PROMPT_RESERVE) || !defined(ETT_FORCED_SLACK) || !defined(ETT_RUNS) || !defined(ETT_MAX_THREADS) \
+    || !defined(ETT_PRICE_FLOOR) || !defined(ETT_PRICE_STEP) || !defined(ETT_PRICE_WINDOW) || !defined(ETT_PRICE_CEILING)
 #error "edgetts_constants.h was written by an older edgetts build-c than these sources: run edgetts build-c again"
 #endif
 
@@ -88,6 +89,23 @@ int ett_force(ett_ctl *ctl, int row, const char *text, int extra_tokens);
 /* -- extract.c ------------------------------------------------------------------------------ */
 /* The final answer of `text` into out (cap bytes); 0 when it states none.  grading.extract_answer. */
 int ett_extract_answer(const char *text, const char *think_start, const char *think_end, char *out, size_t cap);
+
+/* -- pricing.c: a mean budget per answer, held by the price (edgetts.runtime.pricing.MeanBudget) -- */
+typedef struct ett_budget {
+    double budget;  /* mean cost per answer to hold; 0: none */
+    int joules;     /* costs are joules (the caller's meter) and points are priced at their energy_j */
+    double mean;    /* the recent mean cost, once has_mean */
+    int has_mean;
+    double ceiling; /* the highest price it sets */
+} ett_budget;
+
+/* The price from which the cheapest point (by latency, or energy with joules) is worth the most. */
+double ett_cheapest_price(int joules);
+/* Starts holding `budget` (0: stop); EDGETTS_E_ARGUMENT for a negative or infinite budget, or joules
+ * where a point has no energy_j. */
+edgetts_status ett_budget_start(ett_budget *b, double budget, int joules);
+/* Counts one answer's cost; returns the price that follows `price`. */
+double ett_budget_observe(ett_budget *b, double cost, double price);
 
 /* -- strategies.c --------------------------------------------------------------------------- */
 typedef struct ett_run {

@@ -9,7 +9,8 @@
  * ETT_RUNS runs, of latency over the point's profiled median, never below 1 (as
  * edgetts.runtime.Policy.observe; against the median an ordinary run counts about 1 whatever the
  * spread of the point's latencies, where an average against the p95 sinks below 1 and picks
- * points that run late).
+ * points that run late).  With a price on compute (edgetts_set_price, or a mean budget that moves it
+ * after each answer, pricing.c) the point that fits and maximizes accuracy minus price x cost wins.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -29,7 +30,8 @@ struct edgetts_runtime {
     int *engine_of; /* per point */
     int max_n, max_budget;
     double slowdown;
-    double price; /* accuracy per millisecond of predicted latency (edgetts_set_price) */
+    double price; /* accuracy per unit of cost (edgetts_set_price; moved by a mean budget) */
+    ett_budget budget; /* a mean cost per answer to hold (edgetts_set_mean_budget), or none */
     double runs[ETT_RUNS]; /* the last runs' latency over their point's median, oldest first */
     int n_runs;
     volatile int cancel;  /* the id of the call a cancel stopped (0: none) */
@@ -327,6 +329,29 @@ double edgetts_price(const edgetts_runtime *rt)
     return rt != NULL ? rt->price : 0.0;
 }
 
+edgetts_status edgetts_set_mean_budget(edgetts_runtime *rt, double budget, edgetts_cost cost)
+{
+    if (rt == NULL || (cost != EDGETTS_COST_MS && cost != EDGETTS_COST_J)) {
+        return EDGETTS_E_ARGUMENT;
+    }
+    if (ett_budget_start(&rt->budget, budget, cost == EDGETTS_COST_J) != EDGETTS_OK) {
+        return fail(rt, EDGETTS_E_ARGUMENT, !(budget >= 0) || isinf(budget)
+                    ? "the mean budget must be a finite number >= 0 (0: none), got %g"
+                    : "a mean budget in joules prices each point's energy_j, and a point has none (budget %g): "
+                      "profile where an energy meter exists", budget);
+    }
+    return EDGETTS_OK;
+}
+
+double edgetts_spent(edgetts_runtime *rt, double cost)
+{
+    if (rt == NULL) {
+        return 0.0;
+    }
+    rt->price = ett_budget_observe(&rt->budget, cost, rt->price);
+    return rt->price;
+}
+
 int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double energy_j, int *miss)
 {
     double slowdown = rt != NULL ? rt->slowdown : 1.0;
@@ -336,7 +361,8 @@ int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double 
     for (int i = 0; i < ett_n_frontier; i++) {
         const edgetts_point_info *p = &ett_frontier[i].info;
         double ms = p->latency_ms * slowdown;
-        double worth = p->accuracy - price * ms; /* as Policy.select: accuracy less the price of its time */
+        /* as Policy.select: accuracy less the price of its time (of its energy, under a budget in joules) */
+        double worth = p->accuracy - price * (rt != NULL && rt->budget.joules ? p->energy_j : ms);
         int fits = within_limits(p, energy_j) && ms <= deadline_ms;
         if (fits && (best < 0 || worth > best_worth)) {
             best = i;
@@ -487,6 +513,9 @@ edgetts_status edgetts_answer(edgetts_runtime *rt, const char *question, double 
     res->predicted_miss = miss;
     if (st == EDGETTS_OK) {
         edgetts_policy_observe(rt, i, res->latency_ms);
+        if (!rt->budget.joules) { /* a budget in joules is fed by the caller's meter (edgetts_spent) */
+            edgetts_spent(rt, res->latency_ms);
+        }
     }
     return st;
 }

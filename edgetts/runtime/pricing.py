@@ -38,8 +38,9 @@ import time
 class MeanBudget:
     FLOOR = 1e-5  # accuracy per unit: below this a price is 0
     STEP = 0.5  # the log-price moves by at most this per request (a factor of about 1.65)
+    WINDOW = 20  # requests the recent mean weighs (the C runtime's too: build-c writes these three)
 
-    def __init__(self, budget: float, window: int = 20, gain: float = 1.0, ceiling: float = math.inf):
+    def __init__(self, budget: float, window: int = WINDOW, gain: float = 1.0, ceiling: float = math.inf):
         if not (budget > 0 and math.isfinite(budget)):
             raise ValueError(f"the mean budget must be a finite number > 0, got {budget!r}")
         self.budget, self.gain, self.ceiling = budget, gain, ceiling
