@@ -27,8 +27,10 @@ correct answers on time per second, the share of admitted requests on time (an e
 miss) and the share refused.  Each level runs ``--rounds`` times with fresh arrival times, the two
 servers taking turns to go first (a machine whose speed drifts favours neither); the goodput ratio
 is of the mean goodputs over the rounds, the share on time the worst round's; per level and server
-also the mean price (``price_mean``) and, per round, the points each deadline class took
-(``points_by_deadline_rounds``).
+also the mean price (``price_mean``), how far the client lagged behind its schedule
+(``client_lag_p99_ms``) and, per round, the points each deadline class took
+(``points_by_deadline_rounds``) and the admitted requests that were late or empty, as serve_load
+reports them (``misses_rounds``).
 
 The last line is one JSON object with ``mean_budget_error`` (worst |achieved - budget| / budget)
 and ``accuracy_vs_static_at_budget`` (worst, in points), and with ``--serve``
@@ -106,7 +108,8 @@ def served(config: str, levels: list[float], requests: int, seed: int, rounds: i
                 for name in names if r % 2 == 0 else names[::-1]:
                     res = asyncio.run(sl.run_level(procs[name][1], sl.edgetts_call, arrivals, work))
                     got = {k: res[k] for k in ("goodput_per_s", "deadline_met_admitted", "refused_share",
-                                               "accuracy_answered", "price_mean", "points_by_deadline")}  # fmt: skip
+                                               "accuracy_answered", "price_mean", "client_lag_p99_ms",
+                                               "points_by_deadline", "misses")}  # fmt: skip
                     runs.setdefault(str(level), {}).setdefault(name, []).append(got)
                     print(json.dumps({"level": level, "round": r, "server": name, **got}), file=sys.stderr)
     finally:
@@ -118,8 +121,9 @@ def served(config: str, levels: list[float], requests: int, seed: int, rounds: i
         values = [v for v in values if v is not None]
         return round(mean(values), 6) if values else None
 
-    out = {lv: {name: {**{k: avg(g[k] for g in got) for k in got[0] if k != "points_by_deadline"},
-                       "points_by_deadline_rounds": [g["points_by_deadline"] for g in got],
+    rounds_of = ("points_by_deadline", "misses")  # kept per round, not averaged
+    out = {lv: {name: {**{k: avg(g[k] for g in got) for k in got[0] if k not in rounds_of},
+                       **{f"{k}_rounds": [g[k] for g in got] for k in rounds_of},
                        "deadline_met_admitted": min(g["deadline_met_admitted"] for g in got),
                        "goodput_per_s_rounds": [g["goodput_per_s"] for g in got]}
                 for name, got in by.items()} for lv, by in runs.items()}  # fmt: skip

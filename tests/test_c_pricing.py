@@ -144,10 +144,17 @@ def test_edgetts_answer_counts_each_answer_against_the_mean(case, tmp_path):
     proc = subprocess.run([str(binary), "--mean-ms", "0.001", "--threads", "1"], input="\n".join(questions) + "\n",
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    chosen = [json.loads(line)["point_id"] for line in proc.stdout.splitlines()]
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    chosen = [o["point_id"] for o in out]
     assert len(chosen) == 30
+    # the price each point was chosen under: 0 first, then the floor, then up by e^0.5 an answer
+    prices = [o["price"] for o in out]
+    assert prices[:2] == [0.0, MeanBudget.FLOOR] and prices[2] == pytest.approx(MeanBudget.FLOOR * math.exp(0.5))
     best = max(front, key=lambda p: p["accuracy"])["id"]
     cheapest = min(front, key=lambda p: p["latency_ms"])["id"]
     assert chosen[0] == best and chosen[-1] == cheapest
+    one = subprocess.run([str(binary), "--point", "0", "--threads", "1"], input="What is 1 + 1?\n",
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0 and "price" not in json.loads(one.stdout)  # no policy chose it: no price
     bad = subprocess.run([str(binary), "--mean-ms", "5", "--point", "0"], input="x\n", capture_output=True, text=True)
     assert bad.returncode == 2 and "--mean-ms holds a budget" in bad.stderr

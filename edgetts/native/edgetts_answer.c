@@ -61,7 +61,8 @@ static void json_or_null(const char *s)
     }
 }
 
-static void print_result(const edgetts_result *r, int rows)
+/* price: the price on compute the policy chose the point under (negative: no policy, --point) */
+static void print_result(const edgetts_result *r, int rows, double price)
 {
     fputs("{\"answer\": ", stdout);
     json_or_null(r->has_answer ? r->answer : NULL);
@@ -74,6 +75,9 @@ static void print_result(const edgetts_result *r, int rows)
            r->generated_tokens);
     printf(", \"rows_used\": %d, \"prompt_tokens\": %d, \"early_stop\": ", r->rows_used, r->prompt_tokens);
     json_or_null(r->early_stop);
+    if (price >= 0) {
+        printf(", \"price\": %.17g", price);
+    }
     fputs(", \"votes\": {", stdout);
     for (int i = 0; i < r->n_votes; i++) {
         fputs(i ? ", " : "", stdout);
@@ -260,13 +264,14 @@ int main(int argc, char **argv)
             continue;
         }
         edgetts_result res;
+        double priced = point >= 0 ? -1.0 : edgetts_price(rt); /* before the answer moves it */
         if (point >= 0) {
             st = edgetts_run_point(rt, point, line, n, budget, deadline, seed, &res);
         } else {
             st = edgetts_answer(rt, line, deadline, energy, seed, &res);
         }
         if (st == EDGETTS_OK) {
-            print_result(&res, rows);
+            print_result(&res, rows, priced);
         } else {
             fputs("{\"error\": ", stdout);
             json_string(edgetts_last_error(rt));
