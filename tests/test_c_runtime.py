@@ -275,6 +275,12 @@ def test_command_line_errors(built, config, tmp_path):
     with pytest.raises(BuildError, match=r"frontier\[0\].*kv_unified"):
         build_c(bad, tmp_path / "o")
     cfg = json.loads(config.read_text())
+    cfg["frontier"][1]["profiled_with"] = {**cfg["frontier"][1]["profiled_with"], "threads": 2}
+    mixed = tmp_path / "mixed-settings.json"
+    mixed.write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["build-c", str(mixed), "--out", str(tmp_path / "o")])  # as run --config and serve
+    assert res.exit_code == 2 and "profiled under 2 settings" in res.output and not (tmp_path / "o").exists()
+    cfg = json.loads(config.read_text())
     cfg["frontier"][0]["engine_options"] = {**cfg["frontier"][0].get("engine_options", {}), "n_ctx": 8}
     small = tmp_path / "small-context.json"
     small.write_text(json.dumps(cfg))
@@ -284,7 +290,8 @@ def test_command_line_errors(built, config, tmp_path):
     assert proc.returncode == 2 and "n_ctx must be at least 256" in proc.stderr, proc.stderr  # not an abort
     for args in (["--threads", "1e12"], ["--threads", "0"], ["--gpu-layers", "-2"], ["--gpu-layers", "2.5"],
                  ["--n", "1e12"], ["--budget", "nan"], ["--n", "-3"], ["--energy-j", "nan"], ["--energy-j", "-1"],
-                 ["--seed", "-1"], ["--seed", "3.5"], ["--seed", "4294967296"]):  # fmt: skip
+                 ["--seed", "-1"], ["--seed", "3.5"], ["--seed", "4294967296"], ["--mean-ms", "0"],
+                 ["--mean-ms", "inf"], ["--mean-ms", "nan"], ["--price", "-1"]):  # fmt: skip
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {args[0]} must be"), (args, proc.stderr)
     for args, said in ((["--bogus"], "unknown option --bogus"), (["--bogus", "1"], "unknown option --bogus"),

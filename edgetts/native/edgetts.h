@@ -150,14 +150,17 @@ edgetts_status edgetts_run_point(edgetts_runtime *rt, int index, const char *que
                                  double deadline_ms, unsigned int seed, edgetts_result *res);
 
 /* The policy alone: the index of the most accurate point whose latency, times the current
- * slowdown, fits; *miss (when not NULL) says nothing fitted and this is the fastest fallback. */
+ * slowdown, fits (under a price, edgetts_set_price: the one that fits and maximizes accuracy minus
+ * price x cost); *miss (when not NULL) says nothing fitted and this is the fastest fallback. */
 int edgetts_policy_select(const edgetts_runtime *rt, double deadline_ms, double energy_j, int *miss);
 /* Feeds a measured latency of a point back: the slowdown becomes the median, over the last 15 runs,
  * of measured latency over the point's profiled median latency, never below 1. */
 void edgetts_policy_observe(edgetts_runtime *rt, int index, double latency_ms);
 /* A price on compute, in accuracy per millisecond of predicted latency (0, the default: the most
  * accurate point that fits).  The policy then takes the point that fits and maximizes accuracy
- * minus price x predicted latency, as edgetts.runtime.Policy.select(price=...). */
+ * minus price x predicted latency, as edgetts.runtime.Policy.select(price=...); under a mean budget
+ * in joules (below), accuracy per joule, weighing each point's profiled energy_j instead.
+ * EDGETTS_E_ARGUMENT for a negative, NaN or infinite price. */
 edgetts_status edgetts_set_price(edgetts_runtime *rt, double price);
 double edgetts_price(const edgetts_runtime *rt);
 
