@@ -36,6 +36,16 @@ int main(void) {
 }
 """
 
+SELECT_PRICED = r"""
+#include <stdio.h>
+#include "edgetts_policy.h"
+int main(void) {
+    double d, e, p;
+    while (scanf("%lf %lf %lf", &d, &e, &p) == 3) printf("%d\n", edgetts_select_priced(d, e, p));
+    return 0;
+}
+"""
+
 VOTE_ONLY = r"""
 #include <stdio.h>
 #include "edgetts_policy.h"
@@ -117,6 +127,21 @@ def test_a_program_using_only_select_builds_and_matches_the_policy(build, tmp_pa
     out = _run(exe, "".join(f"{d!r} {e!r}\n" for d, e in queries))
     pol = Policy(config)
     assert [int(x) for x in out] == [pol.select(d, energy_j=e).index for d, e in queries]
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_the_priced_select_matches_the_policy_under_a_price(build, tmp_path):
+    config = _config()
+    export_c(config, tmp_path / "edgetts_policy.h")
+    exe = _build(build, SELECT_PRICED, tmp_path)
+    rng = random.Random(2)
+    prices = [0.0, 5e-324, 1e300] + [rng.uniform(0, 0.01) for _ in range(20)]
+    queries = [(rng.uniform(0, 300), rng.choice([0.0, rng.uniform(0, 2.0)]), rng.choice(prices)) for _ in range(400)]
+    out = _run(exe, "".join(f"{d!r} {e!r} {p!r}\n" for d, e, p in queries))
+    pol = Policy(config)
+    expected = [pol.select(d, energy_j=e, price=p).index for d, e, p in queries]
+    assert [int(x) for x in out] == expected
+    assert sum(pol.select(d, energy_j=e).index != x for (d, e, _), x in zip(queries, expected)) > 20  # priced
 
 
 @pytest.mark.parametrize("build", list(BUILDS))

@@ -19,6 +19,9 @@ are still there for programs written against them.  Functions:
   no energy limit); ties go to the faster point; when nothing fits, the fastest point within
   the energy limit, else point 0.  This is :meth:`edgetts.runtime.Policy.select` without
   recalibration.
+* ``int edgetts_select_priced(double deadline_ms, double energy_j, double price)``: with a price on
+  compute (accuracy per millisecond): the point that fits and maximizes accuracy minus price x its
+  latency, as ``Policy.select(price=...)``; ``edgetts_select`` is price 0.
 * ``const char *edgetts_majority(const char *const *answers, int n)``: majority vote over
   answer strings, NULL entries skipped, ties to the answer seen first, NULL when none.
 
@@ -158,14 +161,18 @@ static inline int edgetts_energy_ok(int i, double energy_j)
     return energy_j <= 0.0 || (e >= 0.0 && e <= energy_j);
 }}
 
-/* Most accurate point that fits the deadline and the energy limit; fastest fallback otherwise. */
-static inline int edgetts_select(double deadline_ms, double energy_j)
+/* The point that fits the deadline and the energy limit and maximizes accuracy minus price x its
+ * latency in ms (price 0: the most accurate); fastest fallback otherwise. */
+static inline int edgetts_select_priced(double deadline_ms, double energy_j, double price)
 {{
     int i, best = -1;
+    double best_worth = 0.0;
     for (i = 0; i < EDGETTS_N_POINTS; i++) {{
+        double worth = edgetts_points[i].accuracy - price * edgetts_points[i].latency_ms;
         if (edgetts_energy_ok(i, energy_j) && edgetts_points[i].latency_ms <= deadline_ms
-            && (best < 0 || edgetts_points[i].accuracy > edgetts_points[best].accuracy)) {{
+            && (best < 0 || worth > best_worth)) {{
             best = i;
+            best_worth = worth;
         }}
     }}
     if (best >= 0) {{
@@ -177,6 +184,12 @@ static inline int edgetts_select(double deadline_ms, double energy_j)
         }}
     }}
     return 0;
+}}
+
+/* Most accurate point that fits the deadline and the energy limit; fastest fallback otherwise. */
+static inline int edgetts_select(double deadline_ms, double energy_j)
+{{
+    return edgetts_select_priced(deadline_ms, energy_j, 0.0);
 }}
 
 /* Majority vote over answer strings: NULL entries skipped, ties to the first seen. */
