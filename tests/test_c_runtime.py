@@ -260,6 +260,10 @@ def test_command_line_errors(built, config, tmp_path):
     for args in (["--config", str(other)], ["--deadline-ms", "0"], ["--point", "nope"], ["--seed"]):
         proc = subprocess.run([exe, *args], input="", capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("error: "), (args, proc.stderr)
+    helped = subprocess.run([exe, "--help"], capture_output=True, text=True)  # every option explained
+    options = ("--config", "--deadline-ms", "--energy-j", "--price", "--mean-ms", "--seed", "--model-dir",
+               "--threads", "--gpu-layers", "--point", "--rows")  # fmt: skip
+    assert helped.returncode == 0 and all(f"\n  {o} " in helped.stdout for o in options), helped.stdout
     res = runner.invoke(app, ["build-c", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "error:" in res.output
     cfg = json.loads(config.read_text())

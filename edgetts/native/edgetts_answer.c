@@ -8,9 +8,10 @@
  * Without --deadline-ms the policy picks the most accurate point and no deadline binds.
  * --point runs one frontier point (its id or index) without the policy; --rows adds every
  * row's tokens and text.  --mean-ms holds a mean latency per answer by moving the price (which
- * --price then starts from), as `edgetts run --mean-ms B -` does.  A question that fails prints {"error": ...} and the next line goes
- * on; a bad command line, a runtime that cannot open or no line at all on stdin exits 2 with one
- * line on stderr.
+ * --price then starts from), as `edgetts run --mean-ms B -` does; each answer says the price its
+ * point was chosen under.  A question that fails prints {"error": ...} and the next line goes on;
+ * a bad command line, a runtime that cannot open or no line at all on stdin exits 2 with one line
+ * on stderr.
  * --threads and --gpu-layers run every engine (default: all cores but one, every layer where
  * llama.cpp can offload); where they differ from the settings the points were profiled with, a
  * note on stderr says so.
@@ -112,10 +113,29 @@ static void print_result(const edgetts_result *r, int rows, double price)
     puts("}");
 }
 
+static const char USAGE[] = "usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P]"
+                            " [--mean-ms B] [--seed S] [--model-dir DIR] [--threads T] [--gpu-layers L]"
+                            " [--point ID] [--n N] [--budget B] [--rows]";
+
+static const char HELP[] =
+    "Reads one question per line on stdin; prints one JSON object per line (the answer, the point that\n"
+    "ran, its votes, latency and whether the deadline was met), or {\"error\": ...} for that line.\n"
+    "  --config CONFIG   the config this program was built from (checked: the same bytes)\n"
+    "  --deadline-ms D   each answer's deadline (default none: the most accurate point, no deadline)\n"
+    "  --energy-j E      the most energy an answer may take, in joules (points without a figure excluded)\n"
+    "  --price P         a price on compute: accuracy per ms of predicted latency (default 0)\n"
+    "  --mean-ms B       hold a mean latency per answer by moving the price (from --price)\n"
+    "  --seed S          row i is seeded S + i (0 to 4294967295; default 0)\n"
+    "  --model-dir DIR   the folder holding the models' files on this machine\n"
+    "  --threads T       threads of every engine (default: every core but one)\n"
+    "  --gpu-layers L    auto (default: every layer where llama.cpp can offload), -1 (all) or a count\n"
+    "  --point ID        run one frontier point (its id or index) without the policy;\n"
+    "                    --n N and --budget B override its rows and thinking budget\n"
+    "  --rows            add every row's tokens and text\n";
+
 static int usage(const char *msg)
 {
-    fprintf(stderr, "error: %s\nusage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--mean-ms B] "
-            "[--seed S] [--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n", msg);
+    fprintf(stderr, "error: %s\n%s\n", msg, USAGE);
     return 2;
 }
 
@@ -141,13 +161,12 @@ int main(int argc, char **argv)
             continue;
         }
         if (strcmp(a, "--help") == 0) {
-            puts("usage: edgetts-answer [--config CONFIG] [--deadline-ms D] [--energy-j E] [--price P] [--mean-ms B] [--seed S]"
-                 " [--model-dir DIR] [--threads T] [--gpu-layers L] [--point ID] [--n N] [--budget B] [--rows]\n"
-                 "Reads one question per line on stdin; prints one JSON object per line.");
+            printf("%s\n%s", USAGE, HELP);
             return 0;
         }
         static const char *const known[] = {"--config", "--model-dir", "--point", "--gpu-layers", "--deadline-ms",
-                                             "--energy-j", "--price", "--mean-ms", "--seed", "--threads", "--n", "--budget"};
+                                             "--energy-j", "--price", "--mean-ms", "--seed", "--threads", "--n",
+                                             "--budget"};
         int is_known = 0;
         for (size_t k = 0; k < sizeof known / sizeof *known; k++) {
             is_known |= strcmp(a, known[k]) == 0;
