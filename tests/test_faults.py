@@ -125,12 +125,16 @@ def test_an_answer_cut_before_any_row_answered_is_never_on_time(app_and_server, 
     def cut(req, plan):  # the run ends on time but with no row having stated an answer
         out = real(req, plan)
         out.trace.answer = None
+        for row in out.trace.rows:  # the first row's answer forced, 3 of its tokens decoded before the cut
+            row.forced_answer, row.answer_tokens = row is out.trace.rows[0], 3
         return Outcome(out.trace, out.total_ms, True)
 
     monkeypatch.setattr(server.executor, "run", cut)
     r = _post(app, {"prompt": Q, "deadline_ms": 60000})
     info = r.json()["edgetts"]
+    rows = info["rows_used"]
     assert r.status_code == 200 and info["deadline_met"] is False and "(rows ended: " in info["error"]
+    assert info["error"].endswith(f"; answers forced in 1 of {rows}, 3 answer tokens decoded)"), info["error"]
     assert "edgetts_deadline_misses_total 1" in server.metrics.render()
 
 

@@ -241,9 +241,7 @@ class Server:
             "predicted_ms": round(plan.predicted_ms, 3), "price": plan.price,
         }  # fmt: skip
         if trace.answer is None:  # how its rows ended tells a cut (deadline, length) from a model that said nothing
-            ends = sorted(Counter(r.finish_reason or "unknown" for r in trace.rows).items())
-            why = " before the deadline" if trace.early_stop == "deadline" else ""
-            info["error"] = f"no row stated an answer{why} (rows ended: {', '.join(f'{k} {v}' for k, v in ends)})"
+            info["error"] = _unanswered(trace)
         out = {
             "text": text,
             "model": opts["model"] or plan.point["model"],
@@ -263,6 +261,17 @@ class Server:
             return ""
         text = row.text.split(family.think_end, 1)[0]
         return text.split(family.think_start, 1)[-1].strip() if family.think_start else text.strip()
+
+
+def _unanswered(trace) -> str:
+    """Why a request came back with no answer: how its rows ended (a cut, ``deadline`` or ``length``, or a
+    model that said nothing), and whether their answers were forced and how far those got."""
+    ends = sorted(Counter(r.finish_reason or "unknown" for r in trace.rows).items())
+    why = " before the deadline" if trace.early_stop == "deadline" else ""
+    forced = [r for r in trace.rows if r.forced_answer]
+    how = (f"; answers forced in {len(forced)} of {len(trace.rows)}, {sum(r.answer_tokens for r in forced)} answer "
+           f"tokens decoded" if forced else "; no answer forced")  # fmt: skip
+    return f"no row stated an answer{why} (rows ended: {', '.join(f'{k} {v}' for k, v in ends)}{how})"
 
 
 async def _disconnect(request) -> None:
