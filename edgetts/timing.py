@@ -33,6 +33,12 @@ RESERVE_MS, RESERVE_SHARE = 3.0 + OUTSIDE_MS, 0.1
 # thinking row that a stall carried past the moment its answer was due) may use this part of it to state
 # the answer, which cut at the end would be no answer at all: a miss whatever the clock says.
 GRACE_SHARE = 0.5
+# A call with no answer at all when its grace runs out (no row finished: a single row still reasoning
+# after a stall beyond the one expected) comes back empty, a miss whatever the clock says.  It may go on
+# into the rest of the reserve to state one, keeping the time outside the server it typically meets
+# (half of OUTSIDE_MS) and a millisecond to build and write the response: an answer then is on time
+# more often than not, where the cut is never.
+RESCUE_KEEP_MS = OUTSIDE_MS / 2 + 1.0
 # A deadline this large never binds (edgetts.h's EDGETTS_NO_DEADLINE): a config's policy picks the most
 # accurate point for it, and the answer reports no deadline, as the C runtime's does.
 NO_DEADLINE_MS = 1e300
@@ -68,6 +74,12 @@ class Deadline:
         """Past :attr:`end`, the time a row may still take to state its answer (``GRACE_SHARE`` of the
         reserve's share): the strategy then stops no later than ``due`` less ``RESERVE_MS`` and the rest."""
         return GRACE_SHARE * RESERVE_SHARE * max(self.ms, 0.0)
+
+    @property
+    def rescue_ms(self) -> float:
+        """Past :attr:`end`, the time a call with no answer yet may take to state one (the reserve but
+        ``RESCUE_KEEP_MS``): its own answer or none, it holds the engine a few ms longer."""
+        return max(self.grace_ms, RESERVE_MS + RESERVE_SHARE * max(self.ms, 0.0) - RESCUE_KEEP_MS)
 
     def run_ms(self, now: float) -> float:
         """Milliseconds a strategy started at ``now`` has until :attr:`end`."""

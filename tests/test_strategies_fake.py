@@ -134,6 +134,36 @@ def test_a_stall_past_the_deadline_leaves_the_grace_to_state_the_answer(clock, g
         assert t.answer is None and not t.rows[0].forced_answer
 
 
+@pytest.mark.parametrize("rescue_ms", [0.0, 50.0])
+def test_a_call_that_would_come_back_empty_may_state_its_answer_in_the_rescue(clock, rescue_ms):
+    """The same row meets its 40 ms wait 20 ms before the deadline, so it is 20 ms past it when the wait
+    ends: beyond a 5 ms grace, cut with no answer at all; a server's rescue (the rest of its reserve, for a
+    call that would otherwise come back empty) lets it state one.  A call one of whose rows has finished
+    has its answer already: its reasoning rows get the grace only."""
+    e = fake("1", think=10_000, after_force=["3"], step_seconds=0.001, stalls={40: 0.04})
+    cfg = RunConfig(budget=10_000, deadline_ms=60, grace_ms=5, rescue_ms=rescue_ms)
+    t = strategy("single", e, FAM, cfg).run("q")
+    if rescue_ms:
+        assert t.answer == "3" and t.rows[0].forced_answer and t.wall_s <= (60 + rescue_ms) / 1000
+    else:
+        assert t.answer is None and t.early_stop == "deadline" and not t.rows[0].forced_answer
+    quick = create("fake", scripts=[answer_script("7", 3), answer_script("1", 10_000)], after_force=["3"],
+                   step_seconds=0.001, stalls={40: 0.04})  # fmt: skip
+    t = strategy("majority", quick, FAM, dataclasses.replace(cfg, n=2)).run("q")
+    assert t.answer == "7" and t.rows[1].finish_reason == "deadline" and not t.rows[1].forced_answer
+    # A server's: the reserve but the outside time a client typically meets and the response's ms.
+    from edgetts.timing import RESCUE_KEEP_MS, RESERVE_MS, RESERVE_SHARE, Deadline
+
+    assert Deadline(0.0, 31.6).rescue_ms == pytest.approx(RESERVE_MS + RESERVE_SHARE * 31.6 - RESCUE_KEEP_MS)
+    assert Deadline(0.0, 31.6).rescue_ms > Deadline(0.0, 31.6).grace_ms
+    # nor a later round of a strategy (ESC, adaptive): its first round's rows finished; each run starts anew
+    s = strategy("single", fake("1"), FAM, RunConfig())
+    for question in ("q", "q2"):
+        prompt = s.prompt(question)
+        firsts = [s.sample(prompt, 1, 0.0, [k])[1].earlier_rounds for k in range(3)]
+        assert firsts == [False, True, True]
+
+
 def test_capabilities_are_checked():
     class NoLogprobs(type(fake("1"))):
         logprobs = False

@@ -272,7 +272,8 @@ class Executor:
         engine, family = self.engine(plan.point)
         sampling = SamplingParams(temperature=req.temperature, seed=req.seed)
         cfg = RunConfig(n=plan.n, budget=plan.budget, deadline_ms=max(deadline.run_ms(time.perf_counter()), 1.0),
-                        ends_at=deadline.end, grace_ms=deadline.grace_ms, cancel=req.cancel, messages=req.messages,
+                        ends_at=deadline.end, grace_ms=deadline.grace_ms,
+                        rescue_ms=deadline.rescue_ms, cancel=req.cancel, messages=req.messages,
                         sampling=sampling, expected_tokens=self.expected_tokens(plan))  # fmt: skip
         serial = isinstance(engine, SerialEngine)
         if serial:

@@ -55,6 +55,9 @@ class RunConfig:
     # Past the deadline, time a row may still take to state its answer (a server's, from its reserve:
     # Deadline.grace_ms); 0 stops every row at the deadline.
     grace_ms: float = 0.0
+    # The same for a call none of whose rows has finished (it would come back with no answer at all;
+    # Deadline.rescue_ms); at most the grace when not given.
+    rescue_ms: float = 0.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False  # ignore the model's chat template
     cancel: object = None  # a threading.Event: when set, every row stops at the next step
@@ -135,6 +138,7 @@ class BudgetController:
         # The longest wait seen beyond a step's running estimate (another process had the CPU), and the
         # one the engine says to expect where it measures its stalls: the answer keeps room for one more.
         self.stall_s = self.engine_stall = 0.0
+        self.earlier_rounds = False  # a call of the strategy ran before this one (its rows finished)
 
     # hooks ------------------------------------------------------------------------------
     def on_think_end(self, ctl: Control, row: Row) -> bool:
@@ -203,9 +207,14 @@ class BudgetController:
         the moment their answer was due; ``thinking``, whose forced text decodes in ``forced_decode``) are
         given the answer prefix where its decode and the answer's steps fit in the grace, else cut.  Steps
         are counted at their pace without stalls (``quiet_s``): the one that carried the row here would
-        count twice.  False: stop every row now."""
-        room, step = left + self.cfg.grace_ms / 1000, self.quiet_s
-        if self.cfg.grace_ms <= 0 or room < step:  # no grace (run, C): exactly the stop at the deadline
+        count twice.  A call none of whose rows has finished, in a strategy's first round (it would come
+        back with no answer at all), has ``cfg.rescue_ms`` instead where that is longer.  False: stop every
+        row now."""
+        grace = self.cfg.grace_ms
+        if grace > 0 and not self.earlier_rounds and not any(r.finished for r in ctl.rows):
+            grace = max(grace, self.cfg.rescue_ms)
+        room, step = left + grace / 1000, self.quiet_s
+        if grace <= 0 or room < step:  # no grace (run, C): exactly the stop at the deadline
             return False
         for r in thinking:
             if room >= forced_decode + (min(self.cfg.answer_tokens, ANSWER_STEPS) + 1) * step:
@@ -302,6 +311,7 @@ class Strategy(ABC):
             raise StrategyError(f"strategy {self.name!r} needs an engine with {', '.join(missing)}; "
                                 f"{engine.name!r} lacks it")  # fmt: skip
         self.engine, self.family, self.cfg = engine, family, cfg
+        self._sampled = False  # a round of the current run has been sampled (its rows finished)
         self.configure(**options)
 
     def configure(self, **options) -> None:
@@ -313,6 +323,7 @@ class Strategy(ABC):
 
     # helpers -----------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
+        self._sampled = False  # every run begins with its prompt: no round of it has run yet
         messages = None
         if self.cfg.messages:  # the question (a strategy may have added to it) is the last turn
             messages = [*self.cfg.messages[:-1], dict(self.cfg.messages[-1], content=question)]
@@ -331,6 +342,7 @@ class Strategy(ABC):
             deadline = self.cfg.ends_at - started
         ctl = controller or self.controller_class(self.engine, self.family, self.cfg, started, deadline)
         ctl.started, ctl.deadline_s = started, deadline
+        ctl.earlier_rounds, self._sampled = self._sampled, True
         ctl.prompt_tokens = self.engine.count_tokens(prompt) + 1
         params = replace(self.cfg.sampling, max_tokens=max_tokens or self.cfg.budget + self.cfg.answer_tokens,
                          logprobs=logprobs)  # fmt: skip
