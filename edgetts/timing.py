@@ -36,8 +36,8 @@ GRACE_SHARE = 0.5
 # A call with no answer at all when its grace runs out (no row finished: a single row still reasoning
 # after a stall beyond the one expected) comes back empty, a miss whatever the clock says.  It may go on
 # into the rest of the reserve to state one, keeping the time outside the server it typically meets
-# (half of OUTSIDE_MS) and a millisecond to build and write the response: an answer then is on time
-# more often than not, where the cut is never.
+# (half of OUTSIDE_MS) and a millisecond to build and write the response: an answer then may still be on
+# time, where the cut never is.
 RESCUE_KEEP_MS = OUTSIDE_MS / 2 + 1.0
 # A deadline this large never binds (edgetts.h's EDGETTS_NO_DEADLINE): a config's policy picks the most
 # accurate point for it, and the answer reports no deadline, as the C runtime's does.
@@ -72,7 +72,8 @@ class Deadline:
     @property
     def grace_ms(self) -> float:
         """Past :attr:`end`, the time a row may still take to state its answer (``GRACE_SHARE`` of the
-        reserve's share): the strategy then stops no later than ``due`` less ``RESERVE_MS`` and the rest."""
+        reserve's share): the strategy then stops no later than ``due`` less ``RESERVE_MS`` and the rest
+        (a call with no answer yet: :attr:`rescue_ms`)."""
         return GRACE_SHARE * RESERVE_SHARE * max(self.ms, 0.0)
 
     @property

@@ -56,7 +56,7 @@ class RunConfig:
     # Deadline.grace_ms); 0 stops every row at the deadline.
     grace_ms: float = 0.0
     # The same for a call none of whose rows has finished (it would come back with no answer at all;
-    # Deadline.rescue_ms); at most the grace when not given.
+    # Deadline.rescue_ms); 0: the grace only.
     rescue_ms: float = 0.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False  # ignore the model's chat template
