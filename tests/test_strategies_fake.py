@@ -164,6 +164,22 @@ def test_a_call_that_would_come_back_empty_may_state_its_answer_in_the_rescue(cl
         assert firsts == [False, True, True]
 
 
+@pytest.mark.parametrize("round_s", [None, 0.001])
+def test_a_job_left_out_of_a_shared_batch_s_rounds_still_has_its_answer_forced(clock, round_s):
+    """A 40 ms gap 10 ms before the end: on an engine running one call it is the call's own step (a device
+    that slows that much may do it again): the row is cut.  In a shared batch (which says its rounds cost
+    1 ms) it is rounds the job was left out of; from its last rounds on it is in every round, so its
+    answer is forced by the batch's round and stated.  The gap inflated the step estimate before, and the
+    job was cut at its end with nothing said."""
+    e = create("fake", scripts=[answer_script("1", 10_000)], after_force=["3"], step_seconds=0.001,
+               stalls={10: 0.04}, round_s=round_s)  # fmt: skip
+    t = strategy("single", e, FAM, RunConfig(budget=10_000, deadline_ms=60, grace_ms=1)).run("q")
+    if round_s:
+        assert t.answer == "3" and t.rows[0].forced_answer and t.wall_s <= 0.061
+    else:
+        assert t.answer is None and t.early_stop == "deadline"
+
+
 def test_capabilities_are_checked():
     class NoLogprobs(type(fake("1"))):
         logprobs = False

@@ -33,12 +33,16 @@ class FakeEngine(Engine):
         logprob: Callable[[Row, int], float] | None = None,
         step_seconds: float = 0.0,
         stalls: dict[int, float] | None = None,
+        round_s: float | None = None,
     ):
         self.scripts = scripts
         self.after_force = list(after_force)
         self.logprob = logprob or (lambda row, step: 0.0)
         self.step_seconds = step_seconds
         self.stalls = stalls or {}  # step -> seconds of a wait before it (another process had the CPU)
+        # What a shared batch tells controllers one of its rounds costs (Control.step_s); a stall then
+        # stands for rounds the call was left out of.
+        self.round_s = round_s
 
     def _script(self, prompt: str, i: int, seed: int) -> list[str]:
         if callable(self.scripts):
@@ -86,6 +90,7 @@ class FakeEngine(Engine):
                 stepped.append(r.index)
             steps += 1
             if controller is not None:
+                ctl.step_s = self.round_s
                 controller(ctl, stepped)
                 for i in ctl.retract:
                     rows[i].pop_last()

@@ -243,6 +243,12 @@ class BudgetController:
             prefill = ctl.prefill_s if ctl.prefill_s is not None else now
             self.token_s = prefill / self.prompt_tokens
             self.step_s = self.quiet_s = engine_step or 0.0  # the engine's estimate, where it has one
+        if engine_step:
+            # A shared batch: the time between this call's steps counts the rounds it was left out of, but
+            # from its last rounds on (LAST_CHANCE_ROUNDS before its end) it is in every round, each
+            # costing what the batch estimates; the answer is forced by that, within those rounds (a
+            # step inflated by the rounds missed had a starved job cut at its end with nothing said).
+            self.step_s = self.quiet_s = engine_step
         self.engine_stall = ctl.stall_s or 0.0  # the stall the engine says to expect
         self.last_step = now
         for i in stepped:
