@@ -229,26 +229,25 @@ class BudgetController:
             return
         now = time.perf_counter() - self.started
         engine_step = ctl.step_s  # a shared batch's own estimate of its rounds
-        if self.last_step is not None:
+        if self.last_step is None:  # the first call follows the prefill: its cost a token (without any wait
+            prefill = ctl.prefill_s if ctl.prefill_s is not None else now  # in a queue before it)
+            self.token_s = prefill / self.prompt_tokens
+            self.step_s = self.quiet_s = engine_step or 0.0  # the engine's estimate, where it has one
+        elif engine_step:
+            # A shared batch: the time between this call's steps counts the rounds it was left out of, but
+            # from its last rounds on (LAST_CHANCE_ROUNDS before its end) it is in every round, each
+            # costing what the batch estimates, and it measures its stalls itself; the answer is forced by
+            # that round, within those rounds (a step inflated by the rounds missed had a starved job cut
+            # at its end with nothing said).
+            self.step_s = self.quiet_s = engine_step
+        else:
             dt = now - self.last_step
-            # Alone on its engine a step this much over the estimate is a wait that may recur (in a shared
-            # batch steps differ by the rounds' make-up: the batch measures its stalls itself).
-            if self.step_s and engine_step is None:
+            if self.step_s and engine_step is None:  # alone on its engine: a wait that may recur
                 self.stall_s = max(self.stall_s, dt - self.step_s)
             self.step_s = dt if self.step_s == 0 else 0.7 * self.step_s + 0.3 * dt
             # the same, with a step counted at most twice the estimate: a stall barely moves it, a device
             # that slowed down moves it within a few steps (the grace past the deadline goes by it)
             self.quiet_s = dt if self.quiet_s == 0 else 0.7 * self.quiet_s + 0.3 * min(dt, 2 * self.quiet_s)
-        else:  # the first call follows the prefill: its cost a token (without any wait in a queue before it)
-            prefill = ctl.prefill_s if ctl.prefill_s is not None else now
-            self.token_s = prefill / self.prompt_tokens
-            self.step_s = self.quiet_s = engine_step or 0.0  # the engine's estimate, where it has one
-        if engine_step:
-            # A shared batch: the time between this call's steps counts the rounds it was left out of, but
-            # from its last rounds on (LAST_CHANCE_ROUNDS before its end) it is in every round, each
-            # costing what the batch estimates; the answer is forced by that, within those rounds (a
-            # step inflated by the rounds missed had a starved job cut at its end with nothing said).
-            self.step_s = self.quiet_s = engine_step
         self.engine_stall = ctl.stall_s or 0.0  # the stall the engine says to expect
         self.last_step = now
         for i in stepped:
