@@ -8,11 +8,11 @@ whose points carry energies, each built with ``edgetts build-c``.
 import json
 import math
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from c_policy import CC, build_driver, drive
 from typer.testing import CliRunner
 
 from edgetts.cli import app
@@ -20,41 +20,16 @@ from edgetts.pareto.config import write_config
 from edgetts.runtime import Policy
 from edgetts.runtime.pricing import CEILING, MeanBudget, cheapest_price
 
-CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
 runner = CliRunner()
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "tiny-epyc-2core.json"
 E_ARGUMENT = 1  # edgetts_status
 
-DRIVER = r"""
-#include <stdio.h>
-#include "edgetts.h"
-int main(void) {
-    edgetts_runtime *rt = NULL;
-    char err[512], op;
-    double a, b;
-    if (edgetts_open(NULL, &rt, err, sizeof err) != EDGETTS_OK) { fprintf(stderr, "%s\n", err); return 1; }
-    while (scanf(" %c %lf %lf", &op, &a, &b) == 3) {
-        int miss;
-        if (op == 's') { int i = edgetts_policy_select(rt, a, 0, &miss); printf("%d %d\n", i, miss); }
-        else if (op == 'p') { printf("%d\n", edgetts_set_price(rt, a)); }
-        else if (op == 'b') { printf("%d\n", edgetts_set_mean_budget(rt, a, (edgetts_cost)(int)b)); }
-        else { printf("%.17g\n", edgetts_spent(rt, a)); }
-    }
-    edgetts_close(rt);
-    return 0;
-}
-"""
-
 
 def build(config, out):
     res = runner.invoke(app, ["build-c", str(config), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    exe = out / "driver"
-    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", f"-I{out / 'include'}", "-o",
-                    str(exe), "-x", "c", "-", f"-L{out / 'lib'}", "-ledgetts", f"-Wl,-rpath,{out / 'lib'}"],
-                   input=DRIVER, text=True, check=True)  # fmt: skip
-    return exe
+    return build_driver(out, out / "driver")
 
 
 @pytest.fixture(scope="module", params=["ms", "joules"])
@@ -68,11 +43,6 @@ def case(request, tmp_path_factory):
             p["energy_j"] = round(0.02 * p["latency_ms"] * (1.5 if i % 2 else 0.8), 4)
         config = write_config(cfg, base / "energy.json")
     return build(config, base), config, request.param == "joules"
-
-
-def drive(exe, lines):
-    out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
-    return out.stdout.split("\n")[: len(lines)]
 
 
 def test_the_mean_budget_moves_the_price_as_python_does(case):
@@ -91,7 +61,7 @@ def test_the_mean_budget_moves_the_price_as_python_does(case):
             if k == 600:
                 price = rng.uniform(0, 0.01)
                 lines.append(f"p {price!r} 0")
-                expected.append("0")
+                expected.append(repr(price))
             budget = rng.uniform(min(costs), max(costs))
             target = MeanBudget(budget, ceiling=ceiling)
             target.price = price

@@ -11,11 +11,11 @@ thread: the tiny model gains nothing from more, and a shared machine then runs t
 
 import json
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from c_policy import CC, build_driver, drive
 from typer.testing import CliRunner
 
 from edgetts.cli import app
@@ -29,31 +29,12 @@ from edgetts.runtime import Policy
 from edgetts.strategies import RunConfig, create
 from edgetts.tasks.datasets import load_dataset
 
-CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
 runner = CliRunner()
 WANTED = ["single/n1/b32", "first-finish/n4/b32", "majority/n4/b32", "esc/n8/b32", "adaptive/n8/b16",
           "weighted/n4/b32", "majority/n8/b32"]  # fmt: skip
 SEED = 3
 
-POLICY_DRIVER = r"""
-#include <stdio.h>
-#include "edgetts.h"
-int main(void) {
-    edgetts_runtime *rt = NULL;
-    char err[512], op;
-    double a, b;
-    if (edgetts_open(NULL, &rt, err, sizeof err) != EDGETTS_OK) { fprintf(stderr, "%s\n", err); return 1; }
-    while (scanf(" %c %lf %lf", &op, &a, &b) == 3) {
-        int miss;
-        if (op == 's') { int i = edgetts_policy_select(rt, a, b, &miss); printf("%d %d\n", i, miss); }
-        else if (op == 'p') { edgetts_set_price(rt, a); printf("%.17g\n", edgetts_price(rt)); }
-        else { edgetts_policy_observe(rt, (int)a, b); printf("%.17g\n", edgetts_policy_slowdown(rt)); }
-    }
-    edgetts_close(rt);
-    return 0;
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +136,7 @@ def test_rows_match_edgetts_run_config(built, config):
 
 
 def test_policy_agrees_with_python_also_after_observations(built, config, tmp_path):
-    exe = tmp_path / "policy"
-    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", f"-I{built / 'include'}", "-o",
-                    str(exe), "-x", "c", "-", f"-L{built / 'lib'}", "-ledgetts", f"-Wl,-rpath,{built / 'lib'}"],
-                   input=POLICY_DRIVER, text=True, check=True)  # fmt: skip
+    exe = build_driver(built, tmp_path / "policy")
     policy = Policy.load(config)
     front = policy.frontier
     rng = random.Random(0)
@@ -186,8 +164,7 @@ def test_policy_agrees_with_python_also_after_observations(built, config, tmp_pa
         changed += sel.index != policy.select(deadline, energy_j=energy).index
         lines.append(f"s {deadline!r} {energy!r}")
         expected.append(f"{sel.index} {int(sel.miss)}")
-    out = subprocess.run([str(exe)], input="\n".join(lines), capture_output=True, text=True, check=True).stdout
-    got = out.split("\n")[: len(expected)]
+    got = drive(exe, lines)
     for e, g in zip(expected, got, strict=True):
         assert (float(e) == float(g)) if " " not in e else e == g
     assert changed > 20  # the price moved the choice in many cases: the rule was compared, not only price 0
