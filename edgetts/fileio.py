@@ -3,12 +3,14 @@
 :func:`write_atomic` writes through a temporary sibling and a rename, so a reader (or a process
 killed mid-write) never sees half a file, and removes the temporary file when the write fails,
 so a failure leaves no ``.tmp`` behind; :func:`write_json_atomic` writes JSON that way.
-:func:`not_a_file` says why a path given as an input file cannot be read as one.
+:func:`not_a_file` says why a path given as an input file cannot be read as one;
+:func:`finite_number` whether a value read from a JSON file is a number edgetts would have written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,3 +40,9 @@ def not_a_file(path: Path, what: str = "file") -> str:
     """Why ``path``, which is not a regular file, cannot be read as one: a directory, a FIFO or a device
     (reading it would fail, block or never end) is ``not a regular file``; else ``no such <what>``."""
     return "not a regular file" if path.exists() else f"no such {what}"
+
+
+def finite_number(v: object) -> bool:
+    """Whether ``v`` is a finite number: not a bool, NaN or an infinity (a file edited by hand, or written
+    by another program, may hold anything where edgetts wrote a number)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from edgetts.engines import REGISTRY
 from edgetts.engines.base import EngineError
 from edgetts.engines.spec import EngineSpec, split_settings
-from edgetts.fileio import not_a_file
+from edgetts.fileio import finite_number, not_a_file
 from edgetts.models import BUILTIN
 from edgetts.outputs import OutputError, check_output, write_text
 
@@ -287,14 +287,9 @@ def build_config(profiles: list[str | Path], quantile: str = "p95", constraints:
     return config, candidates
 
 
-def _finite(v: object) -> bool:
-    """Whether ``v`` is a finite number (a bool is not one; a file edited by hand may hold anything)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _ratio(v: object) -> float | None:
     """A check's mape or drift when it is a finite number, else None."""
-    return v if _finite(v) else None
+    return v if finite_number(v) else None
 
 
 def validation_note(config: dict, where: str) -> str | None:
@@ -380,7 +375,7 @@ def _check_values(p: dict, where: str) -> None:
     are checked by what runs them (the server at start-up): a C header carries any name as data."""
 
     def number(v) -> bool:
-        return _finite(v) and v >= 0
+        return finite_number(v) and v >= 0
 
     for name in ("n", "budget"):  # the C runtime's range (ints in the frontier it compiles in)
         if not 1 <= p[name] <= 1_000_000:

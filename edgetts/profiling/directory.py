@@ -29,14 +29,13 @@ and ``models.json`` entries first, each refused in one line.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
-from edgetts.fileio import write_json_atomic
+from edgetts.fileio import finite_number, write_json_atomic
 from edgetts.profiling.config import ConfigError, SweepConfig
 from edgetts.profiling.lock import LOCK_NAME, LockError, hold
 from edgetts.profiling.records import RecordLog
@@ -268,12 +267,9 @@ def _latency_file(out: Path, kind: str, model: str) -> Path:
 
 def _check_unsound(check: dict) -> str | None:
     """Why ``check`` is not a latency check as :func:`edgetts.profiling.validation.check` writes it, or None."""
-    def number(v):
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-
-    cells = check.get("cells_checked")
+    cells, mape, drift = check.get("cells_checked"), check.get("mape"), check.get("drift")
     if not (isinstance(check.get("ok"), bool) and type(cells) is int and cells >= 0
-            and number(check.get("mape")) and number(check.get("drift"))):  # fmt: skip
+            and (mape is None or finite_number(mape)) and (drift is None or finite_number(drift))):  # fmt: skip
         return "not the check edgetts writes (ok, cells_checked, mape, drift)"
     return None
 
