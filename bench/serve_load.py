@@ -184,7 +184,8 @@ async def run_level(url, call, arrivals, work, throttle: bool = False) -> dict:
 
             # Each request's task starts at its arrival time: 300 tasks started at once, each sleeping until
             # its time, cost the client's loop so much at the level's start that its first requests were sent
-            # up to 25 ms behind their schedule and spent 5-14 ms more outside the server than later ones.
+            # late and spent longer outside the server than later ones (bench/price.py's client_lag_p99_ms
+            # at 4x: 8-33 ms in ten runs before, 8-15 ms in its runs 18-20 after; BENCHMARKS.md).
             tasks = []
             for at, item in zip(arrivals, work):
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))

@@ -150,9 +150,9 @@ class Control:
         # time the call waited in a shared batch's queue before its prefill began.
         self.prefill_s: float | None = None
         # The engine's estimate of one step of this call now (a shared batch: one of its rounds at the
-        # current load; None where the engine has none): the prior a controller starts its own running
-        # estimate from, so that its first measured step, which a crowded round or a wait for the CPU
-        # may have stretched, does not stand for every step to come.
+        # current load; None where the engine has none).  A controller times the call's answer by it: the
+        # time between the call's own steps counts the rounds a batch left it out of, which its last
+        # rounds (every round) do not cost; without it, by its own running estimate of those times.
         self.step_s: float | None = None
         self.stall_s: float | None = None  # and of a wait beyond a step that a call should expect to meet
 
